@@ -1,0 +1,63 @@
+-- taskpush schema. Idempotent: applied at every start.
+-- Read it with the sqlite3 shell; README.md lists useful queries.
+
+-- One row per task: its current state and the seq of its latest change.
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id          TEXT PRIMARY KEY,
+    user_id          INTEGER NOT NULL,
+    task_type        TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    progress         REAL NOT NULL DEFAULT 0,
+    message          TEXT,
+    step             TEXT,
+    result           TEXT,               -- JSON
+    error            TEXT,
+    error_type       TEXT,
+    metadata         TEXT,               -- JSON
+    origin           TEXT NOT NULL,      -- 'inprocess' | 'http'
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at       TEXT NOT NULL,      -- ISO-8601 UTC
+    updated_at       TEXT NOT NULL,
+    created_seq      INTEGER NOT NULL,   -- seq of the registration; stable paging cursor
+    seq              INTEGER NOT NULL    -- seq of the latest change
+) WITHOUT ROWID;
+
+-- One row per change of a task: the full history, seq is the global event number.
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY,
+    task_id    TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    progress   REAL NOT NULL,
+    message    TEXT,
+    step       TEXT,
+    result     TEXT,
+    error      TEXT,
+    error_type TEXT,
+    timestamp  TEXT NOT NULL
+);
+
+-- A deleted task leaves a tombstone so a client resuming with `since` learns of it.
+CREATE TABLE IF NOT EXISTS tombstones (
+    seq        INTEGER PRIMARY KEY,
+    task_id    TEXT NOT NULL,
+    user_id    INTEGER NOT NULL,
+    deleted_at TEXT NOT NULL
+);
+
+-- Key/value settings: epoch, next seq, demo secret, resume horizon.
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Active tasks of a user (connect), a user's changes after a seq (resume), paging.
+CREATE INDEX IF NOT EXISTS tasks_user_seq ON tasks (user_id, seq);
+CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks (user_id, created_seq);
+CREATE INDEX IF NOT EXISTS tasks_user_active ON tasks (user_id, seq)
+    WHERE status IN ('pending', 'running', 'progress');
+CREATE INDEX IF NOT EXISTS tasks_active_updated ON tasks (updated_at)
+    WHERE status IN ('pending', 'running', 'progress');
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (updated_at)
+    WHERE status IN ('completed', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS events_task ON events (task_id, seq);
+CREATE INDEX IF NOT EXISTS tombstones_user ON tombstones (user_id, seq);

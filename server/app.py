@@ -1,0 +1,176 @@
+"""create_app(config): keys, routes, middlewares and the lifecycle. No I/O of its own until
+the app starts, so tests build apps with their own Config and a tmp_path database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from . import demo, keys, producer, rest
+from .auth import TokenVerifier
+from .config import Config
+from .errors import TaskPushError, error_envelope
+from .hub import Hub
+from .metrics import CONTENT_TYPE, Metrics
+from .notify import task_notification_service
+from .openapi import openapi_document
+from .store import Store
+from .sweeper import sweeper_ctx
+from .tasks import TaskService
+from .ws import close_all, websocket_handler
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the one JSON envelope; never a stack trace, never a secret."""
+    try:
+        return await handler(request)
+    except TaskPushError as exc:
+        return web.json_response(error_envelope(exc.status, exc.message, **exc.extra),
+                                 status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason
+        if exc.status == 413:
+            message = "request body too large"
+        return web.json_response(error_envelope(exc.status, message), status=exc.status,
+                                 headers={k: v for k, v in exc.headers.items()
+                                          if k.lower() == "allow"})
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return web.json_response(error_envelope(500, "internal server error"), status=500)
+
+
+def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    allow_any = "*" in origins
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and request.path.startswith("/api/") and (
+            allow_any or origin in origins)
+        if not allowed:
+            return await handler(request)
+        headers = {
+            "Access-Control-Allow-Origin": "*" if allow_any else origin or "",
+            "Access-Control-Expose-Headers": "ETag",
+            "Vary": "Origin",
+        }
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            headers.update({
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, If-None-Match",
+                "Access-Control-Max-Age": "600",
+            })
+            return web.Response(status=204, headers=headers)
+        response = await handler(request)
+        response.headers.update(headers)
+        return response
+
+    return cors
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+async def docs_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "docs.html")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app[keys.CONFIG]))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    store = request.app[keys.STORE]
+    try:
+        healthy = await store.ping()
+    except Exception:
+        healthy = False
+    body = {"status": "ok" if healthy else "unavailable", "database": healthy,
+            "epoch": store.epoch, "seq": store.last_seq,
+            "connections": request.app[keys.HUB].connection_count}
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[keys.METRICS].render(),
+                        headers={"Content-Type": CONTENT_TYPE})
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the database, wire store -> hub, bind the in-process API, recover jobs."""
+    config = app[keys.CONFIG]
+    store = app[keys.STORE]
+    hub = app[keys.HUB]
+    metrics_ = app[keys.METRICS]
+
+    def on_commit(outcomes: list, seconds: float) -> None:
+        hub.publish(outcomes)
+        metrics_.observe_commit(outcomes, seconds)
+
+    store.on_commit = on_commit
+    await store.open()
+    if config.jwt_public_key is not None:
+        pem = Path(config.jwt_public_key).read_bytes()  # noqa: ASYNC240 (once, at start)
+        app[keys.VERIFIER] = TokenVerifier.for_public_key(pem, config.jwt_leeway)
+    else:
+        secret = config.jwt_secret.reveal() if config.jwt_secret else await store.demo_secret()
+        app[keys.VERIFIER] = TokenVerifier.for_secret(secret, config.jwt_leeway)
+    tasks = app[keys.TASKS]
+    recovered = await tasks.interrupt_inprocess("the server stopped while this task ran")
+    if recovered:
+        log.warning("marked %d in-process task(s) of a previous run as interrupted", recovered)
+    task_notification_service.bind(tasks, config.max_json_bytes)
+    yield
+    task_notification_service.unbind(tasks)
+    await store.close()
+
+
+async def on_shutdown(app: web.Application) -> None:
+    """Stop serving sockets (1001) and end our in-process jobs as interrupted."""
+    await close_all(app)
+    await app[keys.TASKS].interrupt_inprocess("the server shut down while this task ran")
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[cors_middleware(config.cors_origins), error_middleware],
+    )
+    store = Store(config.db)
+    app[keys.CONFIG] = config
+    app[keys.STORE] = store
+    app[keys.HUB] = Hub()
+    app[keys.METRICS] = Metrics()
+    app[keys.TASKS] = TaskService(store, max_active=config.max_active_tasks)
+    app[keys.SOCKETS] = set()
+    app[keys.DEMO_RUNNERS] = set()
+
+    app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
+    rest.add_routes(app)
+    producer.add_routes(app)
+    if config.demo_mode:
+        demo.add_routes(app)
+    app.router.add_get("/", index)
+    app.router.add_get("/docs", docs_page)
+    app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_static("/static/", STATIC_DIR, show_index=False, follow_symlinks=False)
+
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(sweeper_ctx)
+    app.on_shutdown.append(on_shutdown)
+    return app

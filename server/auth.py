@@ -1,0 +1,110 @@
+"""User-token verification as a pure object, and the constant-time producer key check.
+
+The verifier pins one algorithm (HS256 with a secret, RS256/ES256 with a public key), so
+`alg: none` and algorithm-confusion tokens are refused by pyjwt before any claim is read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+MAX_USER_ID = 2**63 - 1
+
+
+class AuthError(Exception):
+    """Why a token was refused: `reason` is one of missing, invalid, expired."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"token {reason}" + (f": {detail}" if detail else ""))
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Identity:
+    user_id: int
+    is_admin: bool = False
+    expires_at: float | None = None  # epoch seconds, from `exp`
+
+
+def parse_user_id(raw: object) -> int | None:
+    """A user id is a string of digits (or an int) fitting SQLite's INTEGER; else None."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        value = raw
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 19:
+        value = int(raw)
+    else:
+        return None
+    return value if 0 <= value <= MAX_USER_ID else None
+
+
+class TokenVerifier:
+    def __init__(self, key: str | bytes, algorithm: str, leeway: float = 30.0) -> None:
+        self._key = key
+        self.algorithm = algorithm
+        self.leeway = leeway
+
+    @classmethod
+    def for_secret(cls, secret: str, leeway: float = 30.0) -> TokenVerifier:
+        return cls(secret, "HS256", leeway)
+
+    @classmethod
+    def for_public_key(cls, pem: bytes, leeway: float = 30.0) -> TokenVerifier:
+        key = load_pem_public_key(pem)
+        if isinstance(key, rsa.RSAPublicKey):
+            return cls(pem, "RS256", leeway)
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            return cls(pem, "ES256", leeway)
+        raise ValueError("public key must be RSA (RS256) or EC P-256 (ES256)")
+
+    def verify(self, token: str | None) -> Identity:
+        if not token:
+            raise AuthError("missing")
+        if len(token) > 8192:
+            raise AuthError("invalid", "too long")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self.algorithm],
+                leeway=self.leeway,
+                options={"require": ["sub"], "verify_sub": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError("invalid", type(exc).__name__) from None
+        user_id = parse_user_id(claims.get("sub"))
+        if user_id is None:
+            raise AuthError("invalid", "sub is not a user id")
+        exp = claims.get("exp")
+        return Identity(
+            user_id=user_id,
+            is_admin=claims.get("role") == "admin",
+            expires_at=float(exp) if isinstance(exp, int | float) else None,
+        )
+
+    def issue(self, user_id: int, ttl: float = 3600.0, *, admin: bool = False) -> str:
+        """Sign a token; only possible with a secret (demo mode, `run.py token`)."""
+        if self.algorithm != "HS256":
+            raise ValueError("tokens can only be issued with an HS256 secret")
+        claims: dict[str, object] = {"sub": str(user_id), "iat": int(time.time())}
+        claims["exp"] = int(time.time() + ttl)
+        if admin:
+            claims["role"] = "admin"
+        return jwt.encode(claims, self._key, algorithm="HS256")
+
+
+def api_key_matches(expected: str, given: str | None) -> bool:
+    """Constant-time comparison, so the key cannot be guessed byte by byte from timing."""
+    if given is None:
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))

@@ -1,0 +1,81 @@
+"""Command line: `run.py [flags]` serves; `run.py token --user ID` prints a user token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .accesslog import RedactingAccessLogger, setup_logging
+from .auth import TokenVerifier
+from .config import ConfigError, parse_config
+from .store import Store
+
+log = logging.getLogger("taskpush")
+
+
+def _token_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="run.py token",
+                                     description="Print a user token signed with the "
+                                     "configured secret (or the demo secret in the database).")
+    parser.add_argument("--user", required=True, help="user id (digits)")
+    parser.add_argument("--admin", action="store_true", help='add "role": "admin"')
+    parser.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
+    args, rest = parser.parse_known_args(list(argv))
+    config = parse_config(rest)
+    if not args.user.isdigit():
+        raise ConfigError("--user: must be digits")
+    if config.jwt_public_key is not None:
+        raise ConfigError("token: cannot sign with a public key; tokens come from your issuer")
+    if config.jwt_secret is not None:
+        secret = config.jwt_secret.reveal()
+    else:
+        secret = asyncio.run(_demo_secret(config.db))
+    print(TokenVerifier.for_secret(secret).issue(int(args.user), args.ttl, admin=args.admin))
+    return 0
+
+
+async def _demo_secret(path: str) -> str:
+    store = Store(path)
+    await store.open()
+    try:
+        return await store.demo_secret()
+    finally:
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["token"]:
+            return _token_command(argv[1:])
+        config = parse_config(argv)
+    except ConfigError as exc:
+        print(f"taskpush: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    from .app import create_app
+
+    mode = "demo mode (generated secret)" if config.demo_mode else "token auth"
+    log.info("taskpush on http://%s:%d, database %s, %s", config.host, config.port,
+             config.db, mode)
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            access_log_class=RedactingAccessLogger,
+            access_log=logging.getLogger("taskpush.access") if config.access_log else None,
+            shutdown_timeout=config.shutdown_timeout,
+            print=None,
+            handle_signals=True,
+        )
+    except OSError as exc:
+        print(f"taskpush: error: cannot serve on {config.host}:{config.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,249 @@
+"""Configuration: every setting declared once, with its default, environment variable and help.
+
+`Config` is frozen; `parse_config(argv, environ)` builds one from flags, then environment
+variables, then defaults, and raises `ConfigError` (one line saying why) on bad values.
+Secrets are wrapped in `Secret` so they never show in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message is shown to the operator as is."""
+
+
+class Secret:
+    """A string that does not show itself in repr/str (so it never reaches a log)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def _setting(default: Any, help: str, *, env: str | None = None, flag: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "env": env, "flag": flag})
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = _setting("127.0.0.1", "interface to listen on")
+    port: int = _setting(8000, "TCP port to listen on")
+    db: str = _setting("./taskpush.db", "SQLite database file (created from schema.sql)")
+    jwt_secret: Secret | None = _setting(None, "HS256 secret for user tokens")
+    jwt_public_key: str | None = _setting(
+        None, "PEM public key file for RS256/ES256 user tokens (path)"
+    )
+    api_key: Secret | None = _setting(
+        None, "key producers send in X-API-Key; without it the producer API answers 403"
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        (), "comma-separated origins allowed to call the REST API from a browser"
+    )
+    stale_after: float = _setting(
+        3600.0, "seconds without change after which an active task is marked failed (stale)"
+    )
+    retention_days: float = _setting(
+        7.0, "days a finished task and its history are kept before the sweeper deletes them"
+    )
+    sweep_interval: float = _setting(60.0, "seconds between stale/retention sweeps")
+    jwt_leeway: float = _setting(30.0, "seconds of clock skew tolerated on token exp")
+    ping_interval: float = _setting(
+        30.0, "seconds between protocol-level WebSocket pings (0 disables)"
+    )
+    ping_timeout: float = _setting(
+        60.0, "seconds to wait for a pong before a peer is considered dead"
+    )
+    max_frame_bytes: int = _setting(65536, "largest inbound WebSocket frame (close 1009)")
+    max_body_bytes: int = _setting(1048576, "largest HTTP request body (413)")
+    max_json_bytes: int = _setting(65536, "largest serialized result or metadata value (413)")
+    rate_limit: float = _setting(20.0, "inbound WebSocket messages per second per connection")
+    rate_burst: int = _setting(40, "inbound message burst allowed above the rate")
+    flood_strikes: int = _setting(
+        50, "messages refused for rate in a row before the socket is closed with 1008"
+    )
+    max_subscriptions: int = _setting(100, "subscriptions one connection may hold")
+    max_connections_per_user: int = _setting(
+        20, "open WebSockets per user; the oldest is closed with 4409 when exceeded"
+    )
+    max_active_tasks: int = _setting(1000, "active tasks one user may have (429 beyond)")
+    send_queue: int = _setting(
+        1000, "outgoing messages buffered per socket before it is closed with 4408"
+    )
+    send_timeout: float = _setting(
+        10.0, "seconds one send may block on a stuck client before it is closed with 4408"
+    )
+    shutdown_timeout: float = _setting(5.0, "seconds allowed for in-flight work at shutdown")
+    demo_task_seconds: float = _setting(10.0, "duration of a simulated demo task")
+    log_level: str = _setting("info", "debug, info, warning or error")
+    access_log: bool = _setting(True, "log every HTTP request (token= redacted)")
+
+    @property
+    def demo_mode(self) -> bool:
+        """No secret and no key configured: tokens are signed with a generated secret."""
+        return self.jwt_secret is None and self.jwt_public_key is None
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _env_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("env") or "TASKPUSH_" + f.name.upper()
+
+
+def _flag_name(f: dataclasses.Field[Any]) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    name = _flag_name(f)
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(raw)
+            return value
+        if kind.startswith("bool"):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a valid {kind.split()[0]}") from None
+    if kind.startswith("Secret"):
+        return Secret(raw) if raw else None
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py",
+        description="taskpush: durable real-time task status push server. "
+        "Every flag can also be set by the environment variable shown.",
+        epilog="Subcommand: `run.py token --user ID [--admin] [--ttl S]` prints a user token.",
+    )
+    for f in dataclasses.fields(Config):
+        default = f.default
+        shown = "none" if default in (None, ()) else default
+        if f.name in ("jwt_secret", "api_key"):
+            shown = "none"
+        parser.add_argument(
+            _flag_name(f),
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} (env {_env_name(f)}; default {shown})",
+        )
+    return parser
+
+
+def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Flags win over environment variables, which win over defaults."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        raw = getattr(args, f.name)
+        if raw is None:
+            raw = environ.get(_env_name(f))
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def _positive(config: Config, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError with one line saying what is wrong."""
+    if not 0 < config.port < 65536:
+        raise ConfigError(f"--port: must be 1-65535, got {config.port}")
+    _positive(
+        config,
+        "stale_after",
+        "retention_days",
+        "sweep_interval",
+        "max_frame_bytes",
+        "max_body_bytes",
+        "max_json_bytes",
+        "rate_limit",
+        "rate_burst",
+        "flood_strikes",
+        "max_subscriptions",
+        "max_connections_per_user",
+        "max_active_tasks",
+        "send_queue",
+        "send_timeout",
+        "demo_task_seconds",
+    )
+    _positive(config, "jwt_leeway", "ping_interval", "ping_timeout", "shutdown_timeout",
+              allow_zero=True)
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level: must be debug, info, warning or error, "
+                          f"got {config.log_level!r}")
+    if config.jwt_secret is not None and config.jwt_public_key is not None:
+        raise ConfigError("--jwt-secret and --jwt-public-key: configure one, not both")
+    if config.jwt_public_key is not None:
+        try:
+            with open(config.jwt_public_key, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ConfigError(
+                f"--jwt-public-key: cannot read {config.jwt_public_key}: {exc.strerror}"
+            ) from None
+    if config.demo_mode and not is_loopback(config.host):
+        raise ConfigError(
+            f"--host {config.host}: demo mode (no --jwt-secret or --jwt-public-key) "
+            "only listens on a loopback address; configure a secret to serve other hosts"
+        )
+    for origin in config.cors_origins:
+        if origin != "*" and "://" not in origin:
+            raise ConfigError(f"--cors-origins: {origin!r} is not an origin like https://app.example")

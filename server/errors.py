@@ -1,0 +1,74 @@
+"""Domain errors, raised deep and translated to HTTP or WebSocket answers only at the edge.
+
+Each error carries the HTTP status it maps to and a machine-readable code (used in the
+WebSocket `error` message and in batch results). `envelope()` shapes every JSON answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskPushError(Exception):
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class BadRequest(TaskPushError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(TaskPushError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(TaskPushError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(TaskPushError):
+    status, code = 404, "not_found"
+
+
+class Conflict(TaskPushError):
+    status, code = 409, "conflict"
+
+
+class TaskFinal(Conflict):
+    """A change to a task that is already completed, failed or cancelled."""
+
+    code = "task_final"
+
+
+class TaskActive(Conflict):
+    """An operation that needs a finished task (delete) on an active one."""
+
+    code = "task_active"
+
+
+class TooLarge(TaskPushError):
+    status, code = 413, "too_large"
+
+
+class TooMany(TaskPushError):
+    status, code = 429, "too_many"
+
+
+class Unavailable(TaskPushError):
+    status, code = 503, "unavailable"
+
+
+def envelope(data: Any = None, *, code: int = 0, message: str = "success") -> dict[str, Any]:
+    """The one JSON shape of every REST answer."""
+    return {"code": code, "message": message, "data": data}
+
+
+def error_envelope(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    body = envelope(None, code=status, message=message)
+    body.update(extra)
+    return body

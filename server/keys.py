@@ -1,0 +1,26 @@
+"""Typed application state: every key the app stores, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .auth import TokenVerifier
+from .config import Config
+from .hub import Hub
+from .metrics import Metrics
+from .store import Store
+from .tasks import TaskService
+
+if TYPE_CHECKING:
+    from .ws import Connection
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+HUB = web.AppKey("hub", Hub)
+TASKS = web.AppKey("tasks", TaskService)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+METRICS = web.AppKey("metrics", Metrics)
+SOCKETS: web.AppKey[set[Connection]] = web.AppKey("sockets", set)
+DEMO_RUNNERS: web.AppKey[set[object]] = web.AppKey("demo_runners", set)

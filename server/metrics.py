@@ -1,0 +1,67 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-export)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .model import Outcome
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge(
+            "taskpush_websocket_connections", "Open authenticated WebSocket connections",
+            registry=self.registry,
+        )
+        self.connections_total = Counter(
+            "taskpush_websocket_accepted", "WebSocket connections authenticated",
+            registry=self.registry,
+        )
+        self.messages_sent = Counter(
+            "taskpush_messages_sent", "Messages sent to WebSocket clients",
+            registry=self.registry,
+        )
+        self.updates_merged = Counter(
+            "taskpush_updates_coalesced", "Progress updates merged for clients that lag",
+            registry=self.registry,
+        )
+        self.slow_closed = Counter(
+            "taskpush_slow_consumers_closed", "Sockets closed with 4408 for falling behind",
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "taskpush_events_ingested", "Task changes committed", ["kind"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "taskpush_events_refused", "Task changes refused", ["code"],
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "taskpush_commit_seconds", "Time to apply and commit one write transaction",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "taskpush_commit_batch_size", "Operations per write transaction",
+            buckets=(1, 2, 5, 10, 50, 100, 500, 1000, 2000),
+            registry=self.registry,
+        )
+
+    def observe_commit(self, outcomes: list[Outcome], seconds: float) -> None:
+        self.commit_seconds.observe(seconds)
+        self.batch_size.observe(len(outcomes))
+        for outcome in outcomes:
+            if outcome.error is not None:
+                self.refused.labels(getattr(outcome.error, "code", "error")).inc()
+            elif outcome.deleted:
+                self.events.labels("delete").inc()
+            elif outcome.created:
+                self.events.labels("register").inc()
+            elif not outcome.skipped and outcome.seq is not None:
+                self.events.labels("change").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

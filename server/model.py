@@ -1,0 +1,167 @@
+"""The task model: states, the operations producers and users ask for, and the pure rules
+that turn a task's current state plus an operation into its next state (or refuse it).
+
+No I/O here: the store runs these rules inside its transactions, and they are unit-tested
+without a database.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TaskFinal
+
+STATUSES = ("pending", "running", "progress", "completed", "failed", "cancelled")
+ACTIVE = frozenset({"pending", "running", "progress"})
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+# Public fields of a task, in the order they are documented (SPEC `<task>`).
+TASK_FIELDS = (
+    "task_id",
+    "user_id",
+    "task_type",
+    "status",
+    "progress",
+    "message",
+    "step",
+    "result",
+    "error",
+    "error_type",
+    "metadata",
+    "created_at",
+    "updated_at",
+    "seq",
+    "cancel_requested",
+)
+
+Task = dict[str, Any]
+_UNSET: Any = object()
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC with milliseconds and a Z; sorts lexicographically."""
+    now = _dt.datetime.now(_dt.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def utc_iso(seconds: float) -> str:
+    moment = _dt.datetime.fromtimestamp(seconds, _dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """Create a task (status pending). Same body for an existing id: idempotent."""
+
+    task_id: str | None
+    user_id: int
+    task_type: str
+    metadata: Any = None
+    origin: str = "http"
+    max_active: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A new state for an existing task. Fields left as None keep their current value."""
+
+    task_id: str
+    status: str
+    progress: float | None = None
+    message: str | None = None
+    step: str | None = None
+    result: Any = _UNSET
+    error: str | None = None
+    error_type: str | None = None
+    owner: int | None = None  # when set, a task of another user is "not found"
+    cancel_requested: bool = False
+    expect_seq: int | None = None  # apply only if the task is still at this seq (sweeper)
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove a finished task and its history, leaving a tombstone for resuming clients."""
+
+    task_id: str
+    owner: int | None = None
+    allow_active: bool = False
+
+
+Operation = Register | Change | Delete
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one operation did: the task after it, or the error that refused it."""
+
+    op: Operation
+    task: Task | None = None
+    error: Exception | None = None
+    created: bool = False
+    deleted: bool = False
+    skipped: bool = False  # a conditional change whose condition no longer held
+    seq: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.skipped
+
+
+def same_registration(task: Task, op: Register) -> bool:
+    return (
+        task["user_id"] == op.user_id
+        and task["task_type"] == op.task_type
+        and task["metadata"] == op.metadata
+    )
+
+
+def next_state(task: Task, change: Change, seq: int, now: str) -> Task:
+    """The task after `change`, or TaskFinal if it already reached a terminal state."""
+    if task["status"] in TERMINAL:
+        extra = {"cancel_requested": True} if task.get("cancel_requested") else {}
+        raise TaskFinal(f"task {task['task_id']} is already {task['status']}", **extra)
+    new = dict(task)
+    new["status"] = change.status
+    if change.progress is not None:
+        new["progress"] = change.progress
+    elif change.status == "completed":
+        new["progress"] = 100
+    for name in ("message", "step", "error", "error_type"):
+        value = getattr(change, name)
+        if value is not None:
+            new[name] = value
+    if change.result is not _UNSET:
+        new["result"] = change.result
+    if change.cancel_requested:
+        new["cancel_requested"] = True
+    new["updated_at"] = now
+    new["seq"] = seq
+    return new
+
+
+def new_task(op: Register, task_id: str, seq: int, now: str) -> Task:
+    return {
+        "task_id": task_id,
+        "user_id": op.user_id,
+        "task_type": op.task_type,
+        "status": "pending",
+        "progress": 0,
+        "message": None,
+        "step": None,
+        "result": None,
+        "error": None,
+        "error_type": None,
+        "metadata": op.metadata,
+        "created_at": now,
+        "updated_at": now,
+        "seq": seq,
+        "cancel_requested": False,
+    }
+
+
+def public(task: Task) -> Task:
+    """The task as clients see it (drops internal columns)."""
+    return {name: task[name] for name in TASK_FIELDS}

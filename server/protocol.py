@@ -1,0 +1,228 @@
+"""The WebSocket protocol, sans I/O: parse what clients send, build what the server sends,
+and the per-connection outgoing buffer with its coalescing rule.
+
+Imports neither aiohttp nor the store, so every rule here is unit-tested without sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .model import TERMINAL, Task, public, utc_now
+
+MAX_TASK_ID = 200
+
+# Close codes (SPEC): the reason strings are what clients read.
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008  # flood
+CLOSE_TOO_BIG = 1009
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_TOO_SLOW = 4408
+CLOSE_REPLACED = 4409  # more connections for one user than allowed: the oldest goes
+
+
+class ProtocolError(Exception):
+    """A bad client message: answered with an `error` message; the socket stays open."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    type: str
+    task_id: str | None = None
+    token: str | None = None
+
+
+_TASK_TYPES = ("subscribe", "unsubscribe")
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Validate one text frame; raise ProtocolError with a machine-readable code."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid_json", "message is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_message", "message must be a JSON object")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("missing_type", "message needs a string field 'type'")
+    if kind == "ping":
+        return ClientMessage("ping")
+    if kind in _TASK_TYPES:
+        return ClientMessage(kind, task_id=task_id_field(data.get("task_id")))
+    if kind == "refresh":
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("missing_field", "refresh needs a string field 'token'")
+        return ClientMessage("refresh", token=token)
+    shown = kind[:40]
+    raise ProtocolError("unknown_type", f"unknown message type {shown!r}")
+
+
+def task_id_field(value: Any) -> str:
+    """A task id: a non-empty printable string of at most 200 characters (ints accepted)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("missing_field", "a non-empty string field 'task_id' is required")
+    if len(value) > MAX_TASK_ID or not value.isprintable():
+        raise ProtocolError("invalid_field", "task_id must be printable, at most 200 characters")
+    return value
+
+
+def dumps(message: dict[str, Any]) -> str:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def connected(connection_id: str, epoch: str, seq: int) -> str:
+    return dumps({
+        "type": "connected",
+        "connection_id": connection_id,
+        "message": "WebSocket connection established",
+        "timestamp": utc_now(),
+        "epoch": epoch,
+        "seq": seq,
+    })
+
+
+def active_tasks(tasks: list[Task]) -> str:
+    return dumps({"type": "active_tasks", "tasks": [public(t) for t in tasks],
+                  "count": len(tasks)})
+
+
+def task_status(task: Task) -> str:
+    return dumps({"type": "task_status", **public(task)})
+
+
+def task_deleted(task_id: str) -> str:
+    return dumps({"type": "task_deleted", "task_id": task_id})
+
+
+def error(code: str, message: str) -> str:
+    return dumps({"type": "error", "code": code, "message": message})
+
+
+def simple(kind: str, **fields: Any) -> str:
+    return dumps({"type": kind, **fields})
+
+
+def pong() -> str:
+    return simple("pong", timestamp=utc_now())
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One change as pushed: serialized once, the same text sent to every socket."""
+
+    task_id: str
+    user_id: int
+    seq: int
+    status: str  # "deleted" for a task_deleted message
+    text: str
+
+    @property
+    def mergeable(self) -> bool:
+        return self.status not in TERMINAL and self.status != "deleted"
+
+
+class Outbox:
+    """A bounded per-connection queue of updates.
+
+    While an update waits unsent, a newer update of the same task with the same
+    non-terminal status replaces it (the latest wins, so progress is coalesced); a change of
+    status, a terminal state and a deletion are always kept. `push()` returns False when the
+    queue is over its bound even after merging: the connection is too slow and must go.
+    Updates at or below the seq a task was last sent with are dropped (no duplicates, no
+    going back), which is what lets a connection attach to live updates before it reads its
+    snapshot from the database.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[int, Update] = OrderedDict()  # keyed by seq: send order
+        self._latest: dict[str, int] = {}  # task_id -> seq of its newest queued update
+        self._sent: dict[str, int] = {}  # task_id -> seq last sent (active tasks only)
+        self.merged = 0
+        self.replaying = True
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def mark_sent(self, task_id: str, seq: int) -> None:
+        """Remember what was sent while the snapshot overlaps live updates; after that,
+        updates arrive once each in seq order and nothing needs remembering."""
+        if self.replaying:
+            self._sent[task_id] = seq
+        elif self._sent:
+            self._sent.pop(task_id, None)
+
+    def end_replay(self) -> None:
+        """The snapshot is sent and live updates overlap it no more: prune finished tasks."""
+        self.replaying = False
+        self._sent = {t: s for t, s in self._sent.items() if t in self._latest}
+
+    def push(self, update: Update) -> bool:
+        sent = self._sent.get(update.task_id)
+        if sent is not None and update.seq <= sent:
+            return True
+        prev_seq = self._latest.get(update.task_id)
+        if prev_seq is not None:
+            if update.seq <= prev_seq:  # a newer state of this task is already queued
+                return True
+            prev = self._items.get(prev_seq)
+            if prev is not None and prev.mergeable and prev.status == update.status:
+                del self._items[prev_seq]
+                self.merged += 1
+        self._items[update.seq] = update
+        self._latest[update.task_id] = update.seq
+        return len(self._items) <= self.limit
+
+    def pop(self) -> Update | None:
+        while self._items:
+            _, update = self._items.popitem(last=False)
+            if self._latest.get(update.task_id) == update.seq:
+                del self._latest[update.task_id]
+            sent = self._sent.get(update.task_id)
+            if sent is None or update.seq > sent:
+                self.mark_sent(update.task_id, update.seq)
+                return update
+            if not self.replaying and update.task_id not in self._latest:
+                del self._sent[update.task_id]
+        return None
+
+
+class RateLimiter:
+    """Token bucket for inbound messages, plus a count of refusals in a row (flood)."""
+
+    def __init__(self, rate: float, burst: int, strikes: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.strikes_allowed = strikes
+        self.strikes = 0
+        self.stamp = time.monotonic()
+
+    def allow(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        return False
+
+    @property
+    def flooding(self) -> bool:
+        return self.strikes >= self.strikes_allowed

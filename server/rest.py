@@ -1,0 +1,129 @@
+"""REST endpoints for users (Bearer JWT): task status with ETag and long poll, the task
+list, cancel and delete. Another user's task answers 404 exactly as a missing one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from . import keys
+from .auth import AuthError, Identity
+from .errors import NotFound, Unauthorized, envelope
+from .model import Task, public
+from .validate import int_param, json_object, status_param
+
+MAX_WAIT = 30
+MAX_LIMIT = 500
+
+
+def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = None
+       ) -> web.Response:
+    return web.json_response(envelope(data), status=status, headers=headers,
+                             dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def user_identity(request: web.Request) -> Identity:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token")
+    try:
+        return request.app[keys.VERIFIER].verify(token.strip())
+    except AuthError as exc:
+        raise Unauthorized(f"token {exc.reason}") from None
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object body (size capped by the app's client_max_size -> 413)."""
+    return json_object(await request.read())
+
+
+def _etag(task: Task) -> str:
+    return f'"{task["seq"]}"'
+
+
+async def _own_task(request: web.Request, identity: Identity, task_id: str) -> Task:
+    task = await request.app[keys.STORE].get_task(task_id)
+    if task is None or task["user_id"] != identity.user_id:
+        raise NotFound(f"task {task_id} not found")
+    return task
+
+
+async def task_status(request: web.Request) -> web.Response:
+    identity = user_identity(request)
+    task_id = request.match_info["task_id"]
+    wait = int_param(request.query.get("wait"), "wait", low=0, high=MAX_WAIT, default=0) or 0
+    if_none_match = request.headers.get("If-None-Match")
+    with request.app[keys.HUB].watching(task_id) as changed:
+        task = await _own_task(request, identity, task_id)
+        if if_none_match is not None and if_none_match == _etag(task) and wait > 0:
+            try:
+                await asyncio.wait_for(changed, wait)
+            except TimeoutError:
+                pass
+            else:
+                task = await _own_task(request, identity, task_id)
+    etag = _etag(task)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if if_none_match is not None and if_none_match == etag:
+        return web.Response(status=304, headers=headers)
+    return ok(public(task), headers=headers)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    identity = user_identity(request)
+    store = request.app[keys.STORE]
+    query = request.query
+    since = int_param(query.get("since"), "since", low=0, high=2**63 - 1)
+    limit = int_param(query.get("limit"), "limit", low=1, high=MAX_LIMIT, default=50) or 50
+    if since is not None:
+        seq = store.last_seq
+        tasks = await store.changed_since(identity.user_id, since, limit)
+        data = {"tasks": [public(t) for t in tasks], "count": len(tasks), "seq": seq,
+                "epoch": store.epoch, "resync": since < store.horizon or since > seq}
+        return ok(data)
+    status = status_param(query.get("status"))
+    before = int_param(query.get("before"), "before", low=0, high=2**63 - 1)
+    tasks = await store.list_tasks(identity.user_id, status=status, limit=limit, before=before)
+    next_before = tasks[-1]["created_seq"] if len(tasks) == limit else None
+    return ok({"tasks": [public(t) for t in tasks], "count": len(tasks),
+               "next_before": next_before})
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    identity = user_identity(request)
+    task_id = request.match_info["task_id"]
+    await request.app[keys.TASKS].delete(task_id, owner=identity.user_id)
+    return ok({"task_id": task_id, "deleted": True})
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    identity = user_identity(request)
+    task_id = request.match_info["task_id"]
+    task = await request.app[keys.TASKS].cancel(task_id, owner=identity.user_id)
+    return ok(public(task))
+
+
+async def history(request: web.Request) -> web.Response:
+    """Every recorded change of one of the user's tasks, oldest first."""
+    identity = user_identity(request)
+    task_id = request.match_info["task_id"]
+    await _own_task(request, identity, task_id)
+    events = await request.app[keys.STORE].history(task_id)
+    return ok({"task_id": task_id, "events": events, "count": len(events)})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/task/task/{task_id}/status", task_status)
+    app.router.add_get("/api/task/task/{task_id}/history", history)
+    app.router.add_delete("/api/task/task/{task_id}", delete_task)
+    app.router.add_post("/api/task/task/{task_id}/cancel", cancel_task)
+    app.router.add_get("/api/task/tasks", list_tasks)

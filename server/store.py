@@ -1,0 +1,502 @@
+"""The Store: the one module that owns SQL.
+
+Every statement runs on aiosqlite's single worker thread. A whole transaction is one plain
+function (`_txn_*`) executed there in one hop, so no other coroutine's statements can
+interleave with it and a batch of N events costs one thread hop, not 3N.
+
+Writes go through a group-commit writer: `submit()` queues an operation; the writer takes
+everything queued, applies it in ONE transaction (each operation applied or refused on its
+own), commits, calls `on_commit` with the outcomes in seq order (that is where updates are
+pushed), and only then answers each caller. So a write is durable before it is acknowledged
+or pushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .errors import Conflict, NotFound, TaskActive, TooMany
+from .model import (
+    ACTIVE,
+    Change,
+    Delete,
+    Operation,
+    Outcome,
+    Register,
+    Task,
+    new_task,
+    next_state,
+    same_registration,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+MAX_BATCH = 2000
+_ACTIVE_SQL = "('pending', 'running', 'progress')"
+_TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
+_TASK_COLUMNS = (
+    "task_id, user_id, task_type, status, progress, message, step, result, error, "
+    "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
+)
+
+CommitListener = Callable[[list[Outcome], float], None]
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
+    (task_id, user_id, task_type, status, progress, message, step, result, error, error_type,
+     metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq) = row
+    return {
+        "task_id": task_id,
+        "user_id": user_id,
+        "task_type": task_type,
+        "status": status,
+        "progress": _number(progress),
+        "message": message,
+        "step": step,
+        "result": _loads(result),
+        "error": error,
+        "error_type": error_type,
+        "metadata": _loads(metadata),
+        "created_at": created_at,
+        "updated_at": updated_at,
+        "seq": seq,
+        "cancel_requested": bool(cancel_requested),
+        "origin": origin,
+        "created_seq": created_seq,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a connecting client is sent: read in one hop, consistent with `seq`."""
+
+    seq: int
+    active: list[Task]
+    changes: list[Task | tuple[str, int]] | None  # tasks or ("deleted", task_id, seq); None: resync
+
+
+def _connect_sync(conn: sqlite3.Connection) -> None:
+    """Connection setup: WAL, a busy timeout, and durability that survives a process crash."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self.epoch = ""
+        self.last_seq = 0
+        self.horizon = 0  # `since` below this cannot be replayed (history swept)
+        self.on_commit: CommitListener | None = None
+        self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Outcome]]] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        schema = SCHEMA_PATH.read_text(encoding="utf-8")
+        await self._call(self._txn_open, schema)
+        self._queue = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_loop(), name="taskpush-writer")
+
+    async def close(self) -> None:
+        """Finish queued writes, then close the connection."""
+        if self._writer is not None and self._queue is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(sqlite3_connection, *args)` on aiosqlite's worker thread, in one hop.
+
+        aiosqlite exposes no public way to run a function on its thread; `_execute` is the
+        primitive its own methods are built on (stable since 0.17).
+        """
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        conn = self._db
+        return await conn._execute(lambda: fn(conn._conn, *args))
+
+    def _txn_open(self, conn: sqlite3.Connection, schema: str) -> None:
+        _connect_sync(conn)
+        conn.executescript(schema)
+        settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
+        if "epoch" not in settings:
+            settings["epoch"] = uuid.uuid4().hex
+            conn.execute("INSERT INTO settings VALUES ('epoch', ?)", (settings["epoch"],))
+        self.epoch = settings["epoch"]
+        self.horizon = int(settings.get("horizon", 0))
+        top = conn.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
+            " coalesce((SELECT max(seq) FROM tombstones), 0))"
+        ).fetchone()[0]
+        self.last_seq = max(int(top), int(settings.get("last_seq", 0)), self.horizon)
+
+    # ---- settings --------------------------------------------------------------------
+
+    async def setting(self, key: str) -> str | None:
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._call(read)
+
+    async def demo_secret(self) -> str:
+        """The generated demo-mode secret, created once and kept so tokens survive restarts."""
+
+        def get_or_create(conn: sqlite3.Connection) -> str:
+            conn.execute(
+                "INSERT OR IGNORE INTO settings VALUES ('demo_secret', ?)",
+                (secrets.token_urlsafe(32),),
+            )
+            return conn.execute(
+                "SELECT value FROM settings WHERE key = 'demo_secret'"
+            ).fetchone()[0]
+
+        return await self._call(get_or_create)
+
+    # ---- writes ----------------------------------------------------------------------
+
+    async def submit(self, op: Operation) -> Outcome:
+        """Apply one operation durably; returns after its transaction has committed."""
+        if self._queue is None:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, future))
+        return await future
+
+    async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]:
+        """Apply operations, each on its own, all committed before this returns."""
+        if self._queue is None:
+            raise RuntimeError("store is not open")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for op in ops:
+            future: asyncio.Future[Outcome] = loop.create_future()
+            self._queue.put_nowait((op, future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            ops = [op for op, _ in batch]
+            started = time.perf_counter()
+            try:
+                outcomes: list[Outcome] = await self._call(self._txn_apply, ops)
+            except Exception as exc:  # the whole transaction rolled back
+                log.exception("write transaction failed (%d operations)", len(ops))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                    queue.task_done()
+                continue
+            elapsed = time.perf_counter() - started
+            if self.on_commit is not None:
+                try:
+                    self.on_commit(outcomes, elapsed)
+                except Exception:
+                    log.exception("commit listener failed")
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+                queue.task_done()
+
+    def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation]) -> list[Outcome]:
+        """One transaction for the whole batch; each operation applied or refused alone."""
+        seq = self.last_seq
+        now = utc_now()
+        outcomes: list[Outcome] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                outcome = Outcome(op)
+                try:
+                    if isinstance(op, Change):
+                        seq = self._apply_change(conn, op, seq, now, outcome)
+                    elif isinstance(op, Register):
+                        seq = self._apply_register(conn, op, seq, now, outcome)
+                    else:
+                        seq = self._apply_delete(conn, op, seq, now, outcome)
+                except (NotFound, Conflict, TooMany) as exc:
+                    outcome.error = exc
+                outcomes.append(outcome)
+            if seq != self.last_seq:
+                conn.execute(
+                    "INSERT INTO settings VALUES ('last_seq', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(seq),),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.last_seq = seq
+        return outcomes
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, task_id: str) -> Task | None:
+        row = conn.execute(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        return None if row is None else _row_to_task(row)
+
+    def _apply_change(
+        self, conn: sqlite3.Connection, op: Change, seq: int, now: str, outcome: Outcome
+    ) -> int:
+        task = self._load(conn, op.task_id)
+        if task is None or (op.owner is not None and task["user_id"] != op.owner):
+            raise NotFound(f"task {op.task_id} not found")
+        if op.expect_seq is not None and task["seq"] != op.expect_seq:
+            outcome.skipped = True
+            outcome.task = task
+            return seq
+        seq += 1
+        new = next_state(task, op, seq, now)
+        conn.execute(
+            "INSERT INTO events (seq, task_id, status, progress, message, step, result, error,"
+            " error_type, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, op.task_id, new["status"], new["progress"], new["message"], new["step"],
+             _dumps(new["result"]), new["error"], new["error_type"], now),
+        )
+        conn.execute(
+            "UPDATE tasks SET status = ?, progress = ?, message = ?, step = ?, result = ?,"
+            " error = ?, error_type = ?, cancel_requested = ?, updated_at = ?, seq = ?"
+            " WHERE task_id = ?",
+            (new["status"], new["progress"], new["message"], new["step"],
+             _dumps(new["result"]), new["error"], new["error_type"],
+             int(new["cancel_requested"]), now, seq, op.task_id),
+        )
+        outcome.task, outcome.seq = new, seq
+        return seq
+
+    def _apply_register(
+        self, conn: sqlite3.Connection, op: Register, seq: int, now: str, outcome: Outcome
+    ) -> int:
+        if op.task_id is not None:
+            existing = self._load(conn, op.task_id)
+            if existing is not None:
+                if not same_registration(existing, op):
+                    raise Conflict(f"task {op.task_id} already exists with a different body")
+                outcome.task, outcome.seq = existing, existing["seq"]
+                return seq
+        if op.max_active is not None:
+            (count,) = conn.execute(
+                f"SELECT count(*) FROM tasks WHERE user_id = ? AND status IN {_ACTIVE_SQL}",
+                (op.user_id,),
+            ).fetchone()
+            if count >= op.max_active:
+                raise TooMany(f"user {op.user_id} already has {count} active tasks")
+        seq += 1
+        task_id = op.task_id if op.task_id is not None else f"{op.task_type}_{seq}"
+        if op.task_id is None and self._load(conn, task_id) is not None:
+            task_id = f"{op.task_type}_{seq}_{secrets.token_hex(4)}"
+        task = new_task(op, task_id, seq, now)
+        task["origin"], task["created_seq"] = op.origin, seq
+        conn.execute(
+            f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
+            " (?, ?, ?, 'pending', 0, NULL, NULL, NULL, NULL, NULL, ?, ?, 0, ?, ?, ?, ?)",
+            (task_id, op.user_id, op.task_type, _dumps(op.metadata), op.origin, now, now,
+             seq, seq),
+        )
+        conn.execute(
+            "INSERT INTO events (seq, task_id, status, progress, timestamp)"
+            " VALUES (?, ?, 'pending', 0, ?)",
+            (seq, task_id, now),
+        )
+        outcome.task, outcome.seq, outcome.created = task, seq, True
+        return seq
+
+    def _apply_delete(
+        self, conn: sqlite3.Connection, op: Delete, seq: int, now: str, outcome: Outcome
+    ) -> int:
+        task = self._load(conn, op.task_id)
+        if task is None or (op.owner is not None and task["user_id"] != op.owner):
+            raise NotFound(f"task {op.task_id} not found")
+        if task["status"] in ACTIVE and not op.allow_active:
+            raise TaskActive(f"task {op.task_id} is {task['status']}; cancel it first")
+        seq += 1
+        conn.execute("DELETE FROM events WHERE task_id = ?", (op.task_id,))
+        conn.execute("DELETE FROM tasks WHERE task_id = ?", (op.task_id,))
+        conn.execute(
+            "INSERT INTO tombstones (seq, task_id, user_id, deleted_at) VALUES (?, ?, ?, ?)",
+            (seq, op.task_id, task["user_id"], now),
+        )
+        outcome.task, outcome.seq, outcome.deleted = task, seq, True
+        return seq
+
+    # ---- reads -----------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> Task | None:
+        return await self._call(self._load, task_id)
+
+    async def list_tasks(
+        self, user_id: int, *, status: str | None, limit: int, before: int | None
+    ) -> list[Task]:
+        """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
+        params: list[Any] = [user_id]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        if before is not None:
+            sql += " AND created_seq < ?"
+            params.append(before)
+        sql += " ORDER BY created_seq DESC LIMIT ?"
+        params.append(limit)
+        return await self._rows(sql, params)
+
+    async def _rows(self, sql: str, params: Iterable[Any]) -> list[Task]:
+        def read(conn: sqlite3.Connection) -> list[Task]:
+            return [_row_to_task(row) for row in conn.execute(sql, tuple(params))]
+
+        return await self._call(read)
+
+    async def changed_since(self, user_id: int, since: int, limit: int) -> list[Task]:
+        """A user's tasks whose latest change is after `since`, in seq order."""
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (user_id, since, limit),
+        )
+
+    async def snapshot(self, user_id: int, since: int | None) -> Snapshot:
+        """Active tasks and (with `since`) every change after it, read at one seq."""
+
+        def read(conn: sqlite3.Connection) -> Snapshot:
+            seq = self.last_seq
+            active = [
+                _row_to_task(row)
+                for row in conn.execute(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
+                    f" AND status IN {_ACTIVE_SQL} ORDER BY seq",
+                    (user_id,),
+                )
+            ]
+            if since is None or since < self.horizon:
+                return Snapshot(seq, active, None)
+            changed: list[Task | tuple[str, int]] = [
+                _row_to_task(row)
+                for row in conn.execute(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
+                    " ORDER BY seq",
+                    (user_id, since),
+                )
+            ]
+            deleted = conn.execute(
+                "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ?",
+                (user_id, since),
+            ).fetchall()
+            if deleted:
+                changed.extend(tuple(row) for row in deleted)
+                changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
+            return Snapshot(seq, active, changed)
+
+        return await self._call(read)
+
+    async def history(self, task_id: str) -> list[dict[str, Any]]:
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT seq, status, progress, message, step, error, error_type, timestamp"
+                " FROM events WHERE task_id = ? ORDER BY seq",
+                (task_id,),
+            )
+            names = ("seq", "status", "progress", "message", "step", "error", "error_type",
+                     "timestamp")
+            return [dict(zip(names, row, strict=True)) for row in rows]
+
+        return await self._call(read)
+
+    async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
+        """Active tasks whose last change is older than the given time (stale candidates)."""
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
+            (updated_before, limit),
+        )
+
+    async def active_by_origin(self, origin: str) -> list[Task]:
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL} AND origin = ?",
+            (origin,),
+        )
+
+    async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]:
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_TERMINAL_SQL}"
+            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
+            (updated_before, limit),
+        )
+
+    async def purge_tombstones(self, deleted_before: str) -> int:
+        """Forget old tombstones; a `since` older than the newest forgotten one must resync."""
+
+        def purge(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (top,) = conn.execute(
+                    "SELECT max(seq) FROM tombstones WHERE deleted_at < ?", (deleted_before,)
+                ).fetchone()
+                if top is None:
+                    conn.execute("COMMIT")
+                    return 0
+                cursor = conn.execute("DELETE FROM tombstones WHERE seq <= ?", (top,))
+                conn.execute(
+                    "INSERT INTO settings VALUES ('horizon', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(top),),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self.horizon = max(self.horizon, int(top))
+            return cursor.rowcount
+
+        return await self._call(purge)
+
+    async def ping(self) -> bool:
+        def check(conn: sqlite3.Connection) -> bool:
+            return conn.execute("SELECT 1").fetchone()[0] == 1
+
+        return await self._call(check)

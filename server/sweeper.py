@@ -1,0 +1,61 @@
+"""Background upkeep: active tasks with no change for `--stale-after` seconds are failed
+(error_type "stale"), and finished tasks older than `--retention-days` are deleted (their
+deletion is pushed like any other change). Both go through the TaskService path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from . import keys
+from .model import Change, Delete, utc_iso
+
+log = logging.getLogger(__name__)
+STALE = "stale"
+
+
+async def sweep_once(app: web.Application) -> tuple[int, int]:
+    """One pass; returns (tasks marked stale, tasks deleted)."""
+    config = app[keys.CONFIG]
+    store = app[keys.STORE]
+    tasks = app[keys.TASKS]
+    now = time.time()
+    stale = await store.active_before(utc_iso(now - config.stale_after))
+    ops = [
+        Change(t["task_id"], "failed", error=f"no update for {config.stale_after:g} seconds",
+               error_type=STALE, expect_seq=t["seq"])
+        for t in stale
+    ]
+    marked = sum(1 for o in await tasks.apply_many(ops) if o.ok) if ops else 0
+    cutoff = utc_iso(now - config.retention_days * 86400)
+    old = await store.finished_before(cutoff)
+    deletes = [Delete(t["task_id"]) for t in old]
+    deleted = sum(1 for o in await tasks.apply_many(deletes) if o.ok) if deletes else 0
+    await store.purge_tombstones(cutoff)
+    if marked or deleted:
+        log.info("sweep: %d stale task(s) failed, %d old task(s) deleted", marked, deleted)
+    return marked, deleted
+
+
+async def _loop(app: web.Application) -> None:
+    interval = app[keys.CONFIG].sweep_interval
+    while True:
+        try:
+            await sweep_once(app)
+        except Exception:
+            log.exception("sweep failed")
+        await asyncio.sleep(interval)
+
+
+async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_loop(app), name="taskpush-sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

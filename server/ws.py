@@ -1,0 +1,336 @@
+"""The WebSocket endpoint: authenticate, attach to the hub, send the snapshot, then run a
+receive loop (client messages) and a send loop (the only writer to the socket).
+
+Order on connect matters for "no gap, no duplicate": the connection is attached to the hub
+BEFORE the snapshot is read, so a change committed meanwhile is queued; the outbox drops
+whatever the snapshot already covered (per task, by seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+
+from aiohttp import WSMsgType, web
+
+from . import keys, protocol
+from .auth import AuthError, Identity, parse_user_id
+from .hub import Hub
+from .model import Task, utc_iso
+
+log = logging.getLogger(__name__)
+
+CONTROL_LIMIT = 256
+EXPIRY_NOTICE = 60.0
+
+
+class Connection:
+    """One authenticated socket, as the hub sees it (`user_id`, `deliver`)."""
+
+    def __init__(self, ws: web.WebSocketResponse, identity: Identity, request: web.Request):
+        config = request.app[keys.CONFIG]
+        self.ws = ws
+        self.app = request.app
+        self.id = str(uuid.uuid4())
+        self.identity = identity
+        self.user_id = identity.user_id
+        self.outbox = protocol.Outbox(config.send_queue)
+        self.control: deque[str] = deque()
+        self.wake = asyncio.Event()
+        self.subscriptions: set[str] = set()
+        self.limiter = protocol.RateLimiter(config.rate_limit, config.rate_burst,
+                                            config.flood_strikes)
+        self.closing = False
+        self._timers: list[asyncio.TimerHandle] = []
+        self._close_task: asyncio.Task[None] | None = None
+        self.send_timeout = config.send_timeout
+        self.leeway = config.jwt_leeway
+        self.metrics = request.app[keys.METRICS]
+
+    # ---- what the hub calls ----------------------------------------------------------
+
+    def deliver(self, update: protocol.Update) -> None:
+        if self.closing:
+            return
+        merged = self.outbox.merged
+        if not self.outbox.push(update):
+            self.metrics.slow_closed.inc()
+            self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+            return
+        if self.outbox.merged != merged:
+            self.metrics.updates_merged.inc(self.outbox.merged - merged)
+        self.wake.set()
+
+    # ---- sending ---------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        """Queue a control message (answers, notices); sent before queued updates."""
+        if self.closing:
+            return
+        if len(self.control) >= CONTROL_LIMIT:
+            self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+            return
+        self.control.append(text)
+        self.wake.set()
+
+    async def send_loop(self) -> None:
+        ws = self.ws
+        sent = self.metrics.messages_sent
+        try:
+            while not self.closing:
+                await self.wake.wait()
+                self.wake.clear()
+                while not self.closing:
+                    if self.control:
+                        text = self.control.popleft()
+                    else:
+                        update = self.outbox.pop()
+                        if update is None:
+                            break
+                        text = update.text
+                    await asyncio.wait_for(ws.send_str(text), self.send_timeout)
+                    sent.inc()
+        except TimeoutError:
+            self.metrics.slow_closed.inc()
+            self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+        except (ConnectionError, RuntimeError):
+            self.closing = True
+
+    def close(self, code: int, reason: str) -> None:
+        """Close once, from any task; a peer that does not read is cut off after a timeout."""
+        if self.closing:
+            return
+        self.closing = True
+        self.wake.set()
+        self._close_task = asyncio.ensure_future(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
+                                   min(self.send_timeout, 5.0))
+        except (TimeoutError, ConnectionError, RuntimeError):
+            transport = self.ws._req.transport if self.ws._req is not None else None
+            if transport is not None:
+                transport.abort()
+
+    # ---- token lifetime --------------------------------------------------------------
+
+    def schedule_expiry(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        exp = self.identity.expires_at
+        if exp is None:
+            return
+        loop = asyncio.get_running_loop()
+        now_wall, now_loop = time.time(), loop.time()
+        notice_at = exp - EXPIRY_NOTICE
+        if notice_at > now_wall:
+            self._timers.append(loop.call_at(now_loop + notice_at - now_wall, self._notice))
+        else:
+            self._notice()
+        close_in = max(0.0, exp + self.leeway - now_wall)
+        self._timers.append(loop.call_at(now_loop + close_in, self.close,
+                                         protocol.CLOSE_UNAUTHORIZED, "token expired"))
+
+    def _notice(self) -> None:
+        exp = self.identity.expires_at
+        if exp is not None:
+            remaining = max(0, round(exp - time.time()))
+            self.send(protocol.simple("token_expiring", expires_in=remaining))
+
+    def cancel_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+
+def _int_query(request: web.Request, name: str) -> int | str | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw.isascii() and raw.isdigit() and len(raw) <= 19:
+        return int(raw)
+    return "invalid"
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    config = app[keys.CONFIG]
+    ws = web.WebSocketResponse(
+        heartbeat=config.ping_interval or None,
+        max_msg_size=config.max_frame_bytes,
+        autoping=True,
+    )
+    if config.ping_interval and config.ping_timeout:
+        # aiohttp waits heartbeat/2 for the pong; let the operator choose (private field)
+        ws._pong_heartbeat = config.ping_timeout
+    await ws.prepare(request)
+
+    try:
+        identity = app[keys.VERIFIER].verify(request.query.get("token"))
+    except AuthError as exc:
+        await ws.close(code=protocol.CLOSE_UNAUTHORIZED, message=f"token {exc.reason}".encode())
+        return ws
+    if parse_user_id(request.match_info["user_id"]) != identity.user_id:
+        await ws.close(code=protocol.CLOSE_FORBIDDEN, message=b"token is for another user")
+        return ws
+
+    conn = Connection(ws, identity, request)
+    hub: Hub = app[keys.HUB]
+    sockets = app[keys.SOCKETS]
+    metrics = app[keys.METRICS]
+    hub.attach(conn)  # before reading the snapshot: nothing committed from now on is missed
+    sockets.add(conn)
+    metrics.connections.inc()
+    metrics.connections_total.inc()
+    mine = hub.connections_of(identity.user_id)
+    for old in mine[: max(0, len(mine) - config.max_connections_per_user)]:
+        if isinstance(old, Connection):
+            old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
+    sender = asyncio.create_task(conn.send_loop())
+    try:
+        await _send_snapshot(conn, request)
+        conn.schedule_expiry()
+        await _receive_loop(conn, request)
+    finally:
+        conn.closing = True
+        conn.cancel_timers()
+        hub.detach(conn, conn.subscriptions)
+        sockets.discard(conn)
+        metrics.connections.dec()
+        conn.wake.set()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        if conn._close_task is not None:
+            with contextlib.suppress(Exception):
+                await conn._close_task
+        if not ws.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+    return ws
+
+
+async def _send_snapshot(conn: Connection, request: web.Request) -> None:
+    store = request.app[keys.STORE]
+    since = _int_query(request, "since")
+    epoch = request.query.get("epoch")
+    resync = False
+    if since == "invalid":
+        conn.send(protocol.error("invalid_since", "since must be a non-negative integer"))
+        since = None
+    if since is not None and (
+        (epoch and epoch != store.epoch) or since > store.last_seq or since < store.horizon
+    ):
+        since, resync = None, True
+    snap = await store.snapshot(conn.user_id, since if isinstance(since, int) else None)
+    conn.send(protocol.connected(conn.id, store.epoch, snap.seq))
+    if resync:
+        conn.send(protocol.simple("resync"))
+    conn.send(protocol.active_tasks(snap.active))
+    for task in snap.active:
+        conn.outbox.mark_sent(task["task_id"], task["seq"])
+    for item in snap.changes or ():
+        if isinstance(item, dict):
+            conn.send(protocol.task_status(item))
+            conn.outbox.mark_sent(item["task_id"], item["seq"])
+        else:
+            task_id, seq = item
+            conn.send(protocol.task_deleted(task_id))
+            conn.outbox.mark_sent(task_id, seq)
+    conn.outbox.end_replay()
+
+
+async def _receive_loop(conn: Connection, request: web.Request) -> None:
+    ws = conn.ws
+    async for msg in ws:
+        if conn.closing:
+            break
+        if not conn.limiter.allow():
+            if conn.limiter.flooding:
+                conn.close(protocol.CLOSE_POLICY, "message rate limit exceeded")
+                break
+            if conn.limiter.strikes == 1:
+                conn.send(protocol.error("rate_limited", "too many messages; slow down"))
+            continue
+        if msg.type == WSMsgType.TEXT:
+            try:
+                message = protocol.parse_client_message(msg.data)
+                await _handle(conn, message, request)
+            except protocol.ProtocolError as exc:
+                conn.send(protocol.error(exc.code, exc.message))
+        elif msg.type == WSMsgType.BINARY:
+            conn.send(protocol.error("binary_frame", "only JSON text frames are accepted"))
+        elif msg.type == WSMsgType.ERROR:
+            break
+
+
+async def _handle(conn: Connection, message: protocol.ClientMessage, request: web.Request
+                  ) -> None:
+    app = request.app
+    if message.type == "ping":
+        conn.send(protocol.pong())
+    elif message.type == "subscribe":
+        await _subscribe(conn, message.task_id or "", request)
+    elif message.type == "unsubscribe":
+        task_id = message.task_id or ""
+        if task_id in conn.subscriptions:
+            conn.subscriptions.discard(task_id)
+            app[keys.HUB].unsubscribe(conn, task_id)
+        conn.send(protocol.simple("unsubscribed", task_id=task_id))
+    elif message.type == "refresh":
+        _refresh(conn, message.token or "", request)
+
+
+async def _subscribe(conn: Connection, task_id: str, request: web.Request) -> None:
+    app = request.app
+    hub = app[keys.HUB]
+    if task_id not in conn.subscriptions and (
+        len(conn.subscriptions) >= app[keys.CONFIG].max_subscriptions
+    ):
+        raise protocol.ProtocolError(
+            "too_many_subscriptions",
+            f"at most {app[keys.CONFIG].max_subscriptions} subscriptions per connection",
+        )
+    hub.subscribe(conn, task_id)  # before reading, so no change is missed
+    task: Task | None = await app[keys.STORE].get_task(task_id)
+    allowed = conn.identity.is_admin or (task is not None and task["user_id"] == conn.user_id)
+    if not allowed:
+        if task_id not in conn.subscriptions:
+            hub.unsubscribe(conn, task_id)
+        # another user's task and a missing one get the same answer
+        raise protocol.ProtocolError("forbidden", "no such task of yours to subscribe to")
+    conn.subscriptions.add(task_id)
+    conn.send(protocol.simple("subscribed", task_id=task_id))
+    if task is not None:
+        conn.deliver(protocol.Update(task_id, task["user_id"], task["seq"], task["status"],
+                                     protocol.task_status(task)))
+
+
+def _refresh(conn: Connection, token: str, request: web.Request) -> None:
+    try:
+        identity = request.app[keys.VERIFIER].verify(token)
+    except AuthError as exc:
+        raise protocol.ProtocolError("invalid_token", f"refresh refused: token {exc.reason}"
+                                     ) from None
+    if identity.user_id != conn.user_id:
+        raise protocol.ProtocolError("forbidden", "refresh token is for another user")
+    conn.identity = identity
+    conn.schedule_expiry()
+    expires = None if identity.expires_at is None else utc_iso(identity.expires_at)
+    conn.send(protocol.simple("refreshed", expires_at=expires))
+
+
+async def close_all(app: web.Application) -> None:
+    """Shutdown: every socket is closed with 1001 (going away)."""
+    conns = list(app[keys.SOCKETS])
+    for conn in conns:
+        conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+    tasks = [c._close_task for c in conns if c._close_task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=5.0)
