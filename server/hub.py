@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from . import protocol
-from .model import Outcome, Task
+from .model import Outcome, Register, Task
 
 
 class Subscriber(Protocol):
@@ -31,8 +31,8 @@ def update_for(outcome: Outcome) -> protocol.Update | None:
     if outcome.deleted:
         text = protocol.task_deleted(task["task_id"])
         return protocol.Update(task["task_id"], task["user_id"], outcome.seq, "deleted", text)
-    if outcome.seq != task["seq"]:  # idempotent re-registration: nothing new
-        return None
+    if isinstance(outcome.op, Register) and not outcome.created:
+        return None  # idempotent re-registration: nothing new
     text = protocol.task_status(task)
     return protocol.Update(task["task_id"], task["user_id"], task["seq"], task["status"], text)
 

@@ -1,11 +1,397 @@
-"""The OpenAPI 3 document of every HTTP route (served at /api/openapi.json)."""
+"""The OpenAPI 3 document of every HTTP route (served at /api/openapi.json).
+
+Written by hand from small builders rather than generated from handlers: the contract in
+SPEC.md is what it documents, and a test checks that every routed path appears here.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .config import Config
+from .model import STATUSES
+from .validate import MAX_BATCH_EVENTS, MAX_TASK_ID, MAX_TASK_TYPE, TEXT_LIMITS
+
+VERSION = "0.1.0"
+JSON = "application/json"
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    return {**schema, "nullable": True}
+
+
+def _any(description: str) -> Schema:
+    """Any JSON value (OpenAPI 3.0 spells 'anything' as an empty schema)."""
+    return {"description": description, "nullable": True}
+
+
+def envelope(data: Schema | None) -> Schema:
+    """The success envelope around `data`."""
+    return {
+        "allOf": [ref("Envelope"), {"type": "object", "properties": {
+            "data": data if data is not None else nullable({"type": "object"})}}],
+    }
+
+
+def ok(description: str, data: Schema | None, headers: dict[str, Any] | None = None
+       ) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description,
+                                "content": {JSON: {"schema": envelope(data)}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+ERRORS = {
+    400: "Invalid request: bad JSON, unknown field, bad value or query parameter",
+    401: "Missing or invalid credentials (token missing, invalid or expired; wrong key)",
+    403: "Producer API disabled (server started without --api-key)",
+    404: "No such task (another user's task answers exactly the same)",
+    409: "Conflict: the task is already finished, still active, or registered differently",
+    413: "Body, field or JSON value larger than the configured limit",
+    429: "The user has too many active tasks",
+}
+
+
+def responses(success: dict[int, dict[str, Any]], *errors: int) -> dict[str, Any]:
+    out: dict[str, Any] = {str(code): body for code, body in success.items()}
+    for code in errors:
+        out[str(code)] = {"$ref": f"#/components/responses/E{code}"}
+    return out
+
+
+def op(summary: str, description: str, tag: str, resp: dict[str, Any], *,
+       security: list[dict[str, list[str]]] | None = None,
+       parameters: list[Schema] | None = None, body: Schema | None = None,
+       operation_id: str) -> dict[str, Any]:
+    operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
+                                 "description": description, "tags": [tag],
+                                 "responses": resp}
+    if security is not None:
+        operation["security"] = security
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+    return operation
+
+
+def path_param(name: str, description: str, schema: Schema | None = None) -> Schema:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": schema or {"type": "string", "maxLength": MAX_TASK_ID}}
+
+
+def query(name: str, description: str, schema: Schema) -> Schema:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}
+
+
+BEARER = [{"bearerAuth": []}]
+PRODUCER = [{"apiKey": []}]
+NONE: list[dict[str, list[str]]] = []
+TASK_ID = path_param("task_id", "The task id")
+STATUS_ENUM = {"type": "string", "enum": list(STATUSES)}
+SEQ = {"type": "integer", "format": "int64", "minimum": 0}
+
+
+def text(limit: int, description: str) -> Schema:
+    return {"type": "string", "maxLength": limit, "description": description}
+
+
+def schemas(config: Config) -> dict[str, Schema]:
+    task = {
+        "type": "object",
+        "required": ["task_id", "user_id", "task_type", "status", "progress", "created_at",
+                     "updated_at", "seq", "cancel_requested"],
+        "properties": {
+            "task_id": {"type": "string", "maxLength": MAX_TASK_ID},
+            "user_id": {"type": "integer", "format": "int64", "minimum": 0},
+            "task_type": {"type": "string", "maxLength": MAX_TASK_TYPE},
+            "status": STATUS_ENUM,
+            "progress": {"type": "number", "minimum": 0, "maximum": 100},
+            "message": nullable({"type": "string"}),
+            "step": nullable({"type": "string"}),
+            "result": _any("Any JSON value the producer reported on completion"),
+            "error": nullable({"type": "string"}),
+            "error_type": nullable({"type": "string", "description":
+                                    "e.g. 'stale' (no change for --stale-after seconds), "
+                                    "'interrupted' (in-process job ended by a restart)"}),
+            "metadata": _any("Any JSON value given at registration"),
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+            "seq": {**SEQ, "description": "Global event number of the task's latest change"},
+            "cancel_requested": {"type": "boolean",
+                                 "description": "The user cancelled this task"},
+        },
+    }
+    event_fields: dict[str, Schema] = {
+        "status": STATUS_ENUM,
+        "progress": {"type": "number", "minimum": 0, "maximum": 100},
+        **{name: text(limit, f"At most {limit} characters (413 beyond)")
+           for name, limit in TEXT_LIMITS.items()},
+        "result": _any(f"Any JSON value, at most {config.max_json_bytes} bytes serialized"),
+    }
+    return {
+        "Task": task,
+        "Envelope": {
+            "type": "object", "required": ["code", "message", "data"],
+            "properties": {"code": {"type": "integer", "enum": [0]},
+                           "message": {"type": "string", "example": "success"},
+                           "data": _any("The answer")},
+        },
+        "Error": {
+            "type": "object", "required": ["code", "message", "data"],
+            "properties": {
+                "code": {"type": "integer", "description": "The HTTP status", "example": 404},
+                "message": {"type": "string", "description": "Why, for humans"},
+                "data": {"nullable": True, "enum": [None]},
+                "cancel_requested": {"type": "boolean", "description":
+                                     "On a producer's 409: the user cancelled the task"},
+            },
+        },
+        "Register": {
+            "type": "object", "additionalProperties": False,
+            "required": ["user_id", "task_type"],
+            "properties": {
+                "task_id": {"type": "string", "maxLength": MAX_TASK_ID, "description":
+                            "Defaults to '{task_type}_{n}'"},
+                "user_id": {"oneOf": [{"type": "integer", "minimum": 0},
+                                      {"type": "string", "pattern": "^[0-9]{1,19}$"}]},
+                "task_type": {"type": "string", "minLength": 1, "maxLength": MAX_TASK_TYPE},
+                "metadata": _any(f"Any JSON value, at most {config.max_json_bytes} bytes"),
+            },
+        },
+        "Event": {"type": "object", "additionalProperties": False, "required": ["status"],
+                  "properties": event_fields},
+        "BatchEvent": {"type": "object", "additionalProperties": False,
+                       "required": ["task_id", "status"],
+                       "properties": {"task_id": {"type": "string"}, **event_fields}},
+        "Batch": {"type": "object", "additionalProperties": False, "required": ["events"],
+                  "properties": {"events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
+                                            "items": ref("BatchEvent")}}},
+        "BatchResult": {
+            "type": "object", "required": ["results"],
+            "properties": {"results": {"type": "array", "items": {
+                "type": "object", "required": ["task_id", "ok"],
+                "properties": {
+                    "task_id": nullable({"type": "string"}),
+                    "ok": {"type": "boolean"},
+                    "seq": {**SEQ, "description": "When ok: the event's seq"},
+                    "code": {"type": "integer", "description": "When refused: HTTP status"},
+                    "message": {"type": "string", "description": "When refused: why"},
+                }}}},
+        },
+        "TaskList": {
+            "type": "object", "required": ["tasks", "count"],
+            "properties": {
+                "tasks": {"type": "array", "items": ref("Task")},
+                "count": {"type": "integer"},
+                "next_before": nullable({**SEQ, "description":
+                                         "Pass as `before` for the next page; null at the end"}),
+                "seq": {**SEQ, "description": "With `since`: the latest seq"},
+                "epoch": {"type": "string", "description": "With `since`: database id"},
+                "resync": {"type": "boolean", "description":
+                           "With `since`: the seq cannot be replayed; drop the cache"},
+            },
+        },
+        "History": {
+            "type": "object",
+            "properties": {
+                "task_id": {"type": "string"}, "count": {"type": "integer"},
+                "events": {"type": "array", "items": {"type": "object", "properties": {
+                    "seq": SEQ, "status": STATUS_ENUM, "progress": {"type": "number"},
+                    "message": nullable({"type": "string"}),
+                    "step": nullable({"type": "string"}),
+                    "error": nullable({"type": "string"}),
+                    "error_type": nullable({"type": "string"}),
+                    "timestamp": {"type": "string", "format": "date-time"}}}},
+            },
+        },
+    }
+
+
+WS_DESCRIPTION = """\
+Upgrade to a WebSocket (`?token=JWT`, optional `&since=SEQ&epoch=E` to resume).
+
+**On connect**, in order: `{"type":"connected","connection_id","message","timestamp",\
+"epoch","seq"}`; with a mismatching `epoch`, `{"type":"resync"}`; \
+`{"type":"active_tasks","tasks":[Task...],"count"}`; with `since`, one `task_status` per \
+task changed after SEQ (finished ones included, `task_deleted` for deleted ones), in seq \
+order. Then live `{"type":"task_status", ...Task}` for every change of the user's tasks \
+and of subscribed tasks, and `{"type":"task_deleted","task_id"}`.
+
+**Client messages**: `{"type":"ping"}` -> `pong`; `{"type":"subscribe","task_id"}` -> \
+`subscribed` + the task's `task_status` (own tasks; any task with an admin token; \
+otherwise `error` code `forbidden`); `{"type":"unsubscribe","task_id"}` -> \
+`unsubscribed`; `{"type":"refresh","token"}` -> `refreshed` with `expires_at`. \
+`{"type":"token_expiring","expires_in"}` arrives about a minute before the token expires. \
+Anything invalid -> `{"type":"error","code","message"}` and the socket stays open.
+
+**Close codes**: 1001 server shutting down; 1008 message flood; 1009 frame too large; \
+4401 token missing, invalid or expired; 4403 token for another user; 4408 client too slow \
+(resume with `since`); 4409 replaced: too many connections for this user."""
+
+
+def paths(config: Config) -> dict[str, dict[str, Any]]:
+    task = ref("Task")
+    etag = {"ETag": {"description": "The task's seq, quoted", "schema": {"type": "string"}}}
+    out: dict[str, dict[str, Any]] = {
+        "/api/task/ws/task/{user_id}": {"get": op(
+            "WebSocket: live task status", WS_DESCRIPTION, "websocket",
+            responses({101: {"description": "Switching protocols (then the messages above; "
+                                            "auth failures close with 4401/4403)"}}, 400),
+            security=NONE, operation_id="websocket",
+            parameters=[
+                path_param("user_id", "The user the token is for", {"type": "string",
+                                                                    "pattern": "^[0-9]+$"}),
+                {**query("token", "User JWT", {"type": "string"}), "required": True},
+                query("since", "Resume: replay changes after this seq", SEQ),
+                query("epoch", "The epoch the client's seq belongs to", {"type": "string"}),
+            ])},
+        "/api/task/task/{task_id}/status": {"get": op(
+            "Task status", "One of the user's tasks, with an ETag. `If-None-Match` with the "
+            "current ETag answers 304; with `wait=S` as well, the request is held until the "
+            "task changes or S seconds pass (long poll).", "tasks",
+            responses({200: ok("The task", task, etag),
+                       304: {"description": "Not modified", "headers": etag}},
+                      400, 401, 404),
+            security=BEARER, operation_id="getTaskStatus",
+            parameters=[TASK_ID,
+                        query("wait", "Long-poll seconds (with If-None-Match)",
+                              {"type": "integer", "minimum": 0, "maximum": 30}),
+                        {"name": "If-None-Match", "in": "header", "required": False,
+                         "schema": {"type": "string"}}])},
+        "/api/task/task/{task_id}/history": {"get": op(
+            "Task history", "Every recorded change of one of the user's tasks, oldest first.",
+            "tasks", responses({200: ok("The history", ref("History"))}, 401, 404),
+            security=BEARER, operation_id="getTaskHistory", parameters=[TASK_ID])},
+        "/api/task/task/{task_id}": {"delete": op(
+            "Delete a finished task", "Removes a finished task and its history; pushed as "
+            "`task_deleted`. An active task answers 409.", "tasks",
+            responses({200: ok("Deleted", {"type": "object", "properties": {
+                "task_id": {"type": "string"}, "deleted": {"type": "boolean"}}})},
+                401, 404, 409),
+            security=BEARER, operation_id="deleteTask", parameters=[TASK_ID])},
+        "/api/task/task/{task_id}/cancel": {"post": op(
+            "Cancel an active task", "Marks it cancelled (pushed); an in-process job is "
+            "interrupted and an HTTP producer's later events answer 409 with "
+            "`cancel_requested: true`.", "tasks",
+            responses({200: ok("The cancelled task", task)}, 401, 404, 409),
+            security=BEARER, operation_id="cancelTask", parameters=[TASK_ID])},
+        "/api/task/tasks": {
+            "get": op(
+                "List the user's tasks", "Newest first by creation. With `since`, the tasks "
+                "changed after that seq instead, in ascending seq order.", "tasks",
+                responses({200: ok("A page of tasks", ref("TaskList"))}, 400, 401),
+                security=BEARER, operation_id="listTasks",
+                parameters=[query("status", "Only tasks in this status", STATUS_ENUM),
+                            query("limit", "Page size", {"type": "integer", "minimum": 1,
+                                                         "maximum": 500, "default": 50}),
+                            query("before", "Cursor: `next_before` of the previous page",
+                                  SEQ),
+                            query("since", "Tasks changed after this seq", SEQ)]),
+            "post": op(
+                "Register a task", "Creates a pending task. The same body again answers 200 "
+                "with the same task; a different body for an existing id answers 409.",
+                "producer",
+                responses({201: ok("Created", task), 200: ok("Already registered", task)},
+                          400, 401, 403, 409, 413, 429),
+                security=PRODUCER, body=ref("Register"), operation_id="registerTask")},
+        "/api/task/task/{task_id}/events": {"post": op(
+            "Report a task event", "Committed to SQLite before it is answered or pushed. "
+            "A finished task answers 409 and stays as it was.", "producer",
+            responses({200: ok("The task after the event", task)},
+                      400, 401, 403, 404, 409, 413),
+            security=PRODUCER, body=ref("Event"), parameters=[TASK_ID],
+            operation_id="postEvent")},
+        "/api/task/events": {"post": op(
+            "Report a batch of events", f"At most {MAX_BATCH_EVENTS} events, each applied or "
+            "refused on its own, answered in request order; all applied ones are committed "
+            "before the answer.", "producer",
+            responses({200: ok("One result per event", ref("BatchResult"))},
+                      400, 401, 403, 413),
+            security=PRODUCER, body=ref("Batch"), operation_id="postEvents")},
+        "/healthz": {"get": op(
+            "Health", "200 when the database answers, else 503.", "operations",
+            responses({200: {"description": "Healthy", "content": {JSON: {"schema": {
+                "type": "object", "properties": {
+                    "status": {"type": "string"}, "database": {"type": "boolean"},
+                    "epoch": {"type": "string"}, "seq": SEQ,
+                    "connections": {"type": "integer"}}}}}},
+                503: {"description": "Database unavailable"}}),
+            security=NONE, operation_id="healthz")},
+        "/metrics": {"get": op(
+            "Prometheus metrics", "Prometheus text exposition format.", "operations",
+            responses({200: {"description": "Metrics",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}}),
+            security=NONE, operation_id="metrics")},
+        "/api/openapi.json": {"get": op(
+            "This document", "The OpenAPI 3 description of the HTTP API.", "operations",
+            responses({200: {"description": "OpenAPI document",
+                             "content": {JSON: {"schema": {"type": "object"}}}}}),
+            security=NONE, operation_id="openapi")},
+        "/docs": {"get": op(
+            "API documentation", "A readable rendering of this document.", "pages",
+            responses({200: _html("HTML page")}), security=NONE, operation_id="docs")},
+        "/": {"get": op(
+            "Demo page", "A page that logs in (demo mode) and shows live tasks.", "pages",
+            responses({200: _html("HTML page")}), security=NONE, operation_id="index")},
+    }
+    if config.demo_mode:
+        out["/api/demo/login"] = {"post": op(
+            "Demo login", "Demo mode only: a token for any user id.", "demo",
+            responses({200: ok("A token", {"type": "object", "properties": {
+                "token": {"type": "string"}, "user_id": {"type": "integer"},
+                "expires_at": {"type": "string", "format": "date-time"}}})}, 400),
+            security=NONE, operation_id="demoLogin",
+            body={"type": "object", "required": ["user_id"],
+                  "properties": {"user_id": {"type": "integer", "minimum": 0}}})}
+        out["/api/demo/tasks"] = {"post": op(
+            "Start a demo task", "Demo mode only: a simulated in-process job for the user.",
+            "demo", responses({201: ok("The new task", task)}, 400, 401),
+            security=BEARER, operation_id="demoStartTask",
+            body={"type": "object", "properties": {
+                "kind": {"type": "string", "enum": ["success", "fail", "long"],
+                         "default": "success"}}})}
+    return out
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
-    return {"openapi": "3.0.3", "info": {"title": "taskpush", "version": "0.1.0"}, "paths": {}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "taskpush",
+            "version": VERSION,
+            "description": "Durable real-time task status: producers report task events "
+            "over HTTP (or in-process); each change is committed to SQLite, then pushed to "
+            "the owner's WebSockets. Every JSON answer is an envelope "
+            '`{"code":0,"message":"success","data":...}`; failures carry the HTTP status '
+            "as `code` and `data: null`.",
+        },
+        "servers": [{"url": "/"}],
+        "tags": [{"name": name} for name in
+                 ("tasks", "producer", "websocket", "demo", "operations", "pages")],
+        "security": BEARER,
+        "paths": paths(config),
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                               "description": "User token; `sub` is the user id"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                           "description": "Producer key (--api-key)"},
+            },
+            "schemas": schemas(config),
+            "responses": {f"E{code}": {"description": why,
+                                       "content": {JSON: {"schema": ref("Error")}}}
+                          for code, why in ERRORS.items()},
+        },
+    }
