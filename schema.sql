@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS events (
     result     TEXT,
     error      TEXT,
     error_type TEXT,
-    timestamp  TEXT NOT NULL
+    timestamp  TEXT NOT NULL,
+    idem_key   TEXT                  -- producer's Idempotency-Key: a retry is not a new event
 );
 
 -- A deleted task leaves a tombstone so a client resuming with `since` learns of it.
@@ -60,4 +61,6 @@ CREATE INDEX IF NOT EXISTS tasks_active_updated ON tasks (updated_at)
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (updated_at)
     WHERE status IN ('completed', 'failed', 'cancelled');
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS events_idem ON events (task_id, idem_key)
+    WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tombstones_user ON tombstones (user_id, seq);

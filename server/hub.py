@@ -31,8 +31,8 @@ def update_for(outcome: Outcome) -> protocol.Update | None:
     if outcome.deleted:
         text = protocol.task_deleted(task["task_id"])
         return protocol.Update(task["task_id"], task["user_id"], outcome.seq, "deleted", text)
-    if isinstance(outcome.op, Register) and not outcome.created:
-        return None  # idempotent re-registration: nothing new
+    if outcome.replayed or (isinstance(outcome.op, Register) and not outcome.created):
+        return None  # an idempotent retry: nothing new
     text = protocol.task_status(task)
     return protocol.Update(task["task_id"], task["user_id"], task["seq"], task["status"], text)
 

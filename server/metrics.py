@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-export)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .model import Outcome
+from .model import Outcome, Register
 
 
 class Metrics:
@@ -60,7 +60,7 @@ class Metrics:
                 self.events.labels("delete").inc()
             elif outcome.created:
                 self.events.labels("register").inc()
-            elif not outcome.skipped and outcome.seq is not None:
+            elif not (outcome.skipped or outcome.replayed or isinstance(outcome.op, Register)):
                 self.events.labels("change").inc()
 
     def render(self) -> bytes:

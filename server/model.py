@@ -78,6 +78,7 @@ class Change:
     owner: int | None = None  # when set, a task of another user is "not found"
     cancel_requested: bool = False
     expect_seq: int | None = None  # apply only if the task is still at this seq (sweeper)
+    idem_key: str | None = None  # a retried request with the same key changes nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,7 @@ class Outcome:
     created: bool = False
     deleted: bool = False
     skipped: bool = False  # a conditional change whose condition no longer held
+    replayed: bool = False  # a retry of an already applied change (same idempotency key)
     seq: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from .errors import BadRequest, NotFound, TaskFinal
 from .model import Register, Task, public
@@ -46,26 +46,76 @@ def _jsonable(value: Any) -> Any:
         return json.loads(json.dumps(value, default=str))
 
 
-class TaskNotificationService:
-    def __init__(self) -> None:
-        self._tasks: TaskService | None = None
-        self._pending: dict[str, asyncio.Future[Task]] = {}
-        self.json_limit = JSON_LIMIT
+class Backend(Protocol):
+    """Where a TaskNotificationService sends its calls: this process's TaskService, or a
+    taskpush server over HTTP (server.producer_client)."""
 
-    def bind(self, tasks: TaskService, json_limit: int = JSON_LIMIT) -> None:
-        self._tasks = tasks
+    async def register(self, task_id: str, user_id: int, task_type: str, metadata: Any
+                       ) -> Task: ...
+
+    async def change(self, task_id: str, fields: dict[str, Any]) -> Task | None: ...
+
+    async def get(self, task_id: str) -> Task | None: ...
+
+    def attach(self, task_id: str) -> None: ...
+
+
+class InProcessBackend:
+    """Calls go straight to the app's TaskService (validated like HTTP bodies)."""
+
+    def __init__(self, tasks: TaskService, json_limit: int = JSON_LIMIT) -> None:
+        self.tasks = tasks
         self.json_limit = json_limit
 
+    async def register(self, task_id: str, user_id: int, task_type: str, metadata: Any
+                       ) -> Task:
+        data = {"task_id": task_id, "user_id": user_id, "task_type": task_type,
+                "metadata": metadata}
+        op = register_body(data, self.json_limit)
+        op = Register(op.task_id, op.user_id, op.task_type, op.metadata, origin="inprocess")
+        outcome = await self.tasks.register(op)
+        assert outcome.task is not None
+        return public(outcome.task)
+
+    async def change(self, task_id: str, fields: dict[str, Any]) -> Task | None:
+        change = event_body(task_id, fields, self.json_limit)
+        try:
+            return public(await self.tasks.change(change))
+        except TaskFinal as exc:
+            log.info("change to %s ignored: %s", task_id, exc.message)
+            return None
+
+    async def get(self, task_id: str) -> Task | None:
+        task = await self.tasks.store.get_task(task_id)
+        return None if task is None else public(task)
+
+    def attach(self, task_id: str) -> None:
+        """The coroutine reporting on a task is the one a user's cancel interrupts."""
+        current = asyncio.current_task()
+        if current is not None:
+            self.tasks.attach_runner(task_id, current)
+
+
+class TaskNotificationService:
+    def __init__(self, backend: Backend | None = None) -> None:
+        self._backend = backend
+        self._pending: dict[str, asyncio.Future[Task]] = {}
+
+    def bind(self, tasks: TaskService, json_limit: int = JSON_LIMIT) -> None:
+        """Called by the app at startup: calls go to its TaskService from now on."""
+        self._backend = InProcessBackend(tasks, json_limit)
+
     def unbind(self, tasks: TaskService) -> None:
-        if self._tasks is tasks:
-            self._tasks = None
+        backend = self._backend
+        if isinstance(backend, InProcessBackend) and backend.tasks is tasks:
+            self._backend = None
             self._pending.clear()
 
     @property
-    def tasks(self) -> TaskService:
-        if self._tasks is None:
+    def backend(self) -> Backend:
+        if self._backend is None:
             raise RuntimeError("no taskpush app is running in this process (create_app + start)")
-        return self._tasks
+        return self._backend
 
     def register_task(
         self, task_id: str, user_id: int, task_type: str, metadata: Any = None
@@ -73,29 +123,14 @@ class TaskNotificationService:
         """Register a task (status pending). Synchronous like the original design: the
         write is scheduled at once, and the next notify for this task waits for it. The
         returned future may also be awaited to get the task."""
-        data = {"task_id": task_id, "user_id": user_id, "task_type": task_type,
-                "metadata": metadata}
-        op = register_body(data, self.json_limit)
-        op = Register(op.task_id, op.user_id, op.task_type, op.metadata, origin="inprocess")
-        service = self.tasks
-
-        async def write() -> Task:
-            outcome = await service.register(op)
-            assert outcome.task is not None
-            return public(outcome.task)
-
-        future = asyncio.ensure_future(write())
+        backend = self.backend
+        future = asyncio.ensure_future(backend.register(task_id, user_id, task_type, metadata))
         future.add_done_callback(_consume_exception)
         self._pending[task_id] = future
         future.add_done_callback(lambda f: self._pending.pop(task_id, None)
                                  if self._pending.get(task_id) is f else None)
-        self._attach(task_id)
+        backend.attach(task_id)
         return future
-
-    def _attach(self, task_id: str) -> None:
-        current = asyncio.current_task()
-        if current is not None:
-            self.tasks.attach_runner(task_id, current)
 
     async def _notify(self, task_id: str, **fields: Any) -> Task | None:
         """Apply one change. A refusal because the task already finished (e.g. the user
@@ -104,13 +139,9 @@ class TaskNotificationService:
         if pending is not None:
             await asyncio.shield(pending)
         data = {k: v for k, v in fields.items() if v is not None or k == "result"}
-        change = event_body(task_id, data, self.json_limit)
-        self._attach(task_id)
-        try:
-            return public(await self.tasks.change(change))
-        except TaskFinal as exc:
-            log.info("change to %s ignored: %s", task_id, exc.message)
-            return None
+        backend = self.backend
+        backend.attach(task_id)
+        return await backend.change(task_id, data)
 
     async def notify_started(self, task_id: str, message: str | None = None) -> Task | None:
         return await self._notify(task_id, status="running", message=message or "started")
@@ -137,8 +168,7 @@ class TaskNotificationService:
         return await self._notify(task_id, status="cancelled", message=message or "cancelled")
 
     async def get_task(self, task_id: str) -> Task | None:
-        task = await self.tasks.store.get_task(task_id)
-        return None if task is None else public(task)
+        return await self.backend.get(task_id)
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
@@ -228,10 +258,11 @@ class TaskProgressContext:
         if user_id is not None:
             await self.service.register_task(self.task_id, user_id, task_type or "task",
                                              metadata)
-        elif await self.service.get_task(self.task_id) is None:
+        try:
+            await self.service.notify_started(self.task_id)
+        except NotFound:
             raise NotFound(f"task {self.task_id} is not registered; call register_task first "
-                           "or pass user_id= and task_type=")
-        await self.service.notify_started(self.task_id)
+                           "or pass user_id= and task_type=") from None
         return self
 
     async def increment(self, message: str | None = None, steps: int = 1) -> Task | None:

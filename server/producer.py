@@ -6,6 +6,7 @@ applied event by event, each exactly as the single form would be, and answered i
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from .auth import api_key_matches
 from .errors import BadRequest, Forbidden, TaskPushError, Unauthorized
 from .model import Change, Operation, public
 from .rest import ok, read_object
-from .validate import batch_body, event_body, register_body, task_id
+from .validate import batch_body, event_body, idempotency_key, register_body, task_id
 
 
 def require_producer(request: web.Request) -> None:
@@ -40,6 +41,9 @@ async def post_event(request: web.Request) -> web.Response:
     config = request.app[keys.CONFIG]
     task = task_id(request.match_info["task_id"])
     change = event_body(task, await read_object(request), config.max_json_bytes)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        change = dataclasses.replace(change, idem_key=idempotency_key(key))
     return ok(public(await request.app[keys.TASKS].change(change)))
 
 

@@ -287,6 +287,14 @@ class Store:
         task = self._load(conn, op.task_id)
         if task is None or (op.owner is not None and task["user_id"] != op.owner):
             raise NotFound(f"task {op.task_id} not found")
+        if op.idem_key is not None:
+            done = conn.execute(
+                "SELECT seq FROM events WHERE task_id = ? AND idem_key = ?",
+                (op.task_id, op.idem_key),
+            ).fetchone()
+            if done is not None:
+                outcome.task, outcome.seq, outcome.replayed = task, done[0], True
+                return seq
         if op.expect_seq is not None and task["seq"] != op.expect_seq:
             outcome.skipped = True
             outcome.task = task
@@ -295,9 +303,9 @@ class Store:
         new = next_state(task, op, seq, now)
         conn.execute(
             "INSERT INTO events (seq, task_id, status, progress, message, step, result, error,"
-            " error_type, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " error_type, timestamp, idem_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (seq, op.task_id, new["status"], new["progress"], new["message"], new["step"],
-             _dumps(new["result"]), new["error"], new["error_type"], now),
+             _dumps(new["result"]), new["error"], new["error_type"], now, op.idem_key),
         )
         conn.execute(
             "UPDATE tasks SET status = ?, progress = ?, message = ?, step = ?, result = ?,"

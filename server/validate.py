@@ -61,6 +61,13 @@ def task_id(value: Any, where: str = "task_id") -> str:
     return value
 
 
+def idempotency_key(value: str) -> str:
+    """The Idempotency-Key header of a producer event: retries with it change nothing."""
+    if not value or len(value) > 200 or not value.isascii() or not value.isprintable():
+        raise BadRequest("Idempotency-Key must be 1-200 printable ASCII characters")
+    return value
+
+
 def _text(data: dict[str, Any], name: str, where: str = "") -> str | None:
     value = data.get(name)
     if value is None:
