@@ -13,7 +13,7 @@ from aiohttp import web
 from .accesslog import RedactingAccessLogger, setup_logging
 from .auth import TokenVerifier
 from .config import ConfigError, parse_config
-from .store import Store
+from .store import Store, StoreLocked
 
 log = logging.getLogger("taskpush")
 
@@ -41,7 +41,7 @@ def _token_command(argv: Sequence[str]) -> int:
 
 async def _demo_secret(path: str) -> str:
     store = Store(path)
-    await store.open()
+    await store.open(exclusive=False)  # the server may be running on it
     try:
         return await store.demo_secret()
     finally:
@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print=None,
             handle_signals=True,
         )
+    except StoreLocked as exc:
+        print(f"taskpush: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"taskpush: error: cannot serve on {config.host}:{config.port}: {exc.strerror}",
               file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import secrets
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiosqlite
 
@@ -53,6 +54,10 @@ _TASK_COLUMNS = (
     "task_id, user_id, task_type, status, progress, message, step, result, error, "
     "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
 )
+
+class StoreLocked(RuntimeError):
+    """The database file is being served by another taskpush process."""
+
 
 CommitListener = Callable[[list[Outcome], float], None]
 
@@ -120,15 +125,32 @@ class Store:
         self.on_commit: CommitListener | None = None
         self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Outcome]]] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._lock_handle: IO[str] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, exclusive: bool = True) -> None:
+        """Open (creating from schema.sql). `exclusive`: refuse a database another taskpush
+        process is serving, before touching anything in it (see `_lock`)."""
+        if exclusive:
+            self._lock()
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         schema = SCHEMA_PATH.read_text(encoding="utf-8")
         await self._call(self._txn_open, schema)
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name="taskpush-writer")
+
+    def _lock(self) -> None:
+        """An advisory lock on `<db>.lock`, held while the process lives: a second server
+        started on the same file must not, say, mark the first one's jobs interrupted."""
+        lock_path = self.path + ".lock"
+        handle = open(lock_path, "a+")  # noqa: SIM115 (held open until close())
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StoreLocked(f"{self.path} is in use by another taskpush process") from None
+        self._lock_handle = handle
 
     async def close(self) -> None:
         """Finish queued writes, then close the connection."""
@@ -141,6 +163,9 @@ class Store:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # releases the flock
+            self._lock_handle = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(sqlite3_connection, *args)` on aiosqlite's worker thread, in one hop.

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_LIMIT = 256
 EXPIRY_NOTICE = 60.0
+CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close frame
 
 
 class Connection:
@@ -87,8 +88,8 @@ class Connection:
                 while not self.closing:
                     if self.control:
                         text = self.control.popleft()
-                    else:
-                        update = self.outbox.pop()
+                    else:  # live updates wait until the snapshot is queued (no overtaking)
+                        update = None if self.outbox.replaying else self.outbox.pop()
                         if update is None:
                             break
                         text = update.text
@@ -108,14 +109,28 @@ class Connection:
         self.wake.set()
         self._close_task = asyncio.ensure_future(self._close(code, reason))
 
+    async def _flush_control(self) -> None:
+        while self.control and not self.ws.closed:
+            await self.ws.send_str(self.control.popleft())
+
     async def _close(self, code: int, reason: str) -> None:
         try:
+            if code != protocol.CLOSE_TOO_SLOW:  # answers queued before the close go first
+                await asyncio.wait_for(self._flush_control(), CLOSE_TIMEOUT)
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
-                                   min(self.send_timeout, 5.0))
+                                   CLOSE_TIMEOUT)
+            return
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # not our cancellation: aiohttp re-awaits the drain waiter that a timed-out
+            # send left cancelled, so a peer that stopped reading lands here
         except (TimeoutError, ConnectionError, RuntimeError):
-            transport = self.ws._req.transport if self.ws._req is not None else None
-            if transport is not None:
-                transport.abort()
+            pass
+        transport = self.ws._req.transport if self.ws._req is not None else None
+        if transport is not None:
+            transport.abort()  # a peer that does not read cannot be closed gracefully
 
     # ---- token lifetime --------------------------------------------------------------
 
@@ -221,8 +236,8 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
     since = _int_query(request, "since")
     epoch = request.query.get("epoch")
     resync = False
-    if since == "invalid":
-        conn.send(protocol.error("invalid_since", "since must be a non-negative integer"))
+    bad_since = since == "invalid"  # answered after the handshake, which always comes first
+    if bad_since:
         since = None
     if since is not None and (
         (epoch and epoch != store.epoch) or since > store.last_seq or since < store.horizon
@@ -233,6 +248,8 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
     if resync:
         conn.send(protocol.simple("resync"))
     conn.send(protocol.active_tasks(snap.active))
+    if bad_since:
+        conn.send(protocol.error("invalid_since", "since must be a non-negative integer"))
     for task in snap.active:
         conn.outbox.mark_sent(task["task_id"], task["seq"])
     for item in snap.changes or ():
@@ -244,6 +261,7 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
             conn.send(protocol.task_deleted(task_id))
             conn.outbox.mark_sent(task_id, seq)
     conn.outbox.end_replay()
+    conn.wake.set()
 
 
 async def _receive_loop(conn: Connection, request: web.Request) -> None:

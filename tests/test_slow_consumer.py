@@ -1,0 +1,139 @@
+"""A client that stops reading must not cost the server memory or delay anyone else.
+
+Real server process (so its RSS can be read), a raw TCP WebSocket client that completes the
+handshake and then never reads, 10,000 updates of ~2.5 KB each for its user (25 MB if they
+were buffered), and a second user's normal client that must still be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import API_KEY, SECRET, make_token
+from tests.procs import ServerProcess, servers_fixture
+
+servers = pytest.fixture(servers_fixture, name="servers")
+
+UPDATES = 10_000
+TASKS = 50
+BATCH = 250
+
+
+def rss_kb(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", text)
+    assert match
+    return int(match.group(1))
+
+
+def stuck_client(port: int, user: int) -> socket.socket:
+    """Handshake, then never read again (tiny receive buffer so the server backs up)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    token = make_token(user)
+    sock.sendall(
+        f"GET /api/task/ws/task/{user}?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head.split(b"\r\n")[0]
+    return sock
+
+
+async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_stuck_client_is_cut_off_others_served_memory_bounded(servers: Any) -> None:
+    server: ServerProcess = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
+                                    "--send-timeout", "2", "--log-level", "warning",
+                                    "--access-log", "false")
+    server.start()
+    producer = {"X-API-Key": API_KEY}
+    async with aiohttp.ClientSession() as http:
+        for n in range(TASKS):
+            async with http.post(server.url + "/api/task/tasks", headers=producer,
+                                 json={"task_id": f"big{n}", "user_id": 1,
+                                       "task_type": "t"}) as resp:
+                assert resp.status == 201
+        async with http.post(server.url + "/api/task/tasks", headers=producer,
+                             json={"task_id": "other", "user_id": 2, "task_type": "t"}) as r:
+            assert r.status == 201
+        stuck = stuck_client(server.port, 1)
+        other = await http.ws_connect(
+            f"{server.ws_url}/api/task/ws/task/2?token={make_token(2)}")
+        before = rss_kb(server.proc.pid)  # type: ignore[union-attr]
+        text = "x" * 2000
+        step = "s" * 500
+        for start in range(0, UPDATES, BATCH):
+            events = [{"task_id": f"big{(start + i) % TASKS}", "status": "progress",
+                       "progress": ((start + i) // TASKS) % 100, "message": text,
+                       "step": step} for i in range(BATCH)]
+            async with http.post(server.url + "/api/task/events", headers=producer,
+                                 json={"events": events}) as resp:
+                assert resp.status == 200
+                assert all(r["ok"] for r in (await resp.json())["data"]["results"])
+        # the other user is served while the stuck client is still attached or being cut off
+        async with http.post(server.url + "/api/task/task/other/events", headers=producer,
+                             json={"status": "completed"}) as resp:
+            assert resp.status == 200
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            msg = json.loads((await other.receive(timeout=10)).data)
+            if msg.get("task_id") == "other" and msg.get("status") == "completed":
+                break
+            assert asyncio.get_running_loop().time() < deadline
+        # the stuck socket is closed by the server (4408 path), not kept forever
+        for _ in range(200):
+            if server.health()["connections"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert server.health()["connections"] == 1
+        after = rss_kb(server.proc.pid)  # type: ignore[union-attr]
+        assert await metric(http, server.url, "taskpush_slow_consumers_closed_total") >= 1
+        await other.close()
+        stuck.close()
+    growth_mb = (after - before) / 1024
+    print(f"RSS growth {growth_mb:.1f} MB")
+    # 10,000 x 2.5 KB buffered for the stuck client would be ~25 MB
+    assert growth_mb < 15, f"server RSS grew {growth_mb:.1f} MB"
+    assert server.stop() == 0
+
+
+async def test_sigterm_with_a_stuck_client_exits_promptly(servers: Any) -> None:
+    """Shutdown must not wait forever on a peer that does not read (exit 0 within 10 s)."""
+    server: ServerProcess = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
+                                    "--log-level", "warning", "--access-log", "false")
+    server.start()
+    producer = {"X-API-Key": API_KEY}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/api/task/tasks", headers=producer,
+                             json={"task_id": "s1", "user_id": 1, "task_type": "t"}) as resp:
+            assert resp.status == 201
+        stuck = stuck_client(server.port, 1)
+        for n in range(20):  # distinct statuses are never merged: they pile up unsent
+            events = [{"task_id": "s1", "status": ("running", "progress")[i % 2],
+                       "progress": i % 100, "message": "y" * 2000} for i in range(BATCH)]
+            async with http.post(server.url + "/api/task/events", headers=producer,
+                                 json={"events": events}) as resp:
+                assert resp.status == 200, n
+    try:
+        assert server.stop(timeout=10) == 0
+    finally:
+        stuck.close()
