@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote_plus
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-_SECRET_QUERY = re.compile(r"((?:^|[?&;])(?:token|access_token|api_key)=)[^&;#\s]*", re.I)
+_SECRET_KEYS = frozenset({"token", "access_token", "api_key"})
+_PARAM = re.compile(r"((?:^|[?&;])([^=&;#?\s]*)=)[^&;#\s]*")
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    # the server decodes the key (`%74oken=` is `token=`), so judge the decoded key
+    if unquote_plus(match.group(2)).lower() in _SECRET_KEYS:
+        return match.group(1) + "[redacted]"
+    return match.group(0)
 
 
 def redact(text: str) -> str:
     """Replace the value of token=, access_token= and api_key= query parameters."""
-    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+    return _PARAM.sub(_redact_param, text)
 
 
 class RedactingAccessLogger(AbstractAccessLogger):

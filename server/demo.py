@@ -72,7 +72,7 @@ async def start_task(request: web.Request) -> web.Response:
     identity = user_identity(request)
     body = await read_object(request) if request.can_read_body else {}
     kind = body.get("kind", "success")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise BadRequest(f"kind must be one of {', '.join(KINDS)}")
     task_type = KINDS[kind][0]
     task_id = f"{task_type}_{uuid.uuid4().hex[:8]}"

@@ -304,11 +304,16 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 security=PRODUCER, body=ref("Register"), operation_id="registerTask")},
         "/api/task/task/{task_id}/events": {"post": op(
             "Report a task event", "Committed to SQLite before it is answered or pushed. "
-            "A finished task answers 409 and stays as it was.", "producer",
+            "A finished task answers 409 and stays as it was. Send an `Idempotency-Key` "
+            "to retry safely after a lost answer.", "producer",
             responses({200: ok("The task after the event", task)},
                       400, 401, 403, 404, 409, 413),
-            security=PRODUCER, body=ref("Event"), parameters=[TASK_ID],
-            operation_id="postEvent")},
+            security=PRODUCER, body=ref("Event"), operation_id="postEvent",
+            parameters=[TASK_ID, {
+                "name": "Idempotency-Key", "in": "header", "required": False,
+                "description": "A retry with the same key is answered with the task and "
+                "changes nothing (also after the task finished)",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 200}}])},
         "/api/task/events": {"post": op(
             "Report a batch of events", f"At most {MAX_BATCH_EVENTS} events, each applied or "
             "refused on its own, answered in request order; all applied ones are committed "

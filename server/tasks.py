@@ -82,10 +82,16 @@ class TaskService:
             for t in tasks
         ]
         outcomes = await self.apply_many(ops) if ops else []
-        runners, self._runners = list(self._runners.values()), {}
+        # Only the coroutines of the tasks just interrupted: a runner may be a long-lived
+        # task that merely called the API (a handler, a program's main task), possibly the
+        # very task running this shutdown; cancelling it would abort the shutdown itself.
+        interrupted = {t["task_id"] for t in tasks}
+        current = asyncio.current_task()
+        runners = {r for task_id, r in self._runners.items()
+                   if task_id in interrupted and r is not current and not r.done()}
+        self._runners = {}
         for runner in runners:
-            if not runner.done():
-                runner.cancel()
+            runner.cancel()
         if runners:
             await asyncio.wait(runners, timeout=2.0)
         return sum(1 for o in outcomes if o.ok)
