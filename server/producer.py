@@ -86,5 +86,5 @@ def _refused(task: str | None, exc: Exception) -> dict[str, Any]:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/task/tasks", register)
-    app.router.add_post("/api/task/task/{task_id}/events", post_event)
+    app.router.add_post("/api/task/task/{task_id:[^/]+}/events", post_event)
     app.router.add_post("/api/task/events", post_batch)

@@ -21,6 +21,7 @@ import logging
 import os
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -93,7 +94,7 @@ class HttpBackend:
 
     async def change(self, task_id: str, fields: dict[str, Any]) -> Task | None:
         key = uuid.uuid4().hex  # one key for this event, kept across its retries
-        path = f"/api/task/task/{task_id}/events"
+        path = f"/api/task/task/{quote(task_id, safe='')}/events"  # ids may hold / ? # %
         status, answer = await self._post(path, fields, {"Idempotency-Key": key})
         if status == 200:
             return answer["data"]

@@ -122,8 +122,9 @@ async def history(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/task/task/{task_id}/status", task_status)
-    app.router.add_get("/api/task/task/{task_id}/history", history)
-    app.router.add_delete("/api/task/task/{task_id}", delete_task)
-    app.router.add_post("/api/task/task/{task_id}/cancel", cancel_task)
+    # `[^/]+`: aiohttp's default `{name}` pattern excludes { and }, which task ids may hold
+    app.router.add_get("/api/task/task/{task_id:[^/]+}/status", task_status)
+    app.router.add_get("/api/task/task/{task_id:[^/]+}/history", history)
+    app.router.add_delete("/api/task/task/{task_id:[^/]+}", delete_task)
+    app.router.add_post("/api/task/task/{task_id:[^/]+}/cancel", cancel_task)
     app.router.add_get("/api/task/tasks", list_tasks)

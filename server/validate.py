@@ -21,6 +21,7 @@ EVENT_FIELDS = frozenset({"status", "progress", "message", "step", "result", "er
                           "error_type"})
 REGISTER_FIELDS = frozenset({"task_id", "user_id", "task_type", "metadata"})
 MAX_BATCH_EVENTS = 1000
+MAX_JSON_DEPTH = 100  # levels of nesting in result and metadata
 
 
 def _reject_constant(name: str) -> Any:
@@ -58,6 +59,8 @@ def task_id(value: Any, where: str = "task_id") -> str:
         raise BadRequest(f"{where} must be a non-empty string")
     if len(value) > MAX_TASK_ID or not value.isprintable():
         raise BadRequest(f"{where} must be printable and at most {MAX_TASK_ID} characters")
+    if value in (".", ".."):
+        raise BadRequest(f"{where} cannot be '.' or '..' (not addressable in a URL path)")
     return value
 
 
@@ -79,7 +82,28 @@ def _text(data: dict[str, Any], name: str, where: str = "") -> str | None:
     return value
 
 
+def _nesting_within(value: Any, limit: int) -> bool:
+    """Iteratively (a deep value must not blow this stack either)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
 def bounded_json(value: Any, name: str, limit: int) -> Any:
+    # Nesting the parser barely accepted could not be serialized again deeper in the
+    # stack (answer, push): refuse it here, with room to spare.
+    if not _nesting_within(value, MAX_JSON_DEPTH):
+        raise BadRequest(f"{name} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
     except (ValueError, RecursionError):

@@ -1,0 +1,428 @@
+"""server/store.py on its own: a real SQLite file under tmp_path, no app, no sockets.
+
+Covers the schema (idempotent, WAL), the identity of a database (epoch) and its event
+numbering (seq, strictly increasing across restarts and deletions), the group-commit
+writer (one transaction per batch, each operation applied or refused on its own), the
+rules it enforces (terminal finality, idempotent/conflicting register, delete of an
+active task), tombstones with their resume horizon, and that the per-user and per-task
+statements it actually runs are answered from an index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
+from server.model import Change, Delete, Outcome, Register
+from server.store import SCHEMA_PATH, Store
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    s = Store(str(db_path))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def reopen(store: Store) -> Store:
+    await store.close()
+    again = Store(store.path)
+    await again.open()
+    return again
+
+
+def rows(path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the file from a separate connection: only committed data is visible."""
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+async def ok(store: Store, op: Any) -> Outcome:
+    outcome = await store.submit(op)
+    assert outcome.error is None, outcome.error
+    return outcome
+
+
+async def finished(store: Store, task_id: str, user_id: int = 1) -> Outcome:
+    await ok(store, Register(task_id, user_id, "job"))
+    return await ok(store, Change(task_id, "completed", result={"n": 1}))
+
+
+# ---- schema, WAL, epoch ----------------------------------------------------------------
+
+
+async def test_schema_is_applied_idempotently(store: Store, db_path: Path) -> None:
+    await ok(store, Register("t1", 1, "job", {"k": "v"}))
+    store = await reopen(store)  # schema.sql runs again on an existing database
+    try:
+        task = await store.get_task("t1")
+        assert task is not None and task["metadata"] == {"k": "v"}
+        tables = {r[0] for r in rows(db_path, "SELECT name FROM sqlite_master"
+                                              " WHERE type = 'table'")}
+        assert {"tasks", "events", "tombstones", "settings"} <= tables
+        # and the DDL itself is re-runnable on the same connection
+        conn = sqlite3.connect(str(db_path))
+        try:
+            conn.executescript(SCHEMA_PATH.read_text(encoding="utf-8"))
+            conn.executescript(SCHEMA_PATH.read_text(encoding="utf-8"))
+        finally:
+            conn.close()
+        assert rows(db_path, "SELECT count(*) FROM tasks") == [(1,)]
+    finally:
+        await store.close()
+
+
+async def test_wal_mode_is_on(store: Store, db_path: Path) -> None:
+    assert rows(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_epoch_is_stable_across_reopen_and_differs_per_database(
+        store: Store, tmp_path: Path) -> None:
+    epoch = store.epoch
+    assert epoch
+    store = await reopen(store)
+    try:
+        assert store.epoch == epoch
+    finally:
+        await store.close()
+    other = Store(str(tmp_path / "other.db"))
+    await other.open()
+    try:
+        assert other.epoch and other.epoch != epoch
+    finally:
+        await other.close()
+
+
+# ---- seq -------------------------------------------------------------------------------
+
+
+async def test_seq_strictly_increases_across_reopen_and_deletes(store: Store) -> None:
+    seqs = [(await ok(store, Register("a", 1, "job"))).seq]
+    seqs.append((await ok(store, Change("a", "progress", progress=10))).seq)
+    seqs.append((await ok(store, Change("a", "completed"))).seq)
+    seqs.append((await ok(store, Delete("a"))).seq)  # the newest event row is gone now
+    assert all(isinstance(s, int) for s in seqs) and seqs == sorted(set(seqs))
+    store = await reopen(store)
+    try:
+        assert store.last_seq == seqs[-1]
+        seqs.append((await ok(store, Register("b", 1, "job"))).seq)
+        # forget the tombstones too: nothing in events/tombstones remembers the top seq
+        await store.submit(Change("b", "completed"))
+        seqs.append((await ok(store, Delete("b"))).seq)
+        await store.purge_tombstones("9999-12-31T00:00:00.000Z")
+    finally:
+        await store.close()
+    store = Store(store.path)
+    await store.open()
+    try:
+        assert store.last_seq >= seqs[-1]
+        seqs.append((await ok(store, Register("a", 1, "job"))).seq)  # same id, reused
+        assert seqs == sorted(set(seqs)), seqs
+        assert seqs[-1] > seqs[-2]
+    finally:
+        await store.close()
+
+
+async def test_seq_per_task_row_is_that_of_its_latest_event(store: Store,
+                                                              db_path: Path) -> None:
+    await ok(store, Register("t", 1, "job"))
+    last = await ok(store, Change("t", "progress", progress=50, message="half"))
+    assert rows(db_path, "SELECT seq FROM tasks WHERE task_id = 't'") == [(last.seq,)]
+    assert rows(db_path, "SELECT max(seq) FROM events WHERE task_id = 't'") == [(last.seq,)]
+    assert [e["status"] for e in await store.history("t")] == ["pending", "progress"]
+
+
+# ---- the writer: one transaction per batch, each operation on its own ------------------
+
+
+async def test_batch_is_one_transaction_with_per_operation_refusal(store: Store,
+                                                                   db_path: Path) -> None:
+    await ok(store, Register("good1", 1, "job"))
+    await ok(store, Register("good2", 1, "job"))
+    await finished(store, "done")
+    commits: list[list[Outcome]] = []
+    store.on_commit = lambda outcomes, seconds: commits.append(list(outcomes))
+    before = store.last_seq
+    events_before = rows(db_path, "SELECT count(*) FROM events")[0][0]
+
+    ops = [
+        Change("good1", "progress", progress=30),
+        Change("missing", "progress", progress=30),          # not found
+        Change("done", "failed", error="late"),               # terminal: refused
+        Register("good1", 2, "other"),                        # conflicting register
+        Change("good2", "running", message="go"),
+        Change("good1", "progress", progress=60, owner=2),    # another user's task
+        Delete("good2"),                                      # active: refused
+    ]
+    outcomes = await store.submit_many(ops)
+
+    assert len(commits) == 1 and len(commits[0]) == len(ops)  # one commit for the lot
+    assert [o.ok for o in outcomes] == [True, False, False, False, True, False, False]
+    assert isinstance(outcomes[1].error, NotFound)
+    assert isinstance(outcomes[2].error, TaskFinal)
+    assert isinstance(outcomes[3].error, Conflict)
+    assert isinstance(outcomes[5].error, NotFound)
+    assert isinstance(outcomes[6].error, TaskActive)
+    assert outcomes[0].seq == before + 1 and outcomes[4].seq == before + 2
+    assert store.last_seq == before + 2
+
+    # what another connection sees in the file: exactly the two valid changes
+    assert rows(db_path, "SELECT count(*) FROM events")[0][0] == events_before + 2
+    assert rows(db_path, "SELECT status, progress FROM tasks WHERE task_id = 'good1'"
+                ) == [("progress", 30)]
+    assert rows(db_path, "SELECT status, message FROM tasks WHERE task_id = 'good2'"
+                ) == [("running", "go")]
+    assert rows(db_path, "SELECT status, error FROM tasks WHERE task_id = 'done'"
+                ) == [("completed", None)]
+    assert rows(db_path, "SELECT count(*) FROM tasks WHERE task_id = 'missing'") == [(0,)]
+    assert rows(db_path, "SELECT value FROM settings WHERE key = 'last_seq'"
+                ) == [(str(before + 2),)]
+
+
+async def test_concurrent_submits_are_grouped_and_all_durable(store: Store,
+                                                              db_path: Path) -> None:
+    await ok(store, Register("g", 1, "job"))
+    commits: list[int] = []
+    store.on_commit = lambda outcomes, seconds: commits.append(len(outcomes))
+    outcomes = await asyncio.gather(*(store.submit(Change("g", "progress", progress=i))
+                                      for i in range(50)))
+    assert all(o.ok for o in outcomes)
+    assert sum(commits) == 50 and len(commits) < 50  # grouped into fewer transactions
+    assert [o.seq for o in outcomes] == sorted(o.seq for o in outcomes)
+    assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 'g'") == [(51,)]
+
+
+async def test_commit_happens_before_the_listener_and_the_answer(store: Store,
+                                                                 db_path: Path) -> None:
+    await ok(store, Register("c", 1, "job"))
+    seen: list[list[tuple[Any, ...]]] = []
+    store.on_commit = lambda outcomes, seconds: seen.append(
+        rows(db_path, "SELECT status FROM tasks WHERE task_id = 'c'"))
+    await ok(store, Change("c", "running"))
+    assert seen == [[("running",)]]
+
+
+# ---- rules -----------------------------------------------------------------------------
+
+
+async def test_terminal_state_is_final(store: Store, db_path: Path) -> None:
+    done = await finished(store, "t")
+    for status in ("progress", "running", "failed", "cancelled", "completed", "pending"):
+        outcome = await store.submit(Change("t", status, progress=5, message="late"))
+        assert isinstance(outcome.error, TaskFinal), status
+        assert outcome.error.status == 409
+    task = await store.get_task("t")
+    assert task is not None
+    assert (task["status"], task["progress"], task["message"], task["result"], task["seq"]) \
+        == ("completed", 100, None, {"n": 1}, done.seq)
+    assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 't'") == [(2,)]
+
+
+async def test_cancelled_task_refusal_says_cancel_requested(store: Store) -> None:
+    await ok(store, Register("t", 1, "job"))
+    await ok(store, Change("t", "cancelled", owner=1, cancel_requested=True))
+    outcome = await store.submit(Change("t", "progress", progress=50))
+    assert isinstance(outcome.error, TaskFinal)
+    assert outcome.error.extra == {"cancel_requested": True}
+
+
+async def test_register_is_idempotent_and_conflicts_on_a_different_body(
+        store: Store, db_path: Path) -> None:
+    first = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
+    assert first.created and first.task is not None and first.task["status"] == "pending"
+    seq = store.last_seq
+    again = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
+    assert not again.created and again.seq == first.seq and store.last_seq == seq
+    assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 'r'") == [(1,)]
+    for different in (Register("r", 8, "job", {"a": [1, 2]}),
+                      Register("r", 7, "other", {"a": [1, 2]}),
+                      Register("r", 7, "job", {"a": [2, 1]}),
+                      Register("r", 7, "job", None)):
+        outcome = await store.submit(different)
+        assert isinstance(outcome.error, Conflict), different
+    assert store.last_seq == seq
+
+
+async def test_register_without_id_names_the_task_after_its_type(store: Store) -> None:
+    outcome = await ok(store, Register(None, 1, "export"))
+    assert outcome.task is not None
+    assert outcome.task["task_id"] == f"export_{outcome.seq}"
+    other = await ok(store, Register(None, 1, "export"))
+    assert other.task is not None and other.task["task_id"] != outcome.task["task_id"]
+
+
+async def test_active_task_limit(store: Store) -> None:
+    await ok(store, Register("a1", 1, "job", max_active=2))
+    await ok(store, Register("a2", 1, "job", max_active=2))
+    refused = await store.submit(Register("a3", 1, "job", max_active=2))
+    assert isinstance(refused.error, TooMany)
+    await ok(store, Register("b1", 2, "job", max_active=2))  # per user
+    await ok(store, Change("a1", "completed"))
+    await ok(store, Register("a3", 1, "job", max_active=2))  # a finished one frees a slot
+
+
+async def test_conditional_change_is_skipped_when_the_task_moved(store: Store) -> None:
+    registered = await ok(store, Register("s", 1, "job"))
+    await ok(store, Change("s", "progress", progress=10))
+    seq = store.last_seq
+    outcome = await store.submit(Change("s", "failed", error_type="stale",
+                                        expect_seq=registered.seq))
+    assert outcome.skipped and not outcome.ok and outcome.error is None
+    assert store.last_seq == seq
+    task = await store.get_task("s")
+    assert task is not None and task["status"] == "progress"
+
+
+async def test_delete_needs_a_finished_task_of_the_owner(store: Store, db_path: Path) -> None:
+    await ok(store, Register("act", 1, "job"))
+    assert isinstance((await store.submit(Delete("act"))).error, TaskActive)
+    assert isinstance((await store.submit(Delete("nope"))).error, NotFound)
+    await finished(store, "fin", user_id=1)
+    assert isinstance((await store.submit(Delete("fin", owner=2))).error, NotFound)
+    deleted = await ok(store, Delete("fin", owner=1))
+    assert deleted.deleted
+    assert await store.get_task("fin") is None
+    assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 'fin'") == [(0,)]
+    assert rows(db_path, "SELECT seq, task_id, user_id FROM tombstones"
+                ) == [(deleted.seq, "fin", 1)]
+    forced = await ok(store, Delete("act", allow_active=True))
+    assert forced.deleted and await store.get_task("act") is None
+
+
+# ---- tombstones and the resume horizon --------------------------------------------------
+
+
+async def test_snapshot_reports_deletions_after_since_in_seq_order(store: Store) -> None:
+    await finished(store, "old", user_id=1)
+    since = store.last_seq
+    await ok(store, Register("live", 1, "job"))
+    gone = await ok(store, Delete("old"))
+    await ok(store, Change("live", "progress", progress=20))
+    await ok(store, Register("theirs", 2, "job"))
+
+    snap = await store.snapshot(1, since)
+    assert snap.seq == store.last_seq
+    assert [t["task_id"] for t in snap.active] == ["live"]
+    assert snap.changes is not None
+    assert [c if isinstance(c, tuple) else (c["task_id"], c["seq"]) for c in snap.changes] \
+        == [("old", gone.seq), ("live", store.last_seq - 1)]
+    assert (await store.snapshot(1, None)).changes is None
+
+
+async def test_purging_tombstones_moves_the_horizon_and_persists(store: Store,
+                                                                 db_path: Path) -> None:
+    await finished(store, "x")
+    first = await ok(store, Delete("x"))
+    assert store.horizon == 0
+    assert await store.purge_tombstones("2000-01-01T00:00:00.000Z") == 0  # none that old
+    assert store.horizon == 0
+    assert await store.purge_tombstones("9999-12-31T00:00:00.000Z") == 1
+    assert store.horizon == first.seq
+    assert rows(db_path, "SELECT count(*) FROM tombstones") == [(0,)]
+    # a `since` older than forgotten tombstones cannot be replayed: resync (changes None)
+    assert (await store.snapshot(1, first.seq - 1)).changes is None
+    assert (await store.snapshot(1, first.seq)).changes == []
+    store = await reopen(store)
+    try:
+        assert store.horizon == first.seq
+        assert (await store.snapshot(1, first.seq - 1)).changes is None
+    finally:
+        await store.close()
+
+
+async def test_demo_secret_is_created_once(store: Store) -> None:
+    secret = await store.demo_secret()
+    assert len(secret) >= 32 and await store.demo_secret() == secret
+    store = await reopen(store)
+    try:
+        assert await store.demo_secret() == secret
+    finally:
+        await store.close()
+
+
+# ---- every per-user and per-task statement is answered from an index --------------------
+
+
+def _scans(conn: sqlite3.Connection, sql: str) -> list[str]:
+    """The plan lines that read a whole table (or a whole index) instead of searching."""
+    plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+    return [row[-1] for row in plan if row[-1].startswith("SCAN")]
+
+
+async def test_per_user_and_per_task_statements_use_an_index(store: Store,
+                                                             db_path: Path) -> None:
+    # some data, so every statement has something to find
+    for n in range(3):
+        await finished(store, f"f{n}", user_id=n + 1)
+        await ok(store, Register(f"a{n}", n + 1, "job"))
+
+    statements: list[str] = []
+
+    def trace(conn: sqlite3.Connection) -> None:
+        conn.set_trace_callback(statements.append)
+
+    await store._call(trace)
+    # what users and producers do, per user and per task
+    await ok(store, Register("p", 1, "job", max_active=10))   # existence + active count
+    await ok(store, Register("p", 1, "job"))                  # idempotent repeat
+    await ok(store, Change("p", "progress", progress=5))
+    await ok(store, Change("p", "completed"))
+    await ok(store, Delete("p", owner=1))                     # events + tasks + tombstone
+    await store.get_task("a1")
+    await store.history("a1")
+    await store.list_tasks(1, status=None, limit=10, before=None)
+    await store.list_tasks(1, status="pending", limit=10, before=5)
+    await store.changed_since(1, 2, 100)
+    await store.snapshot(1, None)
+    await store.snapshot(1, 1)
+    await store._call(lambda conn: conn.set_trace_callback(None))
+
+    reads = [s for s in statements
+             if s.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE"))
+             and any(t in s for t in ("tasks", "events", "tombstones"))]
+    assert len(reads) >= 12, statements
+    conn = sqlite3.connect(str(db_path))
+    try:
+        for sql in reads:
+            assert _scans(conn, sql) == [], sql
+    finally:
+        conn.close()
+
+
+async def test_sweeper_statements_do_not_scan_the_tasks_table(store: Store,
+                                                              db_path: Path) -> None:
+    """Global sweeps read only the active or finished subset through a partial index."""
+    await finished(store, "f")
+    await ok(store, Register("a", 1, "job"))
+    statements: list[str] = []
+    await store._call(lambda conn: conn.set_trace_callback(statements.append))
+    await store.active_before("9999-12-31T00:00:00.000Z")
+    await store.finished_before("9999-12-31T00:00:00.000Z")
+    await store.active_by_origin("inprocess")
+    await store._call(lambda conn: conn.set_trace_callback(None))
+    reads = [s for s in statements if s.upper().startswith("SELECT")]
+    assert len(reads) == 3
+    conn = sqlite3.connect(str(db_path))
+    try:
+        for sql in reads:
+            plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+            details = [row[-1] for row in plan]
+            assert not any(d.startswith("SCAN tasks") and "INDEX" not in d
+                           for d in details), (sql, details)
+    finally:
+        conn.close()
