@@ -100,6 +100,7 @@
     $('who').hidden = false;
     $('logout-button').hidden = false;
     starters.forEach((b) => { b.disabled = false; });
+    renderEmpty(); // 'No tasks yet' until the list says otherwise
 
     let first = true; // the stored token first; later calls mean "this one is used up"
     const getToken = () => {

@@ -69,11 +69,14 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> ServerProcess:
-        """Start (again, on the same database) and wait until /healthz answers 200."""
+    def start(self, timeout: float = 20.0, *, port: int | None = None) -> ServerProcess:
+        """Start (again, on the same database) and wait until /healthz answers 200.
+
+        On a new free port, unless `port` is given (e.g. `port=server.port` so a restarted
+        server is where its clients will reconnect)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._close_files()
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.starts += 1
         # Append, so a restart keeps the earlier run's output readable.
         out = open(self.stdout_path, "ab")  # noqa: SIM115 (closed in _close_files)
