@@ -1,0 +1,1 @@
+"""taskpush benchmark: ``python -m bench`` (see bench/README.md)."""
