@@ -40,7 +40,7 @@ JSON_LIMIT = 65536
 def _jsonable(value: Any) -> Any:
     """Results of arbitrary Python jobs: keep JSON values, stringify the rest."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
         return value
     except (TypeError, ValueError):
         return json.loads(json.dumps(value, default=str))

@@ -6,12 +6,12 @@ Imports neither aiohttp nor the store, so every rule here is unit-tested without
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsonutil
 from .model import TERMINAL, Task, public, utc_now
 
 MAX_TASK_ID = 200
@@ -48,8 +48,8 @@ _TASK_TYPES = ("subscribe", "unsubscribe")
 def parse_client_message(text: str) -> ClientMessage:
     """Validate one text frame; raise ProtocolError with a machine-readable code."""
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
+        data = jsonutil.loads(text)
+    except ValueError:
         raise ProtocolError("invalid_json", "message is not valid JSON") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "message must be a JSON object")
@@ -81,7 +81,7 @@ def task_id_field(value: Any) -> str:
 
 
 def dumps(message: dict[str, Any]) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    return jsonutil.dumps(message)
 
 
 def connected(connection_id: str, epoch: str, seq: int) -> str:

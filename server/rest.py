@@ -5,12 +5,11 @@ list, cancel and delete. Another user's task answers 404 exactly as a missing on
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
 
-from . import keys
+from . import jsonutil, keys
 from .auth import AuthError, Identity
 from .errors import NotFound, Unauthorized, envelope
 from .model import Task, public
@@ -27,7 +26,7 @@ def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = Non
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return jsonutil.dumps(value)
 
 
 def user_identity(request: web.Request) -> Identity:

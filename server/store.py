@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import secrets
 import sqlite3
@@ -29,6 +28,7 @@ from typing import IO, Any
 
 import aiosqlite
 
+from . import jsonutil
 from .errors import Conflict, NotFound, TaskActive, TooMany
 from .model import (
     ACTIVE,
@@ -63,11 +63,11 @@ CommitListener = Callable[[list[Outcome], float], None]
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return None if value is None else jsonutil.dumps(value)
 
 
 def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else jsonutil.loads(text)
 
 
 def _number(value: float) -> float | int:

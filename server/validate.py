@@ -6,10 +6,10 @@ saying exactly which field is wrong. Nothing here trusts a type, a size or a num
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
+from . import jsonutil
 from .auth import parse_user_id
 from .errors import BadRequest, TooLarge
 from .model import STATUSES, Change, Register
@@ -24,19 +24,17 @@ MAX_BATCH_EVENTS = 1000
 MAX_JSON_DEPTH = 100  # levels of nesting in result and metadata
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_json(body: bytes) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, bounded nesting (RecursionError is refused)."""
     if not body:
         raise BadRequest("request body must be JSON")
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise BadRequest("request body is not UTF-8") from None
-    except (ValueError, RecursionError):
+        return jsonutil.loads(body)
+    except ValueError:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("request body is not UTF-8") from None
         raise BadRequest("request body is not valid JSON") from None
 
 
@@ -105,8 +103,8 @@ def bounded_json(value: Any, name: str, limit: int) -> Any:
     if not _nesting_within(value, MAX_JSON_DEPTH):
         raise BadRequest(f"{name} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-    except (ValueError, RecursionError):
+        size = len(jsonutil.dumpb(value))
+    except (ValueError, TypeError, RecursionError):
         raise BadRequest(f"{name} is not serializable JSON") from None
     if size > limit:
         raise TooLarge(f"{name} is {size} bytes; the limit is {limit}")
