@@ -21,7 +21,7 @@ from .openapi import openapi_document
 from .store import Store
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
-from .ws import close_all, websocket_handler
+from .ws import close_all, send_watchdog, websocket_handler
 
 log = logging.getLogger(__name__)
 
@@ -172,5 +172,6 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(sweeper_ctx)
+    app.cleanup_ctx.append(send_watchdog)
     app.on_shutdown.append(on_shutdown)
     return app

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 
 from aiohttp import WSMsgType, web
 
@@ -30,7 +31,16 @@ CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close frame
 
 
 class Connection:
-    """One authenticated socket, as the hub sees it (`user_id`, `deliver`)."""
+    """One authenticated socket, as the hub sees it (`user_id`, `deliver`).
+
+    There is no task per idle socket: a sender task exists only while something is queued,
+    and the send never waits on a timer per frame; `send_watchdog` closes a socket whose
+    send has been stuck for longer than `--send-timeout`.
+    """
+
+    __slots__ = ("_close_task", "_sender", "_timers", "app", "closing", "control", "id",
+                 "identity", "leeway", "limiter", "metrics", "outbox", "send_started",
+                 "subscriptions", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, identity: Identity, request: web.Request):
         config = request.app[keys.CONFIG]
@@ -40,15 +50,15 @@ class Connection:
         self.identity = identity
         self.user_id = identity.user_id
         self.outbox = protocol.Outbox(config.send_queue)
-        self.control: deque[str] = deque()
-        self.wake = asyncio.Event()
+        self.control: deque[str] | None = None
         self.subscriptions: set[str] = set()
         self.limiter = protocol.RateLimiter(config.rate_limit, config.rate_burst,
                                             config.flood_strikes)
         self.closing = False
+        self.send_started = 0.0  # loop time the current send began; 0 when not sending
+        self._sender: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._close_task: asyncio.Task[None] | None = None
-        self.send_timeout = config.send_timeout
         self.leeway = config.jwt_leeway
         self.metrics = request.app[keys.METRICS]
 
@@ -64,7 +74,7 @@ class Connection:
             return
         if self.outbox.merged != merged:
             self.metrics.updates_merged.inc(self.outbox.merged - merged)
-        self.wake.set()
+        self.kick()
 
     # ---- sending ---------------------------------------------------------------------
 
@@ -72,41 +82,55 @@ class Connection:
         """Queue a control message (answers, notices); sent before queued updates."""
         if self.closing:
             return
-        if len(self.control) >= CONTROL_LIMIT:
+        if self.control is None:
+            self.control = deque()
+        elif len(self.control) >= CONTROL_LIMIT:
             self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
             return
         self.control.append(text)
-        self.wake.set()
+        self.kick()
 
-    async def send_loop(self) -> None:
+    def kick(self) -> None:
+        """Start the sender if it is not running (it stops when the queues are empty)."""
+        if self._sender is None and not self.closing:
+            self._sender = asyncio.get_running_loop().create_task(self._send_queued())
+
+    async def _send_queued(self) -> None:
         ws = self.ws
-        sent = self.metrics.messages_sent
+        loop = asyncio.get_running_loop()
+        sent = 0
         try:
             while not self.closing:
-                await self.wake.wait()
-                self.wake.clear()
-                while not self.closing:
-                    if self.control:
-                        text = self.control.popleft()
-                    else:  # live updates wait until the snapshot is queued (no overtaking)
-                        update = None if self.outbox.replaying else self.outbox.pop()
-                        if update is None:
-                            break
-                        text = update.text
-                    await asyncio.wait_for(ws.send_str(text), self.send_timeout)
-                    sent.inc()
-        except TimeoutError:
-            self.metrics.slow_closed.inc()
-            self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+                if self.control:
+                    text = self.control.popleft()
+                else:  # live updates wait until the snapshot is queued (no overtaking)
+                    update = None if self.outbox.replaying else self.outbox.pop()
+                    if update is None:
+                        break
+                    text = update.text
+                self.send_started = loop.time()
+                await ws.send_str(text)
+                sent += 1
         except (ConnectionError, RuntimeError):
             self.closing = True
+        finally:
+            self.send_started = 0.0
+            self._sender = None
+            if sent:
+                self.metrics.messages_sent.inc(sent)
+
+    async def stop_sending(self) -> None:
+        sender = self._sender
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
 
     def close(self, code: int, reason: str) -> None:
         """Close once, from any task; a peer that does not read is cut off after a timeout."""
         if self.closing:
             return
         self.closing = True
-        self.wake.set()
         self._close_task = asyncio.ensure_future(self._close(code, reason))
 
     async def _flush_control(self) -> None:
@@ -207,7 +231,6 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     for old in mine[: max(0, len(mine) - config.max_connections_per_user)]:
         if isinstance(old, Connection):
             old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
-    sender = asyncio.create_task(conn.send_loop())
     try:
         await _send_snapshot(conn, request)
         conn.schedule_expiry()
@@ -218,10 +241,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         hub.detach(conn, conn.subscriptions)
         sockets.discard(conn)
         metrics.connections.dec()
-        conn.wake.set()
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        await conn.stop_sending()
         if conn._close_task is not None:
             with contextlib.suppress(Exception):
                 await conn._close_task
@@ -261,7 +281,7 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
             conn.send(protocol.task_deleted(task_id))
             conn.outbox.mark_sent(task_id, seq)
     conn.outbox.end_replay()
-    conn.wake.set()
+    conn.kick()
 
 
 async def _receive_loop(conn: Connection, request: web.Request) -> None:
@@ -342,6 +362,29 @@ def _refresh(conn: Connection, token: str, request: web.Request) -> None:
     conn.schedule_expiry()
     expires = None if identity.expires_at is None else utc_iso(identity.expires_at)
     conn.send(protocol.simple("refreshed", expires_at=expires))
+
+
+async def send_watchdog(app: web.Application) -> AsyncIterator[None]:
+    """Once a second, close sockets whose current send has been blocked for longer than
+    `--send-timeout` (a peer that stopped reading): one timer for all, none per frame."""
+    timeout = app[keys.CONFIG].send_timeout
+
+    async def watch() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 2))
+            now = loop.time()
+            for conn in list(app[keys.SOCKETS]):
+                started = conn.send_started
+                if started and now - started > timeout and not conn.closing:
+                    app[keys.METRICS].slow_closed.inc()
+                    conn.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+
+    task = asyncio.create_task(watch(), name="taskpush-send-watchdog")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def close_all(app: web.Application) -> None:
