@@ -145,10 +145,10 @@ async def on_shutdown(app: web.Application) -> None:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(
-        client_max_size=config.max_body_bytes,
-        middlewares=[cors_middleware(config.cors_origins), error_middleware],
-    )
+    middlewares = [error_middleware]
+    if config.cors_origins:  # no per-request cost when CORS is off (the default)
+        middlewares.insert(0, cors_middleware(config.cors_origins))
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     store = Store(config.db)
     app[keys.CONFIG] = config
     app[keys.STORE] = store

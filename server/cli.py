@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_timeout=config.shutdown_timeout,
             print=None,
             handle_signals=True,
+            backlog=4096,  # a reconnect storm must not overflow the accept queue
         )
     except StoreLocked as exc:
         print(f"taskpush: error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ import secrets
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 MAX_BATCH = 2000
+TASK_CACHE_SIZE = 20_000  # recently written or read tasks, kept by the writer thread
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
 _TASK_COLUMNS = (
@@ -115,6 +117,96 @@ def _connect_sync(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
 
 
+def _select_task(conn: sqlite3.Connection, task_id: str) -> Task | None:
+    row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",
+                       (task_id,)).fetchone()
+    return None if row is None else _row_to_task(row)
+
+
+class _Txn:
+    """One write transaction in progress, on the worker thread.
+
+    Tasks it reads or changes live in an overlay of the store's task cache (merged into the
+    cache only after COMMIT, so a rollback leaves the cache true); event rows and the final
+    row of each changed task are written in bulk (`executemany`) when the batch ends, or
+    before a statement that must see them.
+    """
+
+    __slots__ = ("cache", "conn", "events", "keys", "overlay", "updates")
+
+    def __init__(self, conn: sqlite3.Connection, cache: OrderedDict[str, Task]) -> None:
+        self.conn = conn
+        self.cache = cache
+        self.overlay: dict[str, Task | None] = {}
+        self.events: list[tuple[Any, ...]] = []
+        self.updates: dict[str, tuple[Any, ...]] = {}
+        self.keys: dict[tuple[str, str], int] = {}
+
+    def load(self, task_id: str) -> Task | None:
+        if task_id in self.overlay:
+            return self.overlay[task_id]
+        task = self.cache.get(task_id)
+        if task is None:
+            task = _select_task(self.conn, task_id)
+        self.overlay[task_id] = task
+        return task
+
+    def applied_with_key(self, task_id: str, key: str) -> int | None:
+        """The seq of the change this idempotency key already made, if any."""
+        seq = self.keys.get((task_id, key))
+        if seq is not None:
+            return seq
+        row = self.conn.execute("SELECT seq FROM events WHERE task_id = ? AND idem_key = ?",
+                                (task_id, key)).fetchone()
+        return None if row is None else int(row[0])
+
+    def changed(self, task: Task, now: str, key: str | None) -> None:
+        task_id, seq, result = task["task_id"], task["seq"], _dumps(task["result"])
+        self.overlay[task_id] = task
+        self.events.append((seq, task_id, task["status"], task["progress"], task["message"],
+                            task["step"], result, task["error"], task["error_type"], now,
+                            key))
+        self.updates[task_id] = (task["status"], task["progress"], task["message"],
+                                 task["step"], result, task["error"], task["error_type"],
+                                 int(task["cancel_requested"]), now, seq, task_id)
+        if key is not None:
+            self.keys[(task_id, key)] = seq
+
+    def created(self, task: Task, now: str) -> None:
+        self.overlay[task["task_id"]] = task
+        self.events.append((task["seq"], task["task_id"], "pending", 0, None, None, None, None,
+                            None, now, None))
+
+    def deleted(self, task_id: str) -> None:
+        self.overlay[task_id] = None
+
+    def flush(self) -> None:
+        if self.events:
+            self.conn.executemany(
+                "INSERT INTO events (seq, task_id, status, progress, message, step, result,"
+                " error, error_type, timestamp, idem_key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                self.events)
+            self.events = []
+        if self.updates:
+            self.conn.executemany(
+                "UPDATE tasks SET status = ?, progress = ?, message = ?, step = ?, result = ?,"
+                " error = ?, error_type = ?, cancel_requested = ?, updated_at = ?, seq = ?"
+                " WHERE task_id = ?",
+                list(self.updates.values()))
+            self.updates = {}
+
+    def publish_to_cache(self) -> None:
+        cache = self.cache
+        for task_id, task in self.overlay.items():
+            if task is None:
+                cache.pop(task_id, None)
+            else:
+                cache[task_id] = task
+                cache.move_to_end(task_id)
+        while len(cache) > TASK_CACHE_SIZE:
+            cache.popitem(last=False)
+
+
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -126,6 +218,7 @@ class Store:
         self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Outcome]]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lock_handle: IO[str] | None = None
+        self._cache: OrderedDict[str, Task] = OrderedDict()  # worker thread only
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -269,6 +362,7 @@ class Store:
 
     def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation]) -> list[Outcome]:
         """One transaction for the whole batch; each operation applied or refused alone."""
+        txn = _Txn(conn, self._cache)
         seq = self.last_seq
         now = utc_now()
         outcomes: list[Outcome] = []
@@ -278,47 +372,37 @@ class Store:
                 outcome = Outcome(op)
                 try:
                     if isinstance(op, Change):
-                        seq = self._apply_change(conn, op, seq, now, outcome)
+                        seq = self._apply_change(txn, op, seq, now, outcome)
                     elif isinstance(op, Register):
-                        seq = self._apply_register(conn, op, seq, now, outcome)
+                        seq = self._apply_register(txn, op, seq, now, outcome)
                     else:
-                        seq = self._apply_delete(conn, op, seq, now, outcome)
+                        seq = self._apply_delete(txn, op, seq, now, outcome)
                 except (NotFound, Conflict, TooMany) as exc:
                     outcome.error = exc
                 outcomes.append(outcome)
-            if seq != self.last_seq:
-                conn.execute(
-                    "INSERT INTO settings VALUES ('last_seq', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (str(seq),),
-                )
+            txn.flush()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        txn.publish_to_cache()
         self.last_seq = seq
         return outcomes
 
-    @staticmethod
-    def _load(conn: sqlite3.Connection, task_id: str) -> Task | None:
-        row = conn.execute(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
-        ).fetchone()
-        return None if row is None else _row_to_task(row)
+    def _load(self, conn: sqlite3.Connection, task_id: str) -> Task | None:
+        """Runs on the worker thread, like every writer: the cache is coherent there."""
+        task = self._cache.get(task_id)
+        return task if task is not None else _select_task(conn, task_id)
 
-    def _apply_change(
-        self, conn: sqlite3.Connection, op: Change, seq: int, now: str, outcome: Outcome
-    ) -> int:
-        task = self._load(conn, op.task_id)
+    @staticmethod
+    def _apply_change(txn: _Txn, op: Change, seq: int, now: str, outcome: Outcome) -> int:
+        task = txn.load(op.task_id)
         if task is None or (op.owner is not None and task["user_id"] != op.owner):
             raise NotFound(f"task {op.task_id} not found")
         if op.idem_key is not None:
-            done = conn.execute(
-                "SELECT seq FROM events WHERE task_id = ? AND idem_key = ?",
-                (op.task_id, op.idem_key),
-            ).fetchone()
+            done = txn.applied_with_key(op.task_id, op.idem_key)
             if done is not None:
-                outcome.task, outcome.seq, outcome.replayed = task, done[0], True
+                outcome.task, outcome.seq, outcome.replayed = task, done, True
                 return seq
         if op.expect_seq is not None and task["seq"] != op.expect_seq:
             outcome.skipped = True
@@ -326,33 +410,22 @@ class Store:
             return seq
         seq += 1
         new = next_state(task, op, seq, now)
-        conn.execute(
-            "INSERT INTO events (seq, task_id, status, progress, message, step, result, error,"
-            " error_type, timestamp, idem_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, op.task_id, new["status"], new["progress"], new["message"], new["step"],
-             _dumps(new["result"]), new["error"], new["error_type"], now, op.idem_key),
-        )
-        conn.execute(
-            "UPDATE tasks SET status = ?, progress = ?, message = ?, step = ?, result = ?,"
-            " error = ?, error_type = ?, cancel_requested = ?, updated_at = ?, seq = ?"
-            " WHERE task_id = ?",
-            (new["status"], new["progress"], new["message"], new["step"],
-             _dumps(new["result"]), new["error"], new["error_type"],
-             int(new["cancel_requested"]), now, seq, op.task_id),
-        )
+        txn.changed(new, now, op.idem_key)
         outcome.task, outcome.seq = new, seq
         return seq
 
-    def _apply_register(
-        self, conn: sqlite3.Connection, op: Register, seq: int, now: str, outcome: Outcome
-    ) -> int:
+    @staticmethod
+    def _apply_register(txn: _Txn, op: Register, seq: int, now: str, outcome: Outcome
+                        ) -> int:
+        conn = txn.conn
         if op.task_id is not None:
-            existing = self._load(conn, op.task_id)
+            existing = txn.load(op.task_id)
             if existing is not None:
                 if not same_registration(existing, op):
                     raise Conflict(f"task {op.task_id} already exists with a different body")
                 outcome.task, outcome.seq = existing, existing["seq"]
                 return seq
+        txn.flush()  # the count below and the INSERT must see the batch so far
         if op.max_active is not None:
             (count,) = conn.execute(
                 f"SELECT count(*) FROM tasks WHERE user_id = ? AND status IN {_ACTIVE_SQL}",
@@ -362,7 +435,7 @@ class Store:
                 raise TooMany(f"user {op.user_id} already has {count} active tasks")
         seq += 1
         task_id = op.task_id if op.task_id is not None else f"{op.task_type}_{seq}"
-        if op.task_id is None and self._load(conn, task_id) is not None:
+        if op.task_id is None and txn.load(task_id) is not None:
             task_id = f"{op.task_type}_{seq}_{secrets.token_hex(4)}"
         task = new_task(op, task_id, seq, now)
         task["origin"], task["created_seq"] = op.origin, seq
@@ -372,29 +445,28 @@ class Store:
             (task_id, op.user_id, op.task_type, _dumps(op.metadata), op.origin, now, now,
              seq, seq),
         )
-        conn.execute(
-            "INSERT INTO events (seq, task_id, status, progress, timestamp)"
-            " VALUES (?, ?, 'pending', 0, ?)",
-            (seq, task_id, now),
-        )
+        txn.created(task, now)
         outcome.task, outcome.seq, outcome.created = task, seq, True
         return seq
 
-    def _apply_delete(
-        self, conn: sqlite3.Connection, op: Delete, seq: int, now: str, outcome: Outcome
-    ) -> int:
-        task = self._load(conn, op.task_id)
+    @staticmethod
+    def _apply_delete(txn: _Txn, op: Delete, seq: int, now: str, outcome: Outcome) -> int:
+        conn = txn.conn
+        task = txn.load(op.task_id)
         if task is None or (op.owner is not None and task["user_id"] != op.owner):
             raise NotFound(f"task {op.task_id} not found")
         if task["status"] in ACTIVE and not op.allow_active:
             raise TaskActive(f"task {op.task_id} is {task['status']}; cancel it first")
+        txn.flush()  # no pending row of this task may land after its deletion
         seq += 1
         conn.execute("DELETE FROM events WHERE task_id = ?", (op.task_id,))
         conn.execute("DELETE FROM tasks WHERE task_id = ?", (op.task_id,))
+        # the tombstone's seq is above every deleted event's: seq never goes back
         conn.execute(
             "INSERT INTO tombstones (seq, task_id, user_id, deleted_at) VALUES (?, ?, ?, ?)",
             (seq, op.task_id, task["user_id"], now),
         )
+        txn.deleted(op.task_id)
         outcome.task, outcome.seq, outcome.deleted = task, seq, True
         return seq
 

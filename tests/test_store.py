@@ -190,8 +190,7 @@ async def test_batch_is_one_transaction_with_per_operation_refusal(store: Store,
     assert rows(db_path, "SELECT status, error FROM tasks WHERE task_id = 'done'"
                 ) == [("completed", None)]
     assert rows(db_path, "SELECT count(*) FROM tasks WHERE task_id = 'missing'") == [(0,)]
-    assert rows(db_path, "SELECT value FROM settings WHERE key = 'last_seq'"
-                ) == [(str(before + 2),)]
+    assert rows(db_path, "SELECT max(seq) FROM events") == [(before + 2,)]
 
 
 async def test_concurrent_submits_are_grouped_and_all_durable(store: Store,
