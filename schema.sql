@@ -56,8 +56,8 @@ CREATE INDEX IF NOT EXISTS tasks_user_seq ON tasks (user_id, seq);
 CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks (user_id, created_seq);
 CREATE INDEX IF NOT EXISTS tasks_user_active ON tasks (user_id, seq)
     WHERE status IN ('pending', 'running', 'progress');
-CREATE INDEX IF NOT EXISTS tasks_active_updated ON tasks (updated_at)
-    WHERE status IN ('pending', 'running', 'progress');
+-- (the stale sweep reads tasks_user_active: one more index on every change costs more)
+DROP INDEX IF EXISTS tasks_active_updated;
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (updated_at)
     WHERE status IN ('completed', 'failed', 'cancelled');
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id, seq);

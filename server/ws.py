@@ -103,6 +103,8 @@ class Connection:
             while not self.closing:
                 if self.control:
                     text = self.control.popleft()
+                    if not self.control:
+                        self.control = None  # an empty deque costs 600+ bytes per socket
                 else:  # live updates wait until the snapshot is queued (no overtaking)
                     update = None if self.outbox.replaying else self.outbox.pop()
                     if update is None:
