@@ -117,7 +117,6 @@ def _connect_sync(conn: sqlite3.Connection) -> None:
     # checkpoint (copy WAL to the main file, with an fsync) every ~32 MB instead of every
     # ~4 MB: the hot pages (task rows, index leaves) are copied once per checkpoint
     conn.execute("PRAGMA wal_autocheckpoint=8000")
-    conn.execute("PRAGMA cache_size=-32768")  # 32 MiB of page cache
     conn.execute("PRAGMA foreign_keys=ON")
 
 
