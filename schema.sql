@@ -54,10 +54,12 @@ CREATE TABLE IF NOT EXISTS settings (
 -- Active tasks of a user (connect), a user's changes after a seq (resume), paging.
 CREATE INDEX IF NOT EXISTS tasks_user_seq ON tasks (user_id, seq);
 CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks (user_id, created_seq);
-CREATE INDEX IF NOT EXISTS tasks_user_active ON tasks (user_id, seq)
-    WHERE status IN ('pending', 'running', 'progress');
--- (the stale sweep reads tasks_user_active: one more index on every change costs more)
+-- Active tasks by user (connect) and all active tasks (stale sweep). Only user_id is
+-- indexed, so a progress update (same status, new seq) does not touch this index.
+DROP INDEX IF EXISTS tasks_user_active;
 DROP INDEX IF EXISTS tasks_active_updated;
+CREATE INDEX IF NOT EXISTS tasks_active_by_user ON tasks (user_id)
+    WHERE status IN ('pending', 'running', 'progress');
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (updated_at)
     WHERE status IN ('completed', 'failed', 'cancelled');
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id, seq);

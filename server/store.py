@@ -135,7 +135,7 @@ class _Txn:
     before a statement that must see them.
     """
 
-    __slots__ = ("cache", "conn", "events", "keys", "overlay", "updates")
+    __slots__ = ("cache", "conn", "events", "keys", "overlay", "stored_status", "updates")
 
     def __init__(self, conn: sqlite3.Connection, cache: OrderedDict[str, Task]) -> None:
         self.conn = conn
@@ -144,6 +144,7 @@ class _Txn:
         self.events: list[tuple[Any, ...]] = []
         self.updates: dict[str, tuple[Any, ...]] = {}
         self.keys: dict[tuple[str, str], int] = {}
+        self.stored_status: dict[str, str] = {}  # status in the file, for the UPDATE's form
 
     def load(self, task_id: str) -> Task | None:
         if task_id in self.overlay:
@@ -152,6 +153,8 @@ class _Txn:
         if task is None:
             task = _select_task(self.conn, task_id)
         self.overlay[task_id] = task
+        if task is not None:
+            self.stored_status.setdefault(task_id, task["status"])
         return task
 
     def applied_with_key(self, task_id: str, key: str) -> int | None:
@@ -177,6 +180,7 @@ class _Txn:
 
     def created(self, task: Task, now: str) -> None:
         self.overlay[task["task_id"]] = task
+        self.stored_status[task["task_id"]] = "pending"
         self.events.append((task["seq"], task["task_id"], "pending", 0, None, None, None, None,
                             None, now, None))
 
@@ -191,11 +195,20 @@ class _Txn:
                 self.events)
             self.events = []
         if self.updates:
-            self.conn.executemany(
-                "UPDATE tasks SET status = ?, progress = ?, message = ?, step = ?, result = ?,"
-                " error = ?, error_type = ?, cancel_requested = ?, updated_at = ?, seq = ?"
-                " WHERE task_id = ?",
-                list(self.updates.values()))
+            same, other = [], []
+            for task_id, row in self.updates.items():
+                (same if row[0] == self.stored_status.get(task_id) else other).append(row)
+                self.stored_status[task_id] = row[0]
+            if other:
+                self.conn.executemany(
+                    "UPDATE tasks SET status = ?, progress = ?, message = ?, step = ?,"
+                    " result = ?, error = ?, error_type = ?, cancel_requested = ?,"
+                    " updated_at = ?, seq = ? WHERE task_id = ?", other)
+            if same:  # status unchanged: leaving it out of SET spares the status indexes
+                self.conn.executemany(
+                    "UPDATE tasks SET progress = ?, message = ?, step = ?, result = ?,"
+                    " error = ?, error_type = ?, cancel_requested = ?, updated_at = ?,"
+                    " seq = ? WHERE task_id = ?", [row[1:] for row in same])
             self.updates = {}
 
     def publish_to_cache(self) -> None:
