@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 MAX_USER_ID = 2**63 - 1
+VERIFIED_CACHE_SIZE = 10_000
 
 
 class AuthError(Exception):
@@ -51,6 +53,7 @@ class TokenVerifier:
         self._key = key
         self.algorithm = algorithm
         self.leeway = leeway
+        self._verified: OrderedDict[str, Identity] = OrderedDict()
 
     @classmethod
     def for_secret(cls, secret: str, leeway: float = 30.0) -> TokenVerifier:
@@ -66,10 +69,27 @@ class TokenVerifier:
         raise ValueError("public key must be RSA (RS256) or EC P-256 (ES256)")
 
     def verify(self, token: str | None) -> Identity:
+        """The identity a token proves. Verified tokens are remembered (bounded LRU), so a
+        reconnect storm of clients presenting the tokens they had does not pay pyjwt's
+        decode again; expiry is still checked on every use."""
         if not token:
             raise AuthError("missing")
         if len(token) > 8192:
             raise AuthError("invalid", "too long")
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at is not None and time.time() > known.expires_at + self.leeway:
+                del self._verified[token]
+                raise AuthError("expired")
+            self._verified.move_to_end(token)
+            return known
+        identity = self._decode(token)
+        self._verified[token] = identity
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return identity
+
+    def _decode(self, token: str) -> Identity:
         try:
             claims = jwt.decode(
                 token,

@@ -235,6 +235,8 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._lock_handle: IO[str] | None = None
         self._cache: OrderedDict[str, Task] = OrderedDict()  # worker thread only
+        self._snapshot_requests: list[tuple[int, int | None, asyncio.Future[Snapshot]]] = []
+        self._snapshot_reader: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -522,38 +524,66 @@ class Store:
         )
 
     async def snapshot(self, user_id: int, since: int | None) -> Snapshot:
-        """Active tasks and (with `since`) every change after it, read at one seq."""
+        """Active tasks and (with `since`) every change after it, read at one seq.
 
-        def read(conn: sqlite3.Connection) -> Snapshot:
-            seq = self.last_seq
-            active = [
-                _row_to_task(row)
-                for row in conn.execute(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
-                    f" AND status IN {_ACTIVE_SQL} ORDER BY seq",
-                    (user_id,),
-                )
-            ]
-            if since is None or since < self.horizon:
-                return Snapshot(seq, active, None)
-            changed: list[Task | tuple[str, int]] = [
-                _row_to_task(row)
-                for row in conn.execute(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
-                    " ORDER BY seq",
-                    (user_id, since),
-                )
-            ]
-            deleted = conn.execute(
-                "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ?",
+        Concurrent requests (a reconnect storm) are read together in one thread hop."""
+        future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        self._snapshot_requests.append((user_id, since, future))
+        if self._snapshot_reader is None:
+            self._snapshot_reader = asyncio.create_task(self._read_snapshots())
+        return await future
+
+    async def _read_snapshots(self) -> None:
+        try:
+            while self._snapshot_requests:
+                batch, self._snapshot_requests = self._snapshot_requests, []
+                try:
+                    snaps = await self._call(self._txn_snapshots,
+                                             [(user, since) for user, since, _ in batch])
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), snap in zip(batch, snaps, strict=True):
+                    if not future.done():
+                        future.set_result(snap)
+        finally:
+            self._snapshot_reader = None
+
+    def _txn_snapshots(self, conn: sqlite3.Connection, requests: list[tuple[int, int | None]]
+                       ) -> list[Snapshot]:
+        return [self._read_snapshot(conn, user_id, since) for user_id, since in requests]
+
+    def _read_snapshot(self, conn: sqlite3.Connection, user_id: int, since: int | None
+                       ) -> Snapshot:
+        seq = self.last_seq
+        active = [
+            _row_to_task(row)
+            for row in conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
+                f" AND status IN {_ACTIVE_SQL} ORDER BY seq",
+                (user_id,),
+            )
+        ]
+        if since is None or since < self.horizon:
+            return Snapshot(seq, active, None)
+        changed: list[Task | tuple[str, int]] = [
+            _row_to_task(row)
+            for row in conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
+                " ORDER BY seq",
                 (user_id, since),
-            ).fetchall()
-            if deleted:
-                changed.extend(tuple(row) for row in deleted)
-                changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
-            return Snapshot(seq, active, changed)
-
-        return await self._call(read)
+            )
+        ]
+        deleted = conn.execute(
+            "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ?",
+            (user_id, since),
+        ).fetchall()
+        if deleted:
+            changed.extend(tuple(row) for row in deleted)
+            changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
+        return Snapshot(seq, active, changed)
 
     async def history(self, task_id: str) -> list[dict[str, Any]]:
         def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
