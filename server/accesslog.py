@@ -10,7 +10,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 _SECRET_KEYS = frozenset({"token", "access_token", "api_key"})
-_PARAM = re.compile(r"((?:^|[?&;])([^=&;#?\s]*)=)[^&;#\s]*")
+_PARAM = re.compile(r"((?:^|[&;])([^=&;#\s]*)=)[^&;#\s]*")
 
 
 def _redact_param(match: re.Match[str]) -> str:
@@ -21,8 +21,12 @@ def _redact_param(match: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
-    """Replace the value of token=, access_token= and api_key= query parameters."""
-    return _PARAM.sub(_redact_param, text)
+    """Replace the value of token=, access_token= and api_key= query parameters. Only the
+    query string is examined: a path may contain `=` (task ids can)."""
+    path, sep, query = text.partition("?")
+    if not sep:  # a bare query string, or a path with no query at all
+        return text if text.startswith("/") else _PARAM.sub(_redact_param, text)
+    return path + sep + _PARAM.sub(_redact_param, query)
 
 
 class RedactingAccessLogger(AbstractAccessLogger):

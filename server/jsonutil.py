@@ -40,6 +40,23 @@ def loads(data: bytes | str) -> Any:
         if isinstance(data, bytes):
             data = data.decode("utf-8")  # not the stdlib's UTF-16/32 detection
         try:
-            return json.loads(data, parse_constant=_no_constants)
+            value = json.loads(data, parse_constant=_no_constants)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
+        _refuse_lone_surrogates(value)
+        return value
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """The stdlib accepts "\\ud800", which no UTF-8 store can hold (SQLite would fail the
+    whole transaction on it): refuse it here, as orjson does."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            item.encode("utf-8")  # UnicodeEncodeError is a ValueError
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)

@@ -267,6 +267,7 @@ class Store:
         """Finish queued writes, then close the connection."""
         if self._writer is not None and self._queue is not None:
             await self._queue.join()
+            self._queue = None  # a late submit() raises instead of waiting forever
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from .model import Change, Delete, Operation, Outcome, Register, Task
+from .model import TERMINAL, Change, Delete, Operation, Outcome, Register, Task
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class TaskService:
     async def change(self, op: Change) -> Task:
         outcome = await self._one(op)
         assert outcome.task is not None
+        if outcome.task["status"] in TERMINAL:
+            self._runners.pop(op.task_id, None)  # nothing left to interrupt
         return outcome.task
 
     async def apply_many(self, ops: Sequence[Operation]) -> list[Outcome]:
@@ -49,12 +51,12 @@ class TaskService:
     async def cancel(self, task_id: str, owner: int | None) -> Task:
         """Cancel an active task: committed and pushed as cancelled, then its in-process
         coroutine (if any) is interrupted; an HTTP producer learns it from 409 answers."""
+        runner = self._runners.get(task_id)  # change() forgets it once the task is final
         task = await self.change(
             Change(task_id, "cancelled", owner=owner, cancel_requested=True,
                    message="cancelled by the user")
         )
-        runner = self._runners.pop(task_id, None)
-        if runner is not None and not runner.done():
+        if runner is not None and not runner.done() and runner is not asyncio.current_task():
             runner.cancel()
         return task
 
@@ -66,6 +68,10 @@ class TaskService:
     # ---- in-process jobs -------------------------------------------------------------
 
     def attach_runner(self, task_id: str, runner: asyncio.Task[object]) -> None:
+        """`runner` (the coroutine that last reported on the task) is what a user's cancel
+        interrupts; the entry goes when the task finishes or the coroutine ends."""
+        if self._runners.get(task_id) is runner:
+            return  # already attached: one done-callback per task and coroutine
         self._runners[task_id] = runner
         runner.add_done_callback(lambda _: self._runners.pop(task_id, None)
                                  if self._runners.get(task_id) is runner else None)

@@ -79,6 +79,10 @@ def _text(data: dict[str, Any], name: str, where: str = "") -> str | None:
         raise BadRequest(f"{where}{name} must be a string")
     if len(value) > TEXT_LIMITS[name]:
         raise TooLarge(f"{where}{name} is longer than {TEXT_LIMITS[name]} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from Python code: not storable text
+        raise BadRequest(f"{where}{name} is not valid Unicode text") from None
     return value
 
 

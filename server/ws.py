@@ -67,6 +67,11 @@ class Connection:
     def deliver(self, update: protocol.Update) -> None:
         if self.closing:
             return
+        if update.user_id != self.user_id and not self.identity.is_admin:
+            # the last line of isolation: whatever routed it here (a subscribe racing its
+            # ownership check, a task id re-registered for another user), a non-admin
+            # socket never carries another user's task
+            return
         merged = self.outbox.merged
         if not self.outbox.push(update):
             self.metrics.slow_closed.inc()
@@ -88,6 +93,14 @@ class Connection:
             self.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
             return
         self.control.append(text)
+        self.kick()
+
+    def queue_snapshot(self, messages: list[str]) -> None:
+        """The connect-time messages, ahead of anything else and outside CONTROL_LIMIT."""
+        if self.closing:
+            return
+        self.control = deque(messages) if self.control is None else deque(
+            [*messages, *self.control])
         self.kick()
 
     def kick(self) -> None:
@@ -266,22 +279,27 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
     ):
         since, resync = None, True
     snap = await store.snapshot(conn.user_id, since if isinstance(since, int) else None)
-    conn.send(protocol.connected(conn.id, store.epoch, snap.seq))
+    if since is not None and snap.changes is None:
+        resync = True  # the history was swept between the check above and the read
+    # The snapshot is queued whole (it is bounded by the user's own tasks), never cut by
+    # the control-queue limit: a resume that cannot fit would otherwise fail forever.
+    messages = [protocol.connected(conn.id, store.epoch, snap.seq)]
     if resync:
-        conn.send(protocol.simple("resync"))
-    conn.send(protocol.active_tasks(snap.active))
+        messages.append(protocol.simple("resync"))
+    messages.append(protocol.active_tasks(snap.active))
     if bad_since:
-        conn.send(protocol.error("invalid_since", "since must be a non-negative integer"))
+        messages.append(protocol.error("invalid_since", "since must be a non-negative integer"))
     for task in snap.active:
         conn.outbox.mark_sent(task["task_id"], task["seq"])
     for item in snap.changes or ():
         if isinstance(item, dict):
-            conn.send(protocol.task_status(item))
+            messages.append(protocol.task_status(item))
             conn.outbox.mark_sent(item["task_id"], item["seq"])
         else:
             task_id, seq = item
-            conn.send(protocol.task_deleted(task_id))
+            messages.append(protocol.task_deleted(task_id))
             conn.outbox.mark_sent(task_id, seq)
+    conn.queue_snapshot(messages)
     conn.outbox.end_replay()
     conn.kick()
 
@@ -337,15 +355,21 @@ async def _subscribe(conn: Connection, task_id: str, request: web.Request) -> No
             "too_many_subscriptions",
             f"at most {app[keys.CONFIG].max_subscriptions} subscriptions per connection",
         )
+    already = task_id in conn.subscriptions
     hub.subscribe(conn, task_id)  # before reading, so no change is missed
-    task: Task | None = await app[keys.STORE].get_task(task_id)
-    allowed = conn.identity.is_admin or (task is not None and task["user_id"] == conn.user_id)
-    if not allowed:
-        if task_id not in conn.subscriptions:
+    conn.subscriptions.add(task_id)  # before the await: detach() cleans it up if cancelled
+    allowed = False
+    try:
+        task: Task | None = await app[keys.STORE].get_task(task_id)
+        allowed = conn.identity.is_admin or (
+            task is not None and task["user_id"] == conn.user_id)
+    finally:
+        if not allowed and not already:
+            conn.subscriptions.discard(task_id)
             hub.unsubscribe(conn, task_id)
+    if not allowed:
         # another user's task and a missing one get the same answer
         raise protocol.ProtocolError("forbidden", "no such task of yours to subscribe to")
-    conn.subscriptions.add(task_id)
     conn.send(protocol.simple("subscribed", task_id=task_id))
     if task is not None:
         conn.deliver(protocol.Update(task_id, task["user_id"], task["seq"], task["status"],
