@@ -193,8 +193,9 @@ def schemas(config: Config) -> dict[str, Schema]:
                 "count": {"type": "integer"},
                 "next_before": nullable({**SEQ, "description":
                                          "Pass as `before` for the next page; null at the end"}),
-                "seq": {**SEQ, "description": "With `since`: the latest seq"},
-                "epoch": {"type": "string", "description": "With `since`: database id"},
+                "seq": {**SEQ, "description": "The latest seq when the list was read "
+                        "(resume from it with `since`)"},
+                "epoch": {"type": "string", "description": "The database's id"},
                 "resync": {"type": "boolean", "description":
                            "With `since`: the seq cannot be replayed; drop the cache"},
             },

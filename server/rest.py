@@ -91,10 +91,11 @@ async def list_tasks(request: web.Request) -> web.Response:
         return ok(data)
     status = status_param(query.get("status"))
     before = int_param(query.get("before"), "before", low=0, high=2**63 - 1)
+    seq = store.last_seq  # read first: a poller resuming from it misses nothing
     tasks = await store.list_tasks(identity.user_id, status=status, limit=limit, before=before)
     next_before = tasks[-1]["created_seq"] if len(tasks) == limit else None
     return ok({"tasks": [public(t) for t in tasks], "count": len(tasks),
-               "next_before": next_before})
+               "next_before": next_before, "seq": seq, "epoch": store.epoch})
 
 
 async def delete_task(request: web.Request) -> web.Response:

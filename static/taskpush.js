@@ -14,6 +14,7 @@
   const TERMINAL_EVENT = { completed: 'task_completed', failed: 'task_failed', cancelled: 'task_cancelled' };
   const PASS_THROUGH = new Set(['pong', 'subscribed', 'unsubscribed', 'refreshed']);
   const PROBE_EVERY = 5; // poll rounds between WebSocket attempts while polling
+  const POLL_PAGE = 500; // tasks per poll answer (the server allows 1..500)
   const OPEN = 1; // WebSocket.OPEN
   const MAX_TIMER = 2 ** 31 - 1;
 
@@ -542,7 +543,11 @@
     async _pollOnce() {
       const initial = this._lastSeq == null;
       const token = await this._currentToken();
-      const url = `${this._httpBase}/api/task/tasks?since=${initial ? 0 : this._lastSeq}`;
+      // First poll: the newest tasks and the current seq (like a fresh socket's snapshot);
+      // then every change after the last seq seen, in seq order.
+      const url = initial
+        ? `${this._httpBase}/api/task/tasks?limit=${POLL_PAGE}`
+        : `${this._httpBase}/api/task/tasks?since=${this._lastSeq}&limit=${POLL_PAGE}`;
       const headers = { Authorization: `Bearer ${token}`, Accept: 'application/json' };
       const res = await (this.options.fetch || root.fetch).call(root, url, { headers });
       if (!this._polling || this._stopped) return;
@@ -568,13 +573,13 @@
       const tasks = (Array.isArray(data.tasks) ? data.tasks : []).slice();
       tasks.sort((a, b) => (seqOf(a) || 0) - (seqOf(b) || 0));
       if (initial) {
-        // Like a fresh WebSocket: start from the active tasks, not the whole history.
-        const active = tasks.filter((task) => !isTerminal(task.status));
-        for (const task of active) this._apply(task, false);
-        this._emit('active_tasks', active);
-      } else {
-        for (const task of tasks) this._apply(task, true);
+        // Like a fresh WebSocket: the current state, without replaying old terminal events.
+        for (const task of tasks) this._apply(task, false);
+        this._emit('active_tasks', tasks.filter((task) => !isTerminal(task.status)));
+        if (typeof data.seq === 'number') this._bumpSeq(data.seq);
+        return;
       }
+      for (const task of tasks) this._apply(task, true);
       for (const task of tasks) this._bumpSeq(seqOf(task));
       // Nothing changed up to data.seq; a non-empty (maybe capped) answer must not skip ahead.
       if (!tasks.length && typeof data.seq === 'number') this._bumpSeq(data.seq);
