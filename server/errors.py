@@ -59,9 +59,6 @@ class TooMany(TaskPushError):
     status, code = 429, "too_many"
 
 
-class Unavailable(TaskPushError):
-    status, code = 503, "unavailable"
-
 
 def envelope(data: Any = None, *, code: int = 0, message: str = "success") -> dict[str, Any]:
     """The one JSON shape of every REST answer."""

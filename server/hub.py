@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from . import protocol
-from .model import Outcome, Register, Task
+from .model import Outcome, Register
 
 
 class Subscriber(Protocol):
@@ -33,8 +33,7 @@ def update_for(outcome: Outcome) -> protocol.Update | None:
         return protocol.Update(task["task_id"], task["user_id"], outcome.seq, "deleted", text)
     if outcome.replayed or (isinstance(outcome.op, Register) and not outcome.created):
         return None  # an idempotent retry: nothing new
-    text = protocol.task_status(task)
-    return protocol.Update(task["task_id"], task["user_id"], task["seq"], task["status"], text)
+    return protocol.status_update(task)
 
 
 class Hub:
@@ -113,10 +112,3 @@ class Hub:
             waiters.discard(future)
             if not waiters and self._waiters.get(task_id) is waiters:
                 del self._waiters[task_id]
-
-    def snapshot_updates(self, tasks: Iterable[Task]) -> list[protocol.Update]:
-        return [
-            protocol.Update(t["task_id"], t["user_id"], t["seq"], t["status"],
-                            protocol.task_status(t))
-            for t in tasks
-        ]

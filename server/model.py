@@ -8,7 +8,7 @@ without a database.
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import TaskFinal
@@ -105,7 +105,6 @@ class Outcome:
     skipped: bool = False  # a conditional change whose condition no longer held
     replayed: bool = False  # a retry of an already applied change (same idempotency key)
     seq: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

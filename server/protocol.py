@@ -19,7 +19,7 @@ MAX_TASK_ID = 200
 # Close codes (SPEC): the reason strings are what clients read.
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008  # flood
-CLOSE_TOO_BIG = 1009
+CLOSE_TOO_BIG = 1009  # sent by aiohttp itself (max_msg_size)
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 4408
@@ -133,6 +133,12 @@ class Update:
     @property
     def mergeable(self) -> bool:
         return self.status not in TERMINAL and self.status != "deleted"
+
+
+def status_update(task: Task) -> Update:
+    """A task's current state as pushed (serialized once, shared by every socket)."""
+    return Update(task["task_id"], task["user_id"], task["seq"], task["status"],
+                  task_status(task))
 
 
 class Outbox:

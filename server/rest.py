@@ -22,11 +22,7 @@ MAX_LIMIT = 500
 def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = None
        ) -> web.Response:
     return web.json_response(envelope(data), status=status, headers=headers,
-                             dumps=_dumps)
-
-
-def _dumps(value: Any) -> str:
-    return jsonutil.dumps(value)
+                             dumps=jsonutil.dumps)
 
 
 def user_identity(request: web.Request) -> Identity:

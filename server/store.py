@@ -307,13 +307,6 @@ class Store:
 
     # ---- settings --------------------------------------------------------------------
 
-    async def setting(self, key: str) -> str | None:
-        def read(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-            return None if row is None else row[0]
-
-        return await self._call(read)
-
     async def demo_secret(self) -> str:
         """The generated demo-mode secret, created once and kept so tokens survive restarts."""
 

@@ -372,8 +372,7 @@ async def _subscribe(conn: Connection, task_id: str, request: web.Request) -> No
         raise protocol.ProtocolError("forbidden", "no such task of yours to subscribe to")
     conn.send(protocol.simple("subscribed", task_id=task_id))
     if task is not None:
-        conn.deliver(protocol.Update(task_id, task["user_id"], task["seq"], task["status"],
-                                     protocol.task_status(task)))
+        conn.deliver(protocol.status_update(task))
 
 
 def _refresh(conn: Connection, token: str, request: web.Request) -> None:

@@ -229,9 +229,8 @@ async def test_several_waiters_on_one_task():
     assert hub._waiters == {}
 
 
-def test_snapshot_updates():
-    hub = Hub()
-    ups = hub.snapshot_updates([task("a", 1, 2), task("b", 1, 3, "running")])
+def test_status_updates():
+    ups = [protocol.status_update(t) for t in (task("a", 1, 2), task("b", 1, 3, "running"))]
     assert [(u.task_id, u.seq, u.status) for u in ups] == [("a", 2, "progress"),
                                                          ("b", 3, "running")]
     assert json.loads(ups[0].text)["type"] == "task_status"
