@@ -100,6 +100,9 @@ class Config:
     )
     shutdown_timeout: float = _setting(5.0, "seconds allowed for in-flight work at shutdown")
     demo_task_seconds: float = _setting(10.0, "duration of a simulated demo task")
+    event_loop: str = _setting(
+        "auto", "asyncio event loop: uvloop, asyncio, or auto (uvloop when installed)"
+    )
     log_level: str = _setting("info", "debug, info, warning or error")
     access_log: bool = _setting(True, "log every HTTP request (token= redacted)")
 
@@ -229,6 +232,9 @@ def validate(config: Config) -> None:
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level: must be debug, info, warning or error, "
                           f"got {config.log_level!r}")
+    if config.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"--event-loop: must be auto, uvloop or asyncio, "
+                          f"got {config.event_loop!r}")
     if config.jwt_secret is not None and config.jwt_public_key is not None:
         raise ConfigError("--jwt-secret and --jwt-public-key: configure one, not both")
     if config.jwt_public_key is not None:
