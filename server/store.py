@@ -1,14 +1,18 @@
 """The Store: the one module that owns SQL.
 
-Every statement runs on aiosqlite's single worker thread. A whole transaction is one plain
-function (`_txn_*`) executed there in one hop, so no other coroutine's statements can
-interleave with it and a batch of N events costs one thread hop, not 3N.
+Two connections to one WAL database. Writes use a writer connection, reads aiosqlite's
+(whose worker thread also runs WAL checkpoints), so a reader never sees a write half-done.
+A whole transaction is one plain function (`_txn_*`) run in one go, so no other coroutine's
+statements can interleave with it.
 
 Writes go through a group-commit writer: `submit()` queues an operation; the writer takes
 everything queued, applies it in ONE transaction (each operation applied or refused on its
 own), commits, calls `on_commit` with the outcomes in seq order (that is where updates are
 pushed), and only then answers each caller. So a write is durable before it is acknowledged
-or pushed.
+or pushed. A small batch is written on the event loop's thread: it costs less than the
+two thread wake-ups of a hop (docs/performance.md); a large one, and the sweeps, go to the
+worker thread so the loop keeps serving meanwhile. The writer connection never checkpoints
+on commit; the worker thread does, in the background (`_maybe_checkpoint`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 MAX_BATCH = 2000
+INLINE_MAX_OPS = 64  # batches up to this size are written on the loop's thread
+CHECKPOINT_EVERY_OPS = 20_000  # WAL checkpoint after this many operations ...
+CHECKPOINT_EVERY_S = 2.0  # ... or this many seconds after a commit, whichever is first
 TASK_CACHE_SIZE = 20_000  # recently written or read tasks, kept by the writer thread
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -110,14 +117,20 @@ class Snapshot:
 
 
 def _connect_sync(conn: sqlite3.Connection) -> None:
-    """Connection setup: WAL, a busy timeout, and durability that survives a process crash."""
+    """Connection setup: WAL, a busy timeout, and durability that survives a process crash.
+
+    No automatic checkpoint: it would run inside a COMMIT, on the loop's thread, with an
+    fsync; `Store._maybe_checkpoint` runs it on the worker thread instead."""
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
     conn.execute("PRAGMA busy_timeout=5000")
-    # checkpoint (copy WAL to the main file, with an fsync) every ~32 MB instead of every
-    # ~4 MB: the hot pages (task rows, index leaves) are copied once per checkpoint
-    conn.execute("PRAGMA wal_autocheckpoint=8000")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file without waiting on readers or the writer."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _select_task(conn: sqlite3.Connection, task_id: str) -> Task | None:
@@ -127,7 +140,7 @@ def _select_task(conn: sqlite3.Connection, task_id: str) -> Task | None:
 
 
 class _Txn:
-    """One write transaction in progress, on the worker thread.
+    """One write transaction in progress, on the writer connection.
 
     Tasks it reads or changes live in an overlay of the store's task cache (merged into the
     cache only after COMMIT, so a rollback leaves the cache true); event rows and the final
@@ -226,7 +239,12 @@ class _Txn:
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self._db: aiosqlite.Connection | None = None  # reads and checkpoints
+        self._wconn: sqlite3.Connection | None = None  # writes, one at a time (_write_lock)
+        self._write_lock = asyncio.Lock()
+        self._ops_since_checkpoint = 0
+        self._checkpoint_due: asyncio.TimerHandle | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
         self.epoch = ""
         self.last_seq = 0
         self.horizon = 0  # `since` below this cannot be replayed (history swept)
@@ -234,7 +252,8 @@ class Store:
         self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Outcome]]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lock_handle: IO[str] | None = None
-        self._cache: OrderedDict[str, Task] = OrderedDict()  # worker thread only
+        # tasks as last committed; changed only by the writer, after COMMIT
+        self._cache: OrderedDict[str, Task] = OrderedDict()
         self._snapshot_requests: list[tuple[int, int | None, asyncio.Future[Snapshot]]] = []
         self._snapshot_reader: asyncio.Task[None] | None = None
 
@@ -245,9 +264,13 @@ class Store:
         process is serving, before touching anything in it (see `_lock`)."""
         if exclusive:
             self._lock()
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        # check_same_thread=False: large batches are written on the worker thread, always
+        # one at a time (`_write_lock`)
+        self._wconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         schema = SCHEMA_PATH.read_text(encoding="utf-8")
-        await self._call(self._txn_open, schema)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._call_writer(self._txn_open, schema)
+        await self._call(_connect_sync)
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name="taskpush-writer")
 
@@ -272,9 +295,22 @@ class Store:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             self._writer = None
+        if self._checkpoint_due is not None:
+            self._checkpoint_due.cancel()
+            self._checkpoint_due = None
+        if self._checkpointing is not None:
+            await self._checkpointing
+        if self._checkpoint_due is not None:  # set again by the checkpoint that just ended
+            self._checkpoint_due.cancel()
+            self._checkpoint_due = None
         if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._call(_checkpoint)
             await self._db.close()
             self._db = None
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
         if self._lock_handle is not None:
             self._lock_handle.close()  # releases the flock
             self._lock_handle = None
@@ -289,6 +325,14 @@ class Store:
             raise RuntimeError("store is not open")
         conn = self._db
         return await conn._execute(lambda: fn(conn._conn, *args))
+
+    async def _call_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(writer_connection, *args)` on the worker thread, alone among writes."""
+        if self._db is None or self._wconn is None:
+            raise RuntimeError("store is not open")
+        wconn = self._wconn
+        async with self._write_lock:
+            return await self._db._execute(lambda: fn(wconn, *args))
 
     def _txn_open(self, conn: sqlite3.Connection, schema: str) -> None:
         _connect_sync(conn)
@@ -319,7 +363,7 @@ class Store:
                 "SELECT value FROM settings WHERE key = 'demo_secret'"
             ).fetchone()[0]
 
-        return await self._call(get_or_create)
+        return await self._call_writer(get_or_create)
 
     # ---- writes ----------------------------------------------------------------------
 
@@ -353,7 +397,11 @@ class Store:
             ops = [op for op, _ in batch]
             started = time.perf_counter()
             try:
-                outcomes: list[Outcome] = await self._call(self._txn_apply, ops)
+                if len(ops) <= INLINE_MAX_OPS and not self._write_lock.locked():
+                    assert self._wconn is not None
+                    outcomes: list[Outcome] = self._txn_apply(self._wconn, ops)
+                else:
+                    outcomes = await self._call_writer(self._txn_apply, ops)
             except Exception as exc:  # the whole transaction rolled back
                 log.exception("write transaction failed (%d operations)", len(ops))
                 for _, future in batch:
@@ -362,6 +410,7 @@ class Store:
                     queue.task_done()
                 continue
             elapsed = time.perf_counter() - started
+            self._committed(len(ops))
             if self.on_commit is not None:
                 try:
                     self.on_commit(outcomes, elapsed)
@@ -371,6 +420,35 @@ class Store:
                 if not future.done():
                     future.set_result(outcome)
                 queue.task_done()
+
+    def _committed(self, ops: int) -> None:
+        """Schedule a WAL checkpoint: soon after a burst, at the latest CHECKPOINT_EVERY_S."""
+        self._ops_since_checkpoint += ops
+        if self._ops_since_checkpoint >= CHECKPOINT_EVERY_OPS:
+            self._start_checkpoint()
+        elif self._checkpoint_due is None:
+            self._checkpoint_due = asyncio.get_running_loop().call_later(
+                CHECKPOINT_EVERY_S, self._start_checkpoint)
+
+    def _start_checkpoint(self) -> None:
+        if self._checkpointing is not None or self._db is None:
+            return  # the running one will be followed by a timer if more was written
+        if self._checkpoint_due is not None:
+            self._checkpoint_due.cancel()
+            self._checkpoint_due = None
+        self._ops_since_checkpoint = 0
+        self._checkpointing = asyncio.create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        try:
+            await self._call(_checkpoint)
+        except Exception:
+            log.exception("WAL checkpoint failed")
+        finally:
+            self._checkpointing = None
+        if self._ops_since_checkpoint and self._checkpoint_due is None and self._db is not None:
+            self._checkpoint_due = asyncio.get_running_loop().call_later(
+                CHECKPOINT_EVERY_S, self._start_checkpoint)
 
     def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation]) -> list[Outcome]:
         """One transaction for the whole batch; each operation applied or refused alone."""
@@ -401,10 +479,6 @@ class Store:
         self.last_seq = seq
         return outcomes
 
-    def _load(self, conn: sqlite3.Connection, task_id: str) -> Task | None:
-        """Runs on the worker thread, like every writer: the cache is coherent there."""
-        task = self._cache.get(task_id)
-        return task if task is not None else _select_task(conn, task_id)
 
     @staticmethod
     def _apply_change(txn: _Txn, op: Change, seq: int, now: str, outcome: Outcome) -> int:
@@ -485,7 +559,8 @@ class Store:
     # ---- reads -----------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> Task | None:
-        return await self._call(self._load, task_id)
+        task = self._cache.get(task_id)  # committed state, like a read
+        return task if task is not None else await self._call(_select_task, task_id)
 
     async def list_tasks(
         self, user_id: int, *, status: str | None, limit: int, before: int | None
@@ -547,11 +622,18 @@ class Store:
 
     def _txn_snapshots(self, conn: sqlite3.Connection, requests: list[tuple[int, int | None]]
                        ) -> list[Snapshot]:
-        return [self._read_snapshot(conn, user_id, since) for user_id, since in requests]
-
-    def _read_snapshot(self, conn: sqlite3.Connection, user_id: int, since: int | None
-                       ) -> Snapshot:
+        # `seq` is read before the read transaction starts, so the rows hold at least
+        # everything up to it (a client resuming from it may get a change twice, never miss
+        # one); one read transaction, so active and changed rows agree
         seq = self.last_seq
+        conn.execute("BEGIN")
+        try:
+            return [self._read_snapshot(conn, seq, user_id, since) for user_id, since in requests]
+        finally:
+            conn.execute("COMMIT")
+
+    def _read_snapshot(self, conn: sqlite3.Connection, seq: int, user_id: int,
+                       since: int | None) -> Snapshot:
         active = [
             _row_to_task(row)
             for row in conn.execute(
@@ -638,7 +720,7 @@ class Store:
             self.horizon = max(self.horizon, int(top))
             return cursor.rowcount
 
-        return await self._call(purge)
+        return await self._call_writer(purge)
 
     async def ping(self) -> bool:
         def check(conn: sqlite3.Connection) -> bool:

@@ -357,6 +357,13 @@ async def test_demo_secret_is_created_once(store: Store) -> None:
 # ---- every per-user and per-task statement is answered from an index --------------------
 
 
+async def _trace(store: Store, callback) -> None:
+    """Trace (or with None, stop tracing) the statements of both connections."""
+    await store._call(lambda conn: conn.set_trace_callback(callback))
+    assert store._wconn is not None
+    store._wconn.set_trace_callback(callback)
+
+
 def _scans(conn: sqlite3.Connection, sql: str) -> list[str]:
     """The plan lines that read a whole table (or a whole index) instead of searching."""
     plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
@@ -372,10 +379,7 @@ async def test_per_user_and_per_task_statements_use_an_index(store: Store,
 
     statements: list[str] = []
 
-    def trace(conn: sqlite3.Connection) -> None:
-        conn.set_trace_callback(statements.append)
-
-    await store._call(trace)
+    await _trace(store, statements.append)
     # what users and producers do, per user and per task
     await ok(store, Register("p", 1, "job", max_active=10))   # existence + active count
     await ok(store, Register("p", 1, "job"))                  # idempotent repeat
@@ -389,7 +393,7 @@ async def test_per_user_and_per_task_statements_use_an_index(store: Store,
     await store.changed_since(1, 2, 100)
     await store.snapshot(1, None)
     await store.snapshot(1, 1)
-    await store._call(lambda conn: conn.set_trace_callback(None))
+    await _trace(store, None)
 
     reads = [s for s in statements
              if s.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE"))
@@ -409,11 +413,11 @@ async def test_sweeper_statements_do_not_scan_the_tasks_table(store: Store,
     await finished(store, "f")
     await ok(store, Register("a", 1, "job"))
     statements: list[str] = []
-    await store._call(lambda conn: conn.set_trace_callback(statements.append))
+    await _trace(store, statements.append)
     await store.active_before("9999-12-31T00:00:00.000Z")
     await store.finished_before("9999-12-31T00:00:00.000Z")
     await store.active_by_origin("inprocess")
-    await store._call(lambda conn: conn.set_trace_callback(None))
+    await _trace(store, None)
     reads = [s for s in statements if s.upper().startswith("SELECT")]
     assert len(reads) == 3
     conn = sqlite3.connect(str(db_path))
