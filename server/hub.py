@@ -1,9 +1,11 @@
 """Who is connected and who gets which update.
 
-The hub knows connections only as `Subscriber`s (a user id and a `deliver` method), never
+The hub knows connections only as `Subscriber`s (a user id, `deliver` and `flush`), never
 aiohttp. Each committed change is serialized once into an `Update` and handed to every
 socket of the task's owner and every socket subscribed to the task; `deliver` only
-queues, so one slow socket never delays the others. Long-poll waiters are woken here too.
+queues, so one slow socket never delays the others, and each socket is flushed once after
+the whole commit is queued (so a task's progress within one commit is coalesced, latest
+wins, before anything is written). Long-poll waiters are woken here too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class Subscriber(Protocol):
     user_id: int
 
     def deliver(self, update: protocol.Update) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 def update_for(outcome: Outcome) -> protocol.Update | None:
@@ -79,6 +83,7 @@ class Hub:
 
     def publish(self, outcomes: Iterable[Outcome]) -> None:
         """Called by the store right after a commit, in seq order."""
+        touched: dict[Subscriber, None] = {}
         for outcome in outcomes:
             update = update_for(outcome)
             if update is None:
@@ -89,15 +94,19 @@ class Hub:
             if owners:
                 for conn in list(owners):
                     conn.deliver(update)
+                    touched[conn] = None
             if watchers:
                 for conn in list(watchers):
                     if owners is None or conn not in owners:
                         conn.deliver(update)
+                        touched[conn] = None
             waiters = self._waiters.pop(update.task_id, None)
             if waiters:
                 for future in waiters:
                     if not future.done():
                         future.set_result(None)
+        for conn in touched:
+            conn.flush()
 
     @contextlib.contextmanager
     def watching(self, task_id: str) -> Iterator[asyncio.Future[None]]:

@@ -6,6 +6,7 @@ Imports neither aiohttp nor the store, so every rule here is unit-tested without
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -120,15 +121,35 @@ def pong() -> str:
     return simple("pong", timestamp=utc_now())
 
 
+def text_frame(text: str) -> bytes:
+    """`text` as one unfragmented, unmasked WebSocket text frame (RFC 6455 section 5.2),
+    which is how a server sends a message."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
+
+
 @dataclass(frozen=True, slots=True)
 class Update:
-    """One change as pushed: serialized once, the same text sent to every socket."""
+    """One change as pushed: serialized and framed once, the same bytes written to every
+    socket."""
 
     task_id: str
     user_id: int
     seq: int
     status: str  # "deleted" for a task_deleted message
     text: str
+    frame: bytes = b""  # text_frame(text), filled in on creation
+
+    def __post_init__(self) -> None:
+        if not self.frame:
+            object.__setattr__(self, "frame", text_frame(self.text))
 
     @property
     def mergeable(self) -> bool:

@@ -28,23 +28,27 @@ log = logging.getLogger(__name__)
 CONTROL_LIMIT = 256
 EXPIRY_NOTICE = 60.0
 CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close frame
+DIRECT_WRITE_LIMIT = 65536  # bytes buffered in the transport above which sends wait
 
 
 class Connection:
     """One authenticated socket, as the hub sees it (`user_id`, `deliver`).
 
-    There is no task per idle socket: a sender task exists only while something is queued,
-    and the send never waits on a timer per frame; `send_watchdog` closes a socket whose
-    send has been stuck for longer than `--send-timeout`.
+    There is no task per idle socket. What is queued is written straight to the transport
+    while its buffer is small (`_write_direct`: no task, no await, the update's frame bytes
+    shared by every socket); only a peer that reads slowly gets a sender task, which waits
+    for the buffer to drain, and `send_watchdog` closes a socket whose send has been stuck
+    for longer than `--send-timeout`.
     """
 
     __slots__ = ("_close_task", "_sender", "_timers", "app", "closing", "control", "id",
                  "identity", "leeway", "limiter", "metrics", "outbox", "send_started",
-                 "subscriptions", "user_id", "ws")
+                 "subscriptions", "transport", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, identity: Identity, request: web.Request):
         config = request.app[keys.CONFIG]
         self.ws = ws
+        self.transport = request.transport
         self.app = request.app
         self.id = str(uuid.uuid4())
         self.identity = identity
@@ -79,6 +83,9 @@ class Connection:
             return
         if self.outbox.merged != merged:
             self.metrics.updates_merged.inc(self.outbox.merged - merged)
+
+    def flush(self) -> None:
+        """Send what `deliver` queued (the hub calls it once per commit)."""
         self.kick()
 
     # ---- sending ---------------------------------------------------------------------
@@ -104,9 +111,35 @@ class Connection:
         self.kick()
 
     def kick(self) -> None:
-        """Start the sender if it is not running (it stops when the queues are empty)."""
-        if self._sender is None and not self.closing:
+        """Write what is queued now, or start the sender if it must wait (it stops when the
+        queues are empty)."""
+        if self._sender is None and not self.closing and not self._write_direct():
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
+
+    def _write_direct(self) -> bool:
+        """Write queued messages to the transport while its buffer is below
+        DIRECT_WRITE_LIMIT, in the sender's order. True when nothing is left to send."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.ws.closed:
+            return False  # the sender finds out what is wrong and marks the socket closing
+        written = 0
+        try:
+            while transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT:
+                if self.control:
+                    frame = protocol.text_frame(self.control.popleft())
+                    if not self.control:
+                        self.control = None
+                else:
+                    update = None if self.outbox.replaying else self.outbox.pop()
+                    if update is None:
+                        return True
+                    frame = update.frame
+                transport.write(frame)
+                written += 1
+            return False
+        finally:
+            if written:
+                self.metrics.messages_sent.inc(written)
 
     async def _send_queued(self) -> None:
         ws = self.ws
@@ -373,6 +406,7 @@ async def _subscribe(conn: Connection, task_id: str, request: web.Request) -> No
     conn.send(protocol.simple("subscribed", task_id=task_id))
     if task is not None:
         conn.deliver(protocol.status_update(task))
+        conn.flush()
 
 
 def _refresh(conn: Connection, token: str, request: web.Request) -> None:

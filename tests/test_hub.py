@@ -18,9 +18,13 @@ class Recorder:
     def __init__(self, user_id: int) -> None:
         self.user_id = user_id
         self.got: list[protocol.Update] = []
+        self.flushed_after: list[int] = []  # how many updates had arrived at each flush
 
     def deliver(self, update: protocol.Update) -> None:
         self.got.append(update)
+
+    def flush(self) -> None:
+        self.flushed_after.append(len(self.got))
 
     def seqs(self) -> list[int]:
         return [u.seq for u in self.got]
@@ -155,6 +159,22 @@ def test_deletion_is_pushed_as_task_deleted():
     update = a.got[0]
     assert (update.task_id, update.seq, update.status) == ("t1", 5, "deleted")
     assert json.loads(update.text) == {"type": "task_deleted", "task_id": "t1"}
+
+
+def test_each_socket_is_flushed_once_after_the_whole_commit_is_queued():
+    """So a socket's queue sees every update of a commit before anything is written:
+    progress of one task within one commit is coalesced (latest wins)."""
+    hub = Hub()
+    a, b, watcher, idle = Recorder(1), Recorder(2), Recorder(3), Recorder(1)
+    for conn in (a, b, watcher):
+        hub.attach(conn)
+    hub.subscribe(watcher, "t1")
+    hub.publish([changed("t1", 1, 1), changed("t2", 2, 2), changed("t1", 1, 3)])
+    assert a.flushed_after == [2] and watcher.flushed_after == [2]
+    assert b.flushed_after == [1]
+    assert idle.flushed_after == []  # never attached: not touched
+    hub.publish([changed("t9", 1, 4, "failed")])
+    assert a.flushed_after == [2, 3] and b.flushed_after == [1]
 
 
 def test_update_for_registration():

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from server import protocol
-from server.protocol import ClientMessage, Outbox, ProtocolError, RateLimiter, Update
+from server.protocol import ClientMessage, Outbox, ProtocolError, RateLimiter, Update, text_frame
 
 # ---- parse_client_message -----------------------------------------------------------------
 
@@ -327,3 +327,26 @@ def test_rate_limiter_allowed_message_resets_strikes():
     assert rl.strikes == 2
     assert rl.allow(t + 1.0)
     assert rl.strikes == 0 and not rl.flooding
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_text_frame_is_an_unmasked_final_text_frame_with_each_length_form(size: int) -> None:
+    text = "é" * (size // 2) + "x" * (size % 2)  # multi-byte UTF-8: length is in bytes
+    payload = text.encode()
+    frame = text_frame(text)
+    assert frame[0] == 0x81  # FIN + text opcode, no RSV bits
+    assert frame[1] & 0x80 == 0  # a server never masks
+    code = frame[1] & 0x7F
+    if len(payload) < 126:
+        assert code == len(payload) and frame[2:] == payload
+    elif len(payload) < 65536:
+        assert code == 126 and int.from_bytes(frame[2:4], "big") == len(payload)
+        assert frame[4:] == payload
+    else:
+        assert code == 127 and int.from_bytes(frame[2:10], "big") == len(payload)
+        assert frame[10:] == payload
+
+
+def test_update_carries_its_frame() -> None:
+    update = upd("t1", 3)
+    assert update.frame == text_frame(update.text)
