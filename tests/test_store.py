@@ -429,3 +429,74 @@ async def test_sweeper_statements_do_not_scan_the_tasks_table(store: Store,
                            for d in details), (sql, details)
     finally:
         conn.close()
+
+
+# ---- where writes run, and checkpoints ------------------------------------------------------
+
+
+async def test_small_batches_are_written_on_the_loop_thread_large_ones_on_the_worker(
+        store: Store, db_path: Path) -> None:
+    """A small commit costs less than a thread hop; a large one must not stall the loop."""
+    import threading
+
+    from server import store as store_module
+
+    await ok(store, Register("t", 1, "job"))
+    writers: list[int] = []
+    assert store._wconn is not None
+    store._wconn.set_trace_callback(
+        lambda sql: writers.append(threading.get_ident()) if sql.startswith("INSERT INTO events")
+        else None)
+    await ok(store, Change("t", "progress", progress=1))
+    big = store_module.INLINE_MAX_OPS + 1
+    outcomes = await store.submit_many([Change("t", "progress", progress=n % 100)
+                                        for n in range(big)])
+    store._wconn.set_trace_callback(None)
+    assert writers[0] == threading.get_ident()
+    assert writers[1] != threading.get_ident()
+    assert [o.seq for o in outcomes] == list(range(3, 3 + big))
+    assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 't'") == [(big + 2,)]
+
+
+async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
+        store: Store, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from server import store as store_module
+
+    assert store._wconn is not None
+    assert store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY_S", 0.05)
+    await ok(store, Register("in-main-file", 1, "job"))
+
+    def main_file_has_task() -> bool:
+        copy = tmp_path / "main-only.db"  # the database file without its WAL
+        shutil.copyfile(db_path, copy)
+        conn = sqlite3.connect(f"file:{copy}?immutable=1", uri=True)
+        try:
+            return conn.execute("SELECT count(*) FROM tasks WHERE task_id = 'in-main-file'"
+                                ).fetchone() == (1,)
+        except sqlite3.OperationalError:  # not even the schema has been copied yet
+            return False
+        finally:
+            conn.close()
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not main_file_has_task():
+        assert asyncio.get_running_loop().time() < deadline, "no checkpoint within 10 s"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_sweep_and_a_large_batch_share_the_writer_safely(store: Store) -> None:
+    from server import store as store_module
+
+    await ok(store, Register("t", 1, "job"))
+    big = [Change("t", "progress", progress=n % 100)
+           for n in range(store_module.INLINE_MAX_OPS * 3)]
+    results = await asyncio.gather(
+        store.submit_many(big),
+        store.purge_tombstones("9999-12-31T00:00:00.000Z"),
+        store.submit(Change("t", "progress", progress=7)),
+    )
+    assert all(o.error is None for o in results[0]) and results[2].error is None
+    assert (await store.get_task("t"))["seq"] == store.last_seq
