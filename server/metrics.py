@@ -51,17 +51,29 @@ class Metrics:
         )
 
     def observe_commit(self, outcomes: list[Outcome], seconds: float) -> None:
+        """Counted per commit, not per event: one increment per kind seen."""
         self.commit_seconds.observe(seconds)
         self.batch_size.observe(len(outcomes))
+        kinds: dict[str, int] = {}
+        refused: dict[str, int] = {}
         for outcome in outcomes:
             if outcome.error is not None:
-                self.refused.labels(getattr(outcome.error, "code", "error")).inc()
-            elif outcome.deleted:
-                self.events.labels("delete").inc()
+                code = getattr(outcome.error, "code", "error")
+                refused[code] = refused.get(code, 0) + 1
+                continue
+            if outcome.deleted:
+                kind = "delete"
             elif outcome.created:
-                self.events.labels("register").inc()
+                kind = "register"
             elif not (outcome.skipped or outcome.replayed or isinstance(outcome.op, Register)):
-                self.events.labels("change").inc()
+                kind = "change"
+            else:
+                continue
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, count in kinds.items():
+            self.events.labels(kind).inc(count)
+        for code, count in refused.items():
+            self.refused.labels(code).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

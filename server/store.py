@@ -69,6 +69,7 @@ class StoreLocked(RuntimeError):
 
 
 CommitListener = Callable[[list[Outcome], float], None]
+_Submission = tuple[Sequence[Operation], "asyncio.Future[list[Outcome]]"]  # one caller's ops
 
 
 def _dumps(value: Any) -> str | None:
@@ -249,7 +250,7 @@ class Store:
         self.last_seq = 0
         self.horizon = 0  # `since` below this cannot be replayed (history swept)
         self.on_commit: CommitListener | None = None
-        self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Outcome]]] | None = None
+        self._queue: asyncio.Queue[_Submission] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lock_handle: IO[str] | None = None
         # tasks as last committed; changed only by the writer, after COMMIT
@@ -369,32 +370,27 @@ class Store:
 
     async def submit(self, op: Operation) -> Outcome:
         """Apply one operation durably; returns after its transaction has committed."""
-        if self._queue is None:
-            raise RuntimeError("store is not open")
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, future))
-        return await future
+        return (await self.submit_many((op,)))[0]
 
     async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]:
-        """Apply operations, each on its own, all committed before this returns."""
+        """Apply operations, each on its own, all committed before this returns (one
+        future for them all: a batch of 500 costs one wake-up, not 500)."""
         if self._queue is None:
             raise RuntimeError("store is not open")
-        loop = asyncio.get_running_loop()
-        futures = []
-        for op in ops:
-            future: asyncio.Future[Outcome] = loop.create_future()
-            self._queue.put_nowait((op, future))
-            futures.append(future)
-        return list(await asyncio.gather(*futures))
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((ops, future))
+        return await future
 
     async def _write_loop(self) -> None:
         assert self._queue is not None
         queue = self._queue
         while True:
             batch = [await queue.get()]
-            while len(batch) < MAX_BATCH and not queue.empty():
-                batch.append(queue.get_nowait())
-            ops = [op for op, _ in batch]
+            ops = list(batch[0][0])
+            while len(ops) < MAX_BATCH and not queue.empty():
+                item = queue.get_nowait()
+                batch.append(item)
+                ops.extend(item[0])
             started = time.perf_counter()
             try:
                 if len(ops) <= INLINE_MAX_OPS and not self._write_lock.locked():
@@ -416,9 +412,12 @@ class Store:
                     self.on_commit(outcomes, elapsed)
                 except Exception:
                     log.exception("commit listener failed")
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
+            start = 0
+            for item_ops, future in batch:
+                end = start + len(item_ops)
                 if not future.done():
-                    future.set_result(outcome)
+                    future.set_result(outcomes[start:end])
+                start = end
                 queue.task_done()
 
     def _committed(self, ops: int) -> None:
