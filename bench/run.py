@@ -32,6 +32,7 @@ from bench.common import (
     install_uvloop,
     listen_overflows,
     machine_info,
+    make_token,
     ns_to_ms,
     other_cpu,
     pct,
@@ -42,6 +43,7 @@ from bench.common import (
     set_affinity,
     sys_cpu,
 )
+from bench.storm import close_storm, storm
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
@@ -631,11 +633,18 @@ async def scenario_storm(ctx: Ctx, srv: Server) -> dict:
                                       "message": "storm"} for t, _ in specs])
     log(f"  storm setup: registered {reg}, set running {run}")
     await srv.quiesce(5)
+    tokens = {u: make_token(ctx.secret, u) for u in uids}
+    light = not a.storm_concurrency  # the light client launches every handshake at once
     pool = Pool(srv.base, ctx.secret)
+    r: dict = {"ok": []}
     try:
         ov0 = listen_overflows()
         cpu0, lg0, rss0, sys0 = srv.cpu(), self_cpu_s(), srv.rss_kb(), sys_cpu()
-        r = await pool.connect_many(uids, concurrency=a.storm_concurrency, timeout=a.storm_timeout)
+        if light:
+            r = await storm(srv.base, tokens, a.storm_timeout)
+        else:
+            r = await pool.connect_many(uids, concurrency=a.storm_concurrency,
+                                        timeout=a.storm_timeout)
         cpu1, lg1, sys1 = srv.cpu(), self_cpu_s(), sys_cpu()
         ov1 = listen_overflows()
         t0 = r["t0"]
@@ -646,6 +655,7 @@ async def scenario_storm(ctx: Ctx, srv: Server) -> dict:
         res = {
             "clients": c,
             "tasks_per_client": k,
+            "client": "bench/storm.py (light)" if light else "aiohttp",
             "setup_register": reg,
             "setup_running": run,
             "ready_ok": len(good),
@@ -675,6 +685,8 @@ async def scenario_storm(ctx: Ctx, srv: Server) -> dict:
             f"loadgen util {res['loadgen_util']}, listen overflows {res['listen_overflows']}")
         return res
     finally:
+        if light:
+            await close_storm(r.get("clients", []))
         await pool.close()
 
 
