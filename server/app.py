@@ -21,7 +21,8 @@ from .openapi import openapi_document
 from .store import Store
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
-from .ws import close_all, send_watchdog, websocket_handler
+from .watch import TokenDeadlines, socket_watch
+from .ws import close_all, websocket_handler
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.METRICS] = Metrics()
     app[keys.TASKS] = TaskService(store, max_active=config.max_active_tasks)
     app[keys.SOCKETS] = set()
+    app[keys.DEADLINES] = TokenDeadlines(config.jwt_leeway)
     app[keys.DEMO_RUNNERS] = set()
 
     app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
@@ -172,6 +174,6 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(sweeper_ctx)
-    app.cleanup_ctx.append(send_watchdog)
+    app.cleanup_ctx.append(socket_watch)
     app.on_shutdown.append(on_shutdown)
     return app

@@ -14,6 +14,7 @@ from .store import Store
 from .tasks import TaskService
 
 if TYPE_CHECKING:
+    from .watch import TokenDeadlines
     from .ws import Connection
 
 CONFIG = web.AppKey("config", Config)
@@ -23,4 +24,5 @@ TASKS = web.AppKey("tasks", TaskService)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
 SOCKETS: web.AppKey[set[Connection]] = web.AppKey("sockets", set)
+DEADLINES: web.AppKey[TokenDeadlines] = web.AppKey("deadlines")
 DEMO_RUNNERS: web.AppKey[set[object]] = web.AppKey("demo_runners", set)

@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
 
 from aiohttp import WSMsgType, web
 
@@ -26,7 +25,6 @@ from .model import Task, utc_iso
 log = logging.getLogger(__name__)
 
 CONTROL_LIMIT = 256
-EXPIRY_NOTICE = 60.0
 CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close frame
 DIRECT_WRITE_LIMIT = 65536  # bytes buffered in the transport above which sends wait
 
@@ -37,13 +35,13 @@ class Connection:
     There is no task per idle socket. What is queued is written straight to the transport
     while its buffer is small (`_write_direct`: no task, no await, the update's frame bytes
     shared by every socket); only a peer that reads slowly gets a sender task, which waits
-    for the buffer to drain, and `send_watchdog` closes a socket whose send has been stuck
-    for longer than `--send-timeout`.
+    for the buffer to drain. Its clocks (token expiry, pings, a stuck send) are kept by
+    `watch.py` for all sockets at once.
     """
 
-    __slots__ = ("_close_task", "_sender", "_timers", "app", "closing", "control", "id",
-                 "identity", "leeway", "limiter", "metrics", "outbox", "send_started",
-                 "subscriptions", "transport", "user_id", "ws")
+    __slots__ = ("__weakref__", "_close_task", "_sender", "app", "closing", "control", "id",
+                 "identity", "limiter", "metrics", "outbox", "ping_sent_at", "send_started",
+                 "subscriptions", "token_generation", "transport", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, identity: Identity, request: web.Request):
         config = request.app[keys.CONFIG]
@@ -60,10 +58,10 @@ class Connection:
                                             config.flood_strikes)
         self.closing = False
         self.send_started = 0.0  # loop time the current send began; 0 when not sending
+        self.ping_sent_at = 0.0  # loop time of an unanswered ping; 0 once the peer spoke
+        self.token_generation = 0  # bumped when the token changes (watch.TokenDeadlines)
         self._sender: asyncio.Task[None] | None = None
-        self._timers: list[asyncio.TimerHandle] = []
         self._close_task: asyncio.Task[None] | None = None
-        self.leeway = config.jwt_leeway
         self.metrics = request.app[keys.METRICS]
 
     # ---- what the hub calls ----------------------------------------------------------
@@ -174,6 +172,21 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
 
+    def write_control(self, frame: bytes) -> bool:
+        """A protocol frame (a ping) written whole, now, unless the socket is backed up."""
+        transport = self.transport
+        if (transport is not None and not transport.is_closing() and not self.ws.closed
+                and transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT):
+            transport.write(frame)
+            return True
+        return False
+
+    def abort(self) -> None:
+        """Drop a peer that answers nothing (no close handshake: it would only wait)."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def close(self, code: int, reason: str) -> None:
         """Close once, from any task; a peer that does not read is cut off after a timeout."""
         if self.closing:
@@ -207,33 +220,13 @@ class Connection:
     # ---- token lifetime --------------------------------------------------------------
 
     def schedule_expiry(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
-        exp = self.identity.expires_at
-        if exp is None:
-            return
-        loop = asyncio.get_running_loop()
-        now_wall, now_loop = time.time(), loop.time()
-        notice_at = exp - EXPIRY_NOTICE
-        if notice_at > now_wall:
-            self._timers.append(loop.call_at(now_loop + notice_at - now_wall, self._notice))
-        else:
-            self._notice()
-        close_in = max(0.0, exp + self.leeway - now_wall)
-        self._timers.append(loop.call_at(now_loop + close_in, self.close,
-                                         protocol.CLOSE_UNAUTHORIZED, "token expired"))
+        self.app[keys.DEADLINES].schedule(self, len(self.app[keys.SOCKETS]))
 
-    def _notice(self) -> None:
+    def notice_expiring(self) -> None:
         exp = self.identity.expires_at
         if exp is not None:
             remaining = max(0, round(exp - time.time()))
             self.send(protocol.simple("token_expiring", expires_in=remaining))
-
-    def cancel_timers(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
 
 
 def _int_query(request: web.Request, name: str) -> int | str | None:
@@ -248,14 +241,8 @@ def _int_query(request: web.Request, name: str) -> int | str | None:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     config = app[keys.CONFIG]
-    ws = web.WebSocketResponse(
-        heartbeat=config.ping_interval or None,
-        max_msg_size=config.max_frame_bytes,
-        autoping=True,
-    )
-    if config.ping_interval and config.ping_timeout:
-        # aiohttp waits heartbeat/2 for the pong; let the operator choose (private field)
-        ws._pong_heartbeat = config.ping_timeout
+    # pings are sent and answered here and by watch.py, not by a timer per socket in aiohttp
+    ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
     await ws.prepare(request)
 
     try:
@@ -285,7 +272,6 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         await _receive_loop(conn, request)
     finally:
         conn.closing = True
-        conn.cancel_timers()
         hub.detach(conn, conn.subscriptions)
         sockets.discard(conn)
         metrics.connections.dec()
@@ -342,6 +328,12 @@ async def _receive_loop(conn: Connection, request: web.Request) -> None:
     async for msg in ws:
         if conn.closing:
             break
+        conn.ping_sent_at = 0.0  # it spoke: alive
+        if msg.type == WSMsgType.PING:
+            await ws.pong(msg.data)
+            continue
+        if msg.type == WSMsgType.PONG:
+            continue
         if not conn.limiter.allow():
             if conn.limiter.flooding:
                 conn.close(protocol.CLOSE_POLICY, "message rate limit exceeded")
@@ -421,29 +413,6 @@ def _refresh(conn: Connection, token: str, request: web.Request) -> None:
     conn.schedule_expiry()
     expires = None if identity.expires_at is None else utc_iso(identity.expires_at)
     conn.send(protocol.simple("refreshed", expires_at=expires))
-
-
-async def send_watchdog(app: web.Application) -> AsyncIterator[None]:
-    """Once a second, close sockets whose current send has been blocked for longer than
-    `--send-timeout` (a peer that stopped reading): one timer for all, none per frame."""
-    timeout = app[keys.CONFIG].send_timeout
-
-    async def watch() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(min(1.0, timeout / 2))
-            now = loop.time()
-            for conn in list(app[keys.SOCKETS]):
-                started = conn.send_started
-                if started and now - started > timeout and not conn.closing:
-                    app[keys.METRICS].slow_closed.inc()
-                    conn.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
-
-    task = asyncio.create_task(watch(), name="taskpush-send-watchdog")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def close_all(app: web.Application) -> None:

@@ -1,0 +1,161 @@
+"""Every socket's clocks with one task and one timer, none per socket.
+
+A timer handle costs ~700 bytes on uvloop, and a socket needed three (the token's expiry
+notice, its close, aiohttp's heartbeat). Here instead:
+- token deadlines (`token_expiring`, then close 4401) sit in one heap served by a single
+  loop timer; an entry holds a weak reference and is dropped if the socket has gone or its
+  token was refreshed since;
+- one task ticks about once a second: it pings each socket every `--ping-interval` (a
+  two-byte frame), drops a peer that has sent nothing for `--ping-timeout` after a ping, and
+  closes a socket whose send has been stuck for longer than `--send-timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from . import keys, protocol
+
+if TYPE_CHECKING:
+    from .ws import Connection
+
+EXPIRY_NOTICE = 60.0  # seconds before exp that `token_expiring` is sent
+PING_FRAME = b"\x89\x00"  # RFC 6455: final frame, opcode ping, no payload, unmasked
+
+_Entry = tuple[float, int, "weakref.ref[Connection]", int, bool]  # when, n, conn, gen, close?
+
+
+class TokenDeadlines:
+    """The heap of (wall-clock) token deadlines and the one timer that serves it."""
+
+    def __init__(self, leeway: float) -> None:
+        self.leeway = leeway
+        self._heap: list[_Entry] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def schedule(self, conn: Connection, live: int) -> None:
+        """(Re)start `conn`'s deadlines from its current token; earlier ones lapse."""
+        conn.token_generation += 1
+        exp = conn.identity.expires_at
+        if exp is None:
+            return
+        ref = weakref.ref(conn)
+        notice_at = exp - EXPIRY_NOTICE
+        if notice_at > time.time():
+            self._push((notice_at, next(self._order), ref, conn.token_generation, False))
+        else:
+            conn.notice_expiring()
+        self._push((exp + self.leeway, next(self._order), ref, conn.token_generation, True))
+        if len(self._heap) > 64 + 4 * live:
+            self._compact()
+        self._arm()
+
+    def _push(self, entry: _Entry) -> None:
+        heapq.heappush(self._heap, entry)
+
+    @staticmethod
+    def _current(entry: _Entry) -> Connection | None:
+        conn = entry[2]()
+        if conn is None or conn.closing or conn.token_generation != entry[3]:
+            return None
+        return conn
+
+    def _compact(self) -> None:
+        """Forget the entries of sockets that closed or refreshed their token."""
+        self._heap = [entry for entry in self._heap if self._current(entry) is not None]
+        heapq.heapify(self._heap)
+
+    def _arm(self) -> None:
+        if not self._heap:
+            return
+        when = self._heap[0][0]
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = when
+        self._timer = loop.call_at(loop.time() + max(0.0, when - time.time()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.time()
+        while self._heap and self._heap[0][0] <= now:
+            entry = heapq.heappop(self._heap)
+            conn = self._current(entry)
+            if conn is None:
+                continue
+            if entry[4]:
+                conn.close(protocol.CLOSE_UNAUTHORIZED, "token expired")
+            else:
+                conn.notice_expiring()
+        self._arm()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
+
+
+def check_sockets(conns: Iterable[Connection], now: float, *, send_timeout: float,
+                  ping_timeout: float, ping: bool) -> tuple[int, int]:
+    """One tick over every socket: returns (closed as stuck, dropped as dead)."""
+    stuck = dead = 0
+    for conn in conns:
+        if conn.closing:
+            continue
+        started = conn.send_started
+        if started and now - started > send_timeout:
+            conn.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+            stuck += 1
+        elif conn.ping_sent_at:
+            if ping_timeout and now - conn.ping_sent_at > ping_timeout:
+                conn.abort()  # it answers nothing: a close handshake would only wait
+                dead += 1
+        elif ping and conn.write_control(PING_FRAME):
+            conn.ping_sent_at = now
+    return stuck, dead
+
+
+async def socket_watch(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the ticking task, and the token deadlines' timer stopped at the end."""
+    config = app[keys.CONFIG]
+    ping_every = config.ping_interval
+    tick = min(1.0, config.send_timeout / 2, ping_every / 2 if ping_every else 1.0)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + ping_every
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            ping = bool(ping_every) and now >= next_ping
+            if ping:
+                next_ping = now + ping_every
+            stuck, _ = check_sockets(list(app[keys.SOCKETS]), now,
+                                     send_timeout=config.send_timeout,
+                                     ping_timeout=config.ping_timeout, ping=ping)
+            if stuck:
+                app[keys.METRICS].slow_closed.inc(stuck)
+
+    task = asyncio.create_task(run(), name="taskpush-socket-watch")
+    yield
+    task.cancel()
+    app[keys.DEADLINES].stop()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,148 @@
+"""server/watch.py: the clocks of every socket kept without a timer per socket.
+
+Unit tests with a stand-in socket (the watch needs only a few attributes); the real
+sockets' expiry, ping and stuck-send behaviour is tested end to end in test_ws_delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import weakref
+
+from server.watch import PING_FRAME, TokenDeadlines, check_sockets
+
+
+class Identity:
+    def __init__(self, expires_at: float | None) -> None:
+        self.expires_at = expires_at
+
+
+class Socket:
+    def __init__(self, expires_at: float | None = None) -> None:
+        self.identity = Identity(expires_at)
+        self.closing = False
+        self.token_generation = 0
+        self.send_started = 0.0
+        self.ping_sent_at = 0.0
+        self.backed_up = False
+        self.events: list[str] = []
+        self.frames: list[bytes] = []
+        self.notified = asyncio.Event()
+
+    def notice_expiring(self) -> None:
+        self.events.append("notice")
+        self.notified.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.events.append(f"close {code}")
+        self.closing = True
+        self.notified.set()
+
+    def abort(self) -> None:
+        self.events.append("abort")
+        self.closing = True
+
+    def write_control(self, frame: bytes) -> bool:
+        if self.backed_up:
+            return False
+        self.frames.append(frame)
+        return True
+
+
+async def wait(sock: Socket, timeout: float = 5.0) -> None:
+    await asyncio.wait_for(sock.notified.wait(), timeout)
+    sock.notified.clear()
+
+
+async def test_notice_then_close_at_exp_plus_leeway() -> None:
+    deadlines = TokenDeadlines(leeway=0.1)
+    sock = Socket(expires_at=time.time() + 0.2)  # inside the notice window already
+    deadlines.schedule(sock, live=1)
+    assert sock.events == ["notice"]
+    sock.notified.clear()
+    await wait(sock)
+    assert sock.events == ["notice", "close 4401"]
+    deadlines.stop()
+
+
+async def test_a_refreshed_token_cancels_the_old_deadlines() -> None:
+    deadlines = TokenDeadlines(leeway=0.0)
+    sock = Socket(expires_at=time.time() + 0.2)
+    deadlines.schedule(sock, live=1)
+    sock.identity = Identity(time.time() + 0.6)  # refreshed
+    deadlines.schedule(sock, live=1)
+    sock.events.clear()
+    sock.notified.clear()
+    await wait(sock)
+    assert sock.events == ["close 4401"]  # once, at the new deadline
+    assert deadlines._heap == []  # the stale entry was dropped when it came due
+    deadlines.stop()
+
+
+async def test_no_deadline_without_exp_and_closed_sockets_are_not_touched() -> None:
+    deadlines = TokenDeadlines(leeway=0.0)
+    forever = Socket(expires_at=None)
+    deadlines.schedule(forever, live=2)
+    assert len(deadlines) == 0
+    gone = Socket(expires_at=time.time() + 0.05)
+    deadlines.schedule(gone, live=2)
+    witness = Socket(expires_at=time.time() + 0.15)  # due after `gone`: served after it
+    deadlines.schedule(witness, live=2)
+    gone.closing = True
+    gone.events.clear()
+    witness.notified.clear()
+    await wait(witness)
+    assert witness.events[-1] == "close 4401"
+    assert gone.events == []  # its deadline passed first: a closed socket is not touched
+    deadlines.stop()
+
+
+async def test_entries_do_not_keep_sockets_alive_and_are_compacted() -> None:
+    deadlines = TokenDeadlines(leeway=0.0)
+    refs = []
+    for _ in range(200):
+        sock = Socket(expires_at=time.time() + 3600)
+        deadlines.schedule(sock, live=1)
+        refs.append(weakref.ref(sock))
+        del sock
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    # 64 + 4 * live bounds the heap: the entries of sockets gone were compacted away
+    assert len(deadlines) <= 64 + 4 * 1 + 2
+    deadlines.stop()
+
+
+def test_ping_once_until_answered_then_drop_a_silent_peer() -> None:
+    sock = Socket()
+    assert check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
+    assert sock.frames == [PING_FRAME] and sock.ping_sent_at == 10.0
+    check_sockets([sock], 12.0, send_timeout=10, ping_timeout=5, ping=True)
+    assert sock.frames == [PING_FRAME]  # one unanswered ping at a time
+    assert check_sockets([sock], 15.5, send_timeout=10, ping_timeout=5, ping=False) == (0, 1)
+    assert sock.events == ["abort"]
+
+
+def test_an_answered_ping_keeps_the_peer() -> None:
+    sock = Socket()
+    check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
+    sock.ping_sent_at = 0.0  # what the receive loop does on any frame (the pong)
+    check_sockets([sock], 100.0, send_timeout=10, ping_timeout=5, ping=True)
+    assert sock.events == [] and sock.frames == [PING_FRAME, PING_FRAME]
+
+
+def test_a_backed_up_socket_is_not_counted_as_pinged() -> None:
+    sock = Socket()
+    sock.backed_up = True
+    check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
+    assert sock.ping_sent_at == 0.0
+    assert check_sockets([sock], 20.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
+
+
+def test_a_stuck_send_is_closed_4408() -> None:
+    sock = Socket()
+    sock.send_started = 1.0
+    assert check_sockets([sock], 5.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
+    assert check_sockets([sock], 11.5, send_timeout=10, ping_timeout=5, ping=False) == (1, 0)
+    assert sock.events == ["close 4408"]
