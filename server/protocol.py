@@ -174,6 +174,8 @@ class Outbox:
     snapshot from the database.
     """
 
+    __slots__ = ("_items", "_latest", "_sent", "limit", "merged", "replaying")
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._items: OrderedDict[int, Update] = OrderedDict()  # keyed by seq: send order
@@ -230,6 +232,8 @@ class Outbox:
 
 class RateLimiter:
     """Token bucket for inbound messages, plus a count of refusals in a row (flood)."""
+
+    __slots__ = ("burst", "rate", "stamp", "strikes", "strikes_allowed", "tokens")
 
     def __init__(self, rate: float, burst: int, strikes: int) -> None:
         self.rate = rate
