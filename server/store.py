@@ -3,7 +3,8 @@
 Two connections to one WAL database. Writes use a writer connection, reads aiosqlite's
 (whose worker thread also runs WAL checkpoints), so a reader never sees a write half-done.
 A whole transaction is one plain function (`_txn_*`) run in one go, so no other coroutine's
-statements can interleave with it.
+statements can interleave with it. A third connection, on a thread of its own, only runs
+WAL checkpoints.
 
 Writes go through a group-commit writer: `submit()` queues an operation; the writer takes
 everything queued, applies it in ONE transaction (each operation applied or refused on its
@@ -11,8 +12,8 @@ own), commits, calls `on_commit` with the outcomes in seq order (that is where u
 pushed), and only then answers each caller. So a write is durable before it is acknowledged
 or pushed. A small batch is written on the event loop's thread: it costs less than the
 two thread wake-ups of a hop (docs/performance.md); a large one, and the sweeps, go to the
-worker thread so the loop keeps serving meanwhile. The writer connection never checkpoints
-on commit; the worker thread does, in the background (`_maybe_checkpoint`).
+worker thread so the loop keeps serving meanwhile. No connection checkpoints on commit; the
+checkpoint thread does, in the background (`_committed`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -54,8 +56,12 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 MAX_BATCH = 2000
 INLINE_MAX_OPS = 64  # batches up to this size are written on the loop's thread
-CHECKPOINT_EVERY_OPS = 20_000  # WAL checkpoint after this many operations ...
-CHECKPOINT_EVERY_S = 2.0  # ... or this many seconds after a commit, whichever is first
+# A WAL checkpoint when the WAL holds roughly 30 MB (a single-event commit writes ~17 KB of
+# pages, a batched event ~2.4 KB) or CHECKPOINT_EVERY_S after a commit, whichever is first
+CHECKPOINT_EVERY_COMMITS = 2_000
+CHECKPOINT_EVERY_OPS = 12_000
+CHECKPOINT_EVERY_S = 2.0
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 TASK_CACHE_SIZE = 20_000  # recently written or read tasks, kept by the writer thread
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -121,11 +127,12 @@ def _connect_sync(conn: sqlite3.Connection) -> None:
     """Connection setup: WAL, a busy timeout, and durability that survives a process crash.
 
     No automatic checkpoint: it would run inside a COMMIT, on the loop's thread, with an
-    fsync; `Store._maybe_checkpoint` runs it on the worker thread instead."""
+    fsync; `Store._committed` has the checkpoint thread run it instead."""
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.execute("PRAGMA foreign_keys=ON")
 
 
@@ -244,6 +251,11 @@ class Store:
         self._wconn: sqlite3.Connection | None = None  # writes, one at a time (_write_lock)
         self._write_lock = asyncio.Lock()
         self._ops_since_checkpoint = 0
+        self._commits_since_checkpoint = 0
+        # checkpoints on a thread and connection of their own: a large write batch or a
+        # snapshot read on aiosqlite's thread never waits behind one
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._cconn: sqlite3.Connection | None = None
         self._checkpoint_due: asyncio.TimerHandle | None = None
         self._checkpointing: asyncio.Task[None] | None = None
         self.epoch = ""
@@ -272,6 +284,9 @@ class Store:
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         await self._call_writer(self._txn_open, schema)
         await self._call(_connect_sync)
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="taskpush-checkpoint")
+        self._cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._cconn.execute("PRAGMA busy_timeout=5000")
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name="taskpush-writer")
 
@@ -304,9 +319,13 @@ class Store:
         if self._checkpoint_due is not None:  # set again by the checkpoint that just ended
             self._checkpoint_due.cancel()
             self._checkpoint_due = None
-        if self._db is not None:
+        if self._checkpointer is not None and self._cconn is not None:
             with contextlib.suppress(sqlite3.Error):
-                await self._call(_checkpoint)
+                await self._run_checkpoint()
+            self._checkpointer.shutdown()
+            self._cconn.close()
+            self._checkpointer = self._cconn = None
+        if self._db is not None:
             await self._db.close()
             self._db = None
         if self._wconn is not None:
@@ -423,31 +442,39 @@ class Store:
     def _committed(self, ops: int) -> None:
         """Schedule a WAL checkpoint: soon after a burst, at the latest CHECKPOINT_EVERY_S."""
         self._ops_since_checkpoint += ops
-        if self._ops_since_checkpoint >= CHECKPOINT_EVERY_OPS:
+        self._commits_since_checkpoint += 1
+        if (self._ops_since_checkpoint >= CHECKPOINT_EVERY_OPS
+                or self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS):
             self._start_checkpoint()
         elif self._checkpoint_due is None:
             self._checkpoint_due = asyncio.get_running_loop().call_later(
                 CHECKPOINT_EVERY_S, self._start_checkpoint)
 
     def _start_checkpoint(self) -> None:
-        if self._checkpointing is not None or self._db is None:
+        if self._checkpointing is not None or self._checkpointer is None:
             return  # the running one will be followed by a timer if more was written
         if self._checkpoint_due is not None:
             self._checkpoint_due.cancel()
             self._checkpoint_due = None
-        self._ops_since_checkpoint = 0
+        self._ops_since_checkpoint = self._commits_since_checkpoint = 0
         self._checkpointing = asyncio.create_task(self._checkpoint())
 
     async def _checkpoint(self) -> None:
         try:
-            await self._call(_checkpoint)
+            await self._run_checkpoint()
         except Exception:
             log.exception("WAL checkpoint failed")
         finally:
             self._checkpointing = None
-        if self._ops_since_checkpoint and self._checkpoint_due is None and self._db is not None:
+        if (self._ops_since_checkpoint and self._checkpoint_due is None
+                and self._checkpointer is not None):
             self._checkpoint_due = asyncio.get_running_loop().call_later(
                 CHECKPOINT_EVERY_S, self._start_checkpoint)
+
+    async def _run_checkpoint(self) -> None:
+        assert self._checkpointer is not None and self._cconn is not None
+        await asyncio.get_running_loop().run_in_executor(self._checkpointer, _checkpoint,
+                                                         self._cconn)
 
     def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation]) -> list[Outcome]:
         """One transaction for the whole batch; each operation applied or refused alone."""
