@@ -60,3 +60,23 @@ def test_readme_curl_examples_work(servers: Any, tmp_path: Path) -> None:
     assert status_of("interview_123") == 404  # deleted by the last example
     assert status_of("resume_42") == "cancelled"
     assert server.stop() == 0
+
+
+def test_readme_flag_table_lists_every_setting_with_its_variable_and_default() -> None:
+    """The table operators read is the one the server parses."""
+    import dataclasses
+
+    from server.config import Config, _env_name, _flag_name
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `--"):
+            cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+            rows[cells[0]] = (cells[1], cells[2])
+    expected = {}
+    for f in dataclasses.fields(Config):
+        shown = "none" if f.default in (None, ()) or f.name in ("jwt_secret", "api_key") \
+            else str(f.default)
+        expected[_flag_name(f)] = (_env_name(f), shown)
+    assert rows == expected
