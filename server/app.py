@@ -161,8 +161,8 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEMO_RUNNERS] = set()
 
     app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
+    producer.add_routes(app)  # first: the hottest path, tried before the user routes
     rest.add_routes(app)
-    producer.add_routes(app)
     if config.demo_mode:
         demo.add_routes(app)
     app.router.add_get("/", index)

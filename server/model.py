@@ -8,6 +8,8 @@ without a database.
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +44,25 @@ _UNSET: Any = object()
 
 def utc_now() -> str:
     """ISO-8601 UTC with milliseconds and a Z; sorts lexicographically."""
-    now = _dt.datetime.now(_dt.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return utc_iso(time.time())
+
+
+_second_text: tuple[int, str] = (-1, "")  # the last whole second formatted (once a second)
 
 
 def utc_iso(seconds: float) -> str:
-    moment = _dt.datetime.fromtimestamp(seconds, _dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    global _second_text
+    frac, whole_f = math.modf(seconds)  # rounded to microseconds as datetime does
+    whole, micros = int(whole_f), round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    millis = micros // 1000
+    if _second_text[0] != whole:
+        text = _dt.datetime.fromtimestamp(whole, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_text = (whole, text)
+    return f"{_second_text[1]}{millis:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)
