@@ -51,6 +51,33 @@ class Client:
         self.error: str | None = None
 
 
+async def all_at_once(coros: list, timeout: float) -> tuple[int, int, set, set]:
+    """Start every coroutine now; wait (bounded) for all; cancel the late ones."""
+    t0 = mono()
+    done, pending = await asyncio.wait([asyncio.create_task(c) for c in coros],
+                                       timeout=timeout)
+    for task in pending:
+        task.cancel()
+    return t0, mono(), done, pending
+
+
+def connect_summary(t0: int, t1: int, clients: list, timed_out: int) -> dict:
+    """What a mass connect reports: who got `active_tasks`, who did not and why."""
+    errors: dict[str, int] = defaultdict(int)
+    for c in clients:
+        if c.error:
+            errors[c.error[:80]] += 1
+    return {
+        "t0": t0,
+        "wall_s": (t1 - t0) / 1e9,
+        "clients": clients,
+        "ok": [c for c in clients
+               if c.ready.done() and not c.ready.cancelled() and c.ready.result()],
+        "timed_out": timed_out,
+        "errors": dict(errors),
+    }
+
+
 class Pool:
     """A set of WebSocket clients sharing one unlimited ClientSession."""
 
@@ -160,26 +187,9 @@ class Pool:
                 await c.ready
                 return c
 
-        t0 = mono()
-        tasks = [asyncio.create_task(one(u)) for u in uids]
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
-        for t in pending:
-            t.cancel()
-        t1 = mono()
+        t0, t1, done, pending = await all_at_once([one(u) for u in uids], timeout)
         clients = [t.result() for t in done if not t.cancelled() and t.exception() is None]
-        ok = [c for c in clients if c.ready.done() and c.ready.result()]
-        errors: dict[str, int] = defaultdict(int)
-        for c in clients:
-            if c.error:
-                errors[c.error[:80]] += 1
-        return {
-            "t0": t0,
-            "wall_s": (t1 - t0) / 1e9,
-            "clients": clients,
-            "ok": ok,
-            "timed_out": len(pending),
-            "errors": dict(errors),
-        }
+        return connect_summary(t0, t1, clients, len(pending))
 
     async def close_all(self) -> None:
         clients, self.clients = self.clients, []

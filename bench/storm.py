@@ -12,10 +12,11 @@ import asyncio
 import base64
 import os
 import time
-from collections import defaultdict
 from urllib.parse import urlsplit
 
 import orjson
+
+from bench.clients import all_at_once, connect_summary
 
 mono = time.monotonic_ns
 CLOSE_FRAME = b"\x88\x80" + b"\x00\x00\x00\x00"  # masked (client frames must be), empty
@@ -122,25 +123,8 @@ async def storm(base_url: str, tokens: dict[int, str], timeout: float) -> dict:
             client._fail(f"connect: {type(exc).__name__}: {exc}")
         await client.ready
 
-    t0 = mono()
-    tasks = [asyncio.create_task(one(uid)) for uid in tokens]
-    _, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    t1 = mono()
-    errors: dict[str, int] = defaultdict(int)
-    for client in clients:
-        if client.error:
-            errors[client.error[:80]] += 1
-    return {
-        "t0": t0,
-        "wall_s": (t1 - t0) / 1e9,
-        "clients": clients,
-        "ok": [c for c in clients
-               if c.ready.done() and not c.ready.cancelled() and c.ready.result()],
-        "timed_out": len(pending),
-        "errors": dict(errors),
-    }
+    t0, t1, _, pending = await all_at_once([one(uid) for uid in tokens], timeout)
+    return connect_summary(t0, t1, clients, len(pending))
 
 
 async def close_storm(clients: list[StormClient]) -> None:
