@@ -174,13 +174,14 @@ class Outbox:
     snapshot from the database.
     """
 
-    __slots__ = ("_items", "_latest", "_sent", "limit", "merged", "replaying")
+    __slots__ = ("_floor", "_items", "_latest", "_sent", "limit", "merged", "replaying")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._items: OrderedDict[int, Update] = OrderedDict()  # keyed by seq: send order
         self._latest: dict[str, int] = {}  # task_id -> seq of its newest queued update
         self._sent: dict[str, int] = {}  # task_id -> seq last sent (active tasks only)
+        self._floor: dict[str, int] | None = None  # task_id -> seq already sent out of band
         self.merged = 0
         self.replaying = True
 
@@ -200,7 +201,25 @@ class Outbox:
         self.replaying = False
         self._sent = {t: s for t, s in self._sent.items() if t in self._latest}
 
+    def raise_floor(self, task_id: str, seq: int) -> None:
+        """A task's state at `seq` went out of the usual order (a subscribe reads the task
+        and may see a commit whose push is still on its way): later pushes of the task at
+        or below `seq` are dropped, so the client never sees it go back."""
+        if self._floor is None:
+            self._floor = {}
+        self._floor[task_id] = max(seq, self._floor.get(task_id, seq))
+
+    def clear_floor(self, task_id: str) -> None:
+        if self._floor:
+            self._floor.pop(task_id, None)
+
     def push(self, update: Update) -> bool:
+        if self._floor:
+            floor = self._floor.get(update.task_id)
+            if floor is not None:
+                if update.seq <= floor:
+                    return True
+                del self._floor[update.task_id]
         sent = self._sent.get(update.task_id)
         if sent is not None and update.seq <= sent:
             return True

@@ -62,6 +62,7 @@ CHECKPOINT_EVERY_COMMITS = 2_000
 CHECKPOINT_EVERY_OPS = 12_000
 CHECKPOINT_EVERY_S = 2.0
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
+BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another process's lock
 TASK_CACHE_SIZE = 20_000  # recently written or read tasks, kept by the writer thread
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -130,7 +131,7 @@ def _connect_sync(conn: sqlite3.Connection) -> None:
     fsync; `Store._committed` has the checkpoint thread run it instead."""
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -286,7 +287,7 @@ class Store:
         await self._call(_connect_sync)
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="taskpush-checkpoint")
         self._cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._cconn.execute("PRAGMA busy_timeout=5000")
+        self._cconn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name="taskpush-writer")
 
@@ -352,7 +353,14 @@ class Store:
             raise RuntimeError("store is not open")
         wconn = self._wconn
         async with self._write_lock:
-            return await self._db._execute(lambda: fn(wconn, *args))
+            job = asyncio.ensure_future(self._db._execute(lambda: fn(wconn, *args)))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # the function runs on in the worker thread: the lock is held until it ends,
+                # or a write on the loop's thread would share its transaction
+                await asyncio.wait([job])
+                raise
 
     def _txn_open(self, conn: sqlite3.Connection, schema: str) -> None:
         _connect_sync(conn)
@@ -412,11 +420,14 @@ class Store:
                 ops.extend(item[0])
             started = time.perf_counter()
             try:
+                applied: list[Outcome] | None = None
                 if len(ops) <= INLINE_MAX_OPS and not self._write_lock.locked():
                     assert self._wconn is not None
-                    outcomes: list[Outcome] = self._txn_apply(self._wconn, ops)
-                else:
-                    outcomes = await self._call_writer(self._txn_apply, ops)
+                    applied = self._txn_apply(self._wconn, ops, False)
+                if applied is None:  # large, or the file's write lock is held elsewhere
+                    applied = await self._call_writer(self._txn_apply, ops)
+                assert applied is not None
+                outcomes = applied
             except Exception as exc:  # the whole transaction rolled back
                 log.exception("write transaction failed (%d operations)", len(ops))
                 for _, future in batch:
@@ -448,7 +459,11 @@ class Store:
             self._start_checkpoint()
         elif self._checkpoint_due is None:
             self._checkpoint_due = asyncio.get_running_loop().call_later(
-                CHECKPOINT_EVERY_S, self._start_checkpoint)
+                CHECKPOINT_EVERY_S, self._on_checkpoint_timer)
+
+    def _on_checkpoint_timer(self) -> None:
+        self._checkpoint_due = None  # fired: a commit from now on may arm the next one
+        self._start_checkpoint()
 
     def _start_checkpoint(self) -> None:
         if self._checkpointing is not None or self._checkpointer is None:
@@ -469,20 +484,36 @@ class Store:
         if (self._ops_since_checkpoint and self._checkpoint_due is None
                 and self._checkpointer is not None):
             self._checkpoint_due = asyncio.get_running_loop().call_later(
-                CHECKPOINT_EVERY_S, self._start_checkpoint)
+                CHECKPOINT_EVERY_S, self._on_checkpoint_timer)
 
     async def _run_checkpoint(self) -> None:
         assert self._checkpointer is not None and self._cconn is not None
         await asyncio.get_running_loop().run_in_executor(self._checkpointer, _checkpoint,
                                                          self._cconn)
 
-    def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation]) -> list[Outcome]:
-        """One transaction for the whole batch; each operation applied or refused alone."""
+    def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation], wait: bool = True
+                   ) -> list[Outcome] | None:
+        """One transaction for the whole batch; each operation applied or refused alone.
+
+        `wait=False` (on the loop's thread): None at once if another process holds the
+        write lock (a sqlite3 shell, `run.py token`); the caller retries on the worker
+        thread, where waiting out the busy timeout stalls no socket."""
+        if wait:
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            conn.execute("PRAGMA busy_timeout=0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    return None
+                raise
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         txn = _Txn(conn, self._cache)
         seq = self.last_seq
         now = utc_now()
         outcomes: list[Outcome] = []
-        conn.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
                 outcome = Outcome(op)

@@ -7,7 +7,8 @@ notice, its close, aiohttp's heartbeat). Here instead:
   token was refreshed since;
 - one task ticks about once a second: it pings each socket every `--ping-interval` (a
   two-byte frame), drops a peer that has sent nothing for `--ping-timeout` after a ping, and
-  closes a socket whose send has been stuck for longer than `--send-timeout`.
+  closes with 4408 a socket whose send has been stuck, or whose written frames have sat in
+  its transport unread, for longer than `--send-timeout`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -27,6 +29,8 @@ from . import keys, protocol
 
 if TYPE_CHECKING:
     from .ws import Connection
+
+log = logging.getLogger(__name__)
 
 EXPIRY_NOTICE = 60.0  # seconds before exp that `token_expiring` is sent
 PING_FRAME = b"\x89\x00"  # RFC 6455: final frame, opcode ping, no payload, unmasked
@@ -51,7 +55,7 @@ class TokenDeadlines:
         """(Re)start `conn`'s deadlines from its current token; earlier ones lapse."""
         conn.token_generation += 1
         exp = conn.identity.expires_at
-        if exp is None:
+        if exp is None or conn.closing:
             return
         ref = weakref.ref(conn)
         notice_at = exp - EXPIRY_NOTICE
@@ -99,10 +103,13 @@ class TokenDeadlines:
             conn = self._current(entry)
             if conn is None:
                 continue
-            if entry[4]:
-                conn.close(protocol.CLOSE_UNAUTHORIZED, "token expired")
-            else:
-                conn.notice_expiring()
+            try:
+                if entry[4]:
+                    conn.close(protocol.CLOSE_UNAUTHORIZED, "token expired")
+                else:
+                    conn.notice_expiring()
+            except Exception:  # one socket's failure must not stop every other deadline
+                log.exception("token deadline of a socket failed")
         self._arm()
 
     def stop(self) -> None:
@@ -119,10 +126,19 @@ def check_sockets(conns: Iterable[Connection], now: float, *, send_timeout: floa
     for conn in conns:
         if conn.closing:
             continue
-        started = conn.send_started
-        if started and now - started > send_timeout:
+        # frames waiting unread in the transport count like a send that is stuck, whether
+        # or not a sender task is waiting on them (a direct write leaves none)
+        if conn.backed_up():
+            if not conn.backed_up_since:
+                conn.backed_up_since = now
+        else:
+            conn.backed_up_since = 0.0
+        since = min(filter(None, (conn.send_started, conn.backed_up_since)), default=0.0)
+        if since and now - since > send_timeout:
             conn.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
             stuck += 1
+        elif since:
+            continue  # busy sending: judged by --send-timeout, not pinged
         elif conn.ping_sent_at:
             if ping_timeout and now - conn.ping_sent_at > ping_timeout:
                 conn.abort()  # it answers nothing: a close handshake would only wait

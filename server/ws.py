@@ -39,9 +39,10 @@ class Connection:
     `watch.py` for all sockets at once.
     """
 
-    __slots__ = ("__weakref__", "_close_task", "_sender", "app", "closing", "control", "id",
-                 "identity", "limiter", "metrics", "outbox", "ping_sent_at", "send_started",
-                 "subscriptions", "token_generation", "transport", "user_id", "ws")
+    __slots__ = ("__weakref__", "_close_task", "_sender", "app", "backed_up_since", "closing",
+                 "control", "id", "identity", "limiter", "metrics", "outbox", "ping_sent_at",
+                 "send_started", "subscriptions", "token_generation", "transport", "user_id",
+                 "ws")
 
     def __init__(self, ws: web.WebSocketResponse, identity: Identity, request: web.Request):
         config = request.app[keys.CONFIG]
@@ -59,6 +60,7 @@ class Connection:
         self.closing = False
         self.send_started = 0.0  # loop time the current send began; 0 when not sending
         self.ping_sent_at = 0.0  # loop time of an unanswered ping; 0 once the peer spoke
+        self.backed_up_since = 0.0  # loop time the transport was first seen backed up
         self.token_generation = 0  # bumped when the token changes (watch.TokenDeadlines)
         self._sender: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -81,6 +83,14 @@ class Connection:
             return
         if self.outbox.merged != merged:
             self.metrics.updates_merged.inc(self.outbox.merged - merged)
+
+    def deliver_current(self, update: protocol.Update) -> None:
+        """A task's current state read outside the commit order (a subscribe): sent even if
+        it was sent before, and the commit's own pushes at or below it, which may still be
+        on their way, are dropped."""
+        self.outbox.clear_floor(update.task_id)
+        self.deliver(update)
+        self.outbox.raise_floor(update.task_id, update.seq)
 
     def flush(self) -> None:
         """Send what `deliver` queued (the hub calls it once per commit)."""
@@ -171,6 +181,12 @@ class Connection:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+
+    def backed_up(self) -> bool:
+        """Frames written and not yet taken by the peer fill the transport's buffer."""
+        transport = self.transport
+        return (transport is not None and not transport.is_closing()
+                and transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT)
 
     def write_control(self, frame: bytes) -> bool:
         """A protocol frame (a ping) written whole, now, unless the socket is backed up."""
@@ -397,7 +413,7 @@ async def _subscribe(conn: Connection, task_id: str, request: web.Request) -> No
         raise protocol.ProtocolError("forbidden", "no such task of yours to subscribe to")
     conn.send(protocol.simple("subscribed", task_id=task_id))
     if task is not None:
-        conn.deliver(protocol.status_update(task))
+        conn.deliver_current(protocol.status_update(task))
         conn.flush()
 
 

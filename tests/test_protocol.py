@@ -350,3 +350,19 @@ def test_text_frame_is_an_unmasked_final_text_frame_with_each_length_form(size: 
 def test_update_carries_its_frame() -> None:
     update = upd("t1", 3)
     assert update.frame == text_frame(update.text)
+
+
+def test_outbox_floor_drops_older_states_of_a_task_sent_out_of_band() -> None:
+    """A subscribe may read a task's newest state before the commit's own pushes arrive:
+    those older pushes must not take the client back."""
+    box = Outbox(10)
+    box.end_replay()
+    assert box.push(upd("t1", 9, "completed"))  # what the subscribe read and sent
+    box.raise_floor("t1", 9)
+    assert box.pop().seq == 9
+    for seq, status in ((7, "progress"), (8, "progress"), (9, "completed")):
+        assert box.push(upd("t1", seq, status))  # the commit's pushes, late
+    assert box.pop() is None
+    assert box.push(upd("t2", 3))  # other tasks are not affected
+    assert box.push(upd("t1", 10, "failed"))  # newer than the floor: sent (and floor gone)
+    assert [box.pop().seq, box.pop().seq] == [3, 10]

@@ -137,3 +137,37 @@ async def test_sigterm_with_a_stuck_client_exits_promptly(servers: Any) -> None:
         assert server.stop(timeout=10) == 0
     finally:
         stuck.close()
+
+
+async def test_a_silent_peer_left_backed_up_by_direct_writes_is_cut_off(make_client) -> None:
+    """Direct writes fill the transport and leave no sender task: the unread backlog still
+    counts as a stuck send, so the socket is closed 4408 after --send-timeout (found in
+    review: it was neither pinged nor timed out)."""
+    from server import keys
+    from server.model import Change, Register
+    from server.ws import DIRECT_WRITE_LIMIT
+
+    client = await make_client(send_timeout=0.5)
+    app = client.server.app
+    store = app[keys.STORE]
+    await store.submit(Register("t", 1, "job"))
+    loop = asyncio.get_running_loop()
+    stuck = await loop.run_in_executor(None, stuck_client, client.server.port, 1)
+    try:
+        deadline = loop.time() + 10
+        while not app[keys.SOCKETS]:
+            assert loop.time() < deadline, "the stuck client never attached"
+            await asyncio.sleep(0.02)
+        (conn,) = app[keys.SOCKETS]
+        text = "x" * 2000
+        for n in range(20_000):
+            await store.submit(Change("t", "progress", progress=n % 100, message=f"{n}{text}"))
+            if conn.backed_up():
+                break
+        assert conn.transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT
+        assert conn._sender is None and conn.send_started == 0.0  # nothing is "sending"
+        while not conn.closing:
+            assert loop.time() < deadline, "a backed-up silent peer was never cut off"
+            await asyncio.sleep(0.05)
+    finally:
+        stuck.close()

@@ -500,3 +500,105 @@ async def test_a_sweep_and_a_large_batch_share_the_writer_safely(store: Store) -
     )
     assert all(o.error is None for o in results[0]) and results[2].error is None
     assert (await store.get_task("t"))["seq"] == store.last_seq
+
+
+async def test_a_cancelled_worker_write_keeps_the_writer_to_itself(store: Store) -> None:
+    """Found in review: cancelling a caller of the worker-thread write path released the
+    write lock while its transaction still ran, and the next small batch, written on the
+    loop's thread, then shared (and rolled back) that transaction."""
+    import threading
+
+    await ok(store, Register("t", 1, "job"))
+    inside, release = threading.Event(), threading.Event()
+
+    def sweep_like(conn: sqlite3.Connection) -> None:  # shaped like purge_tombstones
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT INTO settings VALUES ('review', '1') "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+            inside.set()
+            release.wait(5)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    loop = asyncio.get_running_loop()
+    sweep = asyncio.create_task(store._call_writer(sweep_like))
+    assert await loop.run_in_executor(None, inside.wait, 5)
+    sweep.cancel()  # e.g. the sweeper cancelled at shutdown
+    for _ in range(20):  # let the cancellation run its course (it must not free the writer)
+        await asyncio.sleep(0)
+    write = asyncio.create_task(store.submit(Change("t", "progress", progress=5)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not write.done()  # it waits for the sweep's transaction to end
+    release.set()
+    outcome = await asyncio.wait_for(write, 10)
+    assert outcome.error is None
+    with pytest.raises(asyncio.CancelledError):
+        await sweep
+    assert rows(store.path, "SELECT value FROM settings WHERE key = 'review'") == [("1",)]
+
+
+async def test_the_checkpoint_timer_survives_firing_during_a_checkpoint(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a timer that fired while a checkpoint ran was left as 'due' forever,
+    so no later commit armed another one."""
+    import threading
+
+    from server import store as store_module
+
+    calls: list[int] = []
+    first_running, first_may_end = threading.Event(), threading.Event()
+    real = store_module._checkpoint
+
+    def slow_first(conn: sqlite3.Connection) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            first_running.set()
+            first_may_end.wait(5)
+        real(conn)
+
+    monkeypatch.setattr(store_module, "_checkpoint", slow_first)
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY_S", 0.01)
+    loop = asyncio.get_running_loop()
+    await ok(store, Register("t", 1, "job"))  # arms the timer; it starts checkpoint 1
+    assert await loop.run_in_executor(None, first_running.wait, 5)
+    await ok(store, Change("t", "progress", progress=2))  # arms a timer that fires meanwhile
+    deadline = loop.time() + 5
+    while store._checkpoint_due is not None:  # fired (and found a checkpoint running)
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    first_may_end.set()
+    while len(calls) < 2:  # the end of checkpoint 1 arms the next for the waiting commit
+        assert loop.time() < deadline, "the commit of progress=2 is never checkpointed"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_write_lock_held_by_another_process_does_not_stall_the_loop(
+        store: Store, db_path: Path) -> None:
+    """A small batch is tried on the loop's thread without waiting; when another process
+    (a sqlite3 shell, `run.py token`) holds the write lock, it waits on the worker thread."""
+    import threading
+
+    await ok(store, Register("t", 1, "job"))
+    writers: list[int] = []
+    assert store._wconn is not None
+    store._wconn.set_trace_callback(
+        lambda sql: writers.append(threading.get_ident()) if sql.startswith("INSERT INTO events")
+        else None)
+    other = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        write = asyncio.create_task(store.submit(Change("t", "progress", progress=5)))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the loop turns: nothing on it waits for the lock
+        assert not write.done()
+        other.execute("COMMIT")
+        outcome = await asyncio.wait_for(write, 10)
+    finally:
+        other.close()
+        store._wconn.set_trace_callback(None)
+    assert outcome.error is None
+    assert writers and writers[0] != threading.get_ident()  # written on the worker thread

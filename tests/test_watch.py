@@ -26,7 +26,8 @@ class Socket:
         self.token_generation = 0
         self.send_started = 0.0
         self.ping_sent_at = 0.0
-        self.backed_up = False
+        self.backed_up_since = 0.0
+        self.full = False  # the transport's buffer is over the direct-write limit
         self.events: list[str] = []
         self.frames: list[bytes] = []
         self.notified = asyncio.Event()
@@ -44,8 +45,11 @@ class Socket:
         self.events.append("abort")
         self.closing = True
 
+    def backed_up(self) -> bool:
+        return self.full
+
     def write_control(self, frame: bytes) -> bool:
-        if self.backed_up:
+        if self.full:
             return False
         self.frames.append(frame)
         return True
@@ -132,12 +136,26 @@ def test_an_answered_ping_keeps_the_peer() -> None:
     assert sock.events == [] and sock.frames == [PING_FRAME, PING_FRAME]
 
 
-def test_a_backed_up_socket_is_not_counted_as_pinged() -> None:
+def test_a_backed_up_socket_with_no_sender_is_closed_4408_after_the_send_timeout() -> None:
+    """Frames left unread in the transport by direct writes count as a stuck send."""
     sock = Socket()
-    sock.backed_up = True
-    check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
-    assert sock.ping_sent_at == 0.0
-    assert check_sockets([sock], 20.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
+    sock.full = True
+    assert check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
+    assert sock.frames == [] and sock.ping_sent_at == 0.0  # not pinged behind a backlog
+    assert check_sockets([sock], 19.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
+    assert check_sockets([sock], 20.5, send_timeout=10, ping_timeout=5, ping=False) == (1, 0)
+    assert sock.events == ["close 4408"]
+
+
+def test_a_backlog_that_drains_in_time_is_forgiven() -> None:
+    sock = Socket()
+    sock.full = True
+    check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=False)
+    sock.full = False  # the peer read it
+    check_sockets([sock], 15.0, send_timeout=10, ping_timeout=5, ping=False)
+    sock.full = True
+    assert check_sockets([sock], 21.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
+    assert sock.events == [] and sock.backed_up_since == 21.0
 
 
 def test_a_stuck_send_is_closed_4408() -> None:
@@ -146,3 +164,20 @@ def test_a_stuck_send_is_closed_4408() -> None:
     assert check_sockets([sock], 5.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
     assert check_sockets([sock], 11.5, send_timeout=10, ping_timeout=5, ping=False) == (1, 0)
     assert sock.events == ["close 4408"]
+
+
+async def test_a_failing_socket_does_not_stop_the_other_deadlines() -> None:
+    class Broken(Socket):
+        def notice_expiring(self) -> None:
+            raise RuntimeError("boom")
+
+    deadlines = TokenDeadlines(leeway=0.0)
+    broken = Broken(expires_at=time.time() + 60.05)  # notice due in 0.05 s, before the close
+    deadlines.schedule(broken, live=2)
+    healthy = Socket(expires_at=time.time() + 0.2)
+    deadlines.schedule(healthy, live=2)
+    healthy.events.clear()
+    healthy.notified.clear()
+    await wait(healthy)
+    assert healthy.events[-1] == "close 4401"
+    deadlines.stop()
