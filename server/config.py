@@ -96,7 +96,7 @@ class Config:
         1000, "outgoing messages buffered per socket before it is closed with 4408"
     )
     send_timeout: float = _setting(
-        10.0, "seconds one send may block on a stuck client before it is closed with 4408"
+        10.0, "seconds a client may leave sent frames unread before it is closed with 4408"
     )
     shutdown_timeout: float = _setting(5.0, "seconds allowed for in-flight work at shutdown")
     demo_task_seconds: float = _setting(10.0, "duration of a simulated demo task")
