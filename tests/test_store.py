@@ -434,6 +434,19 @@ async def test_sweeper_statements_do_not_scan_the_tasks_table(store: Store,
 # ---- where writes run, and checkpoints ------------------------------------------------------
 
 
+def trace_writer_threads(store: Store) -> list[int]:
+    """The threads on which the writer connection inserts events, in order (until
+    `store._wconn.set_trace_callback(None)`)."""
+    import threading
+
+    writers: list[int] = []
+    assert store._wconn is not None
+    store._wconn.set_trace_callback(
+        lambda sql: writers.append(threading.get_ident()) if sql.startswith("INSERT INTO events")
+        else None)
+    return writers
+
+
 async def test_small_batches_are_written_on_the_loop_thread_large_ones_on_the_worker(
         store: Store, db_path: Path) -> None:
     """A small commit costs less than a thread hop; a large one must not stall the loop."""
@@ -442,11 +455,7 @@ async def test_small_batches_are_written_on_the_loop_thread_large_ones_on_the_wo
     from server import store as store_module
 
     await ok(store, Register("t", 1, "job"))
-    writers: list[int] = []
-    assert store._wconn is not None
-    store._wconn.set_trace_callback(
-        lambda sql: writers.append(threading.get_ident()) if sql.startswith("INSERT INTO events")
-        else None)
+    writers = trace_writer_threads(store)
     await ok(store, Change("t", "progress", progress=1))
     big = store_module.INLINE_MAX_OPS + 1
     outcomes = await store.submit_many([Change("t", "progress", progress=n % 100)
@@ -583,11 +592,7 @@ async def test_a_write_lock_held_by_another_process_does_not_stall_the_loop(
     import threading
 
     await ok(store, Register("t", 1, "job"))
-    writers: list[int] = []
-    assert store._wconn is not None
-    store._wconn.set_trace_callback(
-        lambda sql: writers.append(threading.get_ident()) if sql.startswith("INSERT INTO events")
-        else None)
+    writers = trace_writer_threads(store)
     other = sqlite3.connect(str(db_path), isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
