@@ -137,6 +137,16 @@ def _connect_sync(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
 
 
+def _waiting(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(conn, *args)` allowed to wait for another process's lock. The writer
+    connection's busy timeout is 0 otherwise: on the loop's thread it must never wait."""
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    try:
+        return fn(conn, *args)
+    finally:
+        conn.execute("PRAGMA busy_timeout=0")
+
+
 def _checkpoint(conn: sqlite3.Connection) -> None:
     """Copy the WAL into the database file without waiting on readers or the writer."""
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -353,7 +363,7 @@ class Store:
             raise RuntimeError("store is not open")
         wconn = self._wconn
         async with self._write_lock:
-            job = asyncio.ensure_future(self._db._execute(lambda: fn(wconn, *args)))
+            job = asyncio.ensure_future(self._db._execute(lambda: _waiting(wconn, fn, *args)))
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -495,21 +505,16 @@ class Store:
                    ) -> list[Outcome] | None:
         """One transaction for the whole batch; each operation applied or refused alone.
 
-        `wait=False` (on the loop's thread): None at once if another process holds the
-        write lock (a sqlite3 shell, `run.py token`); the caller retries on the worker
-        thread, where waiting out the busy timeout stalls no socket."""
-        if wait:
+        `wait=False` (on the loop's thread, where the writer connection's busy timeout is
+        0): None at once if another process holds the write lock (a sqlite3 shell,
+        `run.py token`); the caller retries on the worker thread, where `_call_writer`
+        lets it wait out BUSY_TIMEOUT_MS without stalling any socket."""
+        try:
             conn.execute("BEGIN IMMEDIATE")
-        else:
-            conn.execute("PRAGMA busy_timeout=0")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                    return None
-                raise
-            finally:
-                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.OperationalError as exc:
+            if not wait and exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return None
+            raise
         txn = _Txn(conn, self._cache)
         seq = self.last_seq
         now = utc_now()

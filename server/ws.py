@@ -124,6 +124,17 @@ class Connection:
         if self._sender is None and not self.closing and not self._write_direct():
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
 
+    def _next_message(self) -> tuple[str, bytes | None] | None:
+        """What goes out next, as text and (for an update) its shared frame: control
+        messages first; live updates wait until the snapshot is queued (no overtaking)."""
+        if self.control:
+            text = self.control.popleft()
+            if not self.control:
+                self.control = None  # an empty deque costs 600+ bytes per socket
+            return text, None
+        update = None if self.outbox.replaying else self.outbox.pop()
+        return None if update is None else (update.text, update.frame)
+
     def _write_direct(self) -> bool:
         """Write queued messages to the transport while its buffer is below
         DIRECT_WRITE_LIMIT, in the sender's order. True when nothing is left to send."""
@@ -133,16 +144,11 @@ class Connection:
         written = 0
         try:
             while transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT:
-                if self.control:
-                    frame = protocol.text_frame(self.control.popleft())
-                    if not self.control:
-                        self.control = None
-                else:
-                    update = None if self.outbox.replaying else self.outbox.pop()
-                    if update is None:
-                        return True
-                    frame = update.frame
-                transport.write(frame)
+                item = self._next_message()
+                if item is None:
+                    return True
+                text, frame = item
+                transport.write(frame if frame is not None else protocol.text_frame(text))
                 written += 1
             return False
         finally:
@@ -155,15 +161,10 @@ class Connection:
         sent = 0
         try:
             while not self.closing:
-                if self.control:
-                    text = self.control.popleft()
-                    if not self.control:
-                        self.control = None  # an empty deque costs 600+ bytes per socket
-                else:  # live updates wait until the snapshot is queued (no overtaking)
-                    update = None if self.outbox.replaying else self.outbox.pop()
-                    if update is None:
-                        break
-                    text = update.text
+                item = self._next_message()
+                if item is None:
+                    break
+                text = item[0]
                 self.send_started = loop.time()
                 await ws.send_str(text)
                 sent += 1
@@ -191,11 +192,10 @@ class Connection:
     def write_control(self, frame: bytes) -> bool:
         """A protocol frame (a ping) written whole, now, unless the socket is backed up."""
         transport = self.transport
-        if (transport is not None and not transport.is_closing() and not self.ws.closed
-                and transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT):
-            transport.write(frame)
-            return True
-        return False
+        if transport is None or transport.is_closing() or self.ws.closed or self.backed_up():
+            return False
+        transport.write(frame)
+        return True
 
     def abort(self) -> None:
         """Drop a peer that answers nothing (no close handshake: it would only wait)."""
