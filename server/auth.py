@@ -17,6 +17,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 MAX_USER_ID = 2**63 - 1
 VERIFIED_CACHE_SIZE = 10_000
+TIME_CLAIMS = ("exp", "nbf", "iat")
+# 9999-12-31T23:59:59Z: the last instant an ISO-8601 timestamp (and `refreshed`'s
+# `expires_at`) can show; a later `exp` means "never" and is held to this.
+LATEST_EXP = 253402300799.0
 
 
 class AuthError(Exception):
@@ -105,11 +109,10 @@ class TokenVerifier:
         user_id = parse_user_id(claims.get("sub"))
         if user_id is None:
             raise AuthError("invalid", "sub is not a user id")
-        exp = claims.get("exp")
         return Identity(
             user_id=user_id,
             is_admin=claims.get("role") == "admin",
-            expires_at=float(exp) if isinstance(exp, int | float) else None,
+            expires_at=_expiry(claims),
         )
 
     def issue(self, user_id: int, ttl: float = 3600.0, *, admin: bool = False) -> str:
@@ -121,6 +124,24 @@ class TokenVerifier:
         if admin:
             claims["role"] = "admin"
         return jwt.encode(claims, self._key, algorithm="HS256")
+
+
+def _expiry(claims: dict[str, object]) -> float | None:
+    """`exp` as epoch seconds, after one rule for every time claim: it is a JSON number.
+
+    pyjwt takes `"exp": "1700000000"` (it calls int() on it) while RFC 7519 says a
+    NumericDate is a number; such a token would be accepted once and then never expire
+    here, so a time claim of any other type refuses the token, wherever it is presented
+    (REST, connect, refresh). An `exp` past year 9999 is held to LATEST_EXP."""
+    for name in TIME_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise AuthError("invalid", f"{name} is not a number")
+    exp = claims.get("exp")
+    if exp is None:
+        return None
+    assert isinstance(exp, int | float)
+    return float(min(exp, LATEST_EXP))  # min first: float() of a huge int overflows
 
 
 def api_key_matches(expected: str, given: str | None) -> bool:
