@@ -169,3 +169,41 @@ async def test_since_older_than_purged_tombstones_resyncs(make_client: MakeClien
     assert (await resp.json())["data"]["resync"] is True
     resp = await client.get(f"/api/task/tasks?since={horizon}", headers=auth(1))
     assert (await resp.json())["data"]["resync"] is False
+
+
+async def test_a_task_that_moves_between_the_sweeps_read_and_write_stays_alive(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    """The stale sweep reads its candidates, then writes `failed` with `expect_seq`: a
+    producer's event committed in between must win (the task is alive), not be overwritten
+    by a stale verdict taken from the older read. The producer's event is posted over HTTP
+    exactly when the sweep's read has returned (the real store, the real request)."""
+    client = await make_client(stale_after=0.3, sweep_interval=3600)
+    app = app_of(client)
+    store = app[keys.STORE]
+    await register(client, "racing", 1)
+    await event(client, "racing", "progress", progress=10)
+    await register(client, "quiet", 1)
+    await event(client, "quiet", "progress", progress=20)
+    await asyncio.sleep(0.5)  # both are stale candidates now
+
+    read_active_before = store.active_before
+    read: list[str] = []
+
+    async def read_then_producer_moves(updated_before: str, limit: int = 500) -> list[Any]:
+        rows = await read_active_before(updated_before, limit)
+        read.extend(row["task_id"] for row in rows)
+        await event(client, "racing", "progress", progress=60, message="still here")
+        return rows
+
+    monkeypatch.setattr(store, "active_before", read_then_producer_moves)
+    marked, _ = await sweep_once(app)
+    assert sorted(read) == ["quiet", "racing"]  # the sweep did see it as stale
+    assert marked == 1
+    statuses = {}
+    for task_id in ("racing", "quiet"):
+        resp = await client.get(f"/api/task/task/{task_id}/status", headers=auth(1))
+        statuses[task_id] = (await resp.json())["data"]
+    assert statuses["racing"]["status"] == "progress"
+    assert statuses["racing"]["progress"] == 60 and statuses["racing"]["error_type"] is None
+    assert statuses["quiet"]["status"] == "failed"
+    assert statuses["quiet"]["error_type"] == "stale"
