@@ -5,6 +5,7 @@ hot paths: every request body, every pushed update), the stdlib where orjson ref
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -31,16 +32,27 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    """A number too large for a double (`1e400`) would be read as infinity, which no JSON
+    can carry and orjson writes as null: refused like NaN, not stored as null."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is too large a number")
+    return value
+
+
 def loads(data: bytes | str) -> Any:
-    """Strict JSON: no NaN/Infinity, UTF-8 only, nesting bounded (raises ValueError)."""
+    """Strict JSON: no NaN/Infinity (nor numbers beyond a double's range), UTF-8 only,
+    nesting bounded (raises ValueError)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         # orjson refuses integers beyond 64 bits, which are valid JSON: the stdlib decides
+        # (and orjson's other refusals, such as 1e400, the stdlib refuses again)
         if isinstance(data, bytes):
             data = data.decode("utf-8")  # not the stdlib's UTF-16/32 detection
         try:
-            value = json.loads(data, parse_constant=_no_constants)
+            value = json.loads(data, parse_constant=_no_constants, parse_float=_finite)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
         _refuse_lone_surrogates(value)

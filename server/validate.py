@@ -86,28 +86,33 @@ def _text(data: dict[str, Any], name: str, where: str = "") -> str | None:
     return value
 
 
-def _nesting_within(value: Any, limit: int) -> bool:
-    """Iteratively (a deep value must not blow this stack either)."""
+def _json_value_problem(value: Any, limit: int) -> str | None:
+    """What makes a Python value unfit to store as JSON, walked iteratively (a deep value
+    must not blow this stack either): nesting beyond `limit`, or a non-finite float (an
+    in-process producer's NaN or infinity, which orjson would quietly write as null)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict):
             children: Any = item.values()
-        elif isinstance(item, list):
+        elif isinstance(item, list | tuple):
             children = item
         else:
+            if isinstance(item, float) and not math.isfinite(item):
+                return "holds a number that is not finite (NaN, Infinity or beyond 1.8e308)"
             continue
         if depth > limit:
-            return False
+            return f"is nested deeper than {limit} levels"
         stack.extend((child, depth + 1) for child in children)
-    return True
+    return None
 
 
 def bounded_json(value: Any, name: str, limit: int) -> Any:
     # Nesting the parser barely accepted could not be serialized again deeper in the
     # stack (answer, push): refuse it here, with room to spare.
-    if not _nesting_within(value, MAX_JSON_DEPTH):
-        raise BadRequest(f"{name} is nested deeper than {MAX_JSON_DEPTH} levels")
+    problem = _json_value_problem(value, MAX_JSON_DEPTH)
+    if problem is not None:
+        raise BadRequest(f"{name} {problem}")
     try:
         size = len(jsonutil.dumpb(value))
     except (ValueError, TypeError, RecursionError):

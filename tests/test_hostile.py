@@ -100,9 +100,17 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is beyond a double")
+    return value
+
+
 def strict_loads(text: str | bytes) -> Any:
-    """JSON as RFC 8259 has it: Python's json also reads NaN and Infinity, JSON does not."""
-    return json.loads(text, parse_constant=_no_constants)
+    """JSON as RFC 8259 has it: Python's json also reads NaN and Infinity, JSON does not;
+    and a number beyond a double (1e999), which would be read as infinity, is refused."""
+    return json.loads(text, parse_constant=_no_constants, parse_float=_finite)
 
 def json_of(scalars: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.recursive(

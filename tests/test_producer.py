@@ -285,7 +285,27 @@ MALFORMED = {
     "deep object": b'{"a":' * 100_000,
     "nested result": b'{"status":"completed","result":' + b"[" * 100_000 + b"]" * 100_000
                      + b"}",
+    "result beyond a double": b'{"status":"completed","result":{"x":[1, 1e400]}}',
 }
+
+
+async def test_numbers_beyond_a_double_are_refused_not_stored_as_null(client: Any) -> None:
+    """1e400 is valid JSON syntax, but no double holds it: read as infinity it would be
+    written as null. Refused with 400 like NaN, in result, metadata and a batch."""
+    await register(client, "t1", 1)
+    resp = await post_raw(client, EVENTS.format("t1"),
+                          b'{"status": "completed", "result": {"score": 1e400}}')
+    assert "JSON" in (await error_of(resp, 400))["message"]
+    resp = await post_raw(client, REGISTER,
+                          b'{"task_id": "t2", "user_id": 1, "task_type": "x",'
+                          b' "metadata": {"n": -1E309}}')
+    await error_of(resp, 400)
+    resp = await post_raw(client, BATCH,
+                          b'{"events": [{"task_id": "t1", "status": "progress",'
+                          b' "progress": 1e400}]}')
+    await error_of(resp, 400)
+    assert (await status_of(client, "t1"))["status"] == "pending"
+    await error_of(await client.get(STATUS.format("t2"), headers=auth(1)), 404)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))

@@ -23,12 +23,28 @@ LIMIT = 1000
     b'{"a": NaN}',
     b'{"a": Infinity}',
     b'{"a": -Infinity}',
+    b'{"a": 1e400}',  # beyond a double: read as infinity, it would be stored as null
+    b'{"a": [-1E309]}',
+    b'{"a": 123456789e999}',
     b"[" * 100_000,
     b'{"a":' * 100_000,
 ])
 def test_parse_json_refuses_malformed(body: bytes) -> None:
     with pytest.raises(BadRequest, match="JSON"):
         validate.parse_json(body)
+
+
+def test_parse_json_keeps_the_largest_and_tiniest_doubles() -> None:
+    assert validate.parse_json(b'{"a": 1.7976931348623157e308, "b": 1e-400}') == {
+        "a": 1.7976931348623157e308, "b": 0.0}
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, {"a": [1, math.inf]},
+                                   (1.0, math.nan)])
+def test_bounded_json_refuses_non_finite_numbers(value: object) -> None:
+    """An in-process producer's value never went through the parser: same rule."""
+    with pytest.raises(BadRequest, match="not finite"):
+        validate.bounded_json(value, "result", LIMIT)
 
 
 def test_parse_json_refuses_invalid_utf8() -> None:
