@@ -45,6 +45,18 @@ def _etag(task: Task) -> str:
     return f'"{task["seq"]}"'
 
 
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.2: `*`, or any tag of the comma-separated list equal to ours under
+    weak comparison (`W/"7"` matches `"7"`): a proxy that weakens ETags must not turn a
+    long poll into tight polling."""
+    if if_none_match is None:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    opaque = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == opaque for tag in if_none_match.split(","))
+
+
 async def _own_task(request: web.Request, identity: Identity, task_id: str) -> Task:
     task = await request.app[keys.STORE].get_task(task_id)
     if task is None or task["user_id"] != identity.user_id:
@@ -59,7 +71,7 @@ async def task_status(request: web.Request) -> web.Response:
     if_none_match = request.headers.get("If-None-Match")
     with request.app[keys.HUB].watching(task_id) as changed:
         task = await _own_task(request, identity, task_id)
-        if if_none_match is not None and if_none_match == _etag(task) and wait > 0:
+        if wait > 0 and etag_matches(if_none_match, _etag(task)):
             try:
                 await asyncio.wait_for(changed, wait)
             except TimeoutError:
@@ -68,7 +80,7 @@ async def task_status(request: web.Request) -> web.Response:
                 task = await _own_task(request, identity, task_id)
     etag = _etag(task)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if if_none_match is not None and if_none_match == etag:
+    if etag_matches(if_none_match, etag):
         return web.Response(status=304, headers=headers)
     return ok(public(task), headers=headers)
 

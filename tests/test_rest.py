@@ -167,6 +167,38 @@ async def test_etag_and_if_none_match(client: Any) -> None:
     assert changed.headers["ETag"] == f'"{task["seq"]}"' != etag
 
 
+@pytest.mark.parametrize("header", ['W/"{seq}"', '"0", W/"{seq}"', ' "9999" ,"{seq}" ', "*"],
+                         ids=["weak", "list-weak", "list-strong", "star"])
+async def test_if_none_match_uses_weak_comparison_lists_and_star(client: Any, header: str
+                                                                 ) -> None:
+    """RFC 9110: a proxy may weaken the ETag (W/), a client may send several, or `*`."""
+    created = await register(client, "t1", 1)
+    value = header.format(seq=created["seq"])
+    same = await client.get(STATUS.format("t1"), headers={**auth(1), "If-None-Match": value})
+    assert same.status == 304
+    # and a long poll with it waits for the change instead of answering at once
+    waiting = asyncio.create_task(client.get(STATUS.format("t1") + "?wait=10",
+                                             headers={**auth(1), "If-None-Match": value}))
+    await asyncio.sleep(0.3)  # let it reach the wait; it must not answer before a change
+    assert not waiting.done()
+    updated = await event(client, "t1", "running")
+    resp = await asyncio.wait_for(waiting, 5)
+    if header == "*":  # any current representation matches `*`: still not modified
+        assert resp.status == 304
+    else:
+        assert (await data_of(resp))["seq"] == updated["seq"]
+
+
+@pytest.mark.parametrize("header", ['W/"0"', '"0", "1x"', '"{seq}x"', "W/{seq}", ""])
+async def test_if_none_match_that_does_not_match_answers_the_task(client: Any, header: str
+                                                                  ) -> None:
+    created = await register(client, "t1", 1)
+    resp = await client.get(STATUS.format("t1"),
+                            headers={**auth(1), "If-None-Match": header.format(
+                                seq=created["seq"])})
+    assert (await data_of(resp))["task_id"] == "t1"
+
+
 async def test_long_poll_is_released_by_an_update(client: Any) -> None:
     created = await register(client, "t1", 1)
     etag = f'"{created["seq"]}"'
