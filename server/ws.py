@@ -257,8 +257,10 @@ def _int_query(request: web.Request, name: str) -> int | str | None:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     config = app[keys.CONFIG]
-    # pings are sent and answered here and by watch.py, not by a timer per socket in aiohttp
-    ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
+    # pings are sent and answered here and by watch.py, not by a timer per socket in aiohttp;
+    # aiohttp refuses a message of max_msg_size bytes itself, and the flag is the largest
+    # one accepted (tests/test_ws_delivery.py pins both edges)
+    ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes + 1, autoping=False)
     await ws.prepare(request)
 
     try:

@@ -352,6 +352,25 @@ async def test_oversized_frame_closes_1009(make_client):
     assert code == 1009
 
 
+def frame_of(size: int) -> str:
+    """A ping message whose UTF-8 encoding is exactly `size` bytes."""
+    head, tail = '{"type":"ping","pad":"', '"}'
+    return head + "x" * (size - len(head) - len(tail)) + tail
+
+
+async def test_a_frame_of_exactly_max_frame_bytes_is_accepted(make_client):
+    """--max-frame-bytes is the largest inbound frame: that size is answered, one byte more
+    closes 1009 (aiohttp's max_msg_size is exclusive, so the server passes limit + 1)."""
+    client = await make_client(max_frame_bytes=1024)
+    ws = await ws_connect(client, 1)
+    await handshake(ws)
+    await ws.send_str(frame_of(1024))
+    assert (await recv(ws))["type"] == "pong"
+    await ws.send_str(frame_of(1025))
+    code, _ = await close_frame(ws)
+    assert code == 1009
+
+
 async def test_flood_gets_rate_limited_then_closed_1008(make_client):
     client = await make_client(rate_limit=5, rate_burst=5, flood_strikes=10)
     ws = await ws_connect(client, 1)
