@@ -1,9 +1,12 @@
-"""Logging setup and an access logger that never writes a token."""
+"""Logging setup, an access logger that never writes a token, and the filter that scrubs
+every other record (aiohttp's parser errors quote the offending request line or header
+whole, token and key included)."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from urllib.parse import unquote_plus
 
 from aiohttp.abc import AbstractAccessLogger
@@ -48,8 +51,91 @@ class RedactingAccessLogger(AbstractAccessLogger):
         )
 
 
-def setup_logging(level: str) -> None:
+# A parameter anywhere in free text (a quoted request line): `token=...` after ?, &, ;,
+# a space or a quote.
+_PARAM_ANYWHERE = re.compile(r"((?:^|[?&;\s'\"])([^=&;#\s'\"?/]*)=)[^&;#\s'\"]*")
+# A credential header and its value, as aiohttp quotes it (`b'X-API-Key: k\x7f'`) or as a
+# dict's repr shows it (`'Authorization': 'Bearer ...'`): up to the quote or line end.
+_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|x-api-key|(?:set-)?cookie)"
+                     r"(['\"]?\s*[:=]\s*['\"]?)[^\r\n'\"]*")
+# A JWT (or its header alone): base64url JSON always begins `eyJ` (`{"`).
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){0,2}")
+# user:password@ in a URL (a PostgreSQL --db, a proxy setting).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+# In exception text only: a long opaque run, such as the tail of a token whose start was in
+# an earlier read of the request (aiohttp quotes only the line's part in that read).
+_OPAQUE = re.compile(r"[A-Za-z0-9_-]{32,}")
+# Cheap test before the rules above, for the common record that holds none of it.
+_SUSPECT = re.compile(r"(?i)eyJ|://|token|api_key|authorization|x-api-key|cookie")
+REDACTED = "[redacted]"
+
+
+def redact_url(url: str) -> str:
+    """`postgresql://user:pass@host/db` -> `postgresql://user:***@host/db`."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+def _param_anywhere(match: re.Match[str]) -> str:
+    if unquote_plus(match.group(2)).lower() in _SECRET_KEYS:
+        return match.group(1) + REDACTED
+    return match.group(0)
+
+
+class SecretFilter(logging.Filter):
+    """Rewrites a record's message, arguments and exception text so that no token, key or
+    password reaches any handler: query parameters named token/access_token/api_key, the
+    values of credential headers, anything shaped like a JWT, URL passwords, and the
+    configured secrets themselves. The record keeps its level and logger; its arguments are
+    merged into the message (a formatter that printed `args` would otherwise see them)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        # too short a "secret" would blank ordinary words; such a secret is refused anyway
+        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+
+    def scrub(self, text: str, *, opaque: bool = False) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if opaque or _SUSPECT.search(text):
+            text = _HEADER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+            text = _PARAM_ANYWHERE.sub(_param_anywhere, text)
+            text = _JWT.sub(REDACTED, text)
+            text = _URL_PASSWORD.sub(r"\1***@", text)
+        if opaque:
+            text = _OPAQUE.sub(REDACTED, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format: leave it to the handler to report
+            return True
+        record.msg, record.args = self.scrub(message), None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = self.scrub(text, opaque=True), None
+        elif record.exc_text:
+            record.exc_text = self.scrub(record.exc_text, opaque=True)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info, opaque=True)
+        return True
+
+
+# Loggers whose records can carry a request: a filter on a logger also protects handlers
+# that someone adds to it later (the root handlers' filter covers every other logger).
+REQUEST_LOGGERS = ("aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.websocket",
+                   "taskpush", "taskpush.access", "asyncio")
+
+
+def setup_logging(level: str, secrets: Iterable[str] = ()) -> SecretFilter:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    secret_filter = SecretFilter(secrets)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(secret_filter)
+    for name in REQUEST_LOGGERS:
+        logging.getLogger(name).addFilter(secret_filter)
+    return secret_filter

@@ -13,7 +13,7 @@ from aiohttp import web
 from . import demo, keys, producer, rest
 from .auth import TokenVerifier
 from .config import Config
-from .errors import TaskPushError, error_envelope
+from .errors import BodyTimeout, TaskPushError, error_envelope
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .notify import task_notification_service
@@ -36,8 +36,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TaskPushError as exc:
-        return web.json_response(error_envelope(exc.status, exc.message, **exc.extra),
-                                 status=exc.status)
+        response = web.json_response(error_envelope(exc.status, exc.message, **exc.extra),
+                                     status=exc.status)
+        if isinstance(exc, BodyTimeout):
+            # answer, then close at once: aiohttp would otherwise linger reading the rest
+            # of the body (up to 10 s more), which is what the timeout is there to stop
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()  # the transport flushes the answer first
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from .accesslog import RedactingAccessLogger, setup_logging
+from .accesslog import RedactingAccessLogger, redact_url, setup_logging
 from .auth import TokenVerifier
 from .config import ConfigError, parse_config
 from .store import Store, StoreLocked
@@ -73,6 +73,14 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+def _start_error(exc: OSError, host: str, port: int) -> str:
+    """Say what failed: a file (the database, its lock) names itself in the error, and
+    only an error without one comes from listening on the address."""
+    if exc.filename is not None:
+        return f"cannot open {redact_url(str(exc.filename))}: {exc.strerror}"
+    return f"cannot serve on {host}:{port}: {exc.strerror or exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -83,12 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"taskpush: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, [s.reveal() for s in (config.jwt_secret, config.api_key)
+                                     if s is not None])
     from .app import create_app
 
     mode = "demo mode (generated secret)" if config.demo_mode else "token auth"
     log.info("taskpush on http://%s:%d, database %s, %s, %s loop", config.host, config.port,
-             config.db, mode, type(loop).__module__.split(".")[0])
+             redact_url(config.db), mode, type(loop).__module__.split(".")[0])
     app = create_app(config)
     tune_gc()
     try:
@@ -108,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskpush: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"taskpush: error: cannot serve on {config.host}:{config.port}: {exc.strerror}",
+        print(f"taskpush: error: {_start_error(exc, config.host, config.port)}",
               file=sys.stderr)
         return 1
     return 0

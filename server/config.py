@@ -105,6 +105,16 @@ class Config:
     )
     log_level: str = _setting("info", "debug, info, warning or error")
     access_log: bool = _setting(True, "log every HTTP request (token= redacted)")
+    # -- secrets from files and the request body's deadline (issue 14) --
+    jwt_secret_file: str | None = _setting(
+        None, "file holding the HS256 secret (instead of --jwt-secret; keeps it out of ps)"
+    )
+    api_key_file: str | None = _setting(
+        None, "file holding the producer key (instead of --api-key; keeps it out of ps)"
+    )
+    body_timeout: float = _setting(
+        20.0, "seconds a request body may take to arrive in full (408, connection closed)"
+    )
 
     @property
     def demo_mode(self) -> bool:
@@ -183,9 +193,44 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) 
             raw = environ.get(_env_name(f))
         if raw is not None:
             values[f.name] = _convert(f, raw)
-    config = Config(**values)
+    config = read_secret_files(Config(**values))
     validate(config)
     return config
+
+
+SECRET_FILES = {"jwt_secret_file": "jwt_secret", "api_key_file": "api_key"}
+
+
+def read_secret_files(config: Config) -> Config:
+    """Fill --jwt-secret / --api-key from their *-file forms, so a secret need not sit in a
+    command line (`ps`) or an environment. One trailing newline is dropped (what `echo` and
+    editors leave); an empty file, an unreadable one, or both forms at once is an error."""
+    changes: dict[str, Secret] = {}
+    for file_name, secret_name in SECRET_FILES.items():
+        path = getattr(config, file_name)
+        if path is None:
+            continue
+        flag, secret_flag = _flag_name_of(file_name), _flag_name_of(secret_name)
+        if getattr(config, secret_name) is not None:
+            raise ConfigError(f"{secret_flag} and {flag}: give one, not both")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read(65537)
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{flag}: {path} is not UTF-8 text") from None
+        if len(text) > 65536:
+            raise ConfigError(f"{flag}: {path} is larger than 64 KiB; is it the right file?")
+        text = text.removesuffix("\n").removesuffix("\r")
+        if not text:
+            raise ConfigError(f"{flag}: {path} is empty")
+        changes[secret_name] = Secret(text)
+    return config.replace(**changes) if changes else config
+
+
+def _flag_name_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _positive(config: Config, *names: str, allow_zero: bool = False) -> None:
@@ -226,6 +271,7 @@ def validate(config: Config) -> None:
         "send_queue",
         "send_timeout",
         "demo_task_seconds",
+        "body_timeout",
     )
     _positive(config, "jwt_leeway", "ping_interval", "ping_timeout", "shutdown_timeout",
               allow_zero=True)
@@ -245,6 +291,10 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"--jwt-public-key: cannot read {config.jwt_public_key}: {exc.strerror}"
             ) from None
+    if "://" not in config.db:  # a file: its directory must exist (it is not created)
+        directory = os.path.dirname(os.path.abspath(config.db))
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--db {config.db}: the directory {directory} does not exist")
     if config.demo_mode and not is_loopback(config.host):
         raise ConfigError(
             f"--host {config.host}: demo mode (no --jwt-secret or --jwt-public-key) "

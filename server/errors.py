@@ -51,6 +51,12 @@ class TaskActive(Conflict):
     code = "task_active"
 
 
+class BodyTimeout(TaskPushError):
+    """The request body did not arrive within --body-timeout; the connection is closed."""
+
+    status, code = 408, "body_timeout"
+
+
 class TooLarge(TaskPushError):
     status, code = 413, "too_large"
 

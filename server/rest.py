@@ -11,7 +11,7 @@ from aiohttp import web
 
 from . import jsonutil, keys
 from .auth import AuthError, Identity
-from .errors import NotFound, Unauthorized, envelope
+from .errors import BodyTimeout, NotFound, Unauthorized, envelope
 from .model import Task, public
 from .validate import int_param, json_object, status_param
 
@@ -37,8 +37,16 @@ def user_identity(request: web.Request) -> Identity:
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
-    """The JSON object body (size capped by the app's client_max_size -> 413)."""
-    return json_object(await request.read())
+    """The JSON object body (size capped by the app's client_max_size -> 413), which must
+    arrive within --body-timeout: a body sent a byte at a time would hold the connection
+    (and a request's worth of memory) for as long as its sender liked (408)."""
+    timeout = request.app[keys.CONFIG].body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            body = await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"request body not received within {timeout:g} seconds") from None
+    return json_object(body)
 
 
 def _etag(task: Task) -> str:

@@ -4,6 +4,8 @@ and malformed bodies that must be refused with an envelope, never a 500."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import sqlite3
@@ -267,6 +269,42 @@ async def test_body_over_max_body_bytes_is_413_envelope(make_client: Any) -> Non
     body = json.dumps({"status": "progress", "message": "x" * 5000}).encode()
     for path in (EVENTS.format("t1"), REGISTER, BATCH):
         await error_of(await post_raw(client, path, body), 413)
+    assert (await status_of(client, "t1"))["status"] == "pending"
+    await still_serving(client)
+
+
+async def test_a_body_trickled_a_byte_at_a_time_is_cut_off_with_408(make_client: Any
+                                                                    ) -> None:
+    """A producer with a valid key that sends its body a byte at a time does not hold the
+    connection for as long as it likes: --body-timeout after the body began, 408 with the
+    envelope, and the connection is closed (a raw socket: the client library would not
+    trickle)."""
+    client = await make_client(body_timeout=0.5)
+    await register(client, "t1", 1)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(f"POST {EVENTS.format('t1')} HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}"
+                 "\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+                 .encode())
+
+    async def trickle() -> None:
+        for _ in range(300):  # far longer than the timeout, if nothing stopped it
+            await asyncio.sleep(0.1)
+            writer.write(b" ")
+            await writer.drain()
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        answer = await asyncio.wait_for(reader.read(), 10)  # to EOF: the server closes
+    finally:
+        trickling.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await trickling
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    envelope = json.loads(body)
+    assert envelope["code"] == 408 and envelope["data"] is None
+    assert "0.5 seconds" in envelope["message"]
     assert (await status_of(client, "t1"))["status"] == "pending"
     await still_serving(client)
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
 import sqlite3
+import sys
 import traceback
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +24,11 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from server.accesslog import RedactingAccessLogger, redact
+from server.accesslog import RedactingAccessLogger, SecretFilter, redact, redact_url
 from server.app import create_app
 from server.config import Config, Secret, parse_config
 from tests.conftest import API_KEY, SECRET, make_token
+from tests.procs import Servers, free_port, run_cli, servers_fixture
 
 ACCESS_LOGGER = "taskpush.access"
 OTHER_SECRET = "some-other-secret-that-signs-forged-tokens-0123"
@@ -276,3 +280,176 @@ def test_config_repr_never_shows_secrets() -> None:
     parsed = parse_config(["--jwt-secret", SECRET], {"TASKPUSH_API_KEY": API_KEY})
     assert SECRET not in repr(parsed) and API_KEY not in repr(parsed)
     assert parsed.api_key == Secret(API_KEY) and parsed.jwt_secret == Secret(SECRET)
+
+
+# ---- a real server: bytes aiohttp's parser refuses, secrets from files, start-up lines ------
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    yield from servers_fixture(tmp_path)
+
+
+def secret_files(tmp_path: Path) -> tuple[Path, Path]:
+    """The secret and the key as an operator writes them (`echo ... > file`)."""
+    secret_file, key_file = tmp_path / "jwt.secret", tmp_path / "api.key"
+    secret_file.write_text(SECRET + "\n")
+    key_file.write_text(API_KEY + "\n")
+    secret_file.chmod(0o600)
+    key_file.chmod(0o600)
+    return secret_file, key_file
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send bytes exactly as given (a client library would refuse to) and read the answer
+    to its end: aiohttp's parser, not ours, sees the invalid byte."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_requests_with_an_invalid_byte_leave_no_secret_in_the_log(
+        servers: Servers, tmp_path: Path) -> None:
+    """aiohttp logs a request it cannot parse at ERROR with a traceback quoting the request
+    line or the header whole: the token in the query, the Bearer token, the API key. Every
+    such record is scrubbed before it is written; the secrets came from files, so they are
+    not in the process's command line either."""
+    secret_file, key_file = secret_files(tmp_path)
+    server = servers("--jwt-secret-file", str(secret_file), "--log-level", "debug",
+                     env={"TASKPUSH_API_KEY_FILE": str(key_file)}).start()
+    assert server.proc is not None
+    cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().decode()
+    assert SECRET not in cmdline and API_KEY not in cmdline
+    token = make_token(1)
+    assert raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                        b"Connection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+    sent = [
+        f"GET /api/task/tasks?token={token}&x=\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"GET /api/task/ws/task/1?since=0&%74oken={token}\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"GET /api/task/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\x01\r\n\r\n",
+        f"GET /api/task/tasks HTTP/1.1\r\nHost: x\r\nauthorization: bearer {token}\x00\r\n\r\n",
+        f"POST /api/task/tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\x7f\r\n"
+        "Content-Length: 2\r\n\r\n{}",
+        f"POST /api/task/tasks HTTP/1.1\r\nHost: x\r\nx-api-key:{API_KEY}\x01\r\n"
+        "Content-Length: 2\r\n\r\n{}",
+        # a valid request that names the secrets in the query: the access log's line
+        f"GET /healthz?api_key={API_KEY}&token={token} HTTP/1.1\r\nHost: x\r\n"
+        "Connection: close\r\n\r\n",
+    ]
+    answers = [raw_exchange(server.port, request.encode("latin-1")) for request in sent]
+    assert all(a.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")) for a in answers[:-1]), \
+        [a[:40] for a in answers]
+    assert server.stop() == 0
+    logs = server.stdout() + server.stderr()
+    # the parser's errors were logged (else this test would prove nothing) ...
+    assert logs.count("Error handling request") >= len(sent) - 1, logs
+    assert "[redacted]" in logs
+    # ... with no token, signature or key in them, nor the secret
+    for secret in (token, token.rsplit(".", 1)[1], token.split(".")[1], API_KEY, SECRET):
+        assert secret not in logs, f"{secret[:8]}... is in the log:\n{logs}"
+
+
+def test_a_database_url_is_logged_without_its_password(servers: Servers, tmp_path: Path
+                                                       ) -> None:
+    done = run_cli("--db", "postgresql://taskpush:hunter2-db-password@127.0.0.1:1/tp",
+                   "--port", str(free_port()), env={"PYTHONUNBUFFERED": "1"}, timeout=30)
+    output = done.stdout + done.stderr
+    assert "postgresql://taskpush:***@127.0.0.1:1/tp" in output, output
+    assert "hunter2-db-password" not in output
+
+
+def test_start_up_errors_say_what_failed(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "t.db"
+    done = run_cli("--db", str(missing), "--port", str(free_port()))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        f"taskpush: error: --db {missing}: the directory {missing.parent} does not exist"]
+    # the lock file cannot be opened (here: a directory stands where it would be)
+    db = tmp_path / "t.db"
+    (tmp_path / "t.db.lock").mkdir()
+    port = free_port()
+    done = run_cli("--db", str(db), "--port", str(port))
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"taskpush: error: cannot open {db}.lock: Is a directory", done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("s3cret-from-a-file\n", "s3cret-from-a-file"),
+    ("s3cret-from-a-file\r\n", "s3cret-from-a-file"),
+    ("s3cret-from-a-file", "s3cret-from-a-file"),
+    ("s3cret  with spaces \n\n", "s3cret  with spaces \n"),  # only one newline goes
+])
+def test_secret_files_are_read_with_one_trailing_newline_dropped(
+        tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "secret"
+    path.write_text(content, newline="")
+    by_flag = parse_config(["--jwt-secret-file", str(path), "--api-key-file", str(path),
+                            "--db", str(tmp_path / "t.db")], {})
+    by_env = parse_config(["--db", str(tmp_path / "t.db")],
+                          {"TASKPUSH_JWT_SECRET_FILE": str(path),
+                           "TASKPUSH_API_KEY_FILE": str(path)})
+    for config in (by_flag, by_env):
+        assert config.jwt_secret == Secret(expected) and config.api_key == Secret(expected)
+        assert expected not in repr(config)
+
+
+@pytest.mark.parametrize(("args", "env", "says"), [
+    (["--jwt-secret-file", "{empty}"], {}, "--jwt-secret-file: {empty} is empty"),
+    (["--api-key-file", "{newline}"], {}, "--api-key-file: {newline} is empty"),
+    (["--api-key-file", "{missing}"], {},
+     "--api-key-file: cannot read {missing}: No such file or directory"),
+    (["--jwt-secret-file", "{good}", "--jwt-secret", SECRET], {},
+     "--jwt-secret and --jwt-secret-file: give one, not both"),
+    (["--api-key-file", "{good}"], {"TASKPUSH_API_KEY": API_KEY},
+     "--api-key and --api-key-file: give one, not both"),
+    ([], {"TASKPUSH_JWT_SECRET_FILE": "{good}", "TASKPUSH_JWT_SECRET": SECRET},
+     "--jwt-secret and --jwt-secret-file: give one, not both"),
+], ids=["empty", "only-newline", "missing", "both-flags", "flag-and-env", "both-env"])
+def test_bad_secret_files_stop_the_server_with_one_line(
+        tmp_path: Path, args: list[str], env: dict[str, str], says: str) -> None:
+    files = {"empty": tmp_path / "empty", "newline": tmp_path / "newline",
+             "missing": tmp_path / "missing", "good": tmp_path / "good"}
+    files["empty"].write_text("")
+    files["newline"].write_text("\n")
+    files["good"].write_text(SECRET)
+    names = {name: str(path) for name, path in files.items()}
+    done = run_cli("--db", str(tmp_path / "t.db"), *[a.format(**names) for a in args],
+                   env={k: v.format(**names) for k, v in env.items()})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"taskpush: error: {says.format(**names)}"]
+    assert SECRET not in done.stderr and API_KEY not in done.stderr
+    assert not (tmp_path / "t.db").exists()
+
+
+def test_the_filter_scrubs_message_arguments_and_exception_text() -> None:
+    secret_filter = SecretFilter([API_KEY, SECRET])
+    token = make_token(1)
+    try:
+        raise ValueError(f"b'GET /p?token={token}&x=\\x01'\nb'X-API-Key: {API_KEY}\\x7f'")
+    except ValueError:
+        record = logging.getLogger("aiohttp.server").makeRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "from %s with %r", (
+                "127.0.0.1", {"Authorization": f"Bearer {token}"}), sys.exc_info())
+    assert secret_filter.filter(record)
+    text = logging.Formatter().format(record) + log_text([record])
+    assert "127.0.0.1" in text and "GET /p?token=[redacted]" in text
+    for secret in (token, token.rsplit(".", 1)[1], API_KEY):
+        assert secret not in text
+    # a record with nothing to hide keeps its words
+    plain = logging.LogRecord("taskpush", logging.INFO, __file__, 1, "sweep: %d stale", (3,),
+                              None)
+    assert secret_filter.filter(plain) and plain.getMessage() == "sweep: 3 stale"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://user:pa:ss@db.example:5432/tp", "postgresql://user:***@db.example:5432/tp"),
+    ("postgresql://user@db/tp", "postgresql://user@db/tp"),
+    ("./taskpush.db", "./taskpush.db"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
