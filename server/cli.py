@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -118,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"taskpush: error: {_start_error(exc, config.host, config.port)}",
+              file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"taskpush: error: cannot open the database {redact_url(config.db)}: {exc}",
               file=sys.stderr)
         return 1
     return 0

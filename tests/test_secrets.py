@@ -376,6 +376,14 @@ def test_start_up_errors_say_what_failed(tmp_path: Path) -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last == f"taskpush: error: cannot open {db}.lock: Is a directory", done.stderr
     assert "Traceback" not in done.stderr
+    # the database itself cannot be opened (a directory where the file would be)
+    (tmp_path / "dir.db").mkdir()
+    done = run_cli("--db", str(tmp_path / "dir.db"), "--port", str(port))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"taskpush: error: cannot open the database {tmp_path / 'dir.db'}: "
+        "unable to open database file"), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(("content", "expected"), [
