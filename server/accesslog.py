@@ -65,8 +65,19 @@ _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
 # In exception text only: a long opaque run, such as the tail of a token whose start was in
 # an earlier read of the request (aiohttp quotes only the line's part in that read).
 _OPAQUE = re.compile(r"[A-Za-z0-9_-]{32,}")
-# Cheap test before the rules above, for the common record that holds none of it.
-_SUSPECT = re.compile(r"(?i)eyJ|://|token|api_key|authorization|x-api-key|cookie")
+# Each rule runs only when its trigger is in the (lowercased) text: substring tests cost
+# well under a microsecond, the rules themselves several (a log line per request).
+_HEADER_WORDS = ("authorization", "x-api-key", "cookie")
+_PARAM_WORDS = ("token=", "api_key=")
+
+
+def _unredacted_param(text: str, low: str) -> bool:
+    """A secret-named parameter whose value is not already `[redacted]` (the access log's
+    own lines are), or a percent-encoded key that could be one."""
+    if "%" in text:
+        return True
+    return any(word in low and low.count(word) != low.count(word + REDACTED)
+               for word in _PARAM_WORDS)
 REDACTED = "[redacted]"
 
 
@@ -97,10 +108,14 @@ class SecretFilter(logging.Filter):
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        if opaque or _SUSPECT.search(text):
+        low = text.lower()
+        if any(word in low for word in _HEADER_WORDS):
             text = _HEADER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+        if "=" in text and _unredacted_param(text, low):
             text = _PARAM_ANYWHERE.sub(_param_anywhere, text)
+        if "eyJ" in text:
             text = _JWT.sub(REDACTED, text)
+        if "://" in text and "@" in text:
             text = _URL_PASSWORD.sub(r"\1***@", text)
         if opaque:
             text = _OPAQUE.sub(REDACTED, text)
