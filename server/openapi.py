@@ -52,6 +52,8 @@ ERRORS = {
     401: "Missing or invalid credentials (token missing, invalid or expired; wrong key)",
     403: "Producer API disabled (server started without --api-key)",
     404: "No such task (another user's task answers exactly the same)",
+    408: "The request body did not arrive in full within --body-timeout; the connection "
+         "is closed",
     409: "Conflict: the task is already finished, still active, or registered differently",
     413: "Body, field or JSON value larger than the configured limit",
     429: "The user has too many active tasks",
@@ -255,8 +257,9 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 query("epoch", "The epoch the client's seq belongs to", {"type": "string"}),
             ])},
         "/api/task/task/{task_id}/status": {"get": op(
-            "Task status", "One of the user's tasks, with an ETag. `If-None-Match` with the "
-            "current ETag answers 304; with `wait=S` as well, the request is held until the "
+            "Task status", "One of the user's tasks, with an ETag. `If-None-Match` matching the "
+            "current ETag (weak comparison: `W/\"N\"`, a list, or `*`) answers 304; with "
+            "`wait=S` as well, the request is held until the "
             "task changes or S seconds pass (long poll).", "tasks",
             responses({200: ok("The task", task, etag),
                        304: {"description": "Not modified", "headers": etag}},
@@ -301,14 +304,14 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 "with the same task; a different body for an existing id answers 409.",
                 "producer",
                 responses({201: ok("Created", task), 200: ok("Already registered", task)},
-                          400, 401, 403, 409, 413, 429),
+                          400, 401, 403, 408, 409, 413, 429),
                 security=PRODUCER, body=ref("Register"), operation_id="registerTask")},
         "/api/task/task/{task_id}/events": {"post": op(
             "Report a task event", "Committed to SQLite before it is answered or pushed. "
             "A finished task answers 409 and stays as it was. Send an `Idempotency-Key` "
             "to retry safely after a lost answer.", "producer",
             responses({200: ok("The task after the event", task)},
-                      400, 401, 403, 404, 409, 413),
+                      400, 401, 403, 404, 408, 409, 413),
             security=PRODUCER, body=ref("Event"), operation_id="postEvent",
             parameters=[TASK_ID, {
                 "name": "Idempotency-Key", "in": "header", "required": False,
@@ -320,7 +323,7 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "refused on its own, answered in request order; all applied ones are committed "
             "before the answer.", "producer",
             responses({200: ok("One result per event", ref("BatchResult"))},
-                      400, 401, 403, 413),
+                      400, 401, 403, 408, 413),
             security=PRODUCER, body=ref("Batch"), operation_id="postEvents")},
         "/healthz": {"get": op(
             "Health", "200 when the database answers, else 503.", "operations",
