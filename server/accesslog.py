@@ -51,6 +51,7 @@ class RedactingAccessLogger(AbstractAccessLogger):
         )
 
 
+REDACTED = "[redacted]"
 # A parameter anywhere in free text (a quoted request line): `token=...` after ?, &, ;,
 # a space or a quote.
 _PARAM_ANYWHERE = re.compile(r"((?:^|[?&;\s'\"])([^=&;#\s'\"?/]*)=)[^&;#\s'\"]*")
@@ -78,7 +79,6 @@ def _unredacted_param(text: str, low: str) -> bool:
         return True
     return any(word in low and low.count(word) != low.count(word + REDACTED)
                for word in _PARAM_WORDS)
-REDACTED = "[redacted]"
 
 
 def redact_url(url: str) -> str:
