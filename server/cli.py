@@ -14,7 +14,7 @@ from aiohttp import web
 from .accesslog import RedactingAccessLogger, setup_logging
 from .auth import TokenVerifier
 from .config import ConfigError, parse_config
-from .store import Store, StoreLocked
+from .store import Store, StoreRefused
 
 log = logging.getLogger("taskpush")
 
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backlog=4096,  # a reconnect storm must not overflow the accept queue
             loop=loop,
         )
-    except StoreLocked as exc:
+    except StoreRefused as exc:  # locked by another server, corrupt, cannot be opened
         print(f"taskpush: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
