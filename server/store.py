@@ -560,9 +560,11 @@ class Store:
 
     def _txn_open(self, conn: sqlite3.Connection, schema: str) -> None:
         _connect_sync(conn, self._busy_ms)
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
-            raise StoreCorrupt(f"{self.path} is corrupt (PRAGMA quick_check: {problems[0]});"
+            detail = "; ".join(line for row in problems for line in str(row).splitlines()
+                               if not line.startswith("***"))
+            raise StoreCorrupt(f"{self.path} is corrupt (PRAGMA quick_check: {detail[:300]});"
                                " restore it from a backup (docs/operations.md)")
         conn.executescript(schema)
         settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
