@@ -14,6 +14,7 @@ from aiohttp import web
 from .accesslog import RedactingAccessLogger, setup_logging
 from .auth import TokenVerifier
 from .config import ConfigError, parse_config
+from .errors import StorageUnavailable
 from .store import Store, StoreRefused
 
 log = logging.getLogger("taskpush")
@@ -106,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except StoreRefused as exc:  # locked by another server, corrupt, cannot be opened
         print(f"taskpush: error: {exc}", file=sys.stderr)
+        return 1
+    except StorageUnavailable as exc:  # start-up writes (demo secret, recovery) refused
+        print(f"taskpush: error: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"taskpush: error: cannot serve on {config.host}:{config.port}: {exc.strerror}",

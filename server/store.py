@@ -668,7 +668,7 @@ class Store:
         lock until `deadline` at most."""
         applied: list[Outcome] | None = None
         if (len(ops) <= INLINE_MAX_OPS and not self._write_lock.locked()
-                and not any(isinstance(op, Delete) for op in ops)):
+                and Delete not in map(type, ops)):
             self._check_file()
             assert self._wconn is not None
             try:
