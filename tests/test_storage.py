@@ -25,7 +25,7 @@ from aiohttp import web
 from server import keys
 from server.errors import StorageUnavailable, TaskPushError
 from server.model import Change
-from server.notify import task_notification_service
+from server.notify import TaskProgressContext, task_notification_service
 from server.producer_client import HttpBackend
 from tests.conftest import (
     API_KEY,
@@ -202,6 +202,27 @@ async def test_a_lock_freed_within_the_timeout_costs_nothing(
     lock_holder.execute("COMMIT")
     assert (await asyncio.wait_for(write, HANG)).status == 200
     assert outage_lines(store_log) == ([], [])
+
+
+async def test_in_process_jobs_keep_their_own_exception_and_learn_of_a_lost_completion(
+        make_client: MakeClient, lock_holder: sqlite3.Connection) -> None:
+    """A job that failed keeps raising its own exception when its failure cannot be stored;
+    a job that succeeded raises StorageUnavailable when its completion cannot be."""
+    client = await make_client(db_timeout=0.3)
+    await register(client, "failing", 1)
+    await register(client, "succeeding", 1)
+    with pytest.raises(ValueError, match="the job's own error"):
+        async with TaskProgressContext("failing", total_steps=2):
+            lock_holder.execute("BEGIN IMMEDIATE")
+            raise ValueError("the job's own error")
+    lock_holder.execute("ROLLBACK")
+    with pytest.raises(StorageUnavailable):
+        async with TaskProgressContext("succeeding", total_steps=2):
+            lock_holder.execute("BEGIN IMMEDIATE")
+    lock_holder.execute("ROLLBACK")
+    for task_id in ("failing", "succeeding"):  # neither end was recorded
+        resp = await client.get(f"/api/task/task/{task_id}/status", headers=auth(1))
+        assert (await resp.json())["data"]["status"] == "running"
 
 
 # ---- disk full -------------------------------------------------------------------------
