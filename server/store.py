@@ -1,7 +1,7 @@
 """The Store: the one module that owns SQL.
 
-Two connections to one WAL database. Writes use a writer connection, reads aiosqlite's
-(whose worker thread also runs WAL checkpoints), so a reader never sees a write half-done.
+Two connections to one WAL database. Writes use a writer connection, reads aiosqlite's,
+so a reader never sees a write half-done.
 A whole transaction is one plain function (`_txn_*`) run in one go, so no other coroutine's
 statements can interleave with it. A third connection, on a thread of its own, only runs
 WAL checkpoints.
@@ -730,7 +730,7 @@ class Store:
 
         `wait=False` (on the loop's thread, where the writer connection's busy timeout is
         0): None at once if another process holds the write lock (a sqlite3 shell,
-        `run.py token`); the caller retries on the worker thread, where `_call_writer`
+        `run.py token`); the caller retries on the writer's thread, where `_call_writer`
         lets it wait out the rest of --db-timeout without stalling any socket."""
         _rollback(conn)  # a transaction a failed COMMIT may have left open
         try:
