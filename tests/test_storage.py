@@ -234,8 +234,13 @@ async def test_a_full_disk_answers_503_logs_once_and_recovers(
     store = client.app[keys.STORE]
     await register(client, "t", 1)
     wconn = store._wconn
+
+    async def on_writer(sql: str) -> None:  # alone on the writer connection (not mid-probe)
+        async with store._write_lock:
+            wconn.execute(sql)
+
     (pages,) = wconn.execute("PRAGMA page_count").fetchone()
-    wconn.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL on the next new page
+    await on_writer(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL on the next new page
     big = {"blob": "x" * 40_000}  # needs fresh (overflow) pages
     for n in range(3):
         resp = await client.post("/api/task/tasks", headers=PRODUCER, json={
@@ -248,7 +253,7 @@ async def test_a_full_disk_answers_503_logs_once_and_recovers(
     with pytest.raises(StorageUnavailable, match="disk is full"):
         await task_notification_service.register_task("big-inproc", 1, "job", big)
 
-    wconn.execute("PRAGMA max_page_count = 1073741823")  # space again
+    await on_writer("PRAGMA max_page_count = 1073741823")  # space again
     await until(lambda: healthy(client), "/healthz 200 once there is space")
     created = await register(client, "big0", 1, task_type="job", metadata=big)
     assert created["metadata"] == big
