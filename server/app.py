@@ -116,7 +116,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[keys.METRICS].render(),
+    metrics_ = request.app[keys.METRICS]
+    metrics_.storage_available.set(0 if request.app[keys.STORE].unavailable() else 1)
+    return web.Response(body=metrics_.render(),
                         headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -248,6 +248,8 @@ async def test_a_full_disk_answers_503_logs_once_and_recovers(
         await assert_503(resp, FULL)
     status, body = await health(client)
     assert status == 503 and body["message"] == FULL
+    metrics = await (await client.get("/metrics")).text()
+    assert "taskpush_storage_available 0.0" in metrics
     ws = await ws_connect(client, 1)
     await asyncio.wait_for(handshake(ws), HANG)
     with pytest.raises(StorageUnavailable, match="disk is full"):
@@ -256,6 +258,7 @@ async def test_a_full_disk_answers_503_logs_once_and_recovers(
     await on_writer("PRAGMA max_page_count = 1073741823")  # space again
     await until(lambda: healthy(client), "/healthz 200 once there is space")
     created = await register(client, "big0", 1, task_type="job", metadata=big)
+    assert "taskpush_storage_available 1.0" in await (await client.get("/metrics")).text()
     assert created["metadata"] == big
     began, ended = outage_lines(store_log)
     assert len(began) == 1 and "disk is full" in began[0] and len(ended) == 1
