@@ -3,8 +3,11 @@
 The in-process producer API is importable from here:
 
     from server import task_notification_service, task_notifier, TaskProgressContext
+
+Its calls raise `StorageUnavailable` when the database cannot take a write (retry later).
 """
 
+from .errors import StorageUnavailable
 from .notify import (
            TaskNotificationService,
            TaskProgressContext,
@@ -12,6 +15,6 @@ from .notify import (
            task_notifier,
 )
 
-__all__ = ["TaskNotificationService", "TaskProgressContext", "task_notification_service",
-           "task_notifier"]
+__all__ = ["StorageUnavailable", "TaskNotificationService", "TaskProgressContext",
+           "task_notification_service", "task_notifier"]
 __version__ = "0.1.0"

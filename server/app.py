@@ -4,6 +4,7 @@ the app starts, so tests build apps with their own Config and a tmp_path databas
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from aiohttp import web
 from . import demo, keys, producer, rest
 from .auth import TokenVerifier
 from .config import Config
-from .errors import BodyTimeout, TaskPushError, error_envelope
+from .errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .notify import task_notification_service
@@ -36,8 +37,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TaskPushError as exc:
+        headers = ({"Retry-After": str(exc.retry_after)}
+                   if isinstance(exc, StorageUnavailable) else None)
         response = web.json_response(error_envelope(exc.status, exc.message, **exc.extra),
-                                     status=exc.status)
+                                     status=exc.status, headers=headers)
         if isinstance(exc, BodyTimeout):
             # answer, then close at once: aiohttp would otherwise linger reading the rest
             # of the body (up to 10 s more), which is what the timeout is there to stop
@@ -101,19 +104,28 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """503 while the store refuses writes (a state it keeps: this never waits on the
+    writer) or reads do not answer within --db-timeout."""
     store = request.app[keys.STORE]
-    try:
-        healthy = await store.ping()
-    except Exception:
-        healthy = False
-    body = {"status": "ok" if healthy else "unavailable", "database": healthy,
+    reason = store.unavailable()
+    if reason is None:
+        try:
+            await asyncio.wait_for(store.ping(), store.timeout)
+        except Exception:
+            reason = "storage unavailable: the database does not answer reads"
+    body = {"status": "ok" if reason is None else "unavailable", "database": reason is None,
             "epoch": store.epoch, "seq": store.last_seq,
             "connections": request.app[keys.HUB].connection_count}
-    return web.json_response(body, status=200 if healthy else 503)
+    if reason is None:
+        return web.json_response(body)
+    body["message"] = reason
+    return web.json_response(body, status=503, headers={"Retry-After": "1"})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[keys.METRICS].render(),
+    metrics_ = request.app[keys.METRICS]
+    metrics_.storage_available.set(0 if request.app[keys.STORE].unavailable() else 1)
+    return web.Response(body=metrics_.render(),
                         headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -149,7 +161,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def on_shutdown(app: web.Application) -> None:
     """Stop serving sockets (1001) and end our in-process jobs as interrupted."""
     await close_all(app)
-    await app[keys.TASKS].interrupt_inprocess("the server shut down while this task ran")
+    try:
+        await app[keys.TASKS].interrupt_inprocess("the server shut down while this task ran")
+    except StorageUnavailable as exc:  # the next start marks them (store_ctx)
+        log.warning("in-process tasks not marked interrupted at shutdown: %s", exc.message)
 
 
 def create_app(config: Config) -> web.Application:
@@ -157,7 +172,7 @@ def create_app(config: Config) -> web.Application:
     if config.cors_origins:  # no per-request cost when CORS is off (the default)
         middlewares.insert(0, cors_middleware(config.cors_origins))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
-    store = Store(config.db)
+    store = Store(config.db, timeout=config.db_timeout)
     app[keys.CONFIG] = config
     app[keys.STORE] = store
     app[keys.HUB] = Hub()

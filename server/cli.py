@@ -15,7 +15,8 @@ from aiohttp import web
 from .accesslog import RedactingAccessLogger, redact_url, setup_logging
 from .auth import TokenVerifier
 from .config import ConfigError, parse_config
-from .store import Store, StoreLocked
+from .errors import StorageUnavailable
+from .store import Store, StoreRefused
 
 log = logging.getLogger("taskpush")
 
@@ -114,8 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             backlog=4096,  # a reconnect storm must not overflow the accept queue
             loop=loop,
         )
-    except StoreLocked as exc:
+    except StoreRefused as exc:  # locked by another server, corrupt, cannot be opened
         print(f"taskpush: error: {exc}", file=sys.stderr)
+        return 1
+    except StorageUnavailable as exc:  # start-up writes (demo secret, recovery) refused
+        print(f"taskpush: error: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"taskpush: error: {_start_error(exc, config.host, config.port)}",

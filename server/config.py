@@ -55,6 +55,10 @@ class Config:
     host: str = _setting("127.0.0.1", "interface to listen on")
     port: int = _setting(8000, "TCP port to listen on")
     db: str = _setting("./taskpush.db", "SQLite database file (created from schema.sql)")
+    db_timeout: float = _setting(
+        5.0, "seconds a write may wait for the database (e.g. a lock held by another "
+        "process) before it is answered 503"
+    )
     jwt_secret: Secret | None = _setting(None, "HS256 secret for user tokens")
     jwt_public_key: str | None = _setting(
         None, "PEM public key file for RS256/ES256 user tokens (path)"
@@ -272,6 +276,7 @@ def validate(config: Config) -> None:
         "send_timeout",
         "demo_task_seconds",
         "body_timeout",
+        "db_timeout",
     )
     _positive(config, "jwt_leeway", "ping_interval", "ping_timeout", "shutdown_timeout",
               allow_zero=True)

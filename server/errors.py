@@ -65,6 +65,18 @@ class TooMany(TaskPushError):
     status, code = 429, "too_many"
 
 
+class StorageUnavailable(TaskPushError):
+    """The store cannot commit a write now: another process holds the database lock past
+    --db-timeout, the disk is full, an I/O error, the database file was deleted or replaced.
+    Nothing of the refused write was committed, so trying again later is safe (HTTP: 503
+    with Retry-After). In-process producers see this type."""
+
+    status, code = 503, "storage_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 def envelope(data: Any = None, *, code: int = 0, message: str = "success") -> dict[str, Any]:
     """The one JSON shape of every REST answer."""

@@ -44,6 +44,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.storage_available = Gauge(
+            "taskpush_storage_available",
+            "1 while the database takes writes, 0 while they answer 503 (see /healthz)",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "taskpush_commit_batch_size", "Operations per write transaction",
             buckets=(1, 2, 5, 10, 50, 100, 500, 1000, 2000),

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from .errors import BadRequest, NotFound, TaskFinal
+from .errors import BadRequest, NotFound, StorageUnavailable, TaskFinal
 from .model import Register, Task, public
 from .tasks import TaskService
 from .validate import event_body, register_body
@@ -192,6 +192,10 @@ async def _finish(
             await service.notify_failed(task_id, error=str(exc) or type(exc).__name__,
                                         error_type=type(exc).__name__)
     except (NotFound, BadRequest, RuntimeError) as report_error:
+        log.warning("could not report the end of task %s: %s", task_id, report_error)
+    except StorageUnavailable as report_error:
+        if exc is None:
+            raise  # the job's success was not recorded: its caller must know
         log.warning("could not report the end of task %s: %s", task_id, report_error)
 
 

@@ -57,6 +57,9 @@ ERRORS = {
     409: "Conflict: the task is already finished, still active, or registered differently",
     413: "Body, field or JSON value larger than the configured limit",
     429: "The user has too many active tasks",
+    503: "Storage unavailable: the write was not committed (another process holds the "
+         "database lock past --db-timeout, the disk is full, the database file was deleted "
+         "or replaced); `message` says why. Retry after `Retry-After` seconds",
 }
 
 
@@ -279,13 +282,13 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "`task_deleted`. An active task answers 409.", "tasks",
             responses({200: ok("Deleted", {"type": "object", "properties": {
                 "task_id": {"type": "string"}, "deleted": {"type": "boolean"}}})},
-                401, 404, 409),
+                401, 404, 409, 503),
             security=BEARER, operation_id="deleteTask", parameters=[TASK_ID])},
         "/api/task/task/{task_id}/cancel": {"post": op(
             "Cancel an active task", "Marks it cancelled (pushed); an in-process job is "
             "interrupted and an HTTP producer's later events answer 409 with "
             "`cancel_requested: true`.", "tasks",
-            responses({200: ok("The cancelled task", task)}, 401, 404, 409),
+            responses({200: ok("The cancelled task", task)}, 401, 404, 409, 503),
             security=BEARER, operation_id="cancelTask", parameters=[TASK_ID])},
         "/api/task/tasks": {
             "get": op(
@@ -304,14 +307,14 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 "with the same task; a different body for an existing id answers 409.",
                 "producer",
                 responses({201: ok("Created", task), 200: ok("Already registered", task)},
-                          400, 401, 403, 408, 409, 413, 429),
+                          400, 401, 403, 408, 409, 413, 429, 503),
                 security=PRODUCER, body=ref("Register"), operation_id="registerTask")},
         "/api/task/task/{task_id}/events": {"post": op(
             "Report a task event", "Committed to SQLite before it is answered or pushed. "
             "A finished task answers 409 and stays as it was. Send an `Idempotency-Key` "
             "to retry safely after a lost answer.", "producer",
             responses({200: ok("The task after the event", task)},
-                      400, 401, 403, 404, 408, 409, 413),
+                      400, 401, 403, 404, 408, 409, 413, 503),
             security=PRODUCER, body=ref("Event"), operation_id="postEvent",
             parameters=[TASK_ID, {
                 "name": "Idempotency-Key", "in": "header", "required": False,
@@ -323,10 +326,12 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "refused on its own, answered in request order; all applied ones are committed "
             "before the answer.", "producer",
             responses({200: ok("One result per event", ref("BatchResult"))},
-                      400, 401, 403, 408, 413),
+                      400, 401, 403, 408, 413, 503),
             security=PRODUCER, body=ref("Batch"), operation_id="postEvents")},
         "/healthz": {"get": op(
-            "Health", "200 when the database answers, else 503.", "operations",
+            "Health", "200 when the database answers and takes writes, else 503 (with "
+            "`message` saying why). Answers from a state the server keeps: never waits on a "
+            "write.", "operations",
             responses({200: {"description": "Healthy", "content": {JSON: {"schema": {
                 "type": "object", "properties": {
                     "status": {"type": "string"}, "database": {"type": "boolean"},

@@ -1,7 +1,7 @@
 """The Store: the one module that owns SQL.
 
-Two connections to one WAL database. Writes use a writer connection, reads aiosqlite's
-(whose worker thread also runs WAL checkpoints), so a reader never sees a write half-done.
+Two connections to one WAL database. Writes use a writer connection, reads aiosqlite's,
+so a reader never sees a write half-done.
 A whole transaction is one plain function (`_txn_*`) run in one go, so no other coroutine's
 statements can interleave with it. A third connection, on a thread of its own, only runs
 WAL checkpoints.
@@ -11,9 +11,16 @@ everything queued, applies it in ONE transaction (each operation applied or refu
 own), commits, calls `on_commit` with the outcomes in seq order (that is where updates are
 pushed), and only then answers each caller. So a write is durable before it is acknowledged
 or pushed. A small batch is written on the event loop's thread: it costs less than the
-two thread wake-ups of a hop (docs/performance.md); a large one, and the sweeps, go to the
-worker thread so the loop keeps serving meanwhile. No connection checkpoints on commit; the
-checkpoint thread does, in the background (`_committed`).
+two thread wake-ups of a hop (docs/performance.md); a large one, any delete (a task's
+history may be long), and the sweeps, go to the writer's own thread so the loop keeps serving
+meanwhile. That thread is not aiosqlite's: a write waiting for another process's lock never
+holds up a read. No connection checkpoints on commit; the checkpoint thread does, in the
+background (`_committed`).
+
+A write that cannot commit (the lock held past `timeout`, disk full, I/O error, the file
+deleted or replaced under us) is rolled back and its callers get `StorageUnavailable`; the
+store keeps that state (`unavailable()`, for /healthz), logs one line when it begins and
+one when it ends, and probes in the background until a write commits again.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
+import os
 import secrets
 import sqlite3
 import time
@@ -31,12 +40,12 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import aiosqlite
 
 from . import jsonutil
-from .errors import Conflict, NotFound, TaskActive, TooMany
+from .errors import Conflict, NotFound, StorageUnavailable, TaskActive, TooMany
 from .model import (
     ACTIVE,
     Change,
@@ -62,7 +71,9 @@ CHECKPOINT_EVERY_COMMITS = 2_000
 CHECKPOINT_EVERY_OPS = 12_000
 CHECKPOINT_EVERY_S = 2.0
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
-BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another process's lock
+DB_TIMEOUT = 5.0  # default seconds a write waits for another process's lock (--db-timeout)
+PROBE_INTERVAL = 0.5  # seconds between background write probes while storage is unavailable
+PROBE_BYTES = 8192  # a probe writes (then deletes) this much: it needs fresh pages, as writes do
 TASK_CACHE_SIZE = 20_000  # tasks as last committed by the writer, most recent kept
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -71,12 +82,43 @@ _TASK_COLUMNS = (
     "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
 )
 
-class StoreLocked(RuntimeError):
+class StoreRefused(RuntimeError):
+    """The store cannot start on this file; the message says why in one line."""
+
+
+class StoreLocked(StoreRefused):
     """The database file is being served by another taskpush process."""
 
 
+class StoreCorrupt(StoreRefused):
+    """The database file fails SQLite's integrity check."""
+
+
+MOVED = "database file was deleted or replaced"
+_LOCKED = "database is locked by another process"
+_REASONS = {  # primary SQLite result code -> why a write cannot be stored
+    sqlite3.SQLITE_BUSY: _LOCKED,
+    sqlite3.SQLITE_LOCKED: _LOCKED,
+    sqlite3.SQLITE_PROTOCOL: _LOCKED,
+    sqlite3.SQLITE_FULL: "database or disk is full",
+    sqlite3.SQLITE_IOERR: "disk I/O error",
+    sqlite3.SQLITE_READONLY: "database file is read-only",
+    sqlite3.SQLITE_PERM: "database file is not writable",
+    sqlite3.SQLITE_CANTOPEN: "database file cannot be opened",
+    sqlite3.SQLITE_CORRUPT: "database file is corrupt",
+    sqlite3.SQLITE_NOTADB: "database file is corrupt",
+}
+
+
+def storage_reason(exc: BaseException) -> str | None:
+    """Why the storage failed, if `exc` is a storage failure (not a bug); else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else _REASONS.get(code & 0xFF)
+
+
 CommitListener = Callable[[list[Outcome], float], None]
-_Submission = tuple[Sequence[Operation], "asyncio.Future[list[Outcome]]"]  # one caller's ops
+# one caller's ops, its future, and the loop time by which it is answered (--db-timeout)
+_Submission = tuple[Sequence[Operation], "asyncio.Future[list[Outcome]]", float]
 
 
 def _dumps(value: Any) -> str | None:
@@ -124,27 +166,51 @@ class Snapshot:
     changes: list[Task | tuple[str, int]] | None  # tasks or ("deleted", task_id, seq); None: resync
 
 
-def _connect_sync(conn: sqlite3.Connection) -> None:
+def _connect_sync(conn: sqlite3.Connection, busy_ms: int = int(DB_TIMEOUT * 1000)) -> None:
     """Connection setup: WAL, a busy timeout, and durability that survives a process crash.
 
     No automatic checkpoint: it would run inside a COMMIT, on the loop's thread, with an
     fsync; `Store._committed` has the checkpoint thread run it instead."""
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout={busy_ms}")
     conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.execute("PRAGMA foreign_keys=ON")
 
 
-def _waiting(conn: sqlite3.Connection, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(conn, *args)` allowed to wait for another process's lock. The writer
-    connection's busy timeout is 0 otherwise: on the loop's thread it must never wait."""
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+def _waiting(conn: sqlite3.Connection, busy_ms: int, fn: Callable[..., Any], *args: Any
+             ) -> Any:
+    """Run `fn(conn, *args)` allowed to wait `busy_ms` for another process's lock. The
+    writer connection's busy timeout is 0 otherwise: on the loop's thread it must never
+    wait."""
+    conn.execute(f"PRAGMA busy_timeout={busy_ms}")
     try:
         return fn(conn, *args)
     finally:
         conn.execute("PRAGMA busy_timeout=0")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed transaction. SQLite may already have rolled it back (SQLITE_FULL, an I/O
+    error): a ROLLBACK then fails, and must not hide the error that caused it."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    """A write shaped like the real ones (fresh pages, a commit), leaving nothing behind."""
+    _rollback(conn)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("INSERT INTO settings VALUES ('probe', zeroblob(?)) ON CONFLICT(key)"
+                     " DO UPDATE SET value = excluded.value", (PROBE_BYTES,))
+        conn.execute("DELETE FROM settings WHERE key = 'probe'")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
@@ -256,10 +322,19 @@ class _Txn:
 
 
 class Store:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, timeout: float = DB_TIMEOUT) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None  # reads and checkpoints
+        self.timeout = timeout  # seconds a write may wait for another process's lock
+        self._db: aiosqlite.Connection | None = None  # reads
         self._wconn: sqlite3.Connection | None = None  # writes, one at a time (_write_lock)
+        # the writer's thread for large batches, deletes and sweeps: not aiosqlite's, so a
+        # write waiting on another process's lock never holds up a read
+        self._wthread: ThreadPoolExecutor | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._outage: str | None = None  # why writes are refused now; None: they are not
+        self._outage_since = 0.0
+        self._outage_refused = 0
+        self._prober: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._ops_since_checkpoint = 0
         self._commits_since_checkpoint = 0
@@ -288,16 +363,31 @@ class Store:
         process is serving, before touching anything in it (see `_lock`)."""
         if exclusive:
             self._lock()
-        # check_same_thread=False: large batches are written on the worker thread, always
+        # check_same_thread=False: large batches are written on the writer's thread, always
         # one at a time (`_write_lock`)
         self._wconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._wthread = ThreadPoolExecutor(1, thread_name_prefix="taskpush-writer")
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
         schema = SCHEMA_PATH.read_text(encoding="utf-8")
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._call_writer(self._txn_open, schema)
-        await self._call(_connect_sync)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._wthread, _waiting, self._wconn, self._busy_ms, self._txn_open, schema)
+        except sqlite3.Error as exc:
+            await self.close()
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise StoreCorrupt(f"{self.path} is corrupt or not a taskpush database ({exc});"
+                                   " restore it from a backup (docs/operations.md)") from None
+            raise StoreRefused(f"cannot open {self.path}: {exc}") from None
+        except StoreRefused:
+            await self.close()
+            raise
+        await self._call(_connect_sync, self._busy_ms)
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="taskpush-checkpoint")
         self._cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._cconn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._cconn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name="taskpush-writer")
 
@@ -313,6 +403,10 @@ class Store:
             raise StoreLocked(f"{self.path} is in use by another taskpush process") from None
         self._lock_handle = handle
 
+    @property
+    def _busy_ms(self) -> int:
+        return int(self.timeout * 1000)
+
     async def close(self) -> None:
         """Finish queued writes, then close the connection."""
         if self._writer is not None and self._queue is not None:
@@ -322,6 +416,11 @@ class Store:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             self._writer = None
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
         if self._checkpoint_due is not None:
             self._checkpoint_due.cancel()
             self._checkpoint_due = None
@@ -339,6 +438,9 @@ class Store:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._wthread is not None:
+            self._wthread.shutdown()
+            self._wthread = None
         if self._wconn is not None:
             self._wconn.close()
             self._wconn = None
@@ -355,25 +457,115 @@ class Store:
         if self._db is None:
             raise RuntimeError("store is not open")
         conn = self._db
-        return await conn._execute(lambda: fn(conn._conn, *args))
+        try:
+            return await conn._execute(lambda: fn(conn._conn, *args))
+        except sqlite3.Error as exc:
+            reason = storage_reason(exc)
+            if reason is None:
+                raise
+            raise StorageUnavailable(f"storage unavailable: {reason}",
+                                     self._retry_after) from exc
 
-    async def _call_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(writer_connection, *args)` on the worker thread, alone among writes."""
-        if self._db is None or self._wconn is None:
+    async def _call_writer(self, fn: Callable[..., Any], *args: Any,
+                           lock_wait: float | None = None) -> Any:
+        """Run `fn(writer_connection, *args)` on the writer's thread, alone among writes,
+        waiting up to `lock_wait` s (default: the store's timeout) for another process's lock. A
+        storage failure raises StorageUnavailable (and begins an outage)."""
+        if self._wthread is None or self._wconn is None:
             raise RuntimeError("store is not open")
-        wconn = self._wconn
+        wconn, thread = self._wconn, self._wthread
+        busy_ms = self._busy_ms if lock_wait is None else max(0, int(lock_wait * 1000))
         async with self._write_lock:
-            job = asyncio.ensure_future(self._db._execute(lambda: _waiting(wconn, fn, *args)))
+            self._check_file()
+            job = asyncio.get_running_loop().run_in_executor(thread, _waiting, wconn, busy_ms,
+                                                             fn, *args)
             try:
-                return await asyncio.shield(job)
+                result = await asyncio.shield(job)
             except asyncio.CancelledError:
-                # the function runs on in the worker thread: the lock is held until it ends,
-                # or a write on the loop's thread would share its transaction
+                # the function runs on in the writer's thread: the lock is held until it
+                # ends, or a write on the loop's thread would share its transaction
                 await asyncio.wait([job])
                 raise
+            except sqlite3.Error as exc:
+                self._raise_failed(exc)
+        self._recovered()
+        return result
+
+    # ---- storage outages -------------------------------------------------------------
+
+    @property
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self.timeout))
+
+    def _moved(self) -> bool:
+        """The path no longer names the file we opened (deleted, or replaced by another)."""
+        if self._identity is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._identity
+
+    def _check_file(self) -> None:
+        """Before a commit: never acknowledge a write into a file nobody will open again."""
+        if self._moved():
+            raise self._outage_began(MOVED)
+
+    def _raise_failed(self, exc: sqlite3.Error) -> NoReturn:
+        """A failed write's callers get StorageUnavailable for a storage failure (which
+        begins an outage), the error itself for anything else (a bug)."""
+        reason = storage_reason(exc)
+        if reason is None:
+            raise exc
+        raise self._outage_began(reason) from exc
+
+    def _outage_began(self, reason: str) -> StorageUnavailable:
+        if self._outage is None:
+            log.warning("storage unavailable: %s (%s); writes answer 503 until it recovers",
+                        reason, self.path)
+            self._outage_since = time.monotonic()
+            self._outage_refused = 0  # counted by the writer, per caller answered 503
+            if self._prober is None and self._wthread is not None:
+                self._prober = asyncio.get_running_loop().create_task(
+                    self._probe_until_recovered(), name="taskpush-storage-probe")
+        self._outage = reason
+        return StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
+
+    def _recovered(self) -> None:
+        if self._outage is not None:
+            log.warning("storage available again after %.1f s (%d write(s) refused meanwhile)",
+                        time.monotonic() - self._outage_since, self._outage_refused)
+            self._outage = None
+
+    def unavailable(self) -> str | None:
+        """Why writes are refused now ("storage unavailable: ..."), or None. For /healthz:
+        one stat, never waits on the writer."""
+        if self._outage is None and self._moved():
+            self._outage_began(MOVED)
+        return None if self._outage is None else f"storage unavailable: {self._outage}"
+
+    async def _probe_until_recovered(self) -> None:
+        """While an outage lasts, try a small write now and then, so health recovers by
+        itself when the lock or the disk frees, even if no producer writes meanwhile."""
+        try:
+            while self._outage is not None:
+                await asyncio.sleep(PROBE_INTERVAL)
+                if self._outage is None or self._wthread is None:
+                    break
+                with contextlib.suppress(StorageUnavailable):
+                    await self._call_writer(_probe, lock_wait=0)
+        finally:
+            self._prober = None
 
     def _txn_open(self, conn: sqlite3.Connection, schema: str) -> None:
-        _connect_sync(conn)
+        _connect_sync(conn, self._busy_ms)
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            detail = "; ".join(line for row in problems for line in str(row).splitlines()
+                               if not line.startswith("***"))
+            raise StoreCorrupt(f"{self.path} is corrupt (PRAGMA quick_check: {detail[:300]});"
+                               " restore it from a backup (docs/operations.md)")
         conn.executescript(schema)
         settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
         if "epoch" not in settings:
@@ -414,33 +606,42 @@ class Store:
         future for them all: a batch of 500 costs one wake-up, not 500)."""
         if self._queue is None:
             raise RuntimeError("store is not open")
-        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((ops, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Outcome]] = loop.create_future()
+        self._queue.put_nowait((ops, future, loop.time() + self.timeout))
         return await future
 
     async def _write_loop(self) -> None:
         assert self._queue is not None
         queue = self._queue
+        loop = asyncio.get_running_loop()
+        waiting: list[_Submission] = []  # refused for a lock held elsewhere, time left
         while True:
-            batch = [await queue.get()]
-            ops = list(batch[0][0])
+            batch = waiting or [await queue.get()]
+            waiting = []
+            ops = [op for item in batch for op in item[0]]
             while len(ops) < MAX_BATCH and not queue.empty():
                 item = queue.get_nowait()
                 batch.append(item)
                 ops.extend(item[0])
             started = time.perf_counter()
             try:
-                applied: list[Outcome] | None = None
-                if len(ops) <= INLINE_MAX_OPS and not self._write_lock.locked():
-                    assert self._wconn is not None
-                    applied = self._txn_apply(self._wconn, ops, False)
-                if applied is None:  # large, or the file's write lock is held elsewhere
-                    applied = await self._call_writer(self._txn_apply, ops)
-                assert applied is not None
-                outcomes = applied
-            except Exception as exc:  # the whole transaction rolled back
+                outcomes = await self._commit(ops, min(item[2] for item in batch))
+            except StorageUnavailable as exc:  # rolled back; the outage is logged once
+                now = loop.time()
+                for item in batch:
+                    # the lock may free before this caller's own --db-timeout is up
+                    if exc.message.endswith(_LOCKED) and item[2] - now > 0.01:
+                        waiting.append(item)
+                        continue
+                    self._outage_refused += 1
+                    if not item[1].done():
+                        item[1].set_exception(exc)
+                    queue.task_done()
+                continue
+            except Exception as exc:  # a bug: the whole transaction rolled back
                 log.exception("write transaction failed (%d operations)", len(ops))
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                     queue.task_done()
@@ -453,12 +654,34 @@ class Store:
                 except Exception:
                     log.exception("commit listener failed")
             start = 0
-            for item_ops, future in batch:
+            for item_ops, future, _ in batch:
                 end = start + len(item_ops)
                 if not future.done():
                     future.set_result(outcomes[start:end])
                 start = end
                 queue.task_done()
+
+    async def _commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
+        """Apply and commit one batch, or raise (rolled back). Small batches on the loop's
+        thread, never waiting for a lock; large ones, deletes (a task's history may be long)
+        and batches that met a lock held elsewhere on the writer's thread, waiting for the
+        lock until `deadline` at most."""
+        applied: list[Outcome] | None = None
+        if (len(ops) <= INLINE_MAX_OPS and not self._write_lock.locked()
+                and Delete not in map(type, ops)):
+            self._check_file()
+            assert self._wconn is not None
+            try:
+                applied = self._txn_apply(self._wconn, ops, False)
+            except sqlite3.Error as exc:
+                self._raise_failed(exc)
+            if applied is not None:
+                self._recovered()
+        if applied is None:  # large, a delete, or the file's write lock is held elsewhere
+            wait = deadline - asyncio.get_running_loop().time()
+            applied = await self._call_writer(self._txn_apply, ops, lock_wait=max(0.0, wait))
+        assert applied is not None
+        return applied
 
     def _committed(self, ops: int) -> None:
         """Schedule a WAL checkpoint: soon after a burst, at the latest CHECKPOINT_EVERY_S."""
@@ -507,8 +730,9 @@ class Store:
 
         `wait=False` (on the loop's thread, where the writer connection's busy timeout is
         0): None at once if another process holds the write lock (a sqlite3 shell,
-        `run.py token`); the caller retries on the worker thread, where `_call_writer`
-        lets it wait out BUSY_TIMEOUT_MS without stalling any socket."""
+        `run.py token`); the caller retries on the writer's thread, where `_call_writer`
+        lets it wait out the rest of --db-timeout without stalling any socket."""
+        _rollback(conn)  # a transaction a failed COMMIT may have left open
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -535,7 +759,7 @@ class Store:
             txn.flush()
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         txn.publish_to_cache()
         self.last_seq = seq
@@ -777,7 +1001,7 @@ class Store:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             self.horizon = max(self.horizon, int(top))
             return cursor.rowcount

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import keys
+from .errors import StorageUnavailable
 from .model import Change, Delete, utc_iso
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ async def _loop(app: web.Application) -> None:
     while True:
         try:
             await sweep_once(app)
+        except StorageUnavailable:
+            pass  # the store logs the outage once; the next pass tries again
         except Exception:
             log.exception("sweep failed")
         await asyncio.sleep(interval)
