@@ -37,7 +37,10 @@ def _token_command(argv: Sequence[str]) -> int:
     if config.jwt_secret is not None:
         secret = config.jwt_secret.reveal()
     else:
-        secret = asyncio.run(_demo_secret(config.db))
+        try:
+            secret = asyncio.run(_demo_secret(config.db))
+        except (StoreRefused, StorageUnavailable) as exc:
+            raise ConfigError(str(exc)) from None
     print(TokenVerifier.for_secret(secret).issue(int(args.user), args.ttl, admin=args.admin))
     return 0
 

@@ -132,6 +132,15 @@ def test_token_command_refuses_a_bad_user(tmp_path: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1 and "--user" in done.stderr
 
 
+def test_token_command_on_a_corrupt_database_says_so_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database at all" * 500)
+    done = run_cli("token", "--user", "1", "--db", str(bad))
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "corrupt" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 async def _status(session: aiohttp.ClientSession, url: str, token: str, task_id: str
                   ) -> tuple[int, Any]:
     async with session.get(f"{url}/api/task/task/{task_id}/status",
