@@ -46,7 +46,7 @@ async def flaky(ctx: dict[str, Any], marker: str) -> str:
 
 
 class WorkerSettings:
-    functions = [ok, boom, until_file, flaky]
+    functions = (ok, boom, until_file, flaky)
     redis_settings = RedisSettings(unix_socket_path=os.environ.get("TP_REDIS_SOCKET"))
     max_tries = 3
     poll_delay = 0.05

@@ -23,6 +23,7 @@ keyword argument `taskpush_user_id`, which the wrapper removes before calling th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import uuid
 from collections.abc import Awaitable, Callable
@@ -88,10 +89,8 @@ def tracked(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
 
 async def _shielded(report: Any) -> None:
     """Wait for a final report even while the job is being cancelled."""
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await asyncio.shield(asyncio.ensure_future(_await(report)))
-    except asyncio.CancelledError:
-        pass
 
 
 async def _await(report: Any) -> Any:
