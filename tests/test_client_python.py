@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import logging
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,6 +184,24 @@ def test_a_lost_answer_is_retried_without_recording_twice(server: ServerProcess)
     assert [e["status"] for e in history(server, "once")] == ["pending", "running"]
 
 
+@pytest.mark.parametrize("status", [503, 429, 502])
+def test_overloaded_answers_are_retried(server: ServerProcess, status: int) -> None:
+    """A front that answers `status` twice (as a proxy or an overloaded taskpush would),
+    then passes requests through: the report arrives once."""
+    front = _FlakyFront(server.url, status, failures=2)
+    flaky = tp.Client(front.url, API_KEY, max_delay=0.0, backoff=0.02)
+    task = f"busy{status}"
+    try:
+        svc = tp.TaskNotificationService(flaky)
+        assert svc.register_task(task, 1, "t").wait()["status"] == "pending"
+        assert svc.notify_started(task).wait()["ok"]
+    finally:
+        flaky.close(5)
+        front.close()
+    assert front.refused == 2 and front.passed == 2
+    assert [e["status"] for e in history(server, task)] == ["pending", "running"]
+
+
 def test_client_errors_are_not_retried_nor_raised(server: ServerProcess,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     wrong = tp.Client(server.url, "wrong-key", max_delay=0.0, backoff=0.02)
@@ -210,6 +230,51 @@ def test_configuration_from_the_environment(server: ServerProcess,
         nothing = tp.Client()
         assert nothing.register("env2", 1, "t").wait() is None  # dropped, not raised
     assert "TASKPUSH_URL" in caplog.text
+
+
+class _FlakyFront:
+    """An HTTP server on loopback: the first `failures` requests get `status` (with
+    Retry-After: 0), the rest are passed to `target`."""
+
+    def __init__(self, target: str, status: int, failures: int) -> None:
+        front = self
+        self.refused = self.passed = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if front.refused < failures:
+                    front.refused += 1
+                    self.send_response(status)
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                front.passed += 1
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("content-type", "x-api-key")}
+                request = urllib.request.Request(target + self.path, data=body,  # noqa: S310
+                                                 headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+                    answer = resp.read()
+                    self.send_response(resp.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
 
 
 class _CuttingProxy:
