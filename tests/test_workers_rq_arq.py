@@ -59,7 +59,8 @@ def rq_queue(redis: Redis, server: ServerProcess, workdir: Path,
 
     worker = Worker(workdir, "rq", [
         sys.executable, "-m", "rq.cli", "worker", "--url", f"unix://{redis.socket}",
-        "--logging_level", "INFO", "tp_rq"], worker_env(server)).start()
+        "--logging_level", "INFO", "-w", "taskpush_client.rq.Worker", "tp_rq"],
+        worker_env(server)).start()
     connection = RedisClient(unix_socket_path=str(redis.socket))
     yield Queue("tp_rq", connection=connection)
     worker.stop()
@@ -138,6 +139,39 @@ def test_rq_rest_cancel_stops_the_job(rq_queue: Any, server: ServerProcess,
     assert "TaskCancelled" in (job.latest_result().exc_string or "")
     assert seen[-1]["status"] == "cancelled"
     assert history(server, job.id)[-1]["status"] == "cancelled"
+
+
+def test_rq_work_horse_killed_and_retried_ends_in_one_final_state(
+        rq_queue: Any, server: ServerProcess, tmp_path: Path) -> None:
+    """kill -9 of the work horse mid-job: the worker (taskpush_client.rq.Worker) reports
+    the retry, RQ runs the job again, and the user sees one final state."""
+    import os
+    import signal
+    import time
+
+    from rq import Retry
+    from taskpush_client.rq import enqueue
+
+    from tests.worker_apps import rq_jobs
+
+    go, pidfile = tmp_path / "go", tmp_path / "pid"
+    with Browser(server) as browser:
+        job = enqueue(rq_queue, rq_jobs.until_file, str(go), str(pidfile), user_id=1,
+                      job_options={"retry": Retry(max=1)})
+        browser.until(job.id, lambda m: m["status"] == "progress")
+        first = int(pidfile.read_text())
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text() not in ("", str(first))):
+            assert time.monotonic() < deadline, "the job was not run again"
+            time.sleep(0.05)
+        go.write_text("go")
+        seen = browser.until(job.id)
+    assert seen[-1]["status"] == "completed" and seen[-1]["result"] == "done"
+    assert "work horse lost; retrying" in [m["message"] for m in seen]
+    assert_browser_order(seen)
+    statuses_ = [e["status"] for e in history(server, job.id)]
+    assert sum(s in ("completed", "failed", "cancelled") for s in statuses_) == 1
 
 
 # ---- arq -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ but `progress()`."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ def boom() -> None:
     raise ValueError("the input was bad")
 
 
-def until_file(path: str) -> str:
+def until_file(path: str, pidfile: str = "") -> str:
+    if pidfile:
+        Path(pidfile).write_text(str(os.getpid()))
     i = 0
     while not Path(path).exists():
         i += 1

@@ -11,6 +11,9 @@ which then exits), so the job runs inside `run`, a wrapper the helper enqueues i
 enqueue -> pending; the wrapper starts -> running (a retry in `step`); returns ->
 completed with the JSON result; raises -> failed, or `running` with the retry in `step`
 when RQ will retry it (`Retry(max=...)` and retries left), or cancelled on TaskCancelled.
+A work horse killed mid-job (kill -9, out of memory) never reports its end: run the
+worker as `rq worker -w taskpush_client.rq.Worker` and the worker reports it (`running`
+with the retry in `step` when RQ retries the job, else `failed` with `WorkHorseTerminated`).
 A forked work horse exits right after its job, so the wrapper waits up to the client's
 `wait` for the final report; with taskpush down longer than that it is lost (a
 `SimpleWorker` keeps retrying it in the background). Stopping a job with RQ's
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rq import get_current_job
+from rq.worker import Worker as _RQWorker
 
 from .api import TaskNotificationService, reset_current, set_current
 from .client import Client
@@ -104,3 +108,33 @@ def _will_retry(job: Any) -> bool:
     a property in newer ones)."""
     should = job.should_retry
     return bool(should() if callable(should) else should)
+
+
+class Worker(_RQWorker):
+    """`rq worker -w taskpush_client.rq.Worker`: also reports jobs whose work horse died."""
+
+    def handle_work_horse_killed(self, job: Any, retpid: int, ret_val: int, rusage: Any
+                                 ) -> None:
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        try:
+            _report_lost(job, ret_val)
+        except Exception:  # a report must never take the worker down
+            import logging
+
+            logging.getLogger("taskpush_client.rq").warning("report failed", exc_info=True)
+
+
+def _report_lost(job: Any, ret_val: int) -> None:
+    meta = job.get_meta(refresh=True)
+    if meta.get("taskpush_user_id") is None:
+        return
+    svc = _svc()
+    attempt = int(meta.get("taskpush_retries_max", job.retries_left or 0)) - int(
+        job.retries_left or 0)
+    if _will_retry(job):  # RQ requeues it right after this hook
+        svc.notify_started(job.id, message="work horse lost; retrying",
+                           step=f"retry {attempt + 1}",
+                           key=f"{job.id}:retry:{attempt + 1}").wait()
+    else:
+        svc.notify_failed(job.id, error=f"work horse terminated (wait status {ret_val})",
+                          error_type="WorkHorseTerminated", key=f"{job.id}:failed").wait()
