@@ -50,8 +50,11 @@ def configure(url: str | None = None, api_key: str | None = None, **options: Any
     with _default_lock:
         _default_options.clear()
         _default_options.update(options, url=url, api_key=api_key)
-        _default = Client(url, api_key, **options)
-        return _default
+        previous, _default = _default, Client(url, api_key, **options)
+        made = _default
+    if previous is not None:
+        previous.close(timeout=previous.wait)  # deliver what it had queued, stop its thread
+    return made
 
 
 def get_client() -> Client:
