@@ -175,7 +175,11 @@ def schemas(config: Config) -> dict[str, Schema]:
                   "properties": event_fields},
         "BatchEvent": {"type": "object", "additionalProperties": False,
                        "required": ["task_id", "status"],
-                       "properties": {"task_id": {"type": "string"}, **event_fields}},
+                       "properties": {"task_id": {"type": "string"}, **event_fields,
+                                      "idempotency_key": {
+                                          "type": "string", "minLength": 1, "maxLength": 200,
+                                          "description": "As the single form's "
+                                          "Idempotency-Key header"}}},
         "Batch": {"type": "object", "additionalProperties": False, "required": ["events"],
                   "properties": {"events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
                                             "items": ref("BatchEvent")}}},
@@ -189,6 +193,8 @@ def schemas(config: Config) -> dict[str, Schema]:
                     "seq": {**SEQ, "description": "When ok: the event's seq"},
                     "code": {"type": "integer", "description": "When refused: HTTP status"},
                     "message": {"type": "string", "description": "When refused: why"},
+                    "cancel_requested": {"type": "boolean", "description":
+                                         "When refused with 409: the user cancelled the task"},
                 }}}},
         },
         "TaskList": {

@@ -61,7 +61,12 @@ async def post_batch(request: web.Request) -> web.Response:
                 raise BadRequest(f"events[{index}] must be an object")
             fields = dict(item)
             target = task_id(fields.pop("task_id", None), f"{where}task_id")
+            key = fields.pop("idempotency_key", None)
             change: Change = event_body(target, fields, config.max_json_bytes, where)
+            if key is not None:  # the batch form of the single event's Idempotency-Key
+                if not isinstance(key, str):
+                    raise BadRequest(f"{where}idempotency_key must be a string")
+                change = dataclasses.replace(change, idem_key=idempotency_key(key))
         except TaskPushError as exc:
             raw_id = item.get("task_id") if isinstance(item, dict) else None
             results[index] = _refused(raw_id if isinstance(raw_id, str) else None, exc)
@@ -81,7 +86,11 @@ async def post_batch(request: web.Request) -> web.Response:
 def _refused(task: str | None, exc: Exception) -> dict[str, Any]:
     status = getattr(exc, "status", 400)
     message = getattr(exc, "message", str(exc))
-    return {"task_id": task, "ok": False, "code": status, "message": message}
+    extra = getattr(exc, "extra", {})
+    refused = {"task_id": task, "ok": False, "code": status, "message": message}
+    if extra.get("cancel_requested"):
+        refused["cancel_requested"] = True  # as the single form's 409 envelope says
+    return refused
 
 
 def add_routes(app: web.Application) -> None:

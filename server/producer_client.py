@@ -1,5 +1,10 @@
 """A producer client for workers in other processes, over the HTTP producer API.
 
+For new code use the client distribution instead: `pip install ./clients/python` and
+`import taskpush_client` (sync and async, Celery/RQ/arq integrations, coalesced progress,
+and no server package in the worker's environment; docs/workers.md). This module stays so
+that code written against it keeps working; it needs the server's dependencies.
+
 It has the call shapes of the in-process API, so moving a job out of the server changes one
 import:
 

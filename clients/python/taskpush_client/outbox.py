@@ -1,0 +1,189 @@
+"""What is waiting to be sent, in order, with progress coalesced: no I/O, no clock of its own.
+
+Every report (a registration or an event) is an `Item` in one queue; the sender takes the
+head of the queue as one request: a registration alone (`POST /api/task/tasks`), or every
+event up to the next registration as one batch (`POST /api/task/events`). A progress event
+for a task replaces the queued progress event of that task when nothing else of that task
+was queued after it (latest wins, merged field by field as the server would), so a fast loop
+costs one event per flush. A state change or a terminal state is never merged or dropped by
+coalescing. `read_answer` turns the server's answers into outcomes; `retry_after` says what
+is worth retrying.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_BATCH = 1000  # the server's limit per batch request
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class Ticket:
+    """The outcome of one report, set once by the sender; waited on from any thread, or
+    awaited through callbacks (`Report.__await__`)."""
+
+    __slots__ = ("_callbacks", "_event", "_lock", "cancelled", "value")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Ticket], None]] = []
+        self.value: dict[str, Any] | None = None  # the server's answer for this report
+        self.cancelled = False  # refused because the user cancelled the task
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def resolve(self, value: dict[str, Any] | None = None, *, cancelled: bool = False) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.value, self.cancelled = value, cancelled
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+    def add_callback(self, callback: Callable[[Ticket], None]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+
+@dataclass(eq=False)
+class Item:
+    kind: str  # "register" or "event"
+    task_id: str
+    body: dict[str, Any]
+    deadline: float  # monotonic time after which it is dropped
+    queued_at: float
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ticket: Ticket = field(default_factory=Ticket)
+    merged: int = 0  # progress events folded into this one
+
+    @property
+    def is_progress(self) -> bool:
+        return self.kind == "event" and self.body.get("status") == "progress"
+
+    def wire(self) -> dict[str, Any]:
+        """The item as one entry of a batch request."""
+        return {"task_id": self.task_id, **self.body, "idempotency_key": self.key}
+
+
+class Outbox:
+    """The ordered queue. Not thread-safe by itself: the sender guards it with its lock."""
+
+    def __init__(self) -> None:
+        self.queue: list[Item] = []
+        self._last: dict[str, Item] = {}  # the latest queued item of each task
+        self.coalesced = 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def put(self, item: Item) -> Item:
+        """Queue `item`, or fold a progress event into the task's queued one; returns the
+        item that carries it (its ticket answers for both)."""
+        last = self._last.get(item.task_id)
+        if item.is_progress and last is not None and last.is_progress:
+            last.body.update(item.body)
+            last.deadline = max(last.deadline, item.deadline)
+            last.merged += 1
+            self.coalesced += 1
+            return last
+        self.queue.append(item)
+        self._last[item.task_id] = item
+        return item
+
+    def oldest_progress_only(self) -> float | None:
+        """When every queued item is a progress event: when the oldest was queued (the
+        sender waits up to its max delay for more); else None (send now)."""
+        if not self.queue or any(not item.is_progress for item in self.queue):
+            return None
+        return min(item.queued_at for item in self.queue)
+
+    def take(self) -> list[Item]:
+        """The next request's items, removed from the queue: a registration alone, or the
+        events up to the next registration (at most MAX_BATCH)."""
+        if not self.queue:
+            return []
+        if self.queue[0].kind == "register":
+            taken = [self.queue[0]]
+        else:
+            taken = []
+            for item in self.queue:
+                if item.kind != "event" or len(taken) == MAX_BATCH:
+                    break
+                taken.append(item)
+        del self.queue[:len(taken)]
+        for item in taken:
+            if self._last.get(item.task_id) is item:
+                del self._last[item.task_id]
+        return taken
+
+
+def retry_after(status: int | None, headers: dict[str, str] | None = None) -> float | None:
+    """Seconds the server asked us to wait (Retry-After), 0 to use our own backoff, or None
+    when the answer is final. `status` None means the request never got an answer
+    (connection refused or reset, timeout)."""
+    if status is None:
+        return 0.0
+    if status not in RETRY_STATUSES:
+        return None
+    value = (headers or {}).get("retry-after", "")
+    try:
+        return min(max(float(value), 0.0), 30.0)
+    except ValueError:
+        return 0.0
+
+
+@dataclass
+class Outcome:
+    value: dict[str, Any] | None
+    cancelled: bool = False  # the user cancelled the task
+    problem: str | None = None  # refused for a reason worth a warning
+
+
+def read_register(status: int, body: Any) -> Outcome:
+    if status in (200, 201) and isinstance(body, dict):
+        return Outcome(body.get("data"))
+    return Outcome(None, problem=f"registration refused: HTTP {status}: {_message(body)}")
+
+
+def read_batch(items: list[Item], status: int, body: Any) -> list[Outcome]:
+    """One outcome per item from a batch answer (200 with per-event results); any other
+    final status refuses them all."""
+    results = body.get("data", {}).get("results") if isinstance(body, dict) and \
+        isinstance(body.get("data"), dict) else None
+    if status != 200 or not isinstance(results, list) or len(results) != len(items):
+        problem = f"events refused: HTTP {status}: {_message(body)}"
+        return [Outcome(None, problem=problem) for _ in items]
+    outcomes = []
+    for item, result in zip(items, results, strict=True):
+        if result.get("ok"):
+            outcomes.append(Outcome(result))
+        elif result.get("cancel_requested"):
+            outcomes.append(Outcome(result, cancelled=True))
+        elif result.get("code") == 409:  # already finished: the terminal rule, not a problem
+            outcomes.append(Outcome(result))
+        else:
+            outcomes.append(Outcome(result, problem=f"event for {item.task_id} refused: "
+                                    f"{result.get('code')} {result.get('message')}"))
+    return outcomes
+
+
+def _message(body: Any) -> str:
+    if isinstance(body, dict):
+        return str(body.get("message", ""))[:200]
+    return ""
