@@ -135,6 +135,13 @@ def text_frame(text: str) -> bytes:
     return header + payload
 
 
+def close_frame(code: int, reason: str) -> bytes:
+    """An unmasked close frame (RFC 6455 section 5.5.1); the reason is cut to fit the
+    125-byte limit of a control frame."""
+    payload = struct.pack("!H", code) + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
 @dataclass(frozen=True, slots=True)
 class Update:
     """One change as pushed: serialized and framed once, the same bytes written to every

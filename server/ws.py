@@ -210,17 +210,34 @@ class Connection:
         self.closing = True
         self._close_task = asyncio.ensure_future(self._close(code, reason))
 
+    async def _close_unread(self, code: int, reason: str) -> None:
+        """Send the close frame, give the peer CLOSE_TIMEOUT to read it, then drop the
+        connection (aborted, not closed: a close with unread input resets it anyway)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(protocol.close_frame(code, reason))
+        await asyncio.sleep(CLOSE_TIMEOUT)
+
     async def _flush_control(self) -> None:
         while self.control and not self.ws.closed:
             await self.ws.send_str(self.control.popleft())
 
     async def _close(self, code: int, reason: str) -> None:
+        flood = code == protocol.CLOSE_POLICY
+        if flood and self.transport is not None:
+            # what a flooder still sends is neither parsed nor answered: awaiting its close
+            # frame would mean reading (and paying for) everything queued before it
+            self.transport.pause_reading()
         try:
             if code != protocol.CLOSE_TOO_SLOW:  # answers queued before the close go first
                 await asyncio.wait_for(self._flush_control(), CLOSE_TIMEOUT)
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
-                                   CLOSE_TIMEOUT)
-            return
+            if flood:
+                await self._close_unread(code, reason)
+            else:
+                await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
+                                       CLOSE_TIMEOUT)
+                return
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -344,20 +361,22 @@ async def _receive_loop(conn: Connection, request: web.Request) -> None:
     async for msg in ws:
         if conn.closing:
             break
+        # every frame counts, control frames too (a ping answered for free is a flood),
+        # except the pong that answers our own ping: at most one per --ping-interval
+        free = msg.type == WSMsgType.PONG and conn.ping_sent_at != 0.0
         conn.ping_sent_at = 0.0  # it spoke: alive
-        if msg.type == WSMsgType.PING:
-            await ws.pong(msg.data)
-            continue
-        if msg.type == WSMsgType.PONG:
-            continue
-        if not conn.limiter.allow():
+        if not free and not conn.limiter.allow():
             if conn.limiter.flooding:
                 conn.close(protocol.CLOSE_POLICY, "message rate limit exceeded")
                 break
             if conn.limiter.strikes == 1:
                 conn.send(protocol.error("rate_limited", "too many messages; slow down"))
             continue
-        if msg.type == WSMsgType.TEXT:
+        if msg.type == WSMsgType.PING:
+            await ws.pong(msg.data)
+        elif msg.type == WSMsgType.PONG:
+            pass
+        elif msg.type == WSMsgType.TEXT:
             try:
                 message = protocol.parse_client_message(msg.data)
                 await _handle(conn, message, request)
