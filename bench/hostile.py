@@ -1,0 +1,342 @@
+"""Hostile-client measurements (issue 14, items 1 and 2): repeatable, printed as JSON.
+
+    python -m bench.hostile                       # every scenario, ~1-2 minutes
+    python -m bench.hostile --scenario pings,snapshot --tasks 200
+
+Each scenario starts a fresh `run.py` (own database) and measures, from outside:
+- RSS: `VmRSS` of the server process sampled every 20 ms (peak and settled);
+- loop stall: a probe thread asks `GET /api/task/task/<id>/status` of another user back to
+  back on one keep-alive connection; its max latency is about the longest time the loop
+  did nothing else (p50 is the baseline);
+- for floods: frames sent until the server closed, and the close code.
+
+Scenarios: `snapshot` (N active tasks with ~K KB metadata, S raw sockets that never read),
+`replay` (N finished tasks, S sockets with since=0 that never read), `history` (one task
+with E events, C concurrent GET .../history), `pings` / `pongs` (one raw socket sending
+control frames in a tight loop for up to F s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import http.client
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import free_port, make_token, proc_rss_kb
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-hostile-secret-0123456789abcdef"
+KEY = "bench-hostile-key"
+
+
+class Server:
+    def __init__(self, tmp: str, extra: list[str]) -> None:
+        self.port = free_port()
+        db = os.path.join(tmp, f"h{self.port}.db")
+        cmd = [sys.executable, str(ROOT / "run.py"), "--host", "127.0.0.1", "--port",
+               str(self.port), "--db", db, "--jwt-secret", SECRET, "--api-key", KEY,
+               "--log-level", "warning", "--access-log", "false", *extra]
+        self.err = open(os.path.join(tmp, f"h{self.port}.err"), "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.err)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                self.request("GET", "/healthz")
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers=headers or {})
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+        finally:
+            conn.close()
+
+    def produce(self, path: str, body: Any) -> Any:
+        status, data = self.request("POST", path, body, {"X-API-Key": KEY})
+        assert status in (200, 201), (status, data)
+        return data["data"]
+
+    def rss_kb(self) -> int:
+        return proc_rss_kb(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.err.close()
+
+
+class Probe(threading.Thread):
+    """Back-to-back status requests of a bystander user, and RSS samples."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(daemon=True)
+        self.server = server
+        self.latencies: list[float] = []
+        self.rss: list[int] = []
+        self.stop_flag = threading.Event()
+        server.produce("/api/task/tasks", {"task_id": "probe", "user_id": 999,
+                                           "task_type": "probe"})
+        self.headers = {"Authorization": f"Bearer {make_token(SECRET, 999)}"}
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
+        last_rss = 0.0
+        while not self.stop_flag.is_set():
+            started = time.perf_counter()
+            try:
+                conn.request("GET", "/api/task/task/probe/status", headers=self.headers)
+                conn.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
+                continue
+            now = time.perf_counter()
+            self.latencies.append(now - started)
+            if now - last_rss > 0.02:
+                last_rss = now
+                with contextlib.suppress(OSError):
+                    self.rss.append(self.server.rss_kb())
+            time.sleep(0.001)
+        conn.close()
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies) or [0.0]
+        return {"probe_requests": len(self.latencies),
+                "status_p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
+                "status_p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
+                "status_max_ms": round(lat[-1] * 1e3, 1),
+                "rss_peak_mb": round(max(self.rss or [0]) / 1024, 1)}
+
+    def finish(self) -> dict[str, Any]:
+        self.stop_flag.set()
+        self.join(10)
+        return self.summary()
+
+
+def raw_ws(port: int, user: int, query: str = "", rcvbuf: int | None = 4096) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /api/task/ws/task/{user}?token={make_token(SECRET, user)}{query} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("closed during handshake")
+        head += chunk
+    assert b" 101 " in head.split(b"\r\n")[0], head
+    return sock
+
+
+def register_many(server: Server, user: int, n: int, meta_kb: int, finish: bool) -> None:
+    blob = "m" * (meta_kb * 1024 - 40)
+    for i in range(n):
+        server.produce("/api/task/tasks", {"task_id": f"u{user}t{i}", "user_id": user,
+                                           "task_type": "big", "metadata": {"blob": blob}})
+    if finish:
+        for start in range(0, n, 1000):
+            server.produce("/api/task/events", {"events": [
+                {"task_id": f"u{user}t{i}", "status": "completed"}
+                for i in range(start, min(n, start + 1000))]})
+
+
+def settle_rss(server: Server, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+    return server.rss_kb()
+
+
+def connections(server: Server) -> int:
+    return int(server.request("GET", "/healthz")[1].get("connections", -1))
+
+
+def scenario_snapshot(args: argparse.Namespace, tmp: str, replay: bool) -> dict[str, Any]:
+    server = Server(tmp, ["--send-timeout", str(args.send_timeout)])
+    try:
+        user = 2 if replay else 1
+        register_many(server, user, args.tasks, args.meta_kb, finish=replay)
+        query = "&since=0" if replay else ""
+        idle = settle_rss(server, 1.0)
+        probe = Probe(server)
+        probe.start()
+        socks = [raw_ws(server.port, user, query) for _ in range(args.sockets)]
+        # held until the server gives up on them (4408 after --send-timeout)
+        deadline = time.monotonic() + args.send_timeout + 30
+        while connections(server) > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cut_off_s = round(time.monotonic() - (deadline - args.send_timeout - 30), 1)
+        result = probe.finish()
+        for sock in socks:
+            sock.close()
+        result.update(idle_rss_mb=round(idle / 1024, 1),
+                      settled_rss_mb=round(settle_rss(server, 2.0) / 1024, 1),
+                      stuck_sockets_closed_after_s=cut_off_s)
+        result["growth_peak_mb"] = round(result["rss_peak_mb"] - result["idle_rss_mb"], 1)
+        return result
+    finally:
+        server.stop()
+
+
+def scenario_history(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    server = Server(tmp, [])
+    try:
+        server.produce("/api/task/tasks", {"task_id": "h", "user_id": 5, "task_type": "h"})
+        text = "e" * 250
+        for start in range(0, args.events, 1000):
+            server.produce("/api/task/events", {"events": [
+                {"task_id": "h", "status": "progress", "progress": (start + i) % 100,
+                 "message": text} for i in range(min(1000, args.events - start))]})
+        idle = settle_rss(server, 1.0)
+        probe = Probe(server)
+        probe.start()
+        headers = {"Authorization": f"Bearer {make_token(SECRET, 5)}"}
+        sizes: list[int] = []
+
+        def get() -> None:
+            _, data = server.request("GET", "/api/task/task/h/history", None, headers)
+            sizes.append(len(json.dumps(data)))
+
+        threads = [threading.Thread(target=get) for _ in range(args.concurrent)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        result = probe.finish()
+        result.update(idle_rss_mb=round(idle / 1024, 1), answer_bytes=max(sizes or [0]),
+                      settled_rss_mb=round(settle_rss(server, 1.0) / 1024, 1))
+        return result
+    finally:
+        server.stop()
+
+
+def scenario_control_flood(args: argparse.Namespace, tmp: str, opcode: int) -> dict[str, Any]:
+    server = Server(tmp, [])
+    try:
+        probe = Probe(server)
+        sock = raw_ws(server.port, 3, rcvbuf=None)
+        frame = bytes((0x80 | opcode, 0x80)) + b"\x00\x00\x00\x00"  # masked, empty payload
+        chunk = frame * 1000
+        sent = 0
+        close_code: list[int] = []
+        replies = [0]
+        done = threading.Event()
+
+        def reader() -> None:
+            buf = b""
+            while not done.is_set():
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= 2:
+                    op, size = buf[0] & 0x0F, buf[1] & 0x7F
+                    head = 2
+                    if size == 126:
+                        if len(buf) < 4:
+                            break
+                        size, head = struct.unpack("!H", buf[2:4])[0], 4
+                    elif size == 127:
+                        if len(buf) < 10:
+                            break
+                        size, head = struct.unpack("!Q", buf[2:10])[0], 10
+                    if len(buf) < head + size:
+                        break
+                    payload, buf = buf[head:head + size], buf[head + size:]
+                    if op == 0xA:
+                        replies[0] += 1
+                    elif op == 0x8:
+                        close_code.append(struct.unpack("!H", payload[:2])[0] if payload
+                                          else 1005)
+                        done.set()
+            done.set()
+
+        threading.Thread(target=reader, daemon=True).start()
+        probe.start()
+        started = time.monotonic()
+        while not done.is_set() and time.monotonic() - started < args.flood_s:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            sent += 1000
+        elapsed = time.monotonic() - started
+        done.set()
+        sock.close()
+        time.sleep(0.5)
+        result = probe.finish()
+        result.update(frames_sent_upto=sent, pongs_received=replies[0],
+                      close_code=close_code[0] if close_code else None,
+                      flood_s=round(elapsed, 2))
+        return result
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="pings,pongs,snapshot,replay,history")
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--meta-kb", type=int, default=60)
+    parser.add_argument("--sockets", type=int, default=10)
+    parser.add_argument("--send-timeout", type=float, default=10.0)
+    parser.add_argument("--events", type=int, default=15600)
+    parser.add_argument("--concurrent", type=int, default=10)
+    parser.add_argument("--flood-s", type=float, default=10.0)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="taskpush-hostile-") as tmp:
+        for name in args.scenario.split(","):
+            started = time.monotonic()
+            if name == "snapshot":
+                results[name] = scenario_snapshot(args, tmp, replay=False)
+            elif name == "replay":
+                results[name] = scenario_snapshot(args, tmp, replay=True)
+            elif name == "history":
+                results[name] = scenario_history(args, tmp)
+            elif name in ("pings", "pongs"):
+                results[name] = scenario_control_flood(args, tmp, 0x9 if name == "pings"
+                                                       else 0xA)
+            else:
+                raise SystemExit(f"unknown scenario {name!r}")
+            results[name]["wall_s"] = round(time.monotonic() - started, 1)
+            print(name, json.dumps(results[name]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
