@@ -180,6 +180,40 @@ def connections(server: Server) -> int:
     return int(server.request("GET", "/healthz")[1].get("connections", -1))
 
 
+def reader_s(server: Server, user: int, query: str, tasks: int) -> float:
+    """Seconds a client that reads takes to get the whole snapshot (and replay)."""
+    started = time.perf_counter()
+    sock = raw_ws(server.port, user, query, rcvbuf=None)
+    want = 2 + (tasks if query else 0)  # connected, active_tasks, one task_status each
+    got = 0
+    buf = bytearray()
+    try:
+        while got < want:
+            data = sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("closed before the snapshot was whole")
+            buf += data
+            while len(buf) >= 2:
+                size, head = buf[1] & 0x7F, 2
+                if size == 126:
+                    if len(buf) < 4:
+                        break
+                    size, head = struct.unpack("!H", buf[2:4])[0], 4
+                elif size == 127:
+                    if len(buf) < 10:
+                        break
+                    size, head = struct.unpack("!Q", buf[2:10])[0], 10
+                if len(buf) < head + size:
+                    break
+                final, op = buf[0] & 0x80, buf[0] & 0x0F
+                del buf[:head + size]
+                if final and op in (0x0, 0x1):
+                    got += 1
+    finally:
+        sock.close()
+    return round(time.perf_counter() - started, 2)
+
+
 def scenario_snapshot(args: argparse.Namespace, tmp: str, replay: bool) -> dict[str, Any]:
     server = Server(tmp, ["--send-timeout", str(args.send_timeout)])
     try:
@@ -200,7 +234,8 @@ def scenario_snapshot(args: argparse.Namespace, tmp: str, replay: bool) -> dict[
             sock.close()
         result.update(idle_rss_mb=round(idle / 1024, 1),
                       settled_rss_mb=round(settle_rss(server, 2.0) / 1024, 1),
-                      stuck_sockets_closed_after_s=cut_off_s)
+                      stuck_sockets_closed_after_s=cut_off_s,
+                      reader_s=reader_s(server, user, query, args.tasks))
         result["growth_peak_mb"] = round(result["rss_peak_mb"] - result["idle_rss_mb"], 1)
         return result
     finally:
@@ -222,9 +257,13 @@ def scenario_history(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {make_token(SECRET, 5)}"}
         sizes: list[int] = []
 
-        def get() -> None:
-            _, data = server.request("GET", "/api/task/task/h/history", None, headers)
-            sizes.append(len(json.dumps(data)))
+        def get() -> None:  # every page (before paging: one answer)
+            after = 0
+            while after is not None:
+                _, data = server.request("GET", f"/api/task/task/h/history?after={after}",
+                                         None, headers)
+                sizes.append(len(json.dumps(data)))
+                after = data["data"].get("next_after")
 
         threads = [threading.Thread(target=get) for _ in range(args.concurrent)]
         for t in threads:
@@ -233,6 +272,7 @@ def scenario_history(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
             t.join(120)
         result = probe.finish()
         result.update(idle_rss_mb=round(idle / 1024, 1), answer_bytes=max(sizes or [0]),
+                      answers=len(sizes),
                       settled_rss_mb=round(settle_rss(server, 1.0) / 1024, 1))
         return result
     finally:
@@ -248,6 +288,7 @@ def scenario_control_flood(args: argparse.Namespace, tmp: str, opcode: int) -> d
         chunk = frame * 1000
         sent = 0
         close_code: list[int] = []
+        close_at: list[float] = []
         replies = [0]
         done = threading.Event()
 
@@ -280,6 +321,7 @@ def scenario_control_flood(args: argparse.Namespace, tmp: str, opcode: int) -> d
                     elif op == 0x8:
                         close_code.append(struct.unpack("!H", payload[:2])[0] if payload
                                           else 1005)
+                        close_at.append(time.monotonic())
                         done.set()
             done.set()
 
@@ -297,8 +339,10 @@ def scenario_control_flood(args: argparse.Namespace, tmp: str, opcode: int) -> d
         sock.close()
         time.sleep(0.5)
         result = probe.finish()
+        # frames sent counts what the kernel's buffers took too, not only what was read
         result.update(frames_sent_upto=sent, pongs_received=replies[0],
                       close_code=close_code[0] if close_code else None,
+                      close_after_s=round(close_at[0] - started, 3) if close_at else None,
                       flood_s=round(elapsed, 2))
         return result
     finally:

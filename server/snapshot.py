@@ -11,7 +11,10 @@ bytes in memory at once are bounded whatever the number of connects (beyond it, 
 wait their turn).
 
 The framing is the writer's business (`MessageWriter`), so the same sequence serves any
-transport that can write a message, write a message in parts, and wait for its peer.
+transport that can write a message, write a message in parts, and wait for its peer: a
+WebSocket (`ws._SnapshotWriter`: a text frame, then continuation frames), or an event
+stream (`event: active_tasks` and `data: ` before the first part, the parts as they come,
+a blank line after the last; orjson writes no newline inside JSON).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import protocol
 from .store import PAGE_BYTES, Store
@@ -30,8 +33,9 @@ from .store import PAGE_BYTES, Store
 class MessageWriter(Protocol):
     """Where the connect-time messages go (a WebSocket; an event stream)."""
 
-    def message(self, text: str) -> None:
-        """Write one whole message."""
+    def message(self, text: str, seq: int | None = None) -> None:
+        """Write one whole message; `seq`: the change it carries (`task_status`,
+        `task_deleted`), for a framing that lets its client resume from it."""
 
     def part(self, data: bytes, *, first: bool, last: bool) -> None:
         """Write a piece of one message (pieces of two messages never interleave)."""
@@ -48,32 +52,38 @@ class ByteBudget:
         self.used = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
+    async def acquire(self, amount: int) -> int:
+        """Wait for `amount` bytes (a page larger than the whole budget goes alone); returns
+        what was taken, to be given back with `release`."""
+        amount = min(amount, self.total)
+        if not self._waiters and self.used + amount <= self.total:
+            self.used += amount
+            return amount
+        future = asyncio.get_running_loop().create_future()
+        entry = (amount, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release(amount)  # granted just as it was cancelled
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._wake()
+
     @contextlib.asynccontextmanager
     async def hold(self, amount: int) -> AsyncIterator[None]:
-        amount = min(amount, self.total)  # a page larger than the whole budget goes alone
-        if self._waiters or self.used + amount > self.total:
-            future = asyncio.get_running_loop().create_future()
-            entry = (amount, future)
-            self._waiters.append(entry)
-            try:
-                await future
-            except BaseException:
-                if future.done() and not future.cancelled():
-                    self._release(amount)  # granted just as it was cancelled
-                else:
-                    self._waiters.remove(entry)
-                    self._wake()
-                raise
-        else:
-            self.used += amount
+        taken = await self.acquire(amount)
         try:
             yield
         finally:
-            self._release(amount)
-
-    def _release(self, amount: int) -> None:
-        self.used -= amount
-        self._wake()
+            self.release(taken)
 
     def _wake(self) -> None:
         while self._waiters and self.used + self._waiters[0][0] <= self.total:
@@ -82,6 +92,63 @@ class ByteBudget:
                 continue
             self.used += amount
             future.set_result(None)
+
+
+_Page = tuple[list[Any], "int | None"]  # items, and the cursor of the next page (None: end)
+
+
+class _Pages:
+    """The pages of `read(cursor)`, the next one read while the caller writes and drains
+    the current one (so a peer that reads fast is not kept waiting for the database). Each
+    page holds its bytes of the budget from before its read until the caller moves on."""
+
+    def __init__(self, budget: ByteBudget, size: int,
+                 read: Callable[[int], Awaitable[_Page]], cursor: int) -> None:
+        self.budget = budget
+        self.size = size
+        self.read = read
+        self._held = 0
+        self._next: asyncio.Future[tuple[int, _Page]] | None = None
+        self._start(cursor)
+
+    def _start(self, cursor: int) -> None:
+        self._next = asyncio.ensure_future(self._fetch(cursor))
+        self._next.add_done_callback(self._orphaned)
+
+    async def _fetch(self, cursor: int) -> tuple[int, _Page]:
+        taken = await self.budget.acquire(self.size)
+        try:
+            return taken, await self.read(cursor)
+        except BaseException:
+            self.budget.release(taken)
+            raise
+
+    def _orphaned(self, future: asyncio.Future[tuple[int, _Page]]) -> None:
+        """A read finished after the caller stopped: its bytes go back."""
+        if future is not self._next and not future.cancelled() and future.exception() is None:
+            self.budget.release(future.result()[0])
+
+    async def next(self) -> tuple[list[Any], bool]:
+        """The next page's items and whether it is the last; the previous page's bytes go
+        back first (the caller has drained it)."""
+        self.budget.release(self._held)
+        self._held = 0
+        assert self._next is not None
+        self._held, (items, cursor) = await self._next
+        self._next = None
+        if cursor is not None:
+            self._start(cursor)
+        return items, cursor is None
+
+    def close(self) -> None:
+        self.budget.release(self._held)
+        self._held = 0
+        pending, self._next = self._next, None
+        if pending is not None:
+            if pending.done():
+                self._orphaned(pending)
+            else:
+                pending.cancel()  # its own cleanup, or _orphaned, gives its bytes back
 
 
 @dataclass(slots=True)
@@ -124,34 +191,47 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
     if resume.resync:
         out.message(protocol.simple("resync"))
     count = 0
-    after: int | None = 0
     first = True
-    while after is not None:
-        async with budget.hold(page_bytes):
-            tasks, after = await store.active_page(user_id, after, page_bytes)
+    active = _Pages(budget, page_bytes,
+                    lambda after: store.active_page(user_id, after, page_bytes), 0)
+    try:
+        last = False
+        while not last:
+            tasks, last = await active.next()
             for task in tasks:
                 mark_sent(task["task_id"], task["seq"])
             count += len(tasks)
-            out.part(protocol.active_tasks_part(
-                tasks, first=first, count=None if after is not None else count),
-                first=first, last=after is None)
+            out.part(protocol.active_tasks_part(tasks, first=first,
+                                                count=count if last else None),
+                     first=first, last=last)
             first = False
             await out.drain()
+    finally:
+        active.close()
     if resume.bad_since:
         out.message(protocol.error("invalid_since", "since must be a non-negative integer"))
-    cursor = resume.since
-    while cursor is not None:
-        async with budget.hold(page_bytes):
-            got = await store.changes_page(user_id, cursor, seq, page_bytes)
-            if got is None:
-                raise HistorySwept
-            items, cursor = got
+    if resume.since is None:
+        return
+
+    async def read_changes(after: int) -> _Page:
+        got = await store.changes_page(user_id, after, seq, page_bytes)
+        if got is None:
+            raise HistorySwept
+        return got
+
+    changes = _Pages(budget, page_bytes, read_changes, resume.since)
+    try:
+        last = False
+        while not last:
+            items, last = await changes.next()
             for item in items:
                 if isinstance(item, dict):
-                    out.message(protocol.task_status(item))
+                    out.message(protocol.task_status(item), item["seq"])
                     mark_sent(item["task_id"], item["seq"])
                 else:
                     task_id, deleted_seq = item
-                    out.message(protocol.task_deleted(task_id))
+                    out.message(protocol.task_deleted(task_id), deleted_seq)
                     mark_sent(task_id, deleted_seq)
             await out.drain()
+    finally:
+        changes.close()

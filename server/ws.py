@@ -336,7 +336,7 @@ class _SnapshotWriter:
         if count:
             self.conn.metrics.messages_sent.inc()
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, seq: int | None = None) -> None:
         self._write(protocol.text_frame(text))
 
     def part(self, data: bytes, *, first: bool, last: bool) -> None:

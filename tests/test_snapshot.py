@@ -199,6 +199,17 @@ async def test_the_replay_by_pages_carries_every_change_once_in_order(
             seen[task_id] = msg["status"]
     assert seen == expected
     await ws.close()
+    await _budget_returned(client.server.app)
+
+
+async def _budget_returned(app: Any) -> None:
+    """Every page's bytes went back to the shared budget (read-ahead pages included)."""
+    budget = app[keys.SNAPSHOT_BUDGET]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while budget.used or app[keys.SOCKETS]:
+        assert loop.time() < deadline, f"{budget.used} bytes never given back"
+        await asyncio.sleep(0.01)
 
 
 async def _progress(store: Any, task_id: str, count: int) -> None:
@@ -239,6 +250,7 @@ async def test_connects_beyond_the_snapshot_memory_wait_their_turn(
         await ws.close()
     finally:
         stuck.close()
+    await _budget_returned(app)
 
 
 # ---- a real process: memory -------------------------------------------------------------
