@@ -113,7 +113,6 @@ class _Pages:
 
     def _start(self, cursor: int) -> None:
         self._next = asyncio.ensure_future(self._fetch(cursor))
-        self._next.add_done_callback(self._orphaned)
 
     async def _fetch(self, cursor: int) -> tuple[int, _Page]:
         taken = await self.budget.acquire(self.size)
@@ -122,11 +121,6 @@ class _Pages:
         except BaseException:
             self.budget.release(taken)
             raise
-
-    def _orphaned(self, future: asyncio.Future[tuple[int, _Page]]) -> None:
-        """A read finished after the caller stopped: its bytes go back."""
-        if future is not self._next and not future.cancelled() and future.exception() is None:
-            self.budget.release(future.result()[0])
 
     async def next(self) -> tuple[list[Any], bool]:
         """The next page's items and whether it is the last; the previous page's bytes go
@@ -145,10 +139,10 @@ class _Pages:
         self._held = 0
         pending, self._next = self._next, None
         if pending is not None:
-            if pending.done():
-                self._orphaned(pending)
-            else:
-                pending.cancel()  # its own cleanup, or _orphaned, gives its bytes back
+            if not pending.done():
+                pending.cancel()  # _fetch gives its bytes back as the cancellation ends it
+            elif not pending.cancelled() and pending.exception() is None:
+                self.budget.release(pending.result()[0])  # read, never taken
 
 
 @dataclass(slots=True)
@@ -190,12 +184,21 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
     out.message(protocol.connected(connection_id, store.epoch, seq))
     if resume.resync:
         out.message(protocol.simple("resync"))
-    count = 0
-    first = True
+
+    async def read_changes(after: int) -> _Page:
+        got = await store.changes_page(user_id, after, seq, page_bytes)
+        if got is None:
+            raise HistorySwept
+        return got
+
+    # both first pages are read at once (in a reconnect storm: one thread hop for all)
     active = _Pages(budget, page_bytes,
                     lambda after: store.active_page(user_id, after, page_bytes), 0)
+    changes = (None if resume.since is None
+               else _Pages(budget, page_bytes, read_changes, resume.since))
     try:
-        last = False
+        count = 0
+        first, last = True, False
         while not last:
             tasks, last = await active.next()
             for task in tasks:
@@ -206,23 +209,12 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
                      first=first, last=last)
             first = False
             await out.drain()
-    finally:
         active.close()
-    if resume.bad_since:
-        out.message(protocol.error("invalid_since", "since must be a non-negative integer"))
-    if resume.since is None:
-        return
-
-    async def read_changes(after: int) -> _Page:
-        got = await store.changes_page(user_id, after, seq, page_bytes)
-        if got is None:
-            raise HistorySwept
-        return got
-
-    changes = _Pages(budget, page_bytes, read_changes, resume.since)
-    try:
-        last = False
+        if resume.bad_since:
+            out.message(protocol.error("invalid_since", "since must be a non-negative integer"))
+        last = changes is None
         while not last:
+            assert changes is not None
             items, last = await changes.next()
             for item in items:
                 if isinstance(item, dict):
@@ -234,4 +226,6 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
                     mark_sent(task_id, deleted_seq)
             await out.drain()
     finally:
-        changes.close()
+        active.close()
+        if changes is not None:
+            changes.close()
