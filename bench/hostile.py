@@ -5,7 +5,7 @@
 
 Each scenario starts a fresh `run.py` (own database) and measures, from outside:
 - RSS: `VmRSS` of the server process sampled every 20 ms (peak and settled);
-- loop stall: a probe thread asks `GET /api/task/task/<id>/status` of another user back to
+- loop stall: a probe process asks `GET /api/task/task/<id>/status` of another user back to
   back on one keep-alive connection; its max latency is about the longest time the loop
   did nothing else (p50 is the baseline);
 - for floods: frames sent until the server closed, and the close code.
@@ -23,6 +23,7 @@ import base64
 import contextlib
 import http.client
 import json
+import multiprocessing
 import os
 import socket
 import struct
@@ -89,52 +90,63 @@ class Server:
         self.err.close()
 
 
-class Probe(threading.Thread):
-    """Back-to-back status requests of a bystander user, and RSS samples."""
+def _probe_loop(port: int, token: str, stop: Any, out: Any) -> None:
+    """In its own process, so the load generator's threads cannot slow it down."""
+    headers = {"Authorization": f"Bearer {token}"}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    latencies: list[float] = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            conn.request("GET", "/api/task/task/probe/status", headers=headers)
+            conn.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            continue
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.001)
+    conn.close()
+    out.send(latencies)
+
+
+class Probe:
+    """Back-to-back status requests of a bystander user (another process), and RSS
+    samples (a thread here)."""
 
     def __init__(self, server: Server) -> None:
-        super().__init__(daemon=True)
         self.server = server
-        self.latencies: list[float] = []
         self.rss: list[int] = []
-        self.stop_flag = threading.Event()
         server.produce("/api/task/tasks", {"task_id": "probe", "user_id": 999,
                                            "task_type": "probe"})
-        self.headers = {"Authorization": f"Bearer {make_token(SECRET, 999)}"}
+        self._stop = multiprocessing.Event()
+        self._recv, send = multiprocessing.Pipe(duplex=False)
+        self._proc = multiprocessing.Process(
+            target=_probe_loop, args=(server.port, make_token(SECRET, 999), self._stop, send),
+            daemon=True)
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
 
-    def run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
-        last_rss = 0.0
-        while not self.stop_flag.is_set():
-            started = time.perf_counter()
-            try:
-                conn.request("GET", "/api/task/task/probe/status", headers=self.headers)
-                conn.getresponse().read()
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
-                continue
-            now = time.perf_counter()
-            self.latencies.append(now - started)
-            if now - last_rss > 0.02:
-                last_rss = now
-                with contextlib.suppress(OSError):
-                    self.rss.append(self.server.rss_kb())
-            time.sleep(0.001)
-        conn.close()
+    def start(self) -> None:
+        self._proc.start()
+        self._sampler.start()
 
-    def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies) or [0.0]
-        return {"probe_requests": len(self.latencies),
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError):
+                self.rss.append(self.server.rss_kb())
+            time.sleep(0.02)
+
+    def finish(self) -> dict[str, Any]:
+        self._stop.set()
+        latencies = self._recv.recv() if self._recv.poll(30) else []
+        self._proc.join(10)
+        self._sampler.join(5)
+        lat = sorted(latencies) or [0.0]
+        return {"probe_requests": len(latencies),
                 "status_p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
                 "status_p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
                 "status_max_ms": round(lat[-1] * 1e3, 1),
                 "rss_peak_mb": round(max(self.rss or [0]) / 1024, 1)}
-
-    def finish(self) -> dict[str, Any]:
-        self.stop_flag.set()
-        self.join(10)
-        return self.summary()
 
 
 def raw_ws(port: int, user: int, query: str = "", rcvbuf: int | None = 4096) -> socket.socket:
@@ -279,71 +291,79 @@ def scenario_history(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         server.stop()
 
 
+def flood_once(port: int, opcode: int, until: float) -> dict[str, Any]:
+    """One socket sending empty control frames in a tight loop (reading what comes back in
+    a thread) until the server closes it or `until` passes."""
+    sock = raw_ws(port, 3, rcvbuf=None)
+    chunk = (bytes((0x80 | opcode, 0x80)) + b"\x00\x00\x00\x00") * 1000  # masked, empty
+    started = time.monotonic()
+    got: dict[str, Any] = {"pongs": 0, "close_code": None, "close_after_s": None}
+    done = threading.Event()
+
+    def reader() -> None:
+        buf = b""
+        while not done.is_set():
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            buf += data
+            while len(buf) >= 2:
+                op, size, head = buf[0] & 0x0F, buf[1] & 0x7F, 2
+                if size == 126:
+                    if len(buf) < 4:
+                        break
+                    size, head = struct.unpack("!H", buf[2:4])[0], 4
+                elif size == 127:
+                    if len(buf) < 10:
+                        break
+                    size, head = struct.unpack("!Q", buf[2:10])[0], 10
+                if len(buf) < head + size:
+                    break
+                payload, buf = buf[head:head + size], buf[head + size:]
+                if op == 0xA:
+                    got["pongs"] += 1
+                elif op == 0x8:
+                    got["close_code"] = (struct.unpack("!H", payload[:2])[0] if payload
+                                         else 1005)
+                    got["close_after_s"] = round(time.monotonic() - started, 3)
+                    done.set()
+        done.set()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    sock.settimeout(0.5)
+    while not done.is_set() and time.monotonic() < until:
+        try:
+            sock.sendall(chunk)
+        except OSError:  # a timeout (the server stopped reading) or a reset
+            continue
+    done.set()
+    sock.close()
+    thread.join(2)
+    return got
+
+
 def scenario_control_flood(args: argparse.Namespace, tmp: str, opcode: int) -> dict[str, Any]:
+    """For `--flood-s` seconds, one attacker floods; when it is closed it reconnects and
+    floods again (so the figure is a sustained attack, not one socket's life)."""
     server = Server(tmp, [])
     try:
         probe = Probe(server)
-        sock = raw_ws(server.port, 3, rcvbuf=None)
-        frame = bytes((0x80 | opcode, 0x80)) + b"\x00\x00\x00\x00"  # masked, empty payload
-        chunk = frame * 1000
-        sent = 0
-        close_code: list[int] = []
-        close_at: list[float] = []
-        replies = [0]
-        done = threading.Event()
-
-        def reader() -> None:
-            buf = b""
-            while not done.is_set():
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    break
-                if not data:
-                    break
-                buf += data
-                while len(buf) >= 2:
-                    op, size = buf[0] & 0x0F, buf[1] & 0x7F
-                    head = 2
-                    if size == 126:
-                        if len(buf) < 4:
-                            break
-                        size, head = struct.unpack("!H", buf[2:4])[0], 4
-                    elif size == 127:
-                        if len(buf) < 10:
-                            break
-                        size, head = struct.unpack("!Q", buf[2:10])[0], 10
-                    if len(buf) < head + size:
-                        break
-                    payload, buf = buf[head:head + size], buf[head + size:]
-                    if op == 0xA:
-                        replies[0] += 1
-                    elif op == 0x8:
-                        close_code.append(struct.unpack("!H", payload[:2])[0] if payload
-                                          else 1005)
-                        close_at.append(time.monotonic())
-                        done.set()
-            done.set()
-
-        threading.Thread(target=reader, daemon=True).start()
         probe.start()
-        started = time.monotonic()
-        while not done.is_set() and time.monotonic() - started < args.flood_s:
-            try:
-                sock.sendall(chunk)
-            except OSError:
-                break
-            sent += 1000
-        elapsed = time.monotonic() - started
-        done.set()
-        sock.close()
+        until = time.monotonic() + args.flood_s
+        runs = []
+        while time.monotonic() < until:
+            runs.append(flood_once(server.port, opcode, until))
         time.sleep(0.5)
         result = probe.finish()
-        # frames sent counts what the kernel's buffers took too, not only what was read
-        result.update(frames_sent_upto=sent, pongs_received=replies[0],
-                      close_code=close_code[0] if close_code else None,
-                      close_after_s=round(close_at[0] - started, 3) if close_at else None,
-                      flood_s=round(elapsed, 2))
+        closes = [r["close_after_s"] for r in runs if r["close_code"] is not None]
+        result.update(connections=len(runs),
+                      close_codes=sorted({r["close_code"] for r in runs} - {None}),
+                      pongs_per_connection_max=max(r["pongs"] for r in runs),
+                      close_after_s_max=max(closes) if closes else None)
         return result
     finally:
         server.stop()
