@@ -19,6 +19,7 @@ from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .notify import task_notification_service
 from .openapi import openapi_document
+from .snapshot import ByteBudget
 from .store import Store
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
@@ -179,6 +180,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.METRICS] = Metrics()
     app[keys.TASKS] = TaskService(store, max_active=config.max_active_tasks)
     app[keys.SOCKETS] = set()
+    app[keys.SNAPSHOT_BUDGET] = ByteBudget(config.snapshot_memory)
     app[keys.DEADLINES] = TokenDeadlines(config.jwt_leeway)
     app[keys.DEMO_RUNNERS] = set()
 

@@ -99,6 +99,11 @@ class Config:
     send_queue: int = _setting(
         1000, "outgoing messages buffered per socket before it is closed with 4408"
     )
+    snapshot_memory: int = _setting(
+        32 * 1024 * 1024,
+        "bytes of connect-time snapshots (active_tasks, the since replay) in memory at once "
+        "over all sockets, read and written by pages; connects beyond it wait their turn",
+    )
     send_timeout: float = _setting(
         10.0, "seconds a client may leave sent frames unread before it is closed with 4408"
     )
@@ -273,6 +278,7 @@ def validate(config: Config) -> None:
         "max_connections_per_user",
         "max_active_tasks",
         "send_queue",
+        "snapshot_memory",
         "send_timeout",
         "demo_task_seconds",
         "body_timeout",

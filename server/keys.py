@@ -10,6 +10,7 @@ from .auth import TokenVerifier
 from .config import Config
 from .hub import Hub
 from .metrics import Metrics
+from .snapshot import ByteBudget
 from .store import Store
 from .tasks import TaskService
 
@@ -23,6 +24,7 @@ HUB = web.AppKey("hub", Hub)
 TASKS = web.AppKey("tasks", TaskService)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
+SNAPSHOT_BUDGET = web.AppKey("snapshot_budget", ByteBudget)
 SOCKETS: web.AppKey[set[Connection]] = web.AppKey("sockets", set)
 DEADLINES: web.AppKey[TokenDeadlines] = web.AppKey("deadlines")
 DEMO_RUNNERS: web.AppKey[set[object]] = web.AppKey("demo_runners", set)

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import Config
 from .model import STATUSES
+from .rest import HISTORY_LIMIT
 from .validate import MAX_BATCH_EVENTS, MAX_TASK_ID, MAX_TASK_TYPE, TEXT_LIMITS
 
 VERSION = "0.1.0"
@@ -215,6 +216,8 @@ def schemas(config: Config) -> dict[str, Schema]:
             "type": "object",
             "properties": {
                 "task_id": {"type": "string"}, "count": {"type": "integer"},
+                "next_after": nullable({**SEQ, "description":
+                                        "Pass as `after` for the next page; null at the end"}),
                 "events": {"type": "array", "items": {"type": "object", "properties": {
                     "seq": SEQ, "status": STATUS_ENUM, "progress": {"type": "number"},
                     "message": nullable({"type": "string"}),
@@ -280,9 +283,16 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                         {"name": "If-None-Match", "in": "header", "required": False,
                          "schema": {"type": "string"}}])},
         "/api/task/task/{task_id}/history": {"get": op(
-            "Task history", "Every recorded change of one of the user's tasks, oldest first.",
-            "tasks", responses({200: ok("The history", ref("History"))}, 401, 404),
-            security=BEARER, operation_id="getTaskHistory", parameters=[TASK_ID])},
+            "Task history", "The recorded changes of one of the user's tasks, oldest first, "
+            f"by pages of at most {HISTORY_LIMIT}: follow `next_after` until it is null.",
+            "tasks", responses({200: ok("A page of the history", ref("History"))},
+                               400, 401, 404),
+            security=BEARER, operation_id="getTaskHistory",
+            parameters=[TASK_ID,
+                        query("limit", "Page size", {"type": "integer", "minimum": 1,
+                                                     "maximum": HISTORY_LIMIT,
+                                                     "default": HISTORY_LIMIT}),
+                        query("after", "Cursor: `next_after` of the previous page", SEQ)])},
         "/api/task/task/{task_id}": {"delete": op(
             "Delete a finished task", "Removes a finished task and its history; pushed as "
             "`task_deleted`. An active task answers 409.", "tasks",

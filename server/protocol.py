@@ -101,6 +101,16 @@ def active_tasks(tasks: list[Task]) -> str:
                   "count": len(tasks)})
 
 
+def active_tasks_part(tasks: list[Task], *, first: bool, count: int | None) -> bytes:
+    """A piece of one `active_tasks` message, for writing it page by page: the pieces of
+    pages p1..pn (`first` on p1, the total `count` on pn) joined are exactly
+    `active_tasks(p1 + ... + pn)`."""
+    body = jsonutil.dumpb([public(t) for t in tasks])[1:-1]
+    head = b'{"type":"active_tasks","tasks":[' if first else (b"," if body else b"")
+    tail = b"" if count is None else b'],"count":%d}' % count
+    return head + body + tail
+
+
 def task_status(task: Task) -> str:
     return dumps({"type": "task_status", **public(task)})
 
@@ -124,15 +134,28 @@ def pong() -> str:
 def text_frame(text: str) -> bytes:
     """`text` as one unfragmented, unmasked WebSocket text frame (RFC 6455 section 5.2),
     which is how a server sends a message."""
-    payload = text.encode()
+    return data_frame(text.encode())
+
+
+def data_frame(payload: bytes, *, first: bool = True, last: bool = True) -> bytes:
+    """A frame of a text message (RFC 6455 section 5.4): a message written in parts is a
+    text frame then continuation frames, the last one marked final."""
+    head = (0x80 if last else 0) | (0x1 if first else 0x0)
     size = len(payload)
     if size < 126:
-        header = bytes((0x81, size))
+        header = bytes((head, size))
     elif size < 65536:
-        header = struct.pack("!BBH", 0x81, 126, size)
+        header = struct.pack("!BBH", head, 126, size)
     else:
-        header = struct.pack("!BBQ", 0x81, 127, size)
+        header = struct.pack("!BBQ", head, 127, size)
     return header + payload
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """An unmasked close frame (RFC 6455 section 5.5.1); the reason is cut to fit the
+    125-byte limit of a control frame."""
+    payload = struct.pack("!H", code) + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from .validate import int_param, json_object, status_param
 
 MAX_WAIT = 30
 MAX_LIMIT = 500
+HISTORY_LIMIT = 1000  # events in one answer of GET .../history
 
 
 def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = None
@@ -129,12 +130,19 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 async def history(request: web.Request) -> web.Response:
-    """Every recorded change of one of the user's tasks, oldest first."""
+    """The recorded changes of one of the user's tasks, oldest first, by pages: `limit`
+    (default and most HISTORY_LIMIT) after the seq `after`; `next_after` continues, null at
+    the end (so a history of up to HISTORY_LIMIT changes is one answer, as it always was)."""
     identity = user_identity(request)
     task_id = request.match_info["task_id"]
+    query = request.query
+    limit = int_param(query.get("limit"), "limit", low=1, high=HISTORY_LIMIT,
+                      default=HISTORY_LIMIT) or HISTORY_LIMIT
+    after = int_param(query.get("after"), "after", low=0, high=2**63 - 1, default=0) or 0
     await _own_task(request, identity, task_id)
-    events = await request.app[keys.STORE].history(task_id)
-    return ok({"task_id": task_id, "events": events, "count": len(events)})
+    events, next_after = await request.app[keys.STORE].history_page(task_id, after, limit)
+    return ok({"task_id": task_id, "events": events, "count": len(events),
+               "next_after": next_after})
 
 
 def add_routes(app: web.Application) -> None:

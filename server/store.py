@@ -81,6 +81,8 @@ _TASK_COLUMNS = (
     "task_id, user_id, task_type, status, progress, message, step, result, error, "
     "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
 )
+PAGE_BYTES = 256 * 1024  # a page of a snapshot read: about this much task text
+PAGE_ROWS = 2000  # tombstones in one page of a replay
 
 class StoreRefused(RuntimeError):
     """The store cannot start on this file; the message says why in one line."""
@@ -131,6 +133,11 @@ def _loads(text: str | None) -> Any:
 
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
+
+
+def _row_bytes(row: tuple[Any, ...]) -> int:
+    """About what a task row weighs once serialized (its text fields dominate)."""
+    return 200 + sum(len(v) for v in row[4:11] if isinstance(v, str))
 
 
 def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
@@ -353,8 +360,9 @@ class Store:
         self._lock_handle: IO[str] | None = None
         # tasks as last committed; changed only by the writer, after COMMIT
         self._cache: OrderedDict[str, Task] = OrderedDict()
-        self._snapshot_requests: list[tuple[int, int | None, asyncio.Future[Snapshot]]] = []
-        self._snapshot_reader: asyncio.Task[None] | None = None
+        self._page_requests: list[
+            tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._page_reader: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -879,86 +887,158 @@ class Store:
         )
 
     async def snapshot(self, user_id: int, since: int | None) -> Snapshot:
-        """Active tasks and (with `since`) every change after it, read at one seq.
+        """Active tasks and (with `since`) every change after it, all pages at once: for
+        tools and tests. Sockets read page by page (`active_page`, `changes_page`) so that
+        no snapshot is ever held whole."""
+        seq = self.last_seq
+        active: list[Task] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await self.active_page(user_id, after, PAGE_BYTES)
+            active.extend(page)
+        if since is None:
+            return Snapshot(seq, active, None)
+        changes: list[Task | tuple[str, int]] = []
+        cursor: int | None = since
+        while cursor is not None:
+            got = await self.changes_page(user_id, cursor, seq, PAGE_BYTES)
+            if got is None:
+                return Snapshot(seq, active, None)
+            items, cursor = got
+            changes.extend(items)
+        return Snapshot(seq, active, changes)
 
-        Concurrent requests (a reconnect storm) are read together in one thread hop."""
-        future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
-        self._snapshot_requests.append((user_id, since, future))
-        if self._snapshot_reader is None:
-            self._snapshot_reader = asyncio.create_task(self._read_snapshots())
+    async def active_page(self, user_id: int, after: int, max_bytes: int
+                          ) -> tuple[list[Task], int | None]:
+        """The user's active tasks with created_seq above `after`, in created_seq order
+        (a cursor no change moves, so no task is read twice), as many as fit in about
+        `max_bytes` (at least one); and the cursor for the next page, None at the end."""
+        return await self._read_page(self._active_page, user_id, after, max_bytes)
+
+    async def changes_page(self, user_id: int, after: int, upto: int, max_bytes: int
+                           ) -> tuple[list[Task | tuple[str, int]], int | None] | None:
+        """The user's tasks and tombstones with seq in (after, upto], in seq order, about
+        `max_bytes` of them; and the cursor for the next page (None at the end). None if
+        the history after `after` is no longer kept (resync)."""
+        return await self._read_page(self._changes_page, user_id, after, upto, max_bytes)
+
+    async def _read_page(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Concurrent page reads (a reconnect storm) share one thread hop."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._page_requests.append((fn, args, future))
+        if self._page_reader is None:
+            self._page_reader = asyncio.create_task(self._read_pages())
         return await future
 
-    async def _read_snapshots(self) -> None:
+    async def _read_pages(self) -> None:
         try:
-            while self._snapshot_requests:
-                batch, self._snapshot_requests = self._snapshot_requests, []
+            while self._page_requests:
+                batch, self._page_requests = self._page_requests, []
                 try:
-                    snaps = await self._call(self._txn_snapshots,
-                                             [(user, since) for user, since, _ in batch])
+                    pages = await self._call(self._txn_pages, [(fn, args) for fn, args, _ in batch])
                 except Exception as exc:
                     for _, _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, _, future), snap in zip(batch, snaps, strict=True):
+                for (_, _, future), page in zip(batch, pages, strict=True):
                     if not future.done():
-                        future.set_result(snap)
+                        future.set_result(page)
         finally:
-            self._snapshot_reader = None
+            self._page_reader = None
 
-    def _txn_snapshots(self, conn: sqlite3.Connection, requests: list[tuple[int, int | None]]
-                       ) -> list[Snapshot]:
-        # `seq` is read before the read transaction starts, so the rows hold at least
-        # everything up to it (a client resuming from it may get a change twice, never miss
-        # one); one read transaction, so active and changed rows agree
-        seq = self.last_seq
+    @staticmethod
+    def _txn_pages(conn: sqlite3.Connection,
+                   requests: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
         conn.execute("BEGIN")
         try:
-            return [self._read_snapshot(conn, seq, user_id, since) for user_id, since in requests]
+            return [fn(conn, *args) for fn, args in requests]
         finally:
             conn.execute("COMMIT")
 
-    def _read_snapshot(self, conn: sqlite3.Connection, seq: int, user_id: int,
-                       since: int | None) -> Snapshot:
-        active = [
-            _row_to_task(row)
-            for row in conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
-                f" AND status IN {_ACTIVE_SQL} ORDER BY seq",
-                (user_id,),
-            )
-        ]
-        if since is None or since < self.horizon:
-            return Snapshot(seq, active, None)
-        changed: list[Task | tuple[str, int]] = [
-            _row_to_task(row)
-            for row in conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
-                " ORDER BY seq",
-                (user_id, since),
-            )
-        ]
+    @staticmethod
+    def _fill(rows: Iterable[Any], max_bytes: int, size: Callable[[Any], int]) -> list[Any]:
+        """Rows from a cursor until about `max_bytes` are taken (at least one row)."""
+        taken: list[Any] = []
+        total = 0
+        for row in rows:
+            taken.append(row)
+            total += size(row)
+            if total >= max_bytes:
+                break
+        return taken
+
+    def _active_page(self, conn: sqlite3.Connection, user_id: int, after: int,
+                     max_bytes: int) -> tuple[list[Task], int | None]:
+        cursor = conn.execute(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
+            f" AND status IN {_ACTIVE_SQL} AND created_seq > ? ORDER BY created_seq",
+            (user_id, after),
+        )
+        try:
+            rows = self._fill(cursor, max_bytes, _row_bytes)
+            more = cursor.fetchone() is not None
+        finally:
+            cursor.close()
+        tasks = [_row_to_task(row) for row in rows]
+        return tasks, (tasks[-1]["created_seq"] if more else None)
+
+    def _changes_page(self, conn: sqlite3.Connection, user_id: int, after: int, upto: int,
+                      max_bytes: int) -> tuple[list[Task | tuple[str, int]], int | None] | None:
+        if after < self.horizon:
+            return None
+        cursor = conn.execute(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ? AND seq <= ?"
+            " ORDER BY seq",
+            (user_id, after, upto),
+        )
+        try:
+            rows = self._fill(cursor, max_bytes, _row_bytes)
+            more = cursor.fetchone() is not None
+        finally:
+            cursor.close()
+        # the tombstones up to the last task row read (all of them when that was the end)
+        top = rows[-1][-1] if more else upto
         deleted = conn.execute(
-            "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ?",
-            (user_id, since),
+            "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ? AND seq <= ?"
+            " ORDER BY seq LIMIT ?",
+            (user_id, after, top, PAGE_ROWS),
         ).fetchall()
+        if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
+            top = deleted[-1][1]
+            rows = [row for row in rows if row[-1] <= top]
+            more = True
+        changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
         if deleted:
             changed.extend(tuple(row) for row in deleted)
             changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
-        return Snapshot(seq, active, changed)
+        return changed, (top if more else None)
 
-    async def history(self, task_id: str) -> list[dict[str, Any]]:
-        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    async def history_page(self, task_id: str, after: int, limit: int
+                           ) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
+        and the seq to continue after, None when there are no more."""
+        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int | None]:
             rows = conn.execute(
                 "SELECT seq, status, progress, message, step, error, error_type, timestamp"
-                " FROM events WHERE task_id = ? ORDER BY seq",
-                (task_id,),
-            )
+                " FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (task_id, after, limit + 1),
+            ).fetchall()
             names = ("seq", "status", "progress", "message", "step", "error", "error_type",
                      "timestamp")
-            return [dict(zip(names, row, strict=True)) for row in rows]
+            events = [dict(zip(names, row, strict=True)) for row in rows[:limit]]
+            return events, (events[-1]["seq"] if len(rows) > limit else None)
 
         return await self._call(read)
+
+    async def history(self, task_id: str) -> list[dict[str, Any]]:
+        """Every recorded change of a task (all pages: for tools and tests)."""
+        events: list[dict[str, Any]] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await self.history_page(task_id, after, 1000)
+            events.extend(page)
+        return events
 
     async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
         """Active tasks whose last change is older than the given time (stale candidates)."""

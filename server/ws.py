@@ -17,7 +17,7 @@ from collections import deque
 
 from aiohttp import WSMsgType, web
 
-from . import keys, protocol
+from . import keys, protocol, snapshot
 from .auth import AuthError, Identity, parse_user_id
 from .hub import Hub
 from .model import Task, utc_iso
@@ -41,8 +41,8 @@ class Connection:
 
     __slots__ = ("__weakref__", "_close_task", "_sender", "app", "backed_up_since", "closing",
                  "control", "id", "identity", "limiter", "metrics", "outbox", "ping_sent_at",
-                 "send_started", "subscriptions", "token_generation", "transport", "user_id",
-                 "ws")
+                 "send_started", "snapshotting", "subscriptions", "token_generation",
+                 "transport", "user_id", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, identity: Identity, request: web.Request):
         config = request.app[keys.CONFIG]
@@ -58,6 +58,7 @@ class Connection:
         self.limiter = protocol.RateLimiter(config.rate_limit, config.rate_burst,
                                             config.flood_strikes)
         self.closing = False
+        self.snapshotting = True  # nothing else is written until the snapshot is
         self.send_started = 0.0  # loop time the current send began; 0 when not sending
         self.ping_sent_at = 0.0  # loop time of an unanswered ping; 0 once the peer spoke
         self.backed_up_since = 0.0  # loop time the transport was first seen backed up
@@ -110,18 +111,11 @@ class Connection:
         self.control.append(text)
         self.kick()
 
-    def queue_snapshot(self, messages: list[str]) -> None:
-        """The connect-time messages, ahead of anything else and outside CONTROL_LIMIT."""
-        if self.closing:
-            return
-        self.control = deque(messages) if self.control is None else deque(
-            [*messages, *self.control])
-        self.kick()
-
     def kick(self) -> None:
         """Write what is queued now, or start the sender if it must wait (it stops when the
         queues are empty)."""
-        if self._sender is None and not self.closing and not self._write_direct():
+        if (self._sender is None and not self.closing and not self.snapshotting
+                and not self._write_direct()):
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
 
     def _next_message(self) -> tuple[str, bytes | None] | None:
@@ -210,17 +204,36 @@ class Connection:
         self.closing = True
         self._close_task = asyncio.ensure_future(self._close(code, reason))
 
+    async def _close_unread(self, code: int, reason: str) -> None:
+        """Send the close frame, give the peer CLOSE_TIMEOUT to read it, then drop the
+        connection (aborted, not closed: a close with unread input resets it anyway)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(protocol.close_frame(code, reason))
+        await asyncio.sleep(CLOSE_TIMEOUT)
+
     async def _flush_control(self) -> None:
         while self.control and not self.ws.closed:
             await self.ws.send_str(self.control.popleft())
 
     async def _close(self, code: int, reason: str) -> None:
+        flood = code == protocol.CLOSE_POLICY
+        if flood and self.transport is not None:
+            # what a flooder still sends is neither parsed nor answered: awaiting its close
+            # frame would mean reading (and paying for) everything queued before it
+            self.transport.pause_reading()
         try:
-            if code != protocol.CLOSE_TOO_SLOW:  # answers queued before the close go first
+            # answers queued before the close go first (not inside a message written in
+            # parts: only a control frame such as the close may come between its frames)
+            if code != protocol.CLOSE_TOO_SLOW and not self.snapshotting:
                 await asyncio.wait_for(self._flush_control(), CLOSE_TIMEOUT)
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
-                                   CLOSE_TIMEOUT)
-            return
+            if flood:
+                await self._close_unread(code, reason)
+            else:
+                await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
+                                       CLOSE_TIMEOUT)
+                return
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -285,7 +298,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         if isinstance(old, Connection):
             old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
     try:
-        await _send_snapshot(conn, request)
+        try:
+            await _send_snapshot(conn, request)
+        except ConnectionError:
+            return ws  # gone during its snapshot (or closed: 4408, 4409)
         conn.schedule_expiry()
         await _receive_loop(conn, request)
     finally:
@@ -303,40 +319,61 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+class _SnapshotWriter:
+    """`snapshot.MessageWriter` for a socket: frames straight to its transport; `drain`
+    waits for aiohttp's flow control (the transport's buffer back below its low-water
+    mark). A stuck peer is closed by watch.py's stuck-send rule, which ends the wait."""
+
+    __slots__ = ("conn", "protocol")
+
+    def __init__(self, conn: Connection, request: web.Request) -> None:
+        self.conn = conn
+        self.protocol = request.protocol
+
+    def _write(self, frame: bytes, count: bool = True) -> None:
+        transport = self.conn.transport
+        if self.conn.closing or transport is None or transport.is_closing():
+            raise ConnectionResetError("socket closed during its snapshot")
+        transport.write(frame)
+        if count:
+            self.conn.metrics.messages_sent.inc()
+
+    def message(self, text: str, seq: int | None = None) -> None:
+        self._write(protocol.text_frame(text))
+
+    def part(self, data: bytes, *, first: bool, last: bool) -> None:
+        self._write(protocol.data_frame(data, first=first, last=last), count=last)
+
+    async def drain(self) -> None:
+        conn = self.conn
+        if self.protocol.writing_paused:
+            conn.send_started = asyncio.get_running_loop().time()  # watch.py: stuck send?
+            try:
+                # shielded: aiohttp shares one drain waiter among its writers
+                await asyncio.shield(self.protocol._drain_helper())
+            finally:
+                conn.send_started = 0.0
+        if conn.closing:
+            raise ConnectionResetError("socket closed during its snapshot")
+
+
 async def _send_snapshot(conn: Connection, request: web.Request) -> None:
-    store = request.app[keys.STORE]
-    since = _int_query(request, "since")
-    epoch = request.query.get("epoch")
-    resync = False
-    bad_since = since == "invalid"  # answered after the handshake, which always comes first
-    if bad_since:
-        since = None
-    if since is not None and (
-        (epoch and epoch != store.epoch) or since > store.last_seq or since < store.horizon
-    ):
-        since, resync = None, True
-    snap = await store.snapshot(conn.user_id, since if isinstance(since, int) else None)
-    if since is not None and snap.changes is None:
-        resync = True  # the history was swept between the check above and the read
-    # The snapshot is queued whole (it is bounded by the user's own tasks), never cut by
-    # the control-queue limit: a resume that cannot fit would otherwise fail forever.
-    messages = [protocol.connected(conn.id, store.epoch, snap.seq)]
-    if resync:
-        messages.append(protocol.simple("resync"))
-    messages.append(protocol.active_tasks(snap.active))
-    if bad_since:
-        messages.append(protocol.error("invalid_since", "since must be a non-negative integer"))
-    for task in snap.active:
-        conn.outbox.mark_sent(task["task_id"], task["seq"])
-    for item in snap.changes or ():
-        if isinstance(item, dict):
-            messages.append(protocol.task_status(item))
-            conn.outbox.mark_sent(item["task_id"], item["seq"])
-        else:
-            task_id, seq = item
-            messages.append(protocol.task_deleted(task_id))
-            conn.outbox.mark_sent(task_id, seq)
-    conn.queue_snapshot(messages)
+    """The connect-time messages, by pages with backpressure (server/snapshot.py); live
+    updates queued meanwhile wait in the outbox, under its bound, and go out after."""
+    app = request.app
+    store = app[keys.STORE]
+    resume = snapshot.judge_resume(store, _int_query(request, "since"),
+                                   request.query.get("epoch"))
+    try:
+        await snapshot.write_snapshot(
+            _SnapshotWriter(conn, request), store, app[keys.SNAPSHOT_BUDGET],
+            user_id=conn.user_id, connection_id=conn.id, resume=resume,
+            mark_sent=conn.outbox.mark_sent)
+    except snapshot.HistorySwept:
+        conn.snapshotting = False
+        conn.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+        return
+    conn.snapshotting = False
     conn.outbox.end_replay()
     conn.kick()
 
@@ -346,20 +383,22 @@ async def _receive_loop(conn: Connection, request: web.Request) -> None:
     async for msg in ws:
         if conn.closing:
             break
+        # every frame counts, control frames too (a ping answered for free is a flood),
+        # except the pong that answers our own ping: at most one per --ping-interval
+        free = msg.type == WSMsgType.PONG and conn.ping_sent_at != 0.0
         conn.ping_sent_at = 0.0  # it spoke: alive
-        if msg.type == WSMsgType.PING:
-            await ws.pong(msg.data)
-            continue
-        if msg.type == WSMsgType.PONG:
-            continue
-        if not conn.limiter.allow():
+        if not free and not conn.limiter.allow():
             if conn.limiter.flooding:
                 conn.close(protocol.CLOSE_POLICY, "message rate limit exceeded")
                 break
             if conn.limiter.strikes == 1:
                 conn.send(protocol.error("rate_limited", "too many messages; slow down"))
             continue
-        if msg.type == WSMsgType.TEXT:
+        if msg.type == WSMsgType.PING:
+            await ws.pong(msg.data)
+        elif msg.type == WSMsgType.PONG:
+            pass
+        elif msg.type == WSMsgType.TEXT:
             try:
                 message = protocol.parse_client_message(msg.data)
                 await _handle(conn, message, request)

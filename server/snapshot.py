@@ -1,0 +1,231 @@
+"""The connect-time messages, written with backpressure: `connected`, `resync`,
+`active_tasks` and (with `since`) the replay of `task_status` / `task_deleted`.
+
+Nothing here is held whole. The store is read by pages of about PAGE_BYTES; each page is
+serialized, written, and the writer drained (the peer has taken it) before the next page is
+read. `active_tasks` stays ONE message however large: its JSON is produced page by page as
+parts of one message (a WebSocket writes them as a fragmented message; an event stream
+would write them as one `data:` line). Every page first takes its bytes from a `ByteBudget`
+shared by every connect and gives them back once the peer has taken them, so the snapshot
+bytes in memory at once are bounded whatever the number of connects (beyond it, connects
+wait their turn).
+
+The framing is the writer's business (`MessageWriter`), so the same sequence serves any
+transport that can write a message, write a message in parts, and wait for its peer: a
+WebSocket (`ws._SnapshotWriter`: a text frame, then continuation frames), or an event
+stream (`event: active_tasks` and `data: ` before the first part, the parts as they come,
+a blank line after the last; orjson writes no newline inside JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import protocol
+from .store import PAGE_BYTES, Store
+
+
+class MessageWriter(Protocol):
+    """Where the connect-time messages go (a WebSocket; an event stream)."""
+
+    def message(self, text: str, seq: int | None = None) -> None:
+        """Write one whole message; `seq`: the change it carries (`task_status`,
+        `task_deleted`), for a framing that lets its client resume from it."""
+
+    def part(self, data: bytes, *, first: bool, last: bool) -> None:
+        """Write a piece of one message (pieces of two messages never interleave)."""
+
+    async def drain(self) -> None:
+        """Return once the peer has taken most of what was written (raise if it is gone)."""
+
+
+class ByteBudget:
+    """Bytes that may be in flight at once, shared by every connect; FIFO waiters."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, amount: int) -> int:
+        """Wait for `amount` bytes (a page larger than the whole budget goes alone); returns
+        what was taken, to be given back with `release`."""
+        amount = min(amount, self.total)
+        if not self._waiters and self.used + amount <= self.total:
+            self.used += amount
+            return amount
+        future = asyncio.get_running_loop().create_future()
+        entry = (amount, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release(amount)  # granted just as it was cancelled
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._wake()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, amount: int) -> AsyncIterator[None]:
+        taken = await self.acquire(amount)
+        try:
+            yield
+        finally:
+            self.release(taken)
+
+    def _wake(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.total:
+            amount, future = self._waiters.popleft()
+            if future.cancelled():
+                continue
+            self.used += amount
+            future.set_result(None)
+
+
+_Page = tuple[list[Any], "int | None"]  # items, and the cursor of the next page (None: end)
+
+
+class _Pages:
+    """The pages of `read(cursor)`, the next one read while the caller writes and drains
+    the current one (so a peer that reads fast is not kept waiting for the database). Each
+    page holds its bytes of the budget from before its read until the caller moves on."""
+
+    def __init__(self, budget: ByteBudget, size: int,
+                 read: Callable[[int], Awaitable[_Page]], cursor: int) -> None:
+        self.budget = budget
+        self.size = size
+        self.read = read
+        self._held = 0
+        self._next: asyncio.Future[tuple[int, _Page]] | None = None
+        self._start(cursor)
+
+    def _start(self, cursor: int) -> None:
+        self._next = asyncio.ensure_future(self._fetch(cursor))
+
+    async def _fetch(self, cursor: int) -> tuple[int, _Page]:
+        taken = await self.budget.acquire(self.size)
+        try:
+            return taken, await self.read(cursor)
+        except BaseException:
+            self.budget.release(taken)
+            raise
+
+    async def next(self) -> tuple[list[Any], bool]:
+        """The next page's items and whether it is the last; the previous page's bytes go
+        back first (the caller has drained it)."""
+        self.budget.release(self._held)
+        self._held = 0
+        assert self._next is not None
+        self._held, (items, cursor) = await self._next
+        self._next = None
+        if cursor is not None:
+            self._start(cursor)
+        return items, cursor is None
+
+    def close(self) -> None:
+        self.budget.release(self._held)
+        self._held = 0
+        pending, self._next = self._next, None
+        if pending is not None:
+            if not pending.done():
+                pending.cancel()  # _fetch gives its bytes back as the cancellation ends it
+            elif not pending.cancelled() and pending.exception() is None:
+                self.budget.release(pending.result()[0])  # read, never taken
+
+
+@dataclass(slots=True)
+class Resume:
+    """What the client asked to resume from, judged against the store: `since` None means
+    no replay; `resync` that the client must drop its cache."""
+
+    since: int | None
+    resync: bool
+    bad_since: bool
+
+
+def judge_resume(store: Store, since: int | str | None, epoch: str | None) -> Resume:
+    """`since` as parsed from the query (an int, "invalid" or None) and `epoch`."""
+    bad = since == "invalid"
+    value = since if isinstance(since, int) else None
+    if value is not None and (
+        (epoch and epoch != store.epoch) or value > store.last_seq or value < store.horizon
+    ):
+        return Resume(None, True, bad)
+    return Resume(value, False, bad)
+
+
+class HistorySwept(Exception):
+    """The replay's history was swept while it was being written: resume again."""
+
+
+async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *,
+                         user_id: int, connection_id: str, resume: Resume,
+                         mark_sent: Callable[[str, int], None],
+                         page_bytes: int | None = None) -> None:
+    """Write the connect-time sequence to `out`; `mark_sent(task_id, seq)` is called for
+    every task state written (the caller's outbox then drops live updates it covers).
+
+    Raises HistorySwept if the `since` replay can no longer be completed, and whatever
+    `out.drain()` raises when the peer goes away."""
+    page_bytes = page_bytes or PAGE_BYTES
+    seq = store.last_seq  # read before any page: the pages hold at least everything up to it
+    out.message(protocol.connected(connection_id, store.epoch, seq))
+    if resume.resync:
+        out.message(protocol.simple("resync"))
+
+    async def read_changes(after: int) -> _Page:
+        got = await store.changes_page(user_id, after, seq, page_bytes)
+        if got is None:
+            raise HistorySwept
+        return got
+
+    # both first pages are read at once (in a reconnect storm: one thread hop for all)
+    active = _Pages(budget, page_bytes,
+                    lambda after: store.active_page(user_id, after, page_bytes), 0)
+    changes = (None if resume.since is None
+               else _Pages(budget, page_bytes, read_changes, resume.since))
+    try:
+        count = 0
+        first, last = True, False
+        while not last:
+            tasks, last = await active.next()
+            for task in tasks:
+                mark_sent(task["task_id"], task["seq"])
+            count += len(tasks)
+            out.part(protocol.active_tasks_part(tasks, first=first,
+                                                count=count if last else None),
+                     first=first, last=last)
+            first = False
+            await out.drain()
+        active.close()
+        if resume.bad_since:
+            out.message(protocol.error("invalid_since", "since must be a non-negative integer"))
+        last = changes is None
+        while not last:
+            assert changes is not None
+            items, last = await changes.next()
+            for item in items:
+                if isinstance(item, dict):
+                    out.message(protocol.task_status(item), item["seq"])
+                    mark_sent(item["task_id"], item["seq"])
+                else:
+                    task_id, deleted_seq = item
+                    out.message(protocol.task_deleted(task_id), deleted_seq)
+                    mark_sent(task_id, deleted_seq)
+            await out.drain()
+    finally:
+        active.close()
+        if changes is not None:
+            changes.close()

@@ -1,0 +1,380 @@
+"""The connect-time snapshot and the history under memory bounds (issue 14, item 2).
+
+- `active_tasks` is still ONE message, written by pages as a fragmented WebSocket message;
+- the `since` replay is read and written by pages and still carries every change once;
+- connects beyond `--snapshot-memory` wait their turn;
+- a real server process whose users' sockets never read their large snapshots keeps its
+  memory bounded and serves everyone else;
+- `GET .../history` is paged (`limit`, `after`, `next_after`): every event exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Any
+
+import aiohttp
+import pytest
+
+from server import keys, protocol, snapshot
+from server.model import Change, Delete, Register
+from server.snapshot import ByteBudget
+from tests.conftest import (
+    API_KEY,
+    PRODUCER,
+    SECRET,
+    MakeClient,
+    auth,
+    handshake,
+    make_token,
+    recv,
+    ws_connect,
+)
+from tests.procs import ServerProcess, servers_fixture
+from tests.test_flood import raw_socket
+from tests.test_slow_consumer import rss_kb, stuck_client
+
+servers = pytest.fixture(servers_fixture, name="servers")
+
+
+# ---- sans I/O --------------------------------------------------------------------------
+
+
+def _task(n: int) -> dict[str, Any]:
+    return {"task_id": f"t{n}", "user_id": 1, "task_type": "x", "status": "running",
+            "progress": n, "message": None, "step": None, "result": None, "error": None,
+            "error_type": None, "metadata": {"n": n, "s": "é\u2028"}, "created_at": "c",
+            "updated_at": "u", "seq": n, "cancel_requested": False, "origin": "http",
+            "created_seq": n}
+
+
+@pytest.mark.parametrize("pages", [[], [[0]], [[0, 1], [2], [3, 4, 5]]])
+def test_the_parts_of_active_tasks_join_to_the_one_message(pages: list[list[int]]) -> None:
+    tasks = [[_task(n) for n in page] for page in pages] or [[]]
+    total = sum(len(page) for page in tasks)
+    parts = [protocol.active_tasks_part(page, first=i == 0,
+                                        count=total if i == len(tasks) - 1 else None)
+             for i, page in enumerate(tasks)]
+    whole = protocol.active_tasks([t for page in tasks for t in page])
+    assert b"".join(parts).decode() == whole
+    assert json.loads(whole)["count"] == total
+
+
+def test_a_message_in_parts_is_a_text_frame_then_continuations_the_last_final() -> None:
+    assert protocol.data_frame(b"ab", first=True, last=False)[:2] == b"\x01\x02"
+    assert protocol.data_frame(b"cd", first=False, last=False)[:2] == b"\x00\x02"
+    assert protocol.data_frame(b"ef", first=False, last=True)[:2] == b"\x80\x02"
+    assert protocol.data_frame(b"x" * 70000)[:2] == b"\x81\x7f"
+    assert protocol.text_frame("hi") == b"\x81\x02hi"
+
+
+async def test_the_byte_budget_lets_waiters_in_first_come_first_served() -> None:
+    budget = ByteBudget(100)
+    order: list[str] = []
+    first = budget.hold(80)
+    await first.__aenter__()
+
+    async def take(name: str, amount: int) -> None:
+        async with budget.hold(amount):
+            order.append(name)
+
+    big = asyncio.create_task(take("big", 60))
+    small = asyncio.create_task(take("small", 10))  # fits, but waits behind "big"
+    cancelled = asyncio.create_task(take("cancelled", 10))
+    await asyncio.sleep(0)
+    assert order == [] and budget.used == 80
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    await first.__aexit__(None, None, None)
+    await asyncio.wait_for(asyncio.gather(big, small), 5)
+    assert order == ["big", "small"] and budget.used == 0
+    async with budget.hold(10_000):  # larger than the budget: it goes alone
+        assert budget.used == 100
+    assert budget.used == 0
+
+
+# ---- one socket ------------------------------------------------------------------------
+
+
+def read_messages(sock: Any, count: int) -> list[tuple[int, bytes]]:
+    """`count` whole messages from a raw socket: (number of frames, payload)."""
+    out: list[tuple[int, bytes]] = []
+    buf = b""
+    parts: list[bytes] = []
+    while len(out) < count:
+        data = sock.recv(1 << 20)
+        assert data, "closed"
+        buf += data
+        while len(buf) >= 2:
+            head, size, at = buf[0], buf[1] & 0x7F, 2
+            if size == 126:
+                if len(buf) < 4:
+                    break
+                size, at = struct.unpack("!H", buf[2:4])[0], 4
+            elif size == 127:
+                if len(buf) < 10:
+                    break
+                size, at = struct.unpack("!Q", buf[2:10])[0], 10
+            if len(buf) < at + size:
+                break
+            payload, buf = buf[at:at + size], buf[at + size:]
+            if head & 0x0F in (0x9, 0xA):
+                continue  # control frames may come between the parts
+            assert (head & 0x0F == 0x1) == (not parts), hex(head)  # text, then continuations
+            parts.append(payload)
+            if head & 0x80:
+                out.append((len(parts), b"".join(parts)))
+                parts = []
+    return out
+
+
+async def test_active_tasks_is_one_message_written_in_parts(make_client: MakeClient,
+                                                            monkeypatch: Any) -> None:
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 3000)
+    client = await make_client()
+    store = client.server.app[keys.STORE]
+    for n in range(30):
+        await store.submit(Register(f"t{n}", 1, "job", metadata={"pad": "m" * 1000}))
+    await store.submit(Change("t3", "completed"))
+    sock = await asyncio.get_running_loop().run_in_executor(
+        None, raw_socket, client.server.port, 1)
+    try:
+        (_, connected), (frames, active) = await asyncio.get_running_loop().run_in_executor(
+            None, read_messages, sock, 2)
+    finally:
+        sock.close()
+    assert json.loads(connected)["type"] == "connected"
+    assert frames >= 5  # ~1 KB a task, ~3 KB a page
+    message = json.loads(active)
+    assert message["type"] == "active_tasks" and message["count"] == 29
+    assert [t["task_id"] for t in message["tasks"]] == [f"t{n}" for n in range(30) if n != 3]
+    assert list(message) == ["type", "tasks", "count"]
+    # and a client library sees one message, as it always did
+    ws = await ws_connect(client, 1)
+    _, active_msg = await handshake(ws)
+    assert active_msg["count"] == 29 and len(active_msg["tasks"]) == 29
+    await ws.close()
+
+
+async def test_the_replay_by_pages_carries_every_change_once_in_order(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 1500)
+    client = await make_client()
+    store = client.server.app[keys.STORE]
+    await store.submit(Register("busy", 1, "job"))
+    since = store.last_seq
+    expected: dict[str, Any] = {}
+    for n in range(40):
+        task_id = f"f{n}"
+        await store.submit(Register(task_id, 1, "job", metadata={"pad": "m" * 400}))
+        await store.submit(Change(task_id, "completed", result={"n": n}))
+        expected[task_id] = "completed"
+        if n % 4 == 0:
+            await store.submit(Delete(task_id))
+            expected[task_id] = "deleted"
+    ws = await ws_connect(client, 1, query=f"since={since}")
+    # live changes while the replay is written: each must arrive, none twice or backwards
+    live = asyncio.create_task(_progress(store, "busy", 30))
+    last_seq: dict[str, int] = {}
+    seen: dict[str, str] = {}
+    _, active = await handshake(ws)
+    assert [t["task_id"] for t in active["tasks"]] == ["busy"]
+    last_seq["busy"] = active["tasks"][0]["seq"]
+    await live
+    final_seq = store.last_seq
+    while last_seq.get("busy", 0) < final_seq:
+        msg = await recv(ws)
+        task_id = msg["task_id"]
+        if msg["type"] == "task_deleted":
+            assert task_id not in seen, task_id
+            seen[task_id] = "deleted"
+            continue
+        assert msg["type"] == "task_status", msg
+        assert msg["seq"] > last_seq.get(task_id, 0), (task_id, msg["seq"])
+        last_seq[task_id] = msg["seq"]
+        if task_id != "busy":
+            assert task_id not in seen, task_id
+            seen[task_id] = msg["status"]
+    assert seen == expected
+    await ws.close()
+    await _budget_returned(client.server.app)
+
+
+async def _budget_returned(app: Any) -> None:
+    """Every page's bytes went back to the shared budget (read-ahead pages included)."""
+    budget = app[keys.SNAPSHOT_BUDGET]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while budget.used or app[keys.SOCKETS]:
+        assert loop.time() < deadline, f"{budget.used} bytes never given back"
+        await asyncio.sleep(0.01)
+
+
+async def _progress(store: Any, task_id: str, count: int) -> None:
+    for n in range(count):
+        await store.submit(Change(task_id, "progress", progress=n))
+        await asyncio.sleep(0)
+
+
+async def test_connects_beyond_the_snapshot_memory_wait_their_turn(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    """One socket that never reads holds the whole budget: the next connect gets
+    `connected` at once but its `active_tasks` only once the first is cut off (4408)."""
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 64 * 1024)
+    client = await make_client(snapshot_memory=64 * 1024, send_timeout=0.5)
+    app = client.server.app
+    store = app[keys.STORE]
+    for n in range(100):  # ~6 MB: more than the kernel's buffers take from a silent peer
+        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
+    await store.submit(Register("small", 2, "job"))
+    loop = asyncio.get_running_loop()
+    stuck = await loop.run_in_executor(None, stuck_client, client.server.port, 1)
+    try:
+        budget = app[keys.SNAPSHOT_BUDGET]
+        deadline = loop.time() + 10
+        while not app[keys.SOCKETS]:
+            assert loop.time() < deadline, "the silent peer never attached"
+            await asyncio.sleep(0.01)
+        (holder,) = app[keys.SOCKETS]
+        # stuck on a page: waiting for its peer to take it, with the whole budget
+        while not (holder.send_started and budget.used == budget.total):
+            assert loop.time() < deadline, "the silent peer never held the budget"
+            await asyncio.sleep(0.01)
+        ws = await ws_connect(client, 2)
+        assert (await recv(ws))["type"] == "connected"
+        active = await recv(ws, timeout=10)
+        assert active["type"] == "active_tasks" and active["count"] == 1
+        assert holder.closing  # it had to go first
+        await ws.close()
+    finally:
+        stuck.close()
+    await _budget_returned(app)
+
+
+# ---- a real process: memory -------------------------------------------------------------
+
+
+async def test_large_snapshots_to_sockets_that_never_read_stay_bounded(servers: Any) -> None:
+    """150 active tasks of ~60 KB for one user and 150 finished ones for another: 8 silent
+    sockets each asking the full snapshot, 8 the since=0 replay (~9 MB each, 140 MB if
+    held whole). The server's RSS stays within a few pages per socket; a third user is
+    served meanwhile; the silent sockets are cut off (4408)."""
+    server: ServerProcess = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
+                                    "--send-timeout", "2", "--log-level", "warning",
+                                    "--access-log", "false")
+    server.start()
+    blob = "m" * 60_000
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http:
+        for user, finish in ((1, False), (2, True)):
+            for n in range(150):
+                async with http.post(server.url + "/api/task/tasks", headers=PRODUCER,
+                                     json={"task_id": f"u{user}t{n}", "user_id": user,
+                                           "task_type": "big",
+                                           "metadata": {"blob": blob}}) as resp:
+                    assert resp.status == 201
+            if finish:
+                events = [{"task_id": f"u{user}t{n}", "status": "completed"}
+                          for n in range(150)]
+                async with http.post(server.url + "/api/task/events", headers=PRODUCER,
+                                     json={"events": events}) as resp:
+                    assert resp.status == 200
+        async with http.post(server.url + "/api/task/tasks", headers=PRODUCER,
+                             json={"task_id": "other", "user_id": 3, "task_type": "t"}) as r:
+            assert r.status == 201
+        before = rss_kb(server.proc.pid)  # type: ignore[union-attr]
+        silent = [await loop.run_in_executor(None, stuck_client, server.port, 1)
+                  for _ in range(8)]
+        silent += [await loop.run_in_executor(None, _stuck_since, server.port, 2)
+                   for _ in range(8)]
+        peak = before
+        other = await http.ws_connect(f"{server.ws_url}/api/task/ws/task/3?token="
+                                      f"{make_token(3)}")
+        assert json.loads((await other.receive(timeout=10)).data)["type"] == "connected"
+        assert json.loads((await other.receive(timeout=10)).data)["count"] == 1
+        async with http.post(server.url + "/api/task/task/other/events", headers=PRODUCER,
+                             json={"status": "completed"}) as resp:
+            assert resp.status == 200
+        update = json.loads((await other.receive(timeout=10)).data)
+        assert update["task_id"] == "other" and update["status"] == "completed"
+        deadline = loop.time() + 30
+        while server.health()["connections"] > 1:
+            peak = max(peak, rss_kb(server.proc.pid))  # type: ignore[union-attr]
+            assert loop.time() < deadline, "the silent sockets were never cut off"
+            await asyncio.sleep(0.02)
+        peak = max(peak, rss_kb(server.proc.pid))  # type: ignore[union-attr]
+        await other.close()
+        for sock in silent:
+            sock.close()
+    growth_mb = (peak - before) / 1024
+    print(f"RSS growth {growth_mb:.1f} MB")
+    assert growth_mb < 40, f"server RSS grew {growth_mb:.1f} MB"
+    assert server.stop() == 0
+
+
+def _stuck_since(port: int, user: int) -> Any:
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        f"GET /api/task/ws/task/{user}?token={make_token(user)}&since=0 HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head.split(b"\r\n")[0]
+    return sock
+
+
+# ---- history -------------------------------------------------------------------------------
+
+
+async def test_history_is_paged_and_every_event_comes_once(make_client: MakeClient) -> None:
+    client = await make_client()
+    store = client.server.app[keys.STORE]
+    await store.submit(Register("h", 1, "job"))
+    await store.submit(Register("noise", 1, "job"))
+    for n in range(2300):
+        await store.submit_many([Change("h", "progress", progress=n % 100, message=str(n)),
+                                 Change("noise", "progress", progress=n % 100)])
+    small = await (await client.get("/api/task/task/noise/history?limit=5",
+                                     headers=auth(1))).json()
+    assert small["data"]["count"] == 5 and small["data"]["next_after"] is not None
+    seen: list[int] = []
+    pages = 0
+    after: int | None = 0
+    while after is not None:
+        resp = await client.get(f"/api/task/task/h/history?after={after}", headers=auth(1))
+        assert resp.status == 200
+        data = (await resp.json())["data"]
+        assert data["count"] == len(data["events"]) <= 1000
+        seen.extend(e["seq"] for e in data["events"])
+        after = data["next_after"]
+        pages += 1
+    assert pages == 3
+    expected = [e["seq"] for e in await store.history("h")]
+    assert seen == expected and len(seen) == 2301  # pending + 2300 changes, once each
+    messages = [e["message"] for e in (await (await client.get(
+        "/api/task/task/h/history?limit=3", headers=auth(1))).json())["data"]["events"]]
+    assert messages == [None, "0", "1"]
+
+
+async def test_a_short_history_is_one_answer_as_before(make_client: MakeClient) -> None:
+    client = await make_client()
+    store = client.server.app[keys.STORE]
+    await store.submit(Register("s", 1, "job"))
+    await store.submit(Change("s", "completed"))
+    data = (await (await client.get("/api/task/task/s/history", headers=auth(1))).json())["data"]
+    assert data["count"] == 2 and data["next_after"] is None
+    assert [e["status"] for e in data["events"]] == ["pending", "completed"]
+    for bad in ("limit=0", "limit=1001", "after=-1", "after=x"):
+        resp = await client.get(f"/api/task/task/s/history?{bad}", headers=auth(1))
+        assert resp.status == 400, bad
+
+
