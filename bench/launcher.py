@@ -82,15 +82,17 @@ class Env:
 class Server:
     """A server under test, started as a subprocess pinned to the server CPUs."""
 
-    def __init__(self, kind: str, env: Env, label: str, port: int) -> None:
+    def __init__(self, kind: str, env: Env, label: str, port: int,
+                 extra_args: list[str] | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown server {kind!r}")
         self.kind = kind
+        self.extra_args = extra_args or []
         self.env = env
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
-        self.dir = tempfile.mkdtemp(prefix=f"{label}-{kind}-", dir=env.tmp)
+        self.dir = tempfile.mkdtemp(prefix=f"{label}-{kind}-", dir=env.tmp)  # a fresh db
         self.log_path = os.path.join(self.dir, "server.log")
         self.logf = None
 
@@ -106,7 +108,7 @@ class Server:
                     "--jwt-secret", e.secret]
         return [sys.executable, "run.py", "--host", "127.0.0.1", "--port", str(self.port),
                 "--db", os.path.join(self.dir, "bench.db"), "--jwt-secret", e.secret,
-                "--api-key", e.api_key, *e.taskpush_args]
+                "--api-key", e.api_key, *e.taskpush_args, *self.extra_args]
 
     async def start(self) -> None:
         cpus = self.env.server_cpus

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 
 import orjson
 
-from bench import report
+from bench import profile, report
 from bench.common import free_port, install_uvloop, machine_info, raise_nofile, set_affinity
 from bench.launcher import BENCH_DIR, KINDS, REPO, Env, Server, log
 from bench.scenarios import SCENARIOS, batch, idle, latency, rate, storm, stream
@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes")
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results.json"))
-    ap.add_argument("--target", choices=KINDS, default="taskpush")
+    ap.add_argument("--target", default="taskpush",
+                    help="the server measured: taskpush, relay or naive (see --baseline)")
     ap.add_argument("--baseline", default="relay,naive",
-                    help="comma list of baselines (relay, naive, taskpush)")
+                    help="comma list of baselines: relay, naive, taskpush, or taskpush:FLAGS "
+                    "for an A/B run of run.py flags, e.g. 'taskpush:--access-log=false'")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="comma list of " + ",".join(SCENARIOS) + " (throughput = latency,rate)")
     ap.add_argument("--taskpush-dir", default=REPO, help="directory holding run.py")
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="handshakes in flight while setting up (storm: --storm-concurrency)")
     ap.add_argument("--server-cpus", help="CPU list for servers (default: the first CPU)")
     ap.add_argument("--loadgen-cpus", help="CPU list for the load generator (default: the rest)")
+    ap.add_argument("--profile", metavar="PATH",
+                    help="sample the target server with py-spy during the stream scenarios "
+                    "(after setup) and write collapsed stacks to PATH")
     ap.add_argument("--tmpdir", default=None, help="where databases and logs go")
     ap.add_argument("--keep-tmp", action="store_true")
     return ap
@@ -102,11 +107,18 @@ def apply_defaults(a: argparse.Namespace) -> None:
 
 
 def names_of(target: str, baselines: list[str]) -> list[tuple[str, str]]:
-    """(name, kind) of every server, the target first; a kind used twice gets a suffix."""
+    """(name, spec) of every server, the target first; a spec used twice gets a suffix.
+
+    A spec is a kind (taskpush, relay, naive), or ``taskpush:FLAGS`` (run.py flags, space
+    separated, added to --taskpush-arg's) to compare settings of taskpush in one run."""
     out, seen = [], {}
-    for kind in [target, *baselines]:
-        seen[kind] = seen.get(kind, 0) + 1
-        out.append((kind if seen[kind] == 1 else f"{kind}#{seen[kind]}", kind))
+    for spec in [target, *baselines]:
+        if spec.split(":", 1)[0] not in KINDS or (":" in spec and not
+                                                  spec.startswith("taskpush:")):
+            raise SystemExit(f"unknown server {spec!r}: use one of {', '.join(KINDS)} or "
+                             "taskpush:FLAGS")
+        seen[spec] = seen.get(spec, 0) + 1
+        out.append((spec if seen[spec] == 1 else f"{spec}#{seen[spec]}", spec))
     return out
 
 
@@ -117,8 +129,6 @@ async def amain(args: argparse.Namespace) -> int:
     if bad := which - set(SCENARIOS):
         raise SystemExit(f"unknown scenarios: {bad}")
     baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
-    if bad := set(baselines) - set(KINDS):
-        raise SystemExit(f"unknown baselines: {bad}")
     servers = names_of(args.target, baselines)
     names = [n for n, _ in servers]
     env = Env.pinned(tempfile.mkdtemp(prefix="taskpush-bench-", dir=args.tmpdir),
@@ -126,7 +136,7 @@ async def amain(args: argparse.Namespace) -> int:
                      taskpush_dir=os.path.abspath(args.taskpush_dir),
                      taskpush_args=list(args.taskpush_arg),
                      relay_uvloop=not args.relay_no_uvloop)
-    if "taskpush" in (k for _, k in servers):
+    if any(k.startswith("taskpush") for _, k in servers):
         h = subprocess.run([sys.executable, "run.py", "--help"], cwd=env.taskpush_dir,
                            capture_output=True, text=True, timeout=60)
         if h.returncode != 0:
@@ -143,13 +153,15 @@ async def amain(args: argparse.Namespace) -> int:
     res = report.Results()
     errors: list[str] = []
     commands: dict[str, list[str]] = {}
+    profiled: dict[str, dict | None] = {}
     started = time.monotonic()
 
     async def with_servers(label: str, group: list[tuple[str, str]], body) -> None:
         up: dict[str, Server] = {}
         try:
             for name, kind in group:
-                up[name] = srv = Server(kind, env, label, free_port())
+                base, _, flags = kind.partition(":")
+                up[name] = srv = Server(base, env, label, free_port(), flags.split())
                 commands[name] = srv.command()
                 await srv.start()
             await body(up)
@@ -180,8 +192,11 @@ async def amain(args: argparse.Namespace) -> int:
 
             async def body(up):
                 lanes = [stream.Lane(n, s) for n, s in up.items()]
+                prof = None
                 try:
                     await stream.setup(ctx, lanes)
+                    if args.profile:
+                        prof = await profile.start(up[names[0]], os.path.abspath(args.profile))
                     if "latency" in which:
                         res.latency.update(await latency.run(ctx, lanes))
                     if "rate" in which:
@@ -193,7 +208,12 @@ async def amain(args: argparse.Namespace) -> int:
                             errors.append(f"{ln.name}: {ln.stats.seq_regressions} seq "
                                           f"regressions, other messages "
                                           f"{dict(ln.stats.other_msgs)}")
+                    if prof is not None:
+                        profiled["stream"] = await profile.stop(prof, args.profile)
+                        prof = None
                 finally:
+                    if prof is not None:
+                        await profile.stop(prof, args.profile)
                     await stream.teardown(lanes)
 
             await with_servers("stream", servers, body)
@@ -222,6 +242,7 @@ async def amain(args: argparse.Namespace) -> int:
         "comparison": rows,
         "targets": goals,
         "results": report.to_json(res),
+        "profile": profiled,
         "errors": errors,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
