@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--users", type=int, help="stream users (default 1000, quick 500)")
     ap.add_argument("--rate", type=float, default=500.0, help="latency scenario rate/s")
     ap.add_argument("--duration", type=float, help="latency scenario seconds (10, quick 3)")
-    ap.add_argument("--ramp", help="comma list of rates (default 500,1000,2000,4000,6000,"
+    ap.add_argument("--ramp", help="comma list of rates (default 500,1000,2000,3000,4000,6000,"
                     "8000,12000,16000; quick 1000,2000,4000,8000,16000)")
     ap.add_argument("--ramp-step-s", type=float, help="seconds per ramp step (3, quick 1.5)")
     ap.add_argument("--no-refine", dest="refine", action="store_false",
@@ -90,7 +90,7 @@ def apply_defaults(a: argparse.Namespace) -> None:
         "idle": 500 if q else 2000,
         "users": 500 if q else 1000,
         "duration": 3.0 if q else 10.0,
-        "ramp": "1000,2000,4000,8000,16000" if q else "500,1000,2000,4000,6000,8000,12000,16000",
+        "ramp": "1000,2000,4000,8000,16000" if q else "500,1000,2000,3000,4000,6000,8000,12000,16000",
         "ramp_step_s": 1.5 if q else 3.0,
         "batch_s": 2.0 if q else 5.0,
         "storm_clients": 300 if q else 2000,

@@ -16,20 +16,24 @@ from bench.scenarios.stream import Lane, Step, publish_step, step_line
 class LatencyResult:
     users: int
     ws_ready: int
-    step: Step
+    step: Step  # the quietest of the tries
+    tries: int
 
 
 async def run(ctx: Ctx, lanes: list[Lane]) -> dict[str, LatencyResult]:
     a = ctx.args
     out = {}
     for ln in lanes:
+        tries: list[Step] = []
         for k in range(3):  # rerun (at most twice) when other processes took the machine
             await ln.srv.quiesce(3)
             if k:
                 await ln.srv.wait_quiet(10)
             s = await publish_step(ctx, ln, f"fixed{k}", a.rate, a.duration)
             log(step_line(ln.name, "fixed" + " retry" * bool(k), s))
+            tries.append(s)
             if not s.noisy:
                 break
-        out[ln.name] = LatencyResult(a.users, ln.ws_ready, s)
+        best = min(tries, key=lambda t: t.noise.other_s / max(t.wall_s, 1e-9))
+        out[ln.name] = LatencyResult(a.users, ln.ws_ready, best, len(tries))
     return out

@@ -3,7 +3,7 @@
 A ramp (``--ramp``, ``--ramp-step-s`` per step) stops at the first rate that fails (p99 over
 the limit, or < 99 % delivered); a failing step is rerun once the machine is quiet
 (``--ramp-retries``; a step that failed while other processes used more than a quarter of a
-core is rerun even then, at most twice), then one bisection step refines the limit. A step
+core is rerun even then, at most twice a step and three times a ramp), then one bisection step refines the limit. A step
 where the load generator was near its own limit (see base.GenLoad) is *invalid*: it says
 nothing about the server, so the ramp stops there and the max rate is a lower bound.
 """
@@ -43,6 +43,7 @@ class _Ramp:
         self.best = 0.0
         self.stop: float | None = None
         self.reason = "top"
+        self.noisy_reruns = 3  # in the whole ramp, so a busy machine cannot stretch the run
 
 
 async def _attempt(ctx: Ctx, r: _Ramp, rate: float, tag: str = "") -> str:
@@ -61,7 +62,8 @@ async def _attempt(ctx: Ctx, r: _Ramp, rate: float, tag: str = "") -> str:
         log(step_line(r.ln.name, f"ramp{tag}{' retry' if k else ''}", s))
         if verdict in ("pass", "invalid") or not r.ln.srv.alive():
             break
-        if verdict == "noisy":
+        if verdict == "noisy" and r.noisy_reruns > 0:
+            r.noisy_reruns -= 1
             tries = min(max(tries, k + 2), 1 + a.ramp_retries + 2)
         k += 1
     return verdict
