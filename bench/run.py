@@ -90,7 +90,8 @@ def apply_defaults(a: argparse.Namespace) -> None:
         "idle": 500 if q else 2000,
         "users": 500 if q else 1000,
         "duration": 3.0 if q else 10.0,
-        "ramp": "1000,2000,4000,8000,16000" if q else "500,1000,2000,3000,4000,6000,8000,12000,16000",
+        "ramp": ("1000,2000,4000,8000,16000" if q
+                 else "500,1000,2000,3000,4000,6000,8000,12000,16000"),
         "ramp_step_s": 1.5 if q else 3.0,
         "batch_s": 2.0 if q else 5.0,
         "storm_clients": 300 if q else 2000,

@@ -3,9 +3,10 @@
 A ramp (``--ramp``, ``--ramp-step-s`` per step) stops at the first rate that fails (p99 over
 the limit, or < 99 % delivered); a failing step is rerun once the machine is quiet
 (``--ramp-retries``; a step that failed while other processes used more than a quarter of a
-core is rerun even then, at most twice a step and three times a ramp), then one bisection step refines the limit. A step
-where the load generator was near its own limit (see base.GenLoad) is *invalid*: it says
-nothing about the server, so the ramp stops there and the max rate is a lower bound.
+core is rerun even then, at most twice a step and three times a ramp), then one bisection
+step refines the limit. A step where the load generator was near its own limit (see
+base.GenLoad) is *invalid*: it says nothing about the server, so the ramp stops there and
+the max rate is a lower bound.
 """
 
 from __future__ import annotations
