@@ -1,11 +1,12 @@
 """The naive baseline: the server a typical developer writes first with aiohttp + aiosqlite.
 
 Same protocol subset as bench/relay.py (register, single event, batch events, the WebSocket
-with `connected`, `active_tasks` and `task_status`), but every event is one ``INSERT`` into
-the history and one ``UPDATE`` of the task, then ``COMMIT``, awaited before the reply and the
-push; a batch is a loop over the same code. stdlib ``json``, the default event loop and
-aiohttp's defaults (``web.run_app``), SQLite in WAL mode with ``synchronous=NORMAL`` (the
-same durability as taskpush). It does not import ``server``.
+with `connected`, `active_tasks` and `task_status`). Tasks are kept in a dict (rebuilt from
+the database at start); every event is one ``INSERT`` into the history and a ``COMMIT``,
+awaited before the reply and the push; a batch is a loop over the same code. stdlib
+``json``, the default event loop and aiohttp's defaults (``web.run_app``), SQLite in WAL
+mode with ``synchronous=NORMAL`` (the same durability as taskpush). It does not import
+``server``.
 
     python -m bench.naive --port 8002 --db naive.db --api-key K --jwt-secret S
 """
@@ -25,20 +26,17 @@ from aiohttp import web
 ACTIVE = ("pending", "running", "progress")
 STATES = {"pending", "running", "progress", "completed", "failed", "cancelled"}
 FINISHED = {"completed", "failed", "cancelled"}
-FIELDS = ("task_id", "user_id", "task_type", "status", "progress", "message", "created_at",
-          "updated_at", "seq")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY, user_id INTEGER NOT NULL, task_type TEXT NOT NULL,
-    status TEXT NOT NULL, progress REAL NOT NULL, message TEXT,
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, seq INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS tasks_user ON tasks (user_id, status);
+    created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL, status TEXT NOT NULL,
     progress REAL, message TEXT, created_at TEXT NOT NULL);
 """
 
 db_key = web.AppKey("db", aiosqlite.Connection)
+tasks_key = web.AppKey("tasks", dict)
 sockets_key = web.AppKey("sockets", dict)
 config_key = web.AppKey("config", dict)
 
@@ -61,22 +59,15 @@ def check_key(request: web.Request) -> None:
                                    content_type="application/json")
 
 
-async def load_task(db: aiosqlite.Connection, task_id: str) -> dict | None:
-    async with db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)) as cur:
-        row = await cur.fetchone()
-    return dict(zip(FIELDS, row, strict=True)) if row else None
-
-
 async def push(app: web.Application, task: dict) -> None:
     for ws in list(app[sockets_key].get(task["user_id"], ())):
         with contextlib.suppress(ConnectionError):
             await ws.send_json({"type": "task_status", **task})
 
 
-async def apply_event(app: web.Application, task_id: str, event: dict) -> tuple[int, dict | str]:
-    """Validate, write the event and the task, commit, then push. Returns (status, task|why)."""
-    db = app[db_key]
-    task = await load_task(db, task_id)
+async def apply_event(app: web.Application, task_id, event: dict) -> tuple[int, dict | str]:
+    """Validate, insert the event, commit, then push. Returns (status, task or reason)."""
+    task = app[tasks_key].get(task_id)
     if task is None:
         return 404, "task not found"
     status = event.get("status")
@@ -88,16 +79,13 @@ async def apply_event(app: web.Application, task_id: str, event: dict) -> tuple[
     if not isinstance(progress, int | float) or not 0 <= progress <= 100:
         return 400, "invalid progress"
     stamp = now()
+    db = app[db_key]
     cur = await db.execute(
         "INSERT INTO events (task_id, status, progress, message, created_at) "
         "VALUES (?, ?, ?, ?, ?)", (task_id, status, progress, event.get("message"), stamp))
-    seq = cur.lastrowid
-    await db.execute(
-        "UPDATE tasks SET status = ?, progress = ?, message = ?, updated_at = ?, seq = ? "
-        "WHERE task_id = ?", (status, progress, event.get("message"), stamp, seq, task_id))
     await db.commit()
     task.update(status=status, progress=progress, message=event.get("message"),
-                updated_at=stamp, seq=seq)
+                updated_at=stamp, seq=cur.lastrowid)
     await push(app, task)
     return 200, task
 
@@ -111,18 +99,21 @@ async def register(request: web.Request) -> web.Response:
     except (KeyError, TypeError, ValueError):
         return error(400, "need user_id and task_type")
     task_id = body.get("task_id") or f"{task_type}_{uuid.uuid4().hex[:12]}"
-    db = request.app[db_key]
-    if await load_task(db, task_id) is not None:
+    tasks = request.app[tasks_key]
+    if task_id in tasks:
         return error(409, "task exists")
     stamp = now()
+    db = request.app[db_key]
+    await db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?)",
+                     (task_id, user_id, task_type, stamp))
     cur = await db.execute(
         "INSERT INTO events (task_id, status, progress, message, created_at) "
         "VALUES (?, 'pending', 0, NULL, ?)", (task_id, stamp))
-    seq = cur.lastrowid
-    await db.execute("INSERT INTO tasks VALUES (?, ?, ?, 'pending', 0, NULL, ?, ?, ?)",
-                     (task_id, user_id, task_type, stamp, stamp, seq))
     await db.commit()
-    task = await load_task(db, task_id)
+    task = {"task_id": task_id, "user_id": user_id, "task_type": task_type,
+            "status": "pending", "progress": 0, "message": None, "created_at": stamp,
+            "updated_at": stamp, "seq": cur.lastrowid}
+    tasks[task_id] = task
     await push(request.app, task)
     return reply(task, 201)
 
@@ -175,10 +166,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     try:
         await ws.send_json({"type": "connected", "connection_id": str(uuid.uuid4()),
                             "timestamp": now()})
-        async with request.app[db_key].execute(
-                "SELECT * FROM tasks WHERE user_id = ? AND status IN (?, ?, ?)",
-                (uid, *ACTIVE)) as cur:
-            tasks = [dict(zip(FIELDS, row, strict=True)) for row in await cur.fetchall()]
+        tasks = [t for t in request.app[tasks_key].values()
+                 if t["user_id"] == uid and t["status"] in ACTIVE]
         await ws.send_json({"type": "active_tasks", "tasks": tasks, "count": len(tasks)})
         async for msg in ws:
             if msg.type == web.WSMsgType.TEXT and msg.data == '{"type":"ping"}':
@@ -198,6 +187,19 @@ async def database(app: web.Application):
     await db.execute("PRAGMA synchronous=NORMAL")
     await db.executescript(SCHEMA)
     await db.commit()
+    # The current state of every task: its registration, then its events in order.
+    tasks = app[tasks_key]
+    async with db.execute("SELECT task_id, user_id, task_type, created_at FROM tasks") as cur:
+        async for task_id, user_id, task_type, created in cur:
+            tasks[task_id] = {"task_id": task_id, "user_id": user_id, "task_type": task_type,
+                              "status": "pending", "progress": 0, "message": None,
+                              "created_at": created, "updated_at": created, "seq": 0}
+    async with db.execute("SELECT id, task_id, status, progress, message, created_at "
+                          "FROM events ORDER BY id") as cur:
+        async for seq, task_id, status, progress, message, stamp in cur:
+            if task_id in tasks:
+                tasks[task_id].update(status=status, progress=progress, message=message,
+                                      updated_at=stamp, seq=seq)
     app[db_key] = db
     yield
     await db.close()
@@ -207,6 +209,7 @@ def make_app(config: dict) -> web.Application:
     app = web.Application()
     app[config_key] = config
     app[sockets_key] = {}
+    app[tasks_key] = {}
     app.cleanup_ctx.append(database)
     app.router.add_post("/api/task/tasks", register)
     app.router.add_post("/api/task/task/{task_id}/events", task_event)
