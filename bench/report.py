@@ -199,6 +199,23 @@ def ramp_table(res: Results, names: list[str]) -> str:
                    "gen total", "other cores", "verdict"], lines, 1)
 
 
+def background(res: Results) -> dict[str, float]:
+    """Cores used by other processes during the measured windows: average and worst."""
+    windows = []
+    for per in (res.latency, res.batch):
+        for r in per.values():
+            step = getattr(r, "step", r)
+            windows.append((step.noise.other_s, step.wall_s))
+    for r in res.rate.values():
+        windows += [(s.noise.other_s, s.wall_s) for s in r.steps]
+    for r in res.storm.values():
+        windows.append((r.noise.other_s, None))
+    timed = [(o, w) for o, w in windows if w]
+    wall = sum(w for _, w in timed)
+    return {"avg": round(sum(o for o, _ in timed) / wall, 2) if wall else 0.0,
+            "worst": round(max((o / w for o, w in timed), default=0.0), 2)}
+
+
 def to_json(res: Results) -> dict:
     def conv(x):
         if dataclasses.is_dataclass(x):

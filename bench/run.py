@@ -230,6 +230,7 @@ async def amain(args: argparse.Namespace) -> int:
         if not args.keep_tmp:
             shutil.rmtree(env.tmp, ignore_errors=True)
     rows = report.compare(res, names)
+    bg = report.background(res)
     goals = report.targets(res, names)
     out = {
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -243,6 +244,7 @@ async def amain(args: argparse.Namespace) -> int:
         "comparison": rows,
         "targets": goals,
         "results": report.to_json(res),
+        "background_cores": bg,
         "profile": profiled,
         "errors": errors,
     }
@@ -253,6 +255,9 @@ async def amain(args: argparse.Namespace) -> int:
           f"{env.loadgen_cpus or 'any'}; run took {out['elapsed_s']} s. /X = {names[0]} / X; "
           f"* = load generator above {GEN_LIMIT} of a core in that window (generator-bound)\n")
     print(report.table(rows, names))
+    print(f"\nother processes used {bg['avg']} cores on average during the measured windows "
+          f"(worst {bg['worst']}); above ~0.1 the figures are noisy, above ~0.5 rerun on a "
+          "quiet machine")
     if res.rate:
         print("\nramp steps (invalid = generator-bound: says nothing about the server)")
         print(report.ramp_table(res, names))
