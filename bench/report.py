@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.scenarios.base import GenLoad
+from bench.scenarios.base import GenLoad, Noise
 
 
 @dataclass
@@ -192,28 +192,33 @@ def ramp_table(res: Results, names: list[str]) -> str:
         for s in (r.steps if r else ()):
             lines.append([n, f"{s.rate:.0f}", fmt(s.latency.p99_ms), f"{s.delivered_ratio}",
                           fmt(s.server_util), fmt(s.gen.worst), fmt(s.gen.total),
-                          fmt(round(s.noise.other_s / max(s.wall_s, 1e-9), 2)),
+                          fmt(round((s.noise.server_core_other_s or 0) / s.wall_s, 2)),
                           s.verdict + (f" ({'; '.join(s.fail_reasons)})"
                                        if s.fail_reasons else "")])
     return render(["server", "rate", "p99 ms", "delivered", "server util", "gen busiest",
-                   "gen total", "other cores", "verdict"], lines, 1)
+                   "gen total", "others on server core", "verdict"], lines, 1)
 
 
 def background(res: Results) -> dict[str, float]:
-    """Cores used by other processes during the measured windows: average and worst."""
+    """Cores used by other processes during the timed windows (latency, ramp, batch), on the
+    whole machine and on the server's core: average and worst window."""
     windows = []
     for per in (res.latency, res.batch):
         for r in per.values():
             step = getattr(r, "step", r)
-            windows.append((step.noise.other_s, step.wall_s))
+            windows.append((step.noise, step.wall_s))
     for r in res.rate.values():
-        windows += [(s.noise.other_s, s.wall_s) for s in r.steps]
-    for r in res.storm.values():
-        windows.append((r.noise.other_s, None))
-    timed = [(o, w) for o, w in windows if w]
-    wall = sum(w for _, w in timed)
-    return {"avg": round(sum(o for o, _ in timed) / wall, 2) if wall else 0.0,
-            "worst": round(max((o / w for o, w in timed), default=0.0), 2)}
+        windows += [(s.noise, s.wall_s) for s in r.steps]
+    wall = sum(w for _, w in windows) or 1e-9
+
+    def core(n: Noise) -> float:
+        return n.server_core_other_s or 0.0
+
+    return {"avg": round(sum(n.other_s for n, _ in windows) / wall, 2),
+            "worst": round(max((n.other_s / w for n, w in windows), default=0.0), 2),
+            "server_core_avg": round(sum(core(n) for n, _ in windows) / wall, 2),
+            "server_core_worst": round(max((core(n) / w for n, w in windows), default=0.0),
+                                       2)}
 
 
 def to_json(res: Results) -> dict:

@@ -255,9 +255,10 @@ async def amain(args: argparse.Namespace) -> int:
           f"{env.loadgen_cpus or 'any'}; run took {out['elapsed_s']} s. /X = {names[0]} / X; "
           f"* = load generator above {GEN_LIMIT} of a core in that window (generator-bound)\n")
     print(report.table(rows, names))
-    print(f"\nother processes used {bg['avg']} cores on average during the measured windows "
-          f"(worst {bg['worst']}); above ~0.1 the figures are noisy, above ~0.5 rerun on a "
-          "quiet machine")
+    print(f"\nother processes used {bg['avg']} cores of the machine on average during the "
+          f"timed windows (worst {bg['worst']}) and {bg['server_core_avg']} of the server's "
+          f"core (worst {bg['server_core_worst']}); above ~0.1 of the server's core the figures "
+          "are noisy: rerun on a quiet machine")
     if res.rate:
         print("\nramp steps (invalid = generator-bound: says nothing about the server)")
         print(report.ramp_table(res, names))

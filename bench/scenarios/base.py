@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from bench.common import other_cpu, sys_cpu
+from bench.common import CLK_TCK, other_cpu, sys_cpu
 from bench.launcher import Env
 
 # A generator process above this share of a core may be what limits a step.
@@ -47,18 +47,40 @@ class GenLoad:
 
 @dataclass
 class Noise:
-    """CPU used during a window by processes that are not ours (the machine is shared)."""
+    """CPU used during a window by processes that are not ours (the machine is shared):
+    on the whole machine, and on the server's cores (busy time of those cores that the
+    server did not use; None when the server is not pinned)."""
 
     other_s: float = 0.0
     steal_s: float = 0.0
+    server_core_other_s: float | None = None
+
+
+def cores_busy_s(cpus: list[int]) -> float:
+    """user + nice + system + steal seconds of these CPUs (/proc/stat; interrupts left out:
+    the loopback traffic's softirqs are the benchmark's own work)."""
+    total = 0
+    want = {f"cpu{c}" for c in cpus}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *v = line.split()
+            if name in want:
+                total += int(v[0]) + int(v[1]) + int(v[2]) + (int(v[7]) if len(v) > 7 else 0)
+    return total / CLK_TCK
 
 
 class Window:
-    """Snapshot of the machine's per-process CPU at the start of a measured window."""
+    """Snapshot of the machine's per-process CPU (and of the server cores' busy time) at
+    the start of a measured window."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_cpus: list[int] | None = None) -> None:
+        self.cpus = server_cpus or []
         self.start = sys_cpu()
+        self.busy0 = cores_busy_s(self.cpus) if self.cpus else 0.0
 
-    def noise(self) -> Noise:
+    def noise(self, server_cpu_s: float | None = None) -> Noise:
         o = other_cpu(self.start, sys_cpu())
-        return Noise(o["other_s"], o["steal_s"])
+        core = None
+        if self.cpus and server_cpu_s is not None:
+            core = round(max(0.0, cores_busy_s(self.cpus) - self.busy0 - server_cpu_s), 3)
+        return Noise(o["other_s"], o["steal_s"], core)

@@ -41,9 +41,10 @@ async def run(ctx: Ctx, srv: Server) -> IdleResult:
     await asyncio.sleep(0.3)
     tokens = {u: make_token(secret, u) for u in range(1, n + 1)}
     rss0 = srv.rss_kb()
-    cpu0, window = srv.cpu(), Window()
+    cpu0, window = srv.cpu(), Window(ctx.env.server_cpus)
     r = await connect_many(srv.base, tokens, stats, a.connect_concurrency, 90)
-    cpu1, noise = srv.cpu(), window.noise()
+    cpu1 = srv.cpu()
+    noise = window.noise(cpu1 - cpu0)
     await asyncio.sleep(a.settle_s)
     await srv.quiesce(3)
     rss1 = srv.rss_kb()

@@ -63,9 +63,10 @@ async def run(ctx: Ctx, srv: Server) -> StormResult:
     tokens = {u: make_token(ctx.env.secret, u) for u in uids}
     stats = Stats()
     ov0 = listen_overflows()
-    cpu0, me0, window = srv.cpu(), self_cpu_s(), Window()
+    cpu0, me0, window = srv.cpu(), self_cpu_s(), Window(ctx.env.server_cpus)
     r = await connect_many(srv.base, tokens, stats, a.storm_concurrency, a.storm_timeout)
-    cpu1, me1, noise = srv.cpu(), self_cpu_s(), window.noise()
+    cpu1, me1 = srv.cpu(), self_cpu_s()
+    noise = window.noise(cpu1 - cpu0)
     ov1 = listen_overflows()
     try:
         good = [cl for cl in r.ok if cl.active_count == k]
