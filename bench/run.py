@@ -1,6 +1,6 @@
 """taskpush benchmark: every figure next to two baselines measured in the same run.
 
-    python -m bench            # full run (about 6-8 minutes)
+    python -m bench            # full run (about 5 minutes, up to 10 on a busy machine)
     python -m bench --quick    # about 1-2 minutes
     python -m bench --target relay --baseline relay   # self-check without taskpush
 
