@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "8000,12000,16000; quick 1000,2000,4000,8000,16000)")
     ap.add_argument("--ramp-step-s", type=float, help="seconds per ramp step (3, quick 1.5)")
     ap.add_argument("--no-refine", dest="refine", action="store_false",
-                    help="skip the bisection step after the first failing ramp rate")
+                    help="skip the bisection steps after the first failing ramp rate")
+    ap.add_argument("--refine-steps", type=int, default=2,
+                    help="bisection steps between the last passing and first failing rate")
     ap.add_argument("--ramp-retries", type=int, help="reruns of a failing step (1, quick 0)")
     ap.add_argument("--p99-limit-ms", type=float, default=100.0)
     ap.add_argument("--batch-size", type=int, default=500)

@@ -1,12 +1,12 @@
 """rate: the highest single-event rate a server sustains with p99 < ``--p99-limit-ms``.
 
 A ramp (``--ramp``, ``--ramp-step-s`` per step) stops at the first rate that fails (p99 over
-the limit, or < 99 % delivered); a failing step is rerun once the machine is quiet
-(``--ramp-retries``; a step that failed while other processes used more than a quarter of a
-core is rerun even then, at most twice a step and three times a ramp), then one bisection
-step refines the limit. A step where the load generator was near its own limit (see
-base.GenLoad) is *invalid*: it says nothing about the server, so the ramp stops there and
-the max rate is a lower bound.
+the limit, or < 99 % delivered). A failing step is rerun once the machine is quiet
+(``--ramp-retries``); a step that failed while other processes took more than 0.15 of the
+server's core (``noisy``) is rerun even then, at most twice a step and three times a ramp
+(once with --quick). Then bisection steps (``--refine-steps``, default 2) refine the limit.
+A step where the load generator was near its own limit (see base.GenLoad) is *invalid*: it
+says nothing about the server, so the ramp stops there and the max rate is a lower bound.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ class RateResult:
 
 
 class _Ramp:
-    def __init__(self, ln: Lane) -> None:
+    def __init__(self, ln: Lane, noisy_reruns: int) -> None:
         self.ln = ln
         self.steps: list[Step] = []
         self.best = 0.0
         self.stop: float | None = None
         self.reason = "top"
-        self.noisy_reruns = 3  # in the whole ramp, so a busy machine cannot stretch the run
+        self.noisy_reruns = noisy_reruns  # a ramp's budget: a busy machine cannot stretch it
 
 
 async def _attempt(ctx: Ctx, r: _Ramp, rate: float, tag: str = "") -> str:
@@ -72,7 +72,7 @@ async def _attempt(ctx: Ctx, r: _Ramp, rate: float, tag: str = "") -> str:
 
 async def run(ctx: Ctx, lanes: list[Lane]) -> dict[str, RateResult]:
     a = ctx.args
-    ramps = [_Ramp(ln) for ln in lanes]
+    ramps = [_Ramp(ln, 1 if a.quick else 3) for ln in lanes]
     active = list(ramps)
     for rate in a.ramp:
         for r in list(active):
@@ -86,9 +86,12 @@ async def run(ctx: Ctx, lanes: list[Lane]) -> dict[str, RateResult]:
                 active.remove(r)
         if not active:
             break
-    for r in ramps:
-        # One bisection step between the last pass and the first server failure.
-        if a.refine and r.best and r.stop and r.reason == "fail" and r.ln.srv.alive():
+    for _ in range(a.refine_steps if a.refine else 0):
+        for r in ramps:
+            # Bisection (geometric) between the last pass and the first failure, not past a
+            # generator-bound step: that says nothing about the server.
+            if not (r.best and r.stop and r.reason in ("fail", "noisy") and r.ln.srv.alive()):
+                continue
             mid = round((r.best * r.stop) ** 0.5 / 100) * 100
             if r.best < mid < r.stop:
                 v = await _attempt(ctx, r, mid, " (refine)")
