@@ -113,7 +113,8 @@ class Config:
         "auto", "asyncio event loop: uvloop, asyncio, or auto (uvloop when installed)"
     )
     log_level: str = _setting("info", "debug, info, warning or error")
-    access_log: bool = _setting(True, "log every HTTP request (token= redacted)")
+    access_log: bool = _setting(False, "log every HTTP request (token= redacted); off by "
+                                 "default: one line per event costs a tenth of the CPU")
     # -- secrets from files and the request body's deadline (issue 14) --
     jwt_secret_file: str | None = _setting(
         None, "file holding the HS256 secret (instead of --jwt-secret; keeps it out of ps)"

@@ -223,7 +223,7 @@ async def test_rs256_public_key(servers: Servers, tmp_path: Path) -> None:
 
 async def test_access_log_redacts_tokens(servers: Servers) -> None:
     server = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
-                     "--log-level", "info").start()
+                     "--log-level", "info", "--access-log", "true").start()
     token = jwt.encode({"sub": "1", "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
     bad_token = "not.a.valid-token-1234567890"
     async with aiohttp.ClientSession() as session:
