@@ -18,6 +18,7 @@ from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .notify import task_notification_service
 from .openapi import openapi_document
+from .sse import stream_handler, stream_watch
 from .store import Store
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
@@ -161,6 +162,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEMO_RUNNERS] = set()
 
     app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
+    app.router.add_get("/api/task/stream", stream_handler)
     producer.add_routes(app)  # first: the hottest path, tried before the user routes
     rest.add_routes(app)
     if config.demo_mode:
@@ -175,5 +177,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(sweeper_ctx)
     app.cleanup_ctx.append(socket_watch)
+    app.cleanup_ctx.append(stream_watch)
     app.on_shutdown.append(on_shutdown)
     return app

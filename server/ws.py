@@ -53,7 +53,7 @@ class Connection:
         self.identity = identity
         self.user_id = identity.user_id
         self.outbox = protocol.Outbox(config.send_queue)
-        self.control: deque[str] | None = None
+        self.control: deque[str | protocol.Update] | None = None
         self.subscriptions: dict[str, None] = {}  # a set, at 64 bytes empty instead of 216
         self.limiter = protocol.RateLimiter(config.rate_limit, config.rate_burst,
                                             config.flood_strikes)
@@ -110,8 +110,9 @@ class Connection:
         self.control.append(text)
         self.kick()
 
-    def queue_snapshot(self, messages: list[str]) -> None:
-        """The connect-time messages, ahead of anything else and outside CONTROL_LIMIT."""
+    def queue_snapshot(self, messages: list[str | protocol.Update]) -> None:
+        """The connect-time messages, ahead of anything else and outside CONTROL_LIMIT (a
+        replayed task goes as its Update, so a framing that needs its seq has it)."""
         if self.closing:
             return
         self.control = deque(messages) if self.control is None else deque(
@@ -124,16 +125,27 @@ class Connection:
         if self._sender is None and not self.closing and not self._write_direct():
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
 
-    def _next_message(self) -> tuple[str, bytes | None] | None:
-        """What goes out next, as text and (for an update) its shared frame: control
-        messages first; live updates wait until the snapshot is queued (no overtaking)."""
+    def _next_item(self) -> str | protocol.Update | None:
+        """What goes out next: control messages first; live updates wait until the snapshot
+        is queued (no overtaking)."""
         if self.control:
-            text = self.control.popleft()
+            item = self.control.popleft()
             if not self.control:
                 self.control = None  # an empty deque costs 600+ bytes per socket
-            return text, None
-        update = None if self.outbox.replaying else self.outbox.pop()
-        return None if update is None else (update.text, update.frame)
+            return item
+        return None if self.outbox.replaying else self.outbox.pop()
+
+    def _next_message(self) -> tuple[str, bytes | None] | None:
+        """The next item as text and (for an update) its shared frame. The SSE stream
+        (`sse.Stream`) frames the same items as events instead."""
+        item = self._next_item()
+        if item is None or isinstance(item, str):
+            return None if item is None else (item, None)
+        return item.text, item.frame
+
+    async def _send_item(self, text: str, frame: bytes | None) -> None:
+        """The sender task's write, which waits while the peer is slow."""
+        await self.ws.send_str(text)
 
     def _write_direct(self) -> bool:
         """Write queued messages to the transport while its buffer is below
@@ -156,7 +168,6 @@ class Connection:
                 self.metrics.messages_sent.inc(written)
 
     async def _send_queued(self) -> None:
-        ws = self.ws
         loop = asyncio.get_running_loop()
         sent = 0
         try:
@@ -164,9 +175,8 @@ class Connection:
                 item = self._next_message()
                 if item is None:
                     break
-                text = item[0]
                 self.send_started = loop.time()
-                await ws.send_str(text)
+                await self._send_item(*item)
                 sent += 1
         except (ConnectionError, RuntimeError):
             self.closing = True
@@ -212,7 +222,8 @@ class Connection:
 
     async def _flush_control(self) -> None:
         while self.control and not self.ws.closed:
-            await self.ws.send_str(self.control.popleft())
+            item = self.control.popleft()
+            await self.ws.send_str(item if isinstance(item, str) else item.text)
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -232,6 +243,10 @@ class Connection:
         transport = self.ws._req.transport if self.ws._req is not None else None
         if transport is not None:
             transport.abort()  # a peer that does not read cannot be closed gracefully
+
+    def resume_point(self, request: web.Request) -> tuple[int | str | None, str | None]:
+        """`since` (an int, "invalid" or None) and `epoch` to resume from."""
+        return resume_query(request)
 
     # ---- token lifetime --------------------------------------------------------------
 
@@ -254,6 +269,11 @@ def _int_query(request: web.Request, name: str) -> int | str | None:
     return "invalid"
 
 
+def resume_query(request: web.Request) -> tuple[int | str | None, str | None]:
+    """The query's `since` (an int, "invalid" or None) and `epoch`."""
+    return _int_query(request, "since"), request.query.get("epoch")
+
+
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     config = app[keys.CONFIG]
@@ -271,40 +291,49 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         return ws
 
     conn = Connection(ws, identity, request)
-    hub: Hub = app[keys.HUB]
-    sockets = app[keys.SOCKETS]
     metrics = app[keys.METRICS]
-    hub.attach(conn)  # before reading the snapshot: nothing committed from now on is missed
-    sockets.add(conn)
+    admit(conn)  # before reading the snapshot: nothing committed from now on is missed
     metrics.connections.inc()
     metrics.connections_total.inc()
-    mine = hub.connections_of(identity.user_id)
-    for old in mine[: max(0, len(mine) - config.max_connections_per_user)]:
-        if isinstance(old, Connection):
-            old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
     try:
         await _send_snapshot(conn, request)
         conn.schedule_expiry()
         await _receive_loop(conn, request)
     finally:
-        conn.closing = True
-        hub.detach(conn, conn.subscriptions)
-        sockets.discard(conn)
         metrics.connections.dec()
-        await conn.stop_sending()
-        if conn._close_task is not None:
-            with contextlib.suppress(Exception):
-                await conn._close_task
+        await release(conn)
         if not ws.closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
     return ws
 
 
+def admit(conn: Connection) -> None:
+    """Attach a socket or an SSE stream to the hub (before its snapshot is read) and keep
+    --max-connections-per-user, which counts both: the user's oldest is closed with 4409."""
+    hub: Hub = conn.app[keys.HUB]
+    hub.attach(conn)
+    conn.app[keys.SOCKETS].add(conn)
+    mine = hub.connections_of(conn.user_id)
+    for old in mine[: max(0, len(mine) - conn.app[keys.CONFIG].max_connections_per_user)]:
+        if isinstance(old, Connection):
+            old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
+
+
+async def release(conn: Connection) -> None:
+    """Detach a connection that ended and wait for its sender and its close to finish."""
+    conn.closing = True
+    conn.app[keys.HUB].detach(conn, conn.subscriptions)
+    conn.app[keys.SOCKETS].discard(conn)
+    await conn.stop_sending()
+    if conn._close_task is not None:
+        with contextlib.suppress(Exception):
+            await conn._close_task
+
+
 async def _send_snapshot(conn: Connection, request: web.Request) -> None:
     store = request.app[keys.STORE]
-    since = _int_query(request, "since")
-    epoch = request.query.get("epoch")
+    since, epoch = conn.resume_point(request)
     resync = False
     bad_since = since == "invalid"  # answered after the handshake, which always comes first
     if bad_since:
@@ -318,7 +347,7 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
         resync = True  # the history was swept between the check above and the read
     # The snapshot is queued whole (it is bounded by the user's own tasks), never cut by
     # the control-queue limit: a resume that cannot fit would otherwise fail forever.
-    messages = [protocol.connected(conn.id, store.epoch, snap.seq)]
+    messages: list[str | protocol.Update] = [protocol.connected(conn.id, store.epoch, snap.seq)]
     if resync:
         messages.append(protocol.simple("resync"))
     messages.append(protocol.active_tasks(snap.active))
@@ -328,11 +357,11 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
         conn.outbox.mark_sent(task["task_id"], task["seq"])
     for item in snap.changes or ():
         if isinstance(item, dict):
-            messages.append(protocol.task_status(item))
+            messages.append(protocol.status_update(item))
             conn.outbox.mark_sent(item["task_id"], item["seq"])
         else:
             task_id, seq = item
-            messages.append(protocol.task_deleted(task_id))
+            messages.append(protocol.deleted_update(task_id, conn.user_id, seq))
             conn.outbox.mark_sent(task_id, seq)
     conn.queue_snapshot(messages)
     conn.outbox.end_replay()
