@@ -1,0 +1,304 @@
+"""Server-Sent Events (`GET /api/task/stream`): framing, resume by `Last-Event-ID` exactly as
+`since`+`epoch`, heartbeat comments, 401, the limits, slow consumers and shutdown, on real
+sockets (aiohttp's test server, a raw TCP client like `curl -N`, and a real `run.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import ClientResponse
+
+from server import keys
+from tests.conftest import API_KEY, SECRET, Client, MakeClient, event, make_token, register
+from tests.procs import servers_fixture
+
+servers = pytest.fixture(servers_fixture, name="servers")
+
+
+async def stream(client: Client, user: int = 1, query: str = "", token: str | None = None,
+                 **headers: str) -> ClientResponse:
+    token = make_token(user) if token is None else token
+    resp = await client.get(f"/api/task/stream?token={token}{query}",
+                            headers={k.replace("_", "-"): v for k, v in headers.items()})
+    return resp
+
+
+async def next_event(resp: ClientResponse, timeout: float = 5.0,
+                     comments: bool = False) -> dict[str, Any]:
+    """The next event as {event, id, data} ({comment} for a comment line when asked)."""
+    fields: dict[str, Any] = {}
+
+    async def read() -> dict[str, Any]:
+        while True:
+            raw = await resp.content.readline()
+            assert raw, f"the stream ended; partial event {fields}"
+            line = raw.decode().rstrip("\n")
+            if line == "":
+                if fields:
+                    return fields
+                continue
+            if line.startswith(":"):
+                if comments:
+                    return {"comment": line[1:].strip()}
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = json.loads(value) if name == "data" else value
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def events_until(resp: ClientResponse, kind: str, timeout: float = 5.0
+                       ) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    while not seen or seen[-1]["event"] != kind:
+        seen.append(await next_event(resp, timeout))
+    return seen
+
+
+async def ended(resp: ClientResponse, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Every event left until the stream ends (fails if it does not)."""
+    seen = []
+
+    async def read() -> None:
+        while True:
+            try:
+                seen.append(await next_event(resp, timeout))
+            except AssertionError:
+                return
+
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # cut off mid-body: ended too
+        await asyncio.wait_for(read(), timeout)
+    return seen
+
+
+async def test_raw_framing_like_curl(make_client: MakeClient) -> None:
+    """The bytes on the wire: chunked text/event-stream; `event:`, `id: <epoch>:<seq>` and
+    `data:` (the WebSocket's JSON) lines; a blank line after each; heartbeat comments."""
+    client = await make_client(sse_heartbeat=0.2)
+    await register(client, "t1")
+    port = client.server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /api/task/stream?token={make_token(1)} HTTP/1.1\r\n"
+                 f"Host: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode().lower()
+    assert head.startswith("http/1.1 200")
+    assert "content-type: text/event-stream; charset=utf-8" in head
+    assert "transfer-encoding: chunked" in head and "cache-control: no-cache" in head
+
+    body = b""
+
+    async def until(marker: bytes) -> None:
+        nonlocal body
+        while marker not in body:
+            body += await asyncio.wait_for(reader.read(65536), 5)
+
+    await until(b"event: active_tasks")
+    await until(b"\n\n")
+    done = await event(client, "t1", "completed", result={"ok": True})
+    await until(b'"status":"completed"')
+    await until(b": keep-alive\n\n")
+    writer.close()
+    # undo the chunked coding: each chunk is <hex size>\r\n<data>\r\n
+    text, rest = b"", body
+    while b"\r\n" in rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if len(rest) < size + 2:
+            break
+        text += rest[:size]
+        assert rest[size:size + 2] == b"\r\n"
+        rest = rest[size + 2:]
+    blocks = [b for b in text.decode().split("\n\n") if b]
+    events = [b for b in blocks if not b.startswith(":")]
+    epoch = client.app[keys.STORE].epoch
+    lines = [e.split("\n") for e in events]
+    assert lines[0][0] == "event: connected" and lines[0][1].startswith("data: {")
+    connected = json.loads(lines[0][1][6:])
+    assert connected["type"] == "connected" and connected["epoch"] == epoch
+    assert lines[1][:2] == ["event: active_tasks", f"id: {epoch}:{connected['seq']}"]
+    assert json.loads(lines[1][2][6:])["tasks"][0]["task_id"] == "t1"
+    status = next(ev for ev in lines if ev[0] == "event: task_status")
+    assert status[1] == f"id: {epoch}:{done['seq']}"
+    assert json.loads(status[2][6:]) == {"type": "task_status", **done}
+    assert len(status) == 3  # one data line: the JSON has no newline
+    assert ": keep-alive" in blocks
+
+
+async def test_bad_token_is_a_401_envelope_and_no_stream(client: Client) -> None:
+    for token in ("", "not-a-jwt", make_token(1, ttl=-3600),
+                  make_token(1, secret="another-secret-0123456789-abcdef")):
+        resp = await stream(client, token=token)
+        assert resp.status == 401
+        assert resp.content_type == "application/json"
+        body = await resp.json()
+        assert body["code"] == 401 and body["data"] is None
+        assert body["message"].startswith("token ")
+    resp = await client.get("/api/task/stream")
+    assert resp.status == 401 and (await resp.json())["message"] == "token missing"
+
+
+async def test_last_event_id_resumes_like_since_no_gap_no_duplicate(client: Client) -> None:
+    await register(client, "a")
+    await register(client, "b")
+    first = await stream(client)
+    before = await events_until(first, "active_tasks")
+    epoch = client.app[keys.STORE].epoch
+    await event(client, "a", "progress", progress=10)
+    seen = await next_event(first)
+    assert seen["event"] == "task_status" and seen["data"]["progress"] == 10
+    last_id = seen["id"]
+    assert last_id == f"{epoch}:{seen['data']['seq']}"
+    first.close()
+    # while it is away: a terminal state, a progress and a deletion
+    done = await event(client, "a", "completed")
+    await event(client, "b", "progress", progress=50)
+    resp = await client.delete("/api/task/task/a", headers={
+        "Authorization": f"Bearer {make_token(1)}"})
+    assert resp.status == 200
+
+    again = await stream(client, Last_Event_ID=last_id)
+    replay = await events_until(again, "task_deleted")
+    kinds = [e["event"] for e in replay]
+    assert kinds[:2] == ["connected", "active_tasks"] and "resync" not in kinds
+    assert replay[1]["id"] == last_id  # the point it resumed from
+    statuses = [(e["data"]["task_id"], e["data"]["status"]) for e in replay
+                if e["event"] == "task_status"]
+    assert statuses == [("b", "progress")]  # a's state is its deletion; nothing repeated
+    assert replay[-1]["data"] == {"type": "task_deleted", "task_id": "a"}
+    ids = [int(e["id"].split(":")[1]) for e in replay if "id" in e]
+    assert ids == sorted(ids) and ids[-1] > done["seq"]
+    assert before[0]["data"]["seq"] < ids[-1]
+
+    # the same point given as since+epoch in the URL gives the same events
+    via_query = await stream(client, query=f"&since={last_id.split(':')[1]}&epoch={epoch}")
+    same = await events_until(via_query, "task_deleted")
+    assert [(e["event"], e.get("id"), e["data"].get("task_id")) for e in same[1:]] == \
+        [(e["event"], e.get("id"), e["data"].get("task_id")) for e in replay[1:]]
+    # Last-Event-ID wins over the URL the browser reconnects to
+    both = await stream(client, query=f"&since=0&epoch={epoch}", Last_Event_ID=replay[-1]["id"])
+    first_two = [await next_event(both), await next_event(both)]
+    assert first_two[1]["event"] == "active_tasks" and first_two[1]["id"] == replay[-1]["id"]
+    await event(client, "b", "completed")
+    live = await next_event(both)
+    assert live["data"]["task_id"] == "b" and live["data"]["status"] == "completed"
+
+    # another database's id, or a malformed one: a fresh stream that says resync / invalid
+    other = await stream(client, Last_Event_ID="0123abcd:5")
+    got = await events_until(other, "active_tasks")
+    assert [e["event"] for e in got] == ["connected", "resync", "active_tasks"]
+    assert got[-1]["id"] == f"{epoch}:{got[0]['data']['seq']}"
+    bad = await stream(client, Last_Event_ID="nonsense")
+    got = await events_until(bad, "error")
+    assert got[-1]["data"]["code"] == "invalid_since"
+
+
+async def test_admin_task_id_subscriptions(client: Client) -> None:
+    await register(client, "theirs", user_id=2)
+    await register(client, "mine", user_id=1)
+    admin = await stream(client, 9, "&task_id=theirs", token=make_token(9, admin=True))
+    got = await events_until(admin, "task_status")
+    assert [e["event"] for e in got] == ["connected", "active_tasks", "subscribed",
+                                         "task_status"]
+    assert got[-1]["data"]["task_id"] == "theirs"
+    await event(client, "theirs", "progress", progress=70)
+    live = await next_event(admin)
+    assert live["data"]["progress"] == 70 and "id" in live
+    # a user may not follow another user's task: the socket's answer, as an event
+    user = await stream(client, 1, "&task_id=theirs")
+    got = await events_until(user, "error")
+    assert got[-1]["data"]["code"] == "forbidden"
+    resp = await stream(client, 1, "&task_id=" + "x" * 201)
+    assert resp.status == 400
+
+
+async def test_streams_count_in_the_per_user_limit(make_client: MakeClient) -> None:
+    client = await make_client(max_connections_per_user=1)
+    oldest = await stream(client)
+    await events_until(oldest, "active_tasks")
+    ws = await client.ws_connect(f"/api/task/ws/task/1?token={make_token(1)}")
+    rest = await ended(oldest)
+    assert rest[-1]["event"] == "close"
+    assert rest[-1]["data"] == {"type": "close", "code": 4409,
+                                "reason": "too many connections for this user"}
+    await ws.close()
+
+
+async def test_token_expiry_ends_the_stream(make_client: MakeClient) -> None:
+    client = await make_client(jwt_leeway=0)
+    resp = await stream(client, token=make_token(1, ttl=2))
+    rest = await ended(resp, timeout=8)
+    kinds = [e["event"] for e in rest]
+    assert "token_expiring" in kinds
+    assert rest[-1]["data"]["code"] == 4401 and rest[-1]["data"]["reason"] == "token expired"
+
+
+async def test_slow_consumer_stream_is_cut_off(make_client: MakeClient) -> None:
+    """A client that stops reading: once --send-queue updates wait behind a full transport
+    the stream is cut off (the socket's 4408), and the others are still served."""
+    client = await make_client(send_queue=5)
+    app = client.app
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", client.server.port))
+    await loop.sock_sendall(sock, f"GET /api/task/stream?token={make_token(1)} HTTP/1.1\r\n"
+                            "Host: x\r\n\r\n".encode())
+    healthy = await stream(client)
+    await events_until(healthy, "active_tasks")
+    try:
+        metrics = app[keys.METRICS]
+        big = {"blob": "x" * 60_000}
+        for n in range(60):
+            await register(client, f"big{n}", metadata=big)
+            if metrics.slow_closed._value.get() >= 1:
+                break
+        assert metrics.slow_closed._value.get() == 1
+        for _ in range(200):
+            if metrics.sse_streams._value.get() == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert metrics.sse_streams._value.get() == 1  # only the healthy one is left
+        await event(client, "big0", "completed")
+        got = await events_until(healthy, "task_status", timeout=10)
+        while not (got[-1]["data"]["task_id"] == "big0"
+                   and got[-1]["data"]["status"] == "completed"):
+            got.append(await next_event(healthy, 10))
+    finally:
+        sock.close()
+
+
+async def test_shutdown_ends_the_stream_with_1001(servers: Any) -> None:
+    server = servers("--jwt-secret", SECRET, "--api-key", API_KEY, "--access-log", "false")
+    await asyncio.to_thread(server.start)
+    async with aiohttp.ClientSession() as http:
+        resp = await http.get(f"{server.url}/api/task/stream?token={make_token(1)}")
+        assert resp.status == 200
+        await events_until(resp, "active_tasks")
+        server.signal(15)
+        rest = await ended(resp, timeout=10)
+        assert rest[-1]["data"] == {"type": "close", "code": 1001,
+                                    "reason": "server shutting down"}
+        assert await resp.content.read() == b""
+    assert await asyncio.to_thread(server.wait) == 0
+
+
+async def test_a_stream_whose_client_left_is_released(make_client: MakeClient) -> None:
+    client = await make_client(sse_heartbeat=0.2)
+    resp = await stream(client)
+    await events_until(resp, "active_tasks")
+    hub = client.app[keys.HUB]
+    assert hub.connection_count == 1
+    resp.close()
+    for _ in range(250):
+        if hub.connection_count == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert hub.connection_count == 0
+    assert client.app[keys.METRICS].sse_streams._value.get() == 0
