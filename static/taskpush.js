@@ -118,6 +118,8 @@
     get state() { return this._state; }
     /** A copy of the cache: { task_id: latest task }. */
     get tasks() { return Object.fromEntries(this._tasks); }
+    /** The cached task (the same object until the task changes; do not modify it). */
+    getTask(taskId) { return this._tasks.get(taskId); }
     /** The highest seq seen; sent as `since` when reconnecting. */
     get lastSeq() { return this._lastSeq; }
     /** The server database's epoch, from the last `connected` message. */
@@ -386,6 +388,7 @@
           this._tasks.delete(msg.task_id);
           this._subs.delete(msg.task_id);
           this._saveSoon();
+          this._emit('change', { task_id: msg.task_id });
           return this._emit('task_deleted', { task_id: msg.task_id });
         case 'resync':
           if (!conn.resynced) this._resync(conn);
@@ -429,6 +432,7 @@
       this._lastSeq = conn.seq; // may go down: it counts in another database
       for (const task of this._tasks.values()) this._bumpSeq(seqOf(task));
       this._saveSoon();
+      this._emit('change', { task_id: null });
       this._emit('resync', { epoch: this._epoch });
     }
 
@@ -562,6 +566,7 @@
       delete next.type;
       this._tasks.set(next.task_id, next);
       this._saveSoon();
+      this._emit('change', { task_id: next.task_id });
       if (emit) {
         this._emit('task_status', next);
         if (isTerminal(next.status) && !(prev && isTerminal(prev.status))) {
@@ -690,6 +695,7 @@
         this._tasks.clear();
         this._lastSeq = null;
         this._saveSoon();
+        this._emit('change', { task_id: null });
         this._emit('resync', { epoch: this._epoch });
         return this._pollOnce();
       }
