@@ -26,6 +26,7 @@
   const POLL_PAGE = 500; // tasks per poll answer (the server allows 1..500)
   const OPEN = 1; // WebSocket.OPEN
   const MAX_TIMER = 2 ** 31 - 1;
+  const MIN_REFRESH_MS = 5000; // the least time between two token refreshes
 
   const DEFAULTS = {
     baseUrl: null, // default: the page's origin (http -> ws, https -> wss)
@@ -105,6 +106,7 @@
       this._conn = null; // {kind, sock, opened, since, seq, ids, resynced}: the connection
       this._opening = this._polling = this._pollBusy = this._pollFailed = this._refreshing = false;
       this._attempt = this._failures = this._pollRound = this._lastRx = this._probes = 0;
+      this._refreshedAt = 0;
       this._transport = null; // what delivers now: 'websocket' | 'sse' | 'polling' | null
       const order = (this.options.transports || TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
       this._ladder = order.length ? order : TRANSPORTS.slice();
@@ -618,6 +620,10 @@
 
     async _refreshToken() {
       if (!this._getToken || this._refreshing || this._stopped) return;
+      // A token that is itself near its end makes the server say `token_expiring` again
+      // at once: ask at most every few seconds rather than in a loop.
+      if (Date.now() - this._refreshedAt < MIN_REFRESH_MS) return;
+      this._refreshedAt = Date.now();
       this._refreshing = true;
       try {
         this._setToken(await this._getToken());

@@ -23,20 +23,29 @@ function Connection() {
   return <div data-testid="connection" data-state={state}>{transport || 'none'}</div>;
 }
 
+// Two providers of the same user (as two widgets of a page would be): one shared client.
 function App({ userId }) {
-  const [shown, setShown] = useState(true);
-  window.__hide = () => setShown(false);
-  if (!shown) return <p data-testid="gone">unmounted</p>;
+  const [shown, setShown] = useState({ a: true, b: true });
+  window.__hide = (id) => setShown((now) => ({ ...now, [id]: false }));
   const getToken = () => { // a new function each render: the latest one is asked
     window.__tokenCalls += 1;
     return window.__token;
   };
+  const options = { minDelayMs: 50 };
   return (
-    <TaskpushProvider userId={userId} getToken={getToken} options={{ minDelayMs: 50 }}>
-      <Connection />
-      <TaskView id="a" />
-      <TaskView id="b" />
-    </TaskpushProvider>
+    <>
+      {shown.a ? (
+        <TaskpushProvider userId={userId} getToken={getToken} options={options}>
+          <Connection />
+          <TaskView id="a" />
+        </TaskpushProvider>
+      ) : <p data-testid="gone-a">unmounted</p>}
+      {shown.b ? (
+        <TaskpushProvider userId={userId} getToken={getToken} options={options}>
+          <TaskView id="b" />
+        </TaskpushProvider>
+      ) : <p data-testid="gone-b">unmounted</p>}
+    </>
   );
 }
 
