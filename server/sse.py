@@ -42,8 +42,9 @@ HEADERS = {
 HEARTBEAT = b": keep-alive\n\n"
 CACHE_SIZE = 4096  # updates whose event bytes are kept (a commit's worth, shared by streams)
 
-# (epoch, seq) -> (text, chunk): an update framed once for every stream, as WebSocket frames are
-_framed: OrderedDict[tuple[str, int], tuple[str, bytes]] = OrderedDict()
+# seq -> (text, chunk): an update framed once for every stream, as its WebSocket frame is.
+# The text object is the key's guard: another app's update (tests run several) is another str.
+_framed: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
 
 
 def event_bytes(kind: str, text: str, event_id: str | None = None) -> bytes:
@@ -59,6 +60,10 @@ def event_bytes(kind: str, text: str, event_id: str | None = None) -> bytes:
 def chunk(data: bytes) -> bytes:
     """HTTP/1.1 chunked transfer coding of one piece of the body."""
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _kind(update: protocol.Update) -> str:
+    return "task_deleted" if update.status == "deleted" else "task_status"
 
 
 class EventStreamResponse(web.StreamResponse):
@@ -101,21 +106,21 @@ class Stream(Connection):
         return f"{self._epoch}:{seq}"
 
     def _frame_update(self, update: protocol.Update) -> bytes:
-        kind = "task_deleted" if update.status == "deleted" else "task_status"
-        key = (update.task_id, update.seq)
-        if key in self._unordered:  # read out of order: it proves nothing about the rest
-            self._unordered.discard(key)
-            return self._wrap(event_bytes(kind, update.text, self._id_or_none()))
-        if self._point is not None and update.seq < self._point:
-            return self._wrap(event_bytes(kind, update.text, self._id(self._point)))
-        self._point = update.seq
+        seq = update.seq
+        if self._unordered and (update.task_id, seq) in self._unordered:
+            # read out of order: it proves nothing about the rest
+            self._unordered.discard((update.task_id, seq))
+            return self._wrap(event_bytes(_kind(update), update.text, self._id_or_none()))
+        point = self._point
+        if point is not None and seq < point:
+            return self._wrap(event_bytes(_kind(update), update.text, self._id(point)))
+        self._point = seq
         if not self._chunked:
-            return event_bytes(kind, update.text, self._id(update.seq))
-        cache_key = (self._epoch, update.seq)
-        cached = _framed.get(cache_key)
+            return event_bytes(_kind(update), update.text, self._id(seq))
+        cached = _framed.get(seq)
         if cached is None or cached[0] is not update.text:
-            cached = (update.text, chunk(event_bytes(kind, update.text, self._id(update.seq))))
-            _framed[cache_key] = cached
+            cached = (update.text, chunk(event_bytes(_kind(update), update.text, self._id(seq))))
+            _framed[seq] = cached
             if len(_framed) > CACHE_SIZE:
                 _framed.popitem(last=False)
         return cached[1]
