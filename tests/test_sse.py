@@ -302,3 +302,13 @@ async def test_a_stream_whose_client_left_is_released(make_client: MakeClient) -
         await asyncio.sleep(0.02)
     assert hub.connection_count == 0
     assert client.app[keys.METRICS].sse_streams._value.get() == 0
+
+
+async def test_cors_headers_reach_a_stream(make_client: MakeClient) -> None:
+    """A streamed response sends its headers before the handler returns: the CORS headers
+    must already be there for a front end on another origin."""
+    client = await make_client(cors_origins=("https://app.example",))
+    resp = await stream(client, Origin="https://app.example")
+    assert resp.status == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    await events_until(resp, "active_tasks")
