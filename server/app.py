@@ -20,6 +20,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .notify import task_notification_service
 from .openapi import openapi_document
 from .snapshot import ByteBudget
+from .sse import stream_handler, stream_watch
 from .store import Store
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
@@ -63,33 +64,44 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response(error_envelope(500, "internal server error"), status=500)
 
 
-def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def cors_middleware(origins: tuple[str, ...]) -> tuple[
+        Callable[..., Awaitable[web.StreamResponse]],
+        Callable[[web.Request, web.StreamResponse], Awaitable[None]]]:
+    """The preflight middleware, and the hook that adds the CORS headers as any response's
+    headers go out (a streamed one, SSE, sends them before its handler returns)."""
     allow_any = "*" in origins
 
-    @web.middleware
-    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def headers_for(request: web.Request) -> dict[str, str] | None:
         origin = request.headers.get("Origin")
-        allowed = origin is not None and request.path.startswith("/api/") and (
-            allow_any or origin in origins)
-        if not allowed:
-            return await handler(request)
-        headers = {
-            "Access-Control-Allow-Origin": "*" if allow_any else origin or "",
+        if origin is None or not request.path.startswith("/api/") or not (
+                allow_any or origin in origins):
+            return None
+        return {
+            "Access-Control-Allow-Origin": "*" if allow_any else origin,
             "Access-Control-Expose-Headers": "ETag",
             "Vary": "Origin",
         }
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            headers.update({
-                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type, If-None-Match",
-                "Access-Control-Max-Age": "600",
-            })
-            return web.Response(status=204, headers=headers)
-        response = await handler(request)
-        response.headers.update(headers)
-        return response
 
-    return cors
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            headers = headers_for(request)
+            if headers is not None:
+                headers.update({
+                    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                    "Access-Control-Allow-Headers":
+                        "Authorization, Content-Type, If-None-Match, Last-Event-ID",
+                    "Access-Control-Max-Age": "600",
+                })
+                return web.Response(status=204, headers=headers)
+        return await handler(request)
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        headers = headers_for(request)
+        if headers is not None:
+            response.headers.update(headers)
+
+    return cors, on_prepare
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -170,9 +182,13 @@ async def on_shutdown(app: web.Application) -> None:
 
 def create_app(config: Config) -> web.Application:
     middlewares = [error_middleware]
+    cors_prepare = None
     if config.cors_origins:  # no per-request cost when CORS is off (the default)
-        middlewares.insert(0, cors_middleware(config.cors_origins))
+        cors, cors_prepare = cors_middleware(config.cors_origins)
+        middlewares.insert(0, cors)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    if cors_prepare is not None:
+        app.on_response_prepare.append(cors_prepare)
     store = Store(config.db, timeout=config.db_timeout)
     app[keys.CONFIG] = config
     app[keys.STORE] = store
@@ -185,6 +201,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEMO_RUNNERS] = set()
 
     app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
+    app.router.add_get("/api/task/stream", stream_handler)
     producer.add_routes(app)  # first: the hottest path, tried before the user routes
     rest.add_routes(app)
     if config.demo_mode:
@@ -199,5 +216,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(sweeper_ctx)
     app.cleanup_ctx.append(socket_watch)
+    app.cleanup_ctx.append(stream_watch)
     app.on_shutdown.append(on_shutdown)
     return app

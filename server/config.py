@@ -91,6 +91,9 @@ class Config:
     flood_strikes: int = _setting(
         50, "messages refused for rate in a row before the socket is closed with 1008"
     )
+    sse_heartbeat: float = _setting(
+        15.0, "seconds between comment lines on an idle Server-Sent Events stream"
+    )
     max_subscriptions: int = _setting(100, "subscriptions one connection may hold")
     max_connections_per_user: int = _setting(
         20, "open WebSockets per user; the oldest is closed with 4409 when exceeded"
@@ -281,6 +284,7 @@ def validate(config: Config) -> None:
         "send_queue",
         "snapshot_memory",
         "send_timeout",
+        "sse_heartbeat",
         "demo_task_seconds",
         "body_timeout",
         "db_timeout",

@@ -33,8 +33,7 @@ def update_for(outcome: Outcome) -> protocol.Update | None:
     if not outcome.ok or task is None or outcome.seq is None:
         return None
     if outcome.deleted:
-        text = protocol.task_deleted(task["task_id"])
-        return protocol.Update(task["task_id"], task["user_id"], outcome.seq, "deleted", text)
+        return protocol.deleted_update(task["task_id"], task["user_id"], outcome.seq)
     if outcome.replayed or (isinstance(outcome.op, Register) and not outcome.created):
         return None  # an idempotent retry: nothing new
     return protocol.status_update(task)

@@ -19,8 +19,16 @@ class Metrics:
             "taskpush_websocket_accepted", "WebSocket connections authenticated",
             registry=self.registry,
         )
+        self.sse_streams = Gauge(
+            "taskpush_sse_streams", "Open authenticated Server-Sent Events streams",
+            registry=self.registry,
+        )
+        self.sse_total = Counter(
+            "taskpush_sse_accepted", "Server-Sent Events streams authenticated",
+            registry=self.registry,
+        )
         self.messages_sent = Counter(
-            "taskpush_messages_sent", "Messages sent to WebSocket clients",
+            "taskpush_messages_sent", "Messages sent to WebSocket and SSE clients",
             registry=self.registry,
         )
         self.updates_merged = Counter(
@@ -28,7 +36,8 @@ class Metrics:
             registry=self.registry,
         )
         self.slow_closed = Counter(
-            "taskpush_slow_consumers_closed", "Sockets closed with 4408 for falling behind",
+            "taskpush_slow_consumers_closed",
+            "Sockets and streams closed with 4408 for falling behind",
             registry=self.registry,
         )
         self.events = Counter(

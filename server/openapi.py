@@ -252,6 +252,17 @@ Anything invalid -> `{"type":"error","code","message"}` and the socket stays ope
 (resume with `since`); 4409 replaced: too many connections for this user."""
 
 
+SSE_DESCRIPTION = """The WebSocket's server messages as `text/event-stream`, for clients \
+that cannot use WebSockets or only listen (`EventSource`, `curl -N`). Each message is one \
+event: `event:` is its `type`, `data:` the same JSON. `task_status`, `task_deleted` and a \
+fresh stream's `active_tasks` carry `id: <epoch>:<seq>`; a `Last-Event-ID` header (what \
+`EventSource` sends when it reconnects) is handled exactly as `since`+`epoch` and wins over \
+them. A comment line comes every `--sse-heartbeat` seconds (15). Where a socket would get a \
+close code, the stream's last event is `close` `{"type":"close","code","reason"}` (1001 \
+shutdown, 4401 token expired, 4409 too many connections for this user; a client too slow \
+for 4408 is cut off), then it ends. Streams count in `--max-connections-per-user`."""
+
+
 def paths(config: Config) -> dict[str, dict[str, Any]]:
     task = ref("Task")
     etag = {"ETag": {"description": "The task's seq, quoted", "schema": {"type": "string"}}}
@@ -267,6 +278,21 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 {**query("token", "User JWT", {"type": "string"}), "required": True},
                 query("since", "Resume: replay changes after this seq", SEQ),
                 query("epoch", "The epoch the client's seq belongs to", {"type": "string"}),
+            ])},
+        "/api/task/stream": {"get": op(
+            "Server-Sent Events: live task status", SSE_DESCRIPTION, "websocket",
+            responses({200: {"description": "The event stream", "content": {
+                "text/event-stream": {"schema": {"type": "string"}}}}}, 400, 401),
+            security=NONE, operation_id="eventStream",
+            parameters=[
+                {**query("token", "User JWT", {"type": "string"}), "required": True},
+                query("since", "Resume: replay changes after this seq", SEQ),
+                query("epoch", "The epoch the client's seq belongs to", {"type": "string"}),
+                {**query("task_id", "Admins: also follow this task (repeatable)",
+                         {"type": "string"}), "explode": True},
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "description": "`<epoch>:<seq>`: resume as since+epoch",
+                 "schema": {"type": "string"}},
             ])},
         "/api/task/task/{task_id}/status": {"get": op(
             "Task status", "One of the user's tasks, with an ETag. `If-None-Match` matching the "

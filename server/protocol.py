@@ -185,6 +185,21 @@ def status_update(task: Task) -> Update:
                   task_status(task))
 
 
+def deleted_update(task_id: str, user_id: int, seq: int) -> Update:
+    """A deletion as pushed (its seq is the tombstone's)."""
+    return Update(task_id, user_id, seq, "deleted", task_deleted(task_id))
+
+
+def message_type(text: str) -> str:
+    """The `type` of a message built here (each builder writes it first, so no parse)."""
+    if text.startswith('{"type":"'):
+        end = text.find('"', 9)
+        if end > 0:
+            return text[9:end]
+    kind = jsonutil.loads(text).get("type")
+    return kind if isinstance(kind, str) else "message"
+
+
 class Outbox:
     """A bounded per-connection queue of updates.
 

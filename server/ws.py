@@ -118,16 +118,27 @@ class Connection:
                 and not self._write_direct()):
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
 
-    def _next_message(self) -> tuple[str, bytes | None] | None:
-        """What goes out next, as text and (for an update) its shared frame: control
-        messages first; live updates wait until the snapshot is queued (no overtaking)."""
+    def _next_item(self) -> str | protocol.Update | None:
+        """What goes out next: control messages first; live updates wait until the snapshot
+        is written (no overtaking)."""
         if self.control:
-            text = self.control.popleft()
+            item = self.control.popleft()
             if not self.control:
                 self.control = None  # an empty deque costs 600+ bytes per socket
-            return text, None
-        update = None if self.outbox.replaying else self.outbox.pop()
-        return None if update is None else (update.text, update.frame)
+            return item
+        return None if self.outbox.replaying else self.outbox.pop()
+
+    def _next_message(self) -> tuple[str, bytes | None] | None:
+        """The next item as text and (for an update) its shared frame. The SSE stream
+        (`sse.Stream`) frames the same items as events instead."""
+        item = self._next_item()
+        if item is None or isinstance(item, str):
+            return None if item is None else (item, None)
+        return item.text, item.frame
+
+    async def _send_item(self, text: str, frame: bytes | None) -> None:
+        """The sender task's write, which waits while the peer is slow."""
+        await self.ws.send_str(text)
 
     def _write_direct(self) -> bool:
         """Write queued messages to the transport while its buffer is below
@@ -150,7 +161,6 @@ class Connection:
                 self.metrics.messages_sent.inc(written)
 
     async def _send_queued(self) -> None:
-        ws = self.ws
         loop = asyncio.get_running_loop()
         sent = 0
         try:
@@ -158,9 +168,8 @@ class Connection:
                 item = self._next_message()
                 if item is None:
                     break
-                text = item[0]
                 self.send_started = loop.time()
-                await ws.send_str(text)
+                await self._send_item(*item)
                 sent += 1
         except (ConnectionError, RuntimeError):
             self.closing = True
@@ -246,6 +255,14 @@ class Connection:
         if transport is not None:
             transport.abort()  # a peer that does not read cannot be closed gracefully
 
+    def resume_point(self, request: web.Request) -> tuple[int | str | None, str | None]:
+        """`since` (an int, "invalid" or None) and `epoch` to resume from."""
+        return resume_query(request)
+
+    def snapshot_writer(self, request: web.Request) -> snapshot.MessageWriter:
+        """Where the connect-time messages are written (server/snapshot.py)."""
+        return _SnapshotWriter(self, request)
+
     # ---- token lifetime --------------------------------------------------------------
 
     def schedule_expiry(self) -> None:
@@ -267,6 +284,11 @@ def _int_query(request: web.Request, name: str) -> int | str | None:
     return "invalid"
 
 
+def resume_query(request: web.Request) -> tuple[int | str | None, str | None]:
+    """The query's `since` (an int, "invalid" or None) and `epoch`."""
+    return _int_query(request, "since"), request.query.get("epoch")
+
+
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     config = app[keys.CONFIG]
@@ -286,17 +308,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         return ws
 
     conn = Connection(ws, identity, request)
-    hub: Hub = app[keys.HUB]
-    sockets = app[keys.SOCKETS]
     metrics = app[keys.METRICS]
-    hub.attach(conn)  # before reading the snapshot: nothing committed from now on is missed
-    sockets.add(conn)
+    admit(conn)  # before reading the snapshot: nothing committed from now on is missed
     metrics.connections.inc()
     metrics.connections_total.inc()
-    mine = hub.connections_of(identity.user_id)
-    for old in mine[: max(0, len(mine) - config.max_connections_per_user)]:
-        if isinstance(old, Connection):
-            old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
     try:
         try:
             await _send_snapshot(conn, request)
@@ -305,18 +320,35 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         conn.schedule_expiry()
         await _receive_loop(conn, request)
     finally:
-        conn.closing = True
-        hub.detach(conn, conn.subscriptions)
-        sockets.discard(conn)
         metrics.connections.dec()
-        await conn.stop_sending()
-        if conn._close_task is not None:
-            with contextlib.suppress(Exception):
-                await conn._close_task
+        await release(conn)
         if not ws.closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
     return ws
+
+
+def admit(conn: Connection) -> None:
+    """Attach a socket or an SSE stream to the hub (before its snapshot is read) and keep
+    --max-connections-per-user, which counts both: the user's oldest is closed with 4409."""
+    hub: Hub = conn.app[keys.HUB]
+    hub.attach(conn)
+    conn.app[keys.SOCKETS].add(conn)
+    mine = hub.connections_of(conn.user_id)
+    for old in mine[: max(0, len(mine) - conn.app[keys.CONFIG].max_connections_per_user)]:
+        if isinstance(old, Connection):
+            old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
+
+
+async def release(conn: Connection) -> None:
+    """Detach a connection that ended and wait for its sender and its close to finish."""
+    conn.closing = True
+    conn.app[keys.HUB].detach(conn, conn.subscriptions)
+    conn.app[keys.SOCKETS].discard(conn)
+    await conn.stop_sending()
+    if conn._close_task is not None:
+        with contextlib.suppress(Exception):
+            await conn._close_task
 
 
 class _SnapshotWriter:
@@ -358,15 +390,15 @@ class _SnapshotWriter:
 
 
 async def _send_snapshot(conn: Connection, request: web.Request) -> None:
-    """The connect-time messages, by pages with backpressure (server/snapshot.py); live
+    """The connect-time messages, by pages with backpressure (server/snapshot.py), framed
+    by the connection's own writer (a socket's frames; an SSE stream's events); live
     updates queued meanwhile wait in the outbox, under its bound, and go out after."""
     app = request.app
     store = app[keys.STORE]
-    resume = snapshot.judge_resume(store, _int_query(request, "since"),
-                                   request.query.get("epoch"))
+    resume = snapshot.judge_resume(store, *conn.resume_point(request))
     try:
         await snapshot.write_snapshot(
-            _SnapshotWriter(conn, request), store, app[keys.SNAPSHOT_BUDGET],
+            conn.snapshot_writer(request), store, app[keys.SNAPSHOT_BUDGET],
             user_id=conn.user_id, connection_id=conn.id, resume=resume,
             mark_sent=conn.outbox.mark_sent)
     except snapshot.HistorySwept:

@@ -4,11 +4,15 @@
 
   const Client = window.TaskNotificationClient;
   const SESSION_KEY = 'taskpush.demo.session';
+  const TRANSPORT_KEY = 'taskpush.demo.transport';
+  const TRANSPORT_NAMES = { websocket: 'WebSocket', sse: 'SSE', polling: 'polling' };
   const LIST_LIMIT = 50;
 
   const $ = (id) => document.getElementById(id);
   const connBox = $('conn');
   const connText = $('conn-state');
+  const transportText = $('conn-transport');
+  const transportPick = $('transport-pick');
   const list = $('tasks');
   const empty = $('empty');
   const toastBox = $('toast');
@@ -112,8 +116,12 @@
     };
     let storage = null;
     try { storage = window.sessionStorage; } catch (_) { /* disabled */ }
-    const c = new Client(s.userId, getToken, { storage });
+    // The switch: auto (WebSocket, then SSE, then polling), or one transport only.
+    const pick = transportPick.value;
+    const transports = pick === 'auto' ? undefined : [pick];
+    const c = new Client(s.userId, getToken, { storage, transports });
     client = c;
+    c.on('transport', renderConn);
     // Seed from the client's cache (kept in sessionStorage across reloads).
     Object.values(c.tasks).forEach(upsert);
     c.on('state', renderConn);
@@ -364,7 +372,17 @@
     else if (state === 'connecting') text = everConnected ? 'reconnecting' : 'connecting';
     connText.textContent = text;
     connBox.dataset.state = text;
+    const transport = client ? client.transport : null;
+    transportText.textContent = transport ? TRANSPORT_NAMES[transport] : 'none';
+    transportText.dataset.transport = transport || 'none';
   }
+
+  // The transport switch: remembered for the tab; a change reconnects with the same cache.
+  try { transportPick.value = sessionStorage.getItem(TRANSPORT_KEY) || 'auto'; } catch (_) { /* */ }
+  transportPick.addEventListener('change', () => {
+    try { sessionStorage.setItem(TRANSPORT_KEY, transportPick.value); } catch (_) { /* */ }
+    if (session) startSession(session);
+  });
 
   function renderEmpty() {
     empty.hidden = view.size > 0;

@@ -1,10 +1,14 @@
 /*
- * taskpush browser client: live task status over WebSocket, with resume after a drop
- * (`since`/`epoch`), token refresh and an HTTP polling fallback. No dependencies.
+ * taskpush browser client: live task status over WebSocket, then Server-Sent Events where
+ * WebSockets cannot connect, then HTTP polling; resume after a drop or a switch of transport
+ * (`since`/`epoch`), token refresh. No dependencies.
  *
  * Loads three ways: a classic <script src="/static/taskpush.js"> (sets
  * globalThis.TaskNotificationClient), CommonJS require(), and as an ES module through
  * /static/taskpush.mjs. Usage and protocol details: docs/client.md.
+ *
+ * This file is the source of the npm package too: clients/js/build.mjs copies it there
+ * (tests/test_js_package.py checks that the copy is identical).
  */
 (function (root) {
   'use strict';
@@ -13,10 +17,16 @@
   const ACTIVE = Object.freeze(['pending', 'running', 'progress']);
   const TERMINAL_EVENT = { completed: 'task_completed', failed: 'task_failed', cancelled: 'task_cancelled' };
   const PASS_THROUGH = new Set(['pong', 'subscribed', 'unsubscribed', 'refreshed']);
-  const PROBE_EVERY = 5; // poll rounds between WebSocket attempts while polling
+  // Server-Sent Events named after the WebSocket's message types, plus `close` (the stream's
+  // form of a close frame: {code, reason}).
+  const SSE_EVENTS = ['connected', 'active_tasks', 'task_status', 'task_deleted', 'resync',
+    'token_expiring', 'error', 'subscribed', 'close'];
+  const TRANSPORTS = Object.freeze(['websocket', 'sse', 'polling']);
+  const PROBE_EVERY = 5; // poll rounds between WebSocket/SSE attempts while polling
   const POLL_PAGE = 500; // tasks per poll answer (the server allows 1..500)
   const OPEN = 1; // WebSocket.OPEN
   const MAX_TIMER = 2 ** 31 - 1;
+  const MIN_REFRESH_MS = 5000; // the least time between two token refreshes
 
   const DEFAULTS = {
     baseUrl: null, // default: the page's origin (http -> ws, https -> wss)
@@ -25,12 +35,15 @@
     maxDelayMs: 30000,
     heartbeatMs: 30000,
     pollIntervalMs: 2000,
-    wsFailuresBeforePolling: 3, // 0 or Infinity: never poll
+    transports: TRANSPORTS, // tried in this order; a subset turns the others off
+    failuresBeforeFallback: 3, // attempts in a row that never open before the next transport
+    wsFailuresBeforePolling: null, // the older name of failuresBeforeFallback (0: never fall back)
     refreshBeforeExpiryMs: 60000,
     connectTimeoutMs: 15000, // a socket not open by then counts as failed
     storage: null, // e.g. sessionStorage: keeps epoch, lastSeq and the cache across reloads
     storageKey: null, // default `taskpush:<userId>`
     WebSocket: null, // default globalThis.WebSocket (inject for Node or tests)
+    EventSource: null, // default globalThis.EventSource (none in Node: SSE is skipped)
     fetch: null, // default globalThis.fetch
   };
 
@@ -90,9 +103,14 @@
       this._epoch = null;
       this._state = 'idle';
       this._stopped = true; // true before connect() and after disconnect() or a final close
-      this._conn = null; // {ws, opened, since, seq, ids, resynced}: the current socket
+      this._conn = null; // {kind, sock, opened, since, seq, ids, resynced}: the connection
       this._opening = this._polling = this._pollBusy = this._pollFailed = this._refreshing = false;
-      this._attempt = this._wsFailures = this._pollRound = this._lastRx = 0;
+      this._attempt = this._failures = this._pollRound = this._lastRx = this._probes = 0;
+      this._refreshedAt = 0;
+      this._transport = null; // what delivers now: 'websocket' | 'sse' | 'polling' | null
+      const order = (this.options.transports || TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
+      this._ladder = order.length ? order : TRANSPORTS.slice();
+      this._rung = 0; // index in _ladder of the transport tried next
       this._storageKey = this.options.storageKey || `taskpush:${userId}`;
       this._onWake = this._onWake.bind(this);
       this._restore();
@@ -102,16 +120,20 @@
     get state() { return this._state; }
     /** A copy of the cache: { task_id: latest task }. */
     get tasks() { return Object.fromEntries(this._tasks); }
+    /** The cached task (the same object until the task changes; do not modify it). */
+    getTask(taskId) { return this._tasks.get(taskId); }
     /** The highest seq seen; sent as `since` when reconnecting. */
     get lastSeq() { return this._lastSeq; }
     /** The server database's epoch, from the last `connected` message. */
     get epoch() { return this._epoch; }
+    /** What delivers updates now: 'websocket' | 'sse' | 'polling' | null (not connected). */
+    get transport() { return this._transport; }
 
     /** Open the connection (again, after disconnect() or a final close). Returns this. */
     connect() {
       if (!this._stopped && this._state !== 'closed') return this;
       this._stopped = false;
-      this._attempt = this._wsFailures = 0;
+      this._attempt = this._failures = this._rung = 0;
       if (root.document && root.document.addEventListener) {
         root.document.addEventListener('visibilitychange', this._onWake);
       }
@@ -144,21 +166,31 @@
 
     /** Follow a task (kept across reconnects); the server pushes its current state at once. */
     subscribeTask(taskId) {
+      const added = !this._subs.has(taskId);
       this._subs.add(taskId);
-      if (this._state === 'connected') this.send({ type: 'subscribe', task_id: taskId });
+      if (this._state !== 'connected') return;
+      if (this._isStream()) {
+        if (added) this._reopenStream(); // a stream's subscriptions are in its URL
+      } else {
+        this.send({ type: 'subscribe', task_id: taskId });
+      }
     }
 
     /** Stop following a task subscribed with subscribeTask(). */
     unsubscribeTask(taskId) {
-      this._subs.delete(taskId);
-      this.send({ type: 'unsubscribe', task_id: taskId });
+      const had = this._subs.delete(taskId);
+      if (this._isStream()) {
+        if (had) this._reopenStream();
+      } else {
+        this.send({ type: 'unsubscribe', task_id: taskId });
+      }
     }
 
-    /** Send a JSON message if the socket is open; returns whether it was sent. */
+    /** Send a JSON message if a WebSocket is open (an SSE stream only listens). */
     send(obj) {
       const conn = this._conn;
-      if (!conn || !conn.opened || conn.ws.readyState !== OPEN) return false;
-      conn.ws.send(JSON.stringify(obj));
+      if (!conn || !conn.opened || conn.kind !== 'websocket' || conn.sock.readyState !== OPEN) return false;
+      conn.sock.send(JSON.stringify(obj));
       return true;
     }
 
@@ -166,7 +198,7 @@
     setToken(token) {
       this._setToken(token);
       this._needToken = false;
-      this.send({ type: 'refresh', token: this._token });
+      this._sendRefresh();
     }
 
     // ---- events, state, timers --------------------------------------------------------
@@ -187,6 +219,12 @@
       if (this._state === state) return;
       this._state = state;
       this._emit('state', state);
+    }
+
+    _setTransport(transport) {
+      if (this._transport === transport) return;
+      this._transport = transport;
+      this._emit('transport', transport);
     }
 
     _setTimer(name, fn, ms) {
@@ -210,8 +248,24 @@
       return this._token;
     }
 
-    async _openSocket() {
+    /** The transport the next attempt uses (SSE is skipped where there is no EventSource). */
+    _kind() {
+      let kind = this._ladder[Math.min(this._rung, this._ladder.length - 1)];
+      if (kind === 'sse' && !this._EventSource()) {
+        this._rung += 1;
+        kind = this._ladder[Math.min(this._rung, this._ladder.length - 1)];
+      }
+      return kind;
+    }
+
+    _EventSource() { return this.options.EventSource || root.EventSource || null; }
+
+    _isStream() { return !!this._conn && this._conn.kind === 'sse'; }
+
+    async _openSocket(kind) {
       if (this._stopped || this._conn || this._opening) return;
+      kind = kind || this._kind();
+      if (kind === 'polling') return this._startPolling();
       this._opening = true;
       let token;
       try {
@@ -225,36 +279,85 @@
       }
       if (this._stopped || this._conn) return;
       const since = this._lastSeq;
-      let url = `${this._wsBase}/api/task/ws/task/${encodeURIComponent(this.userId)}`;
-      url += `?token=${encodeURIComponent(token)}`;
+      let query = `?token=${encodeURIComponent(token)}`;
       if (since != null) {
-        url += `&since=${since}`;
-        if (this._epoch != null) url += `&epoch=${encodeURIComponent(this._epoch)}`;
+        query += `&since=${since}`;
+        if (this._epoch != null) query += `&epoch=${encodeURIComponent(this._epoch)}`;
       }
-      const conn = { ws: null, opened: false, since, seq: null, ids: new Set(), resynced: false };
+      const conn = { kind, sock: null, opened: false, since, seq: null, ids: new Set(), resynced: false };
       this._conn = conn;
       try {
-        conn.ws = new (this.options.WebSocket || root.WebSocket)(url);
+        if (kind === 'sse') {
+          for (const taskId of this._subs) query += `&task_id=${encodeURIComponent(taskId)}`;
+          conn.sock = new (this._EventSource())(`${this._httpBase}/api/task/stream${query}`);
+        } else {
+          const path = `/api/task/ws/task/${encodeURIComponent(this.userId)}`;
+          conn.sock = new (this.options.WebSocket || root.WebSocket)(this._wsBase + path + query);
+        }
       } catch (err) {
         this._emit('error', err);
         this._onClose(conn, { code: 1006, reason: String((err && err.message) || err) });
         return;
       }
       this._setTimer('connect', () => this._dropSocket(4000, 'connect timeout'), this.options.connectTimeoutMs);
-      conn.ws.onopen = () => {
+      const sock = conn.sock;
+      sock.onopen = () => {
         if (this._conn !== conn) return;
         this._clearTimer('connect');
         conn.opened = true;
-        this._wsFailures = 0;
+        this._failures = 0;
         this._lastRx = Date.now();
-        this._startHeartbeat();
+        if (kind === 'websocket') this._startHeartbeat(); // a stream cannot be pinged
       };
-      conn.ws.onmessage = (ev) => this._onMessage(conn, ev);
-      conn.ws.onclose = (ev) => this._onClose(conn, ev);
-      conn.ws.onerror = () => {
-        // No detail is given. Browsers follow with a close event; do not count on it.
-        if (this._conn === conn && !conn.opened) this._dropSocket(1006, 'connection failed');
-      };
+      if (kind === 'sse') {
+        const onEvent = (ev) => {
+          if (this._conn !== conn) return;
+          if (ev.type === 'close') {
+            let msg = null;
+            try { msg = JSON.parse(ev.data); } catch (_) { /* keep the defaults */ }
+            return this._dropSocket((msg && msg.code) || 1006, (msg && msg.reason) || '');
+          }
+          this._onMessage(conn, ev);
+        };
+        for (const name of SSE_EVENTS) {
+          sock.addEventListener(name, (ev) => {
+            // `error` is both the server's error message (with data) and the stream's failure
+            if (name === 'error' && typeof ev.data !== 'string') return this._onStreamError(conn);
+            onEvent(ev);
+          });
+        }
+      } else {
+        sock.onmessage = (ev) => this._onMessage(conn, ev);
+        sock.onclose = (ev) => this._onClose(conn, ev);
+        sock.onerror = () => {
+          // No detail is given. Browsers follow with a close event; do not count on it.
+          if (this._conn === conn && !conn.opened) this._dropSocket(1006, 'connection failed');
+        };
+      }
+    }
+
+    /** The stream failed or was cut: we reconnect ourselves (fresh token, `since`, backoff),
+     *  not EventSource, which would reuse the old URL and token. */
+    _onStreamError(conn) {
+      if (this._conn !== conn) return;
+      // EventSource hides the HTTP status: a stream that never opened may be a refused token
+      if (!conn.opened && this._getToken) this._needToken = true;
+      this._dropSocket(1006, conn.opened ? 'stream ended' : 'stream failed');
+    }
+
+    /** Open the stream again at once (new token or subscriptions), resuming with `since`. */
+    _reopenStream() {
+      const conn = this._conn;
+      if (!conn || conn.kind !== 'sse') return;
+      this._conn = null;
+      this._clearTimer('connect');
+      try { conn.sock.close(); } catch (_) { /* closed */ }
+      this._openSocket('sse');
+    }
+
+    _sendRefresh() {
+      if (this._isStream()) this._reopenStream();
+      else this.send({ type: 'refresh', token: this._token });
     }
 
     _onMessage(conn, ev) {
@@ -287,6 +390,7 @@
           this._tasks.delete(msg.task_id);
           this._subs.delete(msg.task_id);
           this._saveSoon();
+          this._emit('change', { task_id: msg.task_id });
           return this._emit('task_deleted', { task_id: msg.task_id });
         case 'resync':
           if (!conn.resynced) this._resync(conn);
@@ -311,10 +415,14 @@
         // A fresh start: active_tasks follows, and live updates come after conn.seq.
         this._lastSeq = Math.max(this._lastSeq == null ? conn.seq : this._lastSeq, conn.seq);
       }
-      this._attempt = this._wsFailures = 0;
+      this._attempt = this._failures = 0;
+      this._rung = Math.max(0, this._ladder.indexOf(conn.kind));
       this._stopPolling();
+      this._setTransport(conn.kind);
       this._setState('connected');
-      for (const taskId of this._subs) this.send({ type: 'subscribe', task_id: taskId });
+      if (conn.kind === 'websocket') {
+        for (const taskId of this._subs) this.send({ type: 'subscribe', task_id: taskId });
+      }
       this._saveSoon();
       this._emit('connected', msg);
     }
@@ -326,6 +434,7 @@
       this._lastSeq = conn.seq; // may go down: it counts in another database
       for (const task of this._tasks.values()) this._bumpSeq(seqOf(task));
       this._saveSoon();
+      this._emit('change', { task_id: null });
       this._emit('resync', { epoch: this._epoch });
     }
 
@@ -337,7 +446,13 @@
       if (this._stopped) return;
       const code = (ev && ev.code) || 1006;
       const reason = (ev && ev.reason) || '';
-      if (!conn.opened) this._wsFailures += 1;
+      if (conn.opened) {
+        this._rung = 0; // it worked: after a drop, the best transport is tried first again
+        this._failures = 0;
+      } else if (!this._polling) {
+        this._failures += 1;
+      }
+      if (!this._polling) this._setTransport(null);
       if (code === 4401 && this._getToken) this._needToken = true;
       if (code === 4403 || (code === 4401 && !this._getToken) || !this.options.reconnect) {
         return this._halt(code, reason); // forbidden, or no way to get a better token
@@ -349,11 +464,17 @@
         this._setState('closed');
         return this._emit('disconnected', { code, reason, willReconnect: false });
       }
-      if (this._polling) return; // polling goes on and retries the socket itself
+      if (this._polling) return; // polling goes on and retries the others itself
       this._emit('disconnected', { code, reason, willReconnect: true });
-      const limit = this.options.wsFailuresBeforePolling;
-      if (limit > 0 && this._wsFailures >= limit && (this.options.fetch || root.fetch)) {
-        return this._startPolling();
+      const legacy = this.options.wsFailuresBeforePolling;
+      const limit = legacy != null ? legacy : this.options.failuresBeforeFallback;
+      if (limit > 0 && this._failures >= limit && this._rung < this._ladder.length - 1) {
+        this._rung += 1; // this transport does not get through: the next one
+        this._failures = 0;
+        if (this._kind() === 'polling') {
+          if (this.options.fetch || root.fetch) return this._startPolling();
+          this._rung -= 1;
+        }
       }
       this._setState('connecting');
       this._scheduleReconnect();
@@ -365,6 +486,12 @@
       const cap = Math.min(maxDelayMs, minDelayMs * 2 ** this._attempt);
       this._attempt += 1;
       this._setTimer('reconnect', () => this._openSocket(), Math.random() * cap);
+    }
+
+    /** While polling: try the transports above it in turn (WebSocket, then SSE, ...). */
+    _probe() {
+      const above = this._ladder.filter((t) => t !== 'polling' && (t !== 'sse' || this._EventSource()));
+      if (above.length) this._openSocket(above[this._probes++ % above.length]);
     }
 
     _startHeartbeat() {
@@ -383,7 +510,7 @@
     _dropSocket(code, reason) {
       const conn = this._conn;
       if (!conn) return;
-      try { conn.ws.close(code, reason); } catch (_) { /* already closing */ }
+      try { conn.sock.close(code, reason); } catch (_) { /* already closing */ }
       this._onClose(conn, { code, reason });
     }
 
@@ -391,15 +518,15 @@
     _onWake() {
       if (this._stopped || (root.document && root.document.visibilityState === 'hidden')) return;
       const conn = this._conn;
-      if (conn && conn.ws && conn.ws.readyState === OPEN) return void this.send({ type: 'ping' });
+      if (conn && conn.sock && conn.sock.readyState === OPEN) return void this.send({ type: 'ping' });
       if (conn && !conn.opened) return; // still opening
       if (conn) this._dropSocket(4000, 'stale socket');
       if (this._stopped) return;
       this._clearTimer('reconnect');
       this._attempt = 0;
       if (this._state === 'closed') this._setState('connecting');
-      this._openSocket();
       if (this._polling) this._poll();
+      else this._openSocket();
     }
 
     _halt(code, reason) {
@@ -410,15 +537,16 @@
       this._saveNow();
       const conn = this._conn;
       this._conn = null;
-      if (conn && conn.ws) {
-        conn.ws.onopen = conn.ws.onmessage = conn.ws.onclose = conn.ws.onerror = null;
-        try { conn.ws.close(1000, 'client disconnect'); } catch (_) { /* ignore */ }
+      if (conn && conn.sock) {
+        conn.sock.onopen = conn.sock.onmessage = conn.sock.onclose = conn.sock.onerror = null;
+        try { conn.sock.close(1000, 'client disconnect'); } catch (_) { /* ignore */ }
       }
       if (root.document && root.document.removeEventListener) {
         root.document.removeEventListener('visibilitychange', this._onWake);
       }
       if (root.removeEventListener) root.removeEventListener('online', this._onWake);
       const wasClosed = this._state === 'closed';
+      this._setTransport(null);
       this._setState('closed');
       if (wasRunning && !wasClosed) this._emit('disconnected', { code, reason, willReconnect: false });
     }
@@ -440,6 +568,7 @@
       delete next.type;
       this._tasks.set(next.task_id, next);
       this._saveSoon();
+      this._emit('change', { task_id: next.task_id });
       if (emit) {
         this._emit('task_status', next);
         if (isTerminal(next.status) && !(prev && isTerminal(prev.status))) {
@@ -491,11 +620,15 @@
 
     async _refreshToken() {
       if (!this._getToken || this._refreshing || this._stopped) return;
+      // A token that is itself near its end makes the server say `token_expiring` again
+      // at once: ask at most every few seconds rather than in a loop.
+      if (Date.now() - this._refreshedAt < MIN_REFRESH_MS) return;
+      this._refreshedAt = Date.now();
       this._refreshing = true;
       try {
         this._setToken(await this._getToken());
         this._needToken = false;
-        this.send({ type: 'refresh', token: this._token });
+        this._sendRefresh();
       } catch (err) {
         this._emit('error', err);
       } finally {
@@ -509,6 +642,7 @@
       this._polling = true;
       this._pollRound = 0;
       this._pollFailed = false;
+      this._setTransport('polling');
       this._setState('polling');
       this._poll();
     }
@@ -535,7 +669,7 @@
       this._pollRound += 1;
       // Retry the WebSocket every few rounds, and at once when the server answers again
       // (it was down, e.g. restarting, rather than the WebSocket being blocked).
-      if (this._pollRound % PROBE_EVERY === 0 || (ok && this._pollFailed)) this._openSocket();
+      if (this._pollRound % PROBE_EVERY === 0 || (ok && this._pollFailed)) this._probe();
       this._pollFailed = !ok;
       this._setTimer('poll', () => this._poll(), this.options.pollIntervalMs);
     }
@@ -567,6 +701,7 @@
         this._tasks.clear();
         this._lastSeq = null;
         this._saveSoon();
+        this._emit('change', { task_id: null });
         this._emit('resync', { epoch: this._epoch });
         return this._pollOnce();
       }
@@ -587,7 +722,7 @@
   }
 
   Object.assign(TaskNotificationClient, {
-    TERMINAL, ACTIVE, isTerminal, decodeJwt, DEFAULTS: Object.freeze(Object.assign({}, DEFAULTS)),
+    TERMINAL, ACTIVE, TRANSPORTS, isTerminal, decodeJwt, DEFAULTS: Object.freeze(Object.assign({}, DEFAULTS)),
   });
 
   root.TaskNotificationClient = TaskNotificationClient;
