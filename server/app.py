@@ -24,7 +24,7 @@ from .sse import stream_handler, stream_watch
 from .store import Store
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
-from .watch import TokenDeadlines, socket_watch
+from .watch import TokenDeadlines, Watched, socket_watch
 from .ws import close_all, websocket_handler
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,11 @@ def create_app(config: Config) -> web.Application:
     app[keys.HUB] = Hub()
     app[keys.METRICS] = Metrics()
     app[keys.TASKS] = TaskService(store, max_active=config.max_active_tasks)
-    app[keys.SOCKETS] = set()
+    sockets: set[Watched] = set()
+    deadlines = TokenDeadlines(config.jwt_leeway)
+    app[keys.SOCKETS] = sockets
     app[keys.SNAPSHOT_BUDGET] = ByteBudget(config.snapshot_memory)
-    app[keys.DEADLINES] = TokenDeadlines(config.jwt_leeway)
+    app[keys.DEADLINES] = deadlines
     app[keys.DEMO_RUNNERS] = set()
 
     app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
@@ -215,7 +217,8 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(sweeper_ctx)
-    app.cleanup_ctx.append(socket_watch)
+    app.cleanup_ctx.append(socket_watch(config, lambda: sockets, deadlines,
+                                        app[keys.METRICS].slow_closed.inc))
     app.cleanup_ctx.append(stream_watch)
     app.on_shutdown.append(on_shutdown)
     return app

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from .auth import TokenVerifier
@@ -13,10 +11,7 @@ from .metrics import Metrics
 from .snapshot import ByteBudget
 from .store import Store
 from .tasks import TaskService
-
-if TYPE_CHECKING:
-    from .watch import TokenDeadlines
-    from .ws import Connection
+from .watch import TokenDeadlines, Watched
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
@@ -25,6 +20,6 @@ TASKS = web.AppKey("tasks", TaskService)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
 SNAPSHOT_BUDGET = web.AppKey("snapshot_budget", ByteBudget)
-SOCKETS: web.AppKey[set[Connection]] = web.AppKey("sockets", set)
-DEADLINES: web.AppKey[TokenDeadlines] = web.AppKey("deadlines")
+SOCKETS: web.AppKey[set[Watched]] = web.AppKey("sockets", set)  # every socket and stream
+DEADLINES = web.AppKey("deadlines", TokenDeadlines)
 DEMO_RUNNERS: web.AppKey[set[object]] = web.AppKey("demo_runners", set)

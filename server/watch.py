@@ -20,22 +20,43 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Protocol
 
-from aiohttp import web
-
-from . import keys, protocol
-
-if TYPE_CHECKING:
-    from .ws import Connection
+from . import protocol
+from .auth import Identity
+from .config import Config
 
 log = logging.getLogger(__name__)
 
 EXPIRY_NOTICE = 60.0  # seconds before exp that `token_expiring` is sent
 PING_FRAME = b"\x89\x00"  # RFC 6455: final frame, opcode ping, no payload, unmasked
 
-_Entry = tuple[float, int, "weakref.ref[Connection]", int, bool]  # when, n, conn, gen, close?
+
+
+class Watched(Protocol):
+    """What the clocks need of a socket (ws.Connection, sse.Stream); nothing of aiohttp."""
+
+    identity: Identity
+    closing: bool
+    token_generation: int  # bumped when the token changes: older deadlines lapse
+    send_started: float  # loop time the current send began; 0 when not sending
+    backed_up_since: float  # loop time the transport was first seen backed up
+    ping_sent_at: float  # loop time of an unanswered ping; 0 once the peer spoke
+
+    def backed_up(self) -> bool: ...
+
+    def write_control(self, frame: bytes) -> bool: ...
+
+    def notice_expiring(self) -> None: ...
+
+    def close(self, code: int, reason: str) -> object: ...
+
+    def abort(self) -> None: ...
+
+
+Connection = Watched  # the name the rest of this module reads best with
+_Entry = tuple[float, int, "weakref.ref[Watched]", int, bool]  # when, n, conn, gen, close?
 
 
 class TokenDeadlines:
@@ -148,9 +169,11 @@ def check_sockets(conns: Iterable[Connection], now: float, *, send_timeout: floa
     return stuck, dead
 
 
-async def socket_watch(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the ticking task, and the token deadlines' timer stopped at the end."""
-    config = app[keys.CONFIG]
+def socket_watch(config: Config, sockets: Callable[[], Iterable[Watched]],
+                 deadlines: TokenDeadlines, on_stuck: Callable[[int], object]
+                 ) -> Callable[[object], AsyncIterator[None]]:
+    """A cleanup_ctx: the ticking task over `sockets()`, and the token deadlines' timer
+    stopped at the end. Its collaborators are passed in; it reads no app state."""
     ping_every = config.ping_interval
     tick = min(1.0, config.send_timeout / 2, ping_every / 2 if ping_every else 1.0)
 
@@ -163,15 +186,18 @@ async def socket_watch(app: web.Application) -> AsyncIterator[None]:
             ping = bool(ping_every) and now >= next_ping
             if ping:
                 next_ping = now + ping_every
-            stuck, _ = check_sockets(list(app[keys.SOCKETS]), now,
+            stuck, _ = check_sockets(list(sockets()), now,
                                      send_timeout=config.send_timeout,
                                      ping_timeout=config.ping_timeout, ping=ping)
             if stuck:
-                app[keys.METRICS].slow_closed.inc(stuck)
+                on_stuck(stuck)
 
-    task = asyncio.create_task(run(), name="taskpush-socket-watch")
-    yield
-    task.cancel()
-    app[keys.DEADLINES].stop()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async def ctx(_app: object) -> AsyncIterator[None]:
+        task = asyncio.create_task(run(), name="taskpush-socket-watch")
+        yield
+        task.cancel()
+        deadlines.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
