@@ -50,6 +50,7 @@ from .model import (
     ACTIVE,
     Change,
     Delete,
+    Kind,
     Operation,
     Outcome,
     Register,
@@ -762,7 +763,7 @@ class Store:
                     else:
                         seq = self._apply_delete(txn, op, seq, now, outcome)
                 except (NotFound, Conflict, TooMany) as exc:
-                    outcome.error = exc
+                    outcome.refuse(exc)
                 outcomes.append(outcome)
             txn.flush()
             conn.execute("COMMIT")
@@ -782,16 +783,16 @@ class Store:
         if op.idem_key is not None:
             done = txn.applied_with_key(op.task_id, op.idem_key)
             if done is not None:
-                outcome.task, outcome.seq, outcome.replayed = task, done, True
+                outcome.task, outcome.seq, outcome.kind = task, done, Kind.UNCHANGED
                 return seq
         if op.expect_seq is not None and task["seq"] != op.expect_seq:
-            outcome.skipped = True
+            outcome.refuse()  # the task moved since the caller looked: not applied
             outcome.task = task
             return seq
         seq += 1
         new = next_state(task, op, seq, now)
         txn.changed(new, now, op.idem_key)
-        outcome.task, outcome.seq = new, seq
+        outcome.task, outcome.seq, outcome.kind = new, seq, Kind.CHANGED
         return seq
 
     @staticmethod
@@ -804,6 +805,7 @@ class Store:
                 if not same_registration(existing, op):
                     raise Conflict(f"task {op.task_id} already exists with a different body")
                 outcome.task, outcome.seq = existing, existing["seq"]
+                outcome.kind = Kind.UNCHANGED
                 return seq
         txn.flush()  # the count below and the INSERT must see the batch so far
         if op.max_active is not None:
@@ -826,7 +828,7 @@ class Store:
              seq, seq),
         )
         txn.created(task, now)
-        outcome.task, outcome.seq, outcome.created = task, seq, True
+        outcome.task, outcome.seq, outcome.kind = task, seq, Kind.CREATED
         return seq
 
     @staticmethod
@@ -847,7 +849,7 @@ class Store:
             (seq, op.task_id, task["user_id"], now),
         )
         txn.deleted(op.task_id)
-        outcome.task, outcome.seq, outcome.deleted = task, seq, True
+        outcome.task, outcome.seq, outcome.kind = task, seq, Kind.DELETED
         return seq
 
     # ---- reads -----------------------------------------------------------------------
