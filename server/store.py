@@ -66,8 +66,10 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 MAX_BATCH = 2000
 INLINE_MAX_OPS = 64  # batches up to this size are written on the loop's thread
-# A WAL checkpoint when the WAL holds roughly 30 MB (a single-event commit writes ~17 KB of
-# pages, a batched event ~2.4 KB) or CHECKPOINT_EVERY_S after a commit, whichever is first
+# A WAL checkpoint after CHECKPOINT_EVERY_COMMITS commits or CHECKPOINT_EVERY_OPS operations
+# (each about 30 MB of WAL, from the WAL bytes per commit and per batched event measured in
+# docs/performance.md, "Figures behind the store's constants"), or CHECKPOINT_EVERY_S after
+# a commit, whichever is first
 CHECKPOINT_EVERY_COMMITS = 2_000
 CHECKPOINT_EVERY_OPS = 12_000
 CHECKPOINT_EVERY_S = 2.0
@@ -354,7 +356,7 @@ class Store:
         self._checkpointing: asyncio.Task[None] | None = None
         self.epoch = ""
         self.last_seq = 0
-        self.horizon = 0  # `since` below this cannot be replayed (history swept)
+        self.horizon = 0  # `since` below this cannot be replayed (its tombstones purged)
         self.on_commit: CommitListener | None = None
         self._queue: asyncio.Queue[_Submission] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -586,7 +588,9 @@ class Store:
             "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
             " coalesce((SELECT max(seq) FROM tombstones), 0))"
         ).fetchone()[0]
-        self.last_seq = max(int(top), int(settings.get("last_seq", 0)), self.horizon)
+        # every seq ever issued is at most an event's, a tombstone's (above its task's
+        # events) or the horizon (the newest purged tombstone): no counter to keep
+        self.last_seq = max(int(top), self.horizon)
 
     # ---- settings --------------------------------------------------------------------
 
