@@ -45,7 +45,9 @@ CREATE TABLE IF NOT EXISTS tombstones (
     deleted_at TEXT NOT NULL
 );
 
--- Key/value settings: epoch, next seq, demo secret, resume horizon.
+-- Key/value settings: epoch, demo secret, resume horizon (the seq of the newest purged
+-- tombstone). The next seq is not stored: it follows the largest seq in events, tombstones
+-- and the horizon.
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL

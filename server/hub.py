@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from . import protocol
-from .model import Outcome, Register
+from .model import Kind, Outcome
 
 
 class Subscriber(Protocol):
@@ -30,12 +30,10 @@ class Subscriber(Protocol):
 def update_for(outcome: Outcome) -> protocol.Update | None:
     """The pushed form of a committed outcome, or None if nothing changed."""
     task = outcome.task
-    if not outcome.ok or task is None or outcome.seq is None:
-        return None
-    if outcome.deleted:
+    if not outcome.news or task is None or outcome.seq is None:
+        return None  # refused, or an idempotent retry: nothing new
+    if outcome.kind is Kind.DELETED:
         return protocol.deleted_update(task["task_id"], task["user_id"], outcome.seq)
-    if outcome.replayed or (isinstance(outcome.op, Register) and not outcome.created):
-        return None  # an idempotent retry: nothing new
     return protocol.status_update(task)
 
 

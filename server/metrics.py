@@ -5,7 +5,10 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-export)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .model import Outcome, Register
+from .model import Kind, Outcome
+
+# the `kind` label of taskpush_events_ingested for each outcome that is news
+EVENT_LABELS = {Kind.CREATED: "register", Kind.CHANGED: "change", Kind.DELETED: "delete"}
 
 
 class Metrics:
@@ -74,16 +77,9 @@ class Metrics:
             if outcome.error is not None:
                 code = getattr(outcome.error, "code", "error")
                 refused[code] = refused.get(code, 0) + 1
-                continue
-            if outcome.deleted:
-                kind = "delete"
-            elif outcome.created:
-                kind = "register"
-            elif not (outcome.skipped or outcome.replayed or isinstance(outcome.op, Register)):
-                kind = "change"
-            else:
-                continue
-            kinds[kind] = kinds.get(kind, 0) + 1
+            elif outcome.news:
+                kind = EVENT_LABELS[outcome.kind]
+                kinds[kind] = kinds.get(kind, 0) + 1
         for kind, count in kinds.items():
             self.events.labels(kind).inc(count)
         for code, count in refused.items():

@@ -8,6 +8,7 @@ without a database.
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import math
 import time
 from dataclasses import dataclass
@@ -107,22 +108,50 @@ class Delete:
 Operation = Register | Change | Delete
 
 
+class Kind(enum.StrEnum):
+    """What an operation did, decided once by the store where it applies the operation;
+    the hub (what to push), the metrics (what to count) and the producer API (201 or 200)
+    all read this and never re-derive it."""
+
+    CREATED = "created"  # a new task (a Register with no task of that id before)
+    CHANGED = "changed"  # a new state of the task (a Change applied)
+    DELETED = "deleted"  # the task is gone, a tombstone left (a Delete applied)
+    UNCHANGED = "unchanged"  # already so: the same Register again, or a retried Change
+    #                          with an idempotency key already applied; nothing committed
+    REFUSED = "refused"  # not applied: `error` says why, or (error None) the Change's
+    #                      `expect_seq` condition no longer held (the task moved meanwhile)
+
+
+NEWS = frozenset({Kind.CREATED, Kind.CHANGED, Kind.DELETED})  # a commit clients must hear of
+
+
 @dataclass(slots=True)
 class Outcome:
-    """What one operation did: the task after it, or the error that refused it."""
+    """What one operation did: its kind, the task after it, or the error that refused it."""
 
     op: Operation
     task: Task | None = None
     error: Exception | None = None
-    created: bool = False
-    deleted: bool = False
-    skipped: bool = False  # a conditional change whose condition no longer held
-    replayed: bool = False  # a retry of an already applied change (same idempotency key)
+    kind: Kind = Kind.CHANGED
     seq: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            self.kind = Kind.REFUSED
+
+    def refuse(self, error: Exception | None = None) -> None:
+        """Not applied: because of `error`, or (None) because its condition did not hold."""
+        self.kind, self.error = Kind.REFUSED, error
 
     @property
     def ok(self) -> bool:
-        return self.error is None and not self.skipped
+        """The operation's effect holds (applied now, or already before)."""
+        return self.kind is not Kind.REFUSED
+
+    @property
+    def news(self) -> bool:
+        """Something was committed that subscribers and counters must see."""
+        return self.kind in NEWS
 
 
 def same_registration(task: Task, op: Register) -> bool:

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from .errors import BadRequest, NotFound, StorageUnavailable, TaskFinal
-from .model import Register, Task, public
+from .model import Task, public
 from .tasks import TaskService
 from .validate import event_body, register_body
 
@@ -71,8 +71,7 @@ class InProcessBackend:
                        ) -> Task:
         data = {"task_id": task_id, "user_id": user_id, "task_type": task_type,
                 "metadata": metadata}
-        op = register_body(data, self.json_limit)
-        op = Register(op.task_id, op.user_id, op.task_type, op.metadata, origin="inprocess")
+        op = register_body(data, self.json_limit, origin="inprocess")
         outcome = await self.tasks.register(op)
         assert outcome.task is not None
         return public(outcome.task)

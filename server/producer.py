@@ -14,7 +14,7 @@ from aiohttp import web
 from . import keys
 from .auth import api_key_matches
 from .errors import BadRequest, Forbidden, TaskPushError, Unauthorized
-from .model import Change, Operation, public
+from .model import Change, Kind, Operation, public
 from .rest import ok, read_object
 from .validate import batch_body, event_body, idempotency_key, register_body, task_id
 
@@ -33,7 +33,7 @@ async def register(request: web.Request) -> web.Response:
     op = register_body(await read_object(request), config.max_json_bytes)
     outcome = await request.app[keys.TASKS].register(op)
     assert outcome.task is not None
-    return ok(public(outcome.task), status=201 if outcome.created else 200)
+    return ok(public(outcome.task), status=201 if outcome.kind is Kind.CREATED else 200)
 
 
 async def post_event(request: web.Request) -> web.Response:

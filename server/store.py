@@ -50,6 +50,7 @@ from .model import (
     ACTIVE,
     Change,
     Delete,
+    Kind,
     Operation,
     Outcome,
     Register,
@@ -65,8 +66,10 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 MAX_BATCH = 2000
 INLINE_MAX_OPS = 64  # batches up to this size are written on the loop's thread
-# A WAL checkpoint when the WAL holds roughly 30 MB (a single-event commit writes ~17 KB of
-# pages, a batched event ~2.4 KB) or CHECKPOINT_EVERY_S after a commit, whichever is first
+# A WAL checkpoint after CHECKPOINT_EVERY_COMMITS commits or CHECKPOINT_EVERY_OPS operations
+# (each about 30 MB of WAL, from the WAL bytes per commit and per batched event measured in
+# docs/performance.md, "Figures behind the store's constants"), or CHECKPOINT_EVERY_S after
+# a commit, whichever is first
 CHECKPOINT_EVERY_COMMITS = 2_000
 CHECKPOINT_EVERY_OPS = 12_000
 CHECKPOINT_EVERY_S = 2.0
@@ -353,7 +356,7 @@ class Store:
         self._checkpointing: asyncio.Task[None] | None = None
         self.epoch = ""
         self.last_seq = 0
-        self.horizon = 0  # `since` below this cannot be replayed (history swept)
+        self.horizon = 0  # `since` below this cannot be replayed (its tombstones purged)
         self.on_commit: CommitListener | None = None
         self._queue: asyncio.Queue[_Submission] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -585,7 +588,9 @@ class Store:
             "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
             " coalesce((SELECT max(seq) FROM tombstones), 0))"
         ).fetchone()[0]
-        self.last_seq = max(int(top), int(settings.get("last_seq", 0)), self.horizon)
+        # every seq ever issued is at most an event's, a tombstone's (above its task's
+        # events) or the horizon (the newest purged tombstone): no counter to keep
+        self.last_seq = max(int(top), self.horizon)
 
     # ---- settings --------------------------------------------------------------------
 
@@ -762,7 +767,7 @@ class Store:
                     else:
                         seq = self._apply_delete(txn, op, seq, now, outcome)
                 except (NotFound, Conflict, TooMany) as exc:
-                    outcome.error = exc
+                    outcome.refuse(exc)
                 outcomes.append(outcome)
             txn.flush()
             conn.execute("COMMIT")
@@ -782,16 +787,16 @@ class Store:
         if op.idem_key is not None:
             done = txn.applied_with_key(op.task_id, op.idem_key)
             if done is not None:
-                outcome.task, outcome.seq, outcome.replayed = task, done, True
+                outcome.task, outcome.seq, outcome.kind = task, done, Kind.UNCHANGED
                 return seq
         if op.expect_seq is not None and task["seq"] != op.expect_seq:
-            outcome.skipped = True
+            outcome.refuse()  # the task moved since the caller looked: not applied
             outcome.task = task
             return seq
         seq += 1
         new = next_state(task, op, seq, now)
         txn.changed(new, now, op.idem_key)
-        outcome.task, outcome.seq = new, seq
+        outcome.task, outcome.seq, outcome.kind = new, seq, Kind.CHANGED
         return seq
 
     @staticmethod
@@ -804,6 +809,7 @@ class Store:
                 if not same_registration(existing, op):
                     raise Conflict(f"task {op.task_id} already exists with a different body")
                 outcome.task, outcome.seq = existing, existing["seq"]
+                outcome.kind = Kind.UNCHANGED
                 return seq
         txn.flush()  # the count below and the INSERT must see the batch so far
         if op.max_active is not None:
@@ -826,7 +832,7 @@ class Store:
              seq, seq),
         )
         txn.created(task, now)
-        outcome.task, outcome.seq, outcome.created = task, seq, True
+        outcome.task, outcome.seq, outcome.kind = task, seq, Kind.CREATED
         return seq
 
     @staticmethod
@@ -847,7 +853,7 @@ class Store:
             (seq, op.task_id, task["user_id"], now),
         )
         txn.deleted(op.task_id)
-        outcome.task, outcome.seq, outcome.deleted = task, seq, True
+        outcome.task, outcome.seq, outcome.kind = task, seq, Kind.DELETED
         return seq
 
     # ---- reads -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ in-process jobs, so a cancel can interrupt them and shutdown can end them as int
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -34,8 +35,7 @@ class TaskService:
 
     async def register(self, op: Register) -> Outcome:
         if op.max_active is None:
-            op = Register(op.task_id, op.user_id, op.task_type, op.metadata, op.origin,
-                          self.max_active)
+            op = dataclasses.replace(op, max_active=self.max_active)
         return await self._one(op)
 
     async def change(self, op: Change) -> Task:

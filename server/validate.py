@@ -136,7 +136,9 @@ def progress(value: Any, where: str = "") -> float | None:
     return value
 
 
-def register_body(data: dict[str, Any], json_limit: int) -> Register:
+def register_body(data: dict[str, Any], json_limit: int, origin: str = "http") -> Register:
+    """The one place a `Register` is built from fields: the HTTP producer API and the
+    in-process one (`origin="inprocess"`) both call it; TaskService only adds its limit."""
     _unknown(data, REGISTER_FIELDS)
     user_id = parse_user_id(data.get("user_id"))
     if user_id is None:
@@ -149,7 +151,7 @@ def register_body(data: dict[str, Any], json_limit: int) -> Register:
     raw_id = data.get("task_id")
     given_id = None if raw_id is None else task_id(raw_id)
     metadata = bounded_json(data.get("metadata"), "metadata", json_limit)
-    return Register(given_id, user_id, task_type, metadata, origin="http")
+    return Register(given_id, user_id, task_type, metadata, origin=origin)
 
 
 def event_body(task: str, data: dict[str, Any], json_limit: int, where: str = "") -> Change:

@@ -9,7 +9,7 @@ from typing import Any
 
 from server import protocol
 from server.hub import Hub, update_for
-from server.model import TASK_FIELDS, Change, Delete, Outcome, Register, Task
+from server.model import TASK_FIELDS, Change, Delete, Kind, Outcome, Register, Task
 
 
 class Recorder:
@@ -140,11 +140,12 @@ def test_refused_skipped_and_idempotent_outcomes_are_not_pushed():
     hub.attach(a)
     refused = Outcome(Change("t1", "progress"), task=task("t1", 1, 1), seq=1,
                       error=ValueError("no"))
-    skipped = Outcome(Change("t1", "progress"), task=task("t1", 1, 1), seq=1, skipped=True)
+    skipped = Outcome(Change("t1", "progress"), task=task("t1", 1, 1), seq=1, kind=Kind.REFUSED)
     no_task = Outcome(Change("t1", "progress"), seq=2)
     no_seq = Outcome(Change("t1", "progress"), task=task("t1", 1, 1))
     # the same registration again: the task is unchanged (its seq is older than the outcome's)
-    again = Outcome(Register("t1", 1, "x"), task=task("t1", 1, 1, "pending"), seq=7)
+    again = Outcome(Register("t1", 1, "x"), task=task("t1", 1, 1, "pending"), seq=7,
+                    kind=Kind.UNCHANGED)
     hub.publish([refused, skipped, no_task, no_seq, again])
     assert a.got == [] and hub.updates_published == 0
 
@@ -153,7 +154,8 @@ def test_deletion_is_pushed_as_task_deleted():
     hub = Hub()
     a = Recorder(1)
     hub.attach(a)
-    gone = Outcome(Delete("t1"), task=task("t1", 1, 4, "completed"), seq=5, deleted=True)
+    gone = Outcome(Delete("t1"), task=task("t1", 1, 4, "completed"), seq=5,
+                   kind=Kind.DELETED)
     hub.publish([gone])
     assert len(a.got) == 1
     update = a.got[0]
@@ -179,7 +181,7 @@ def test_each_socket_is_flushed_once_after_the_whole_commit_is_queued():
 
 def test_update_for_registration():
     created = Outcome(Register("t1", 1, "x"), task=task("t1", 1, 1, "pending"), seq=1,
-                      created=True)
+                      kind=Kind.CREATED)
     update = update_for(created)
     assert update is not None and update.status == "pending" and update.user_id == 1
 

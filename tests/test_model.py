@@ -1,4 +1,4 @@
-"""server/model.py helpers not covered through the store: time formatting."""
+"""server/model.py helpers not covered through the store: time formatting, outcome kinds."""
 
 from __future__ import annotations
 
@@ -18,3 +18,37 @@ def test_utc_iso_matches_datetime_formatting_at_every_rounding_edge() -> None:
         when = dt.datetime.fromtimestamp(moment, dt.UTC)
         expected = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
         assert utc_iso(moment) == expected, moment
+
+
+def test_outcome_kind_says_whether_it_is_ok_and_whether_it_is_news() -> None:
+    """One table for every reader: hub (push?), metrics (count?), sweeper/tasks (ok?)."""
+    from server.model import Change, Kind, Outcome
+
+    op = Change("t", "running")
+    table = {
+        Kind.CREATED: (True, True),
+        Kind.CHANGED: (True, True),
+        Kind.DELETED: (True, True),
+        Kind.UNCHANGED: (True, False),  # already so: nothing to push or count
+        Kind.REFUSED: (False, False),
+    }
+    assert set(table) == set(Kind)
+    for kind, (ok, news) in table.items():
+        outcome = Outcome(op, kind=kind)
+        assert (outcome.ok, outcome.news) == (ok, news), kind
+    assert [k.value for k in Kind] == ["created", "changed", "deleted", "unchanged", "refused"]
+
+
+def test_an_outcome_with_an_error_is_refused_however_it_was_built() -> None:
+    from server.errors import TaskFinal
+    from server.model import Change, Kind, Outcome
+
+    op = Change("t", "running")
+    built = Outcome(op, error=TaskFinal("x"), kind=Kind.CHANGED)
+    assert built.kind is Kind.REFUSED and not built.ok and not built.news
+    refused = Outcome(op)
+    refused.refuse(TaskFinal("late"))
+    assert refused.kind is Kind.REFUSED and isinstance(refused.error, TaskFinal)
+    moved = Outcome(op)
+    moved.refuse()  # a condition that no longer held: refused with no error
+    assert moved.kind is Kind.REFUSED and moved.error is None and not moved.ok

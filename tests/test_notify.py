@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from server.errors import NotFound
+from server.errors import BadRequest, NotFound
 from server.notify import TaskProgressContext, task_notification_service, task_notifier
 from tests.conftest import Client, auth, handshake, recv, recv_until, ws_connect
 
@@ -258,3 +258,11 @@ async def test_without_a_running_app_the_api_says_so() -> None:
     with pytest.raises(RuntimeError, match="no taskpush app is running"):
         async with TaskProgressContext("z", user_id=1, task_type="job"):
             pass
+
+
+async def test_in_process_lone_surrogate_is_a_bad_request_not_a_failed_batch(client: Any
+                                                                             ) -> None:
+    await task_notification_service.register_task(task_id="ip", user_id=1, task_type="t")
+    with pytest.raises(BadRequest):
+        await task_notification_service.notify_progress("ip", progress=5, message="\ud800")
+    assert (await task_notification_service.notify_progress("ip", progress=6))["progress"] == 6

@@ -468,6 +468,24 @@ async def test_batch_reports_cancel_like_single_form(client: Any) -> None:
     assert results[0]["ok"] is False and results[0]["code"] == 409
 
 
+async def test_lone_surrogate_is_refused_alone_and_others_are_applied(client: Any) -> None:
+    await register(client, "good", 1)
+    await register(client, "bad", 1)
+    body = ('{"events": [{"task_id": "good", "status": "running"},'
+            ' {"task_id": "bad", "status": "running", "message": "\\ud800"}]}')
+    resp = await client.post("/api/task/events", headers={**PRODUCER,
+                             "Content-Type": "application/json"}, data=body)
+    assert resp.status == 400  # the body itself is not storable text
+    single = await client.post("/api/task/task/bad/events",
+                               headers={**PRODUCER, "Content-Type": "application/json"},
+                               data='{"status": "running", "message": "\\udfff"}')
+    assert single.status == 400
+    ok = await client.post("/api/task/events", headers=PRODUCER,
+                           json={"events": [{"task_id": "good", "status": "running"}]})
+    assert ok.status == 200 and (await ok.json())["data"]["results"][0]["ok"]
+    assert (await client.get("/healthz")).status == 200
+
+
 # ---- Idempotency-Key -----------------------------------------------------------------
 
 async def test_idempotency_key_makes_a_retry_change_nothing(client: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from server.errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
-from server.model import Change, Delete, Outcome, Register
+from server.model import Change, Delete, Kind, Outcome, Register
 from server.store import SCHEMA_PATH, Store
 
 
@@ -243,10 +243,11 @@ async def test_cancelled_task_refusal_says_cancel_requested(store: Store) -> Non
 async def test_register_is_idempotent_and_conflicts_on_a_different_body(
         store: Store, db_path: Path) -> None:
     first = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
-    assert first.created and first.task is not None and first.task["status"] == "pending"
+    assert first.kind is Kind.CREATED
+    assert first.task is not None and first.task["status"] == "pending"
     seq = store.last_seq
     again = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
-    assert not again.created and again.seq == first.seq and store.last_seq == seq
+    assert again.kind is not Kind.CREATED and again.seq == first.seq and store.last_seq == seq
     assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 'r'") == [(1,)]
     for different in (Register("r", 8, "job", {"a": [1, 2]}),
                       Register("r", 7, "other", {"a": [1, 2]}),
@@ -281,10 +282,25 @@ async def test_conditional_change_is_skipped_when_the_task_moved(store: Store) -
     seq = store.last_seq
     outcome = await store.submit(Change("s", "failed", error_type="stale",
                                         expect_seq=registered.seq))
-    assert outcome.skipped and not outcome.ok and outcome.error is None
+    assert outcome.kind is Kind.REFUSED and not outcome.ok and outcome.error is None
     assert store.last_seq == seq
     task = await store.get_task("s")
     assert task is not None and task["status"] == "progress"
+
+
+async def test_each_operation_reports_the_kind_of_what_it_did(store: Store) -> None:
+    """The store decides the kind where it applies the operation (hub/metrics only read it)."""
+    assert (await store.submit(Register("k", 1, "job"))).kind is Kind.CREATED
+    assert (await store.submit(Register("k", 1, "job"))).kind is Kind.UNCHANGED
+    assert (await store.submit(Register("k", 2, "job"))).kind is Kind.REFUSED
+    first = await store.submit(Change("k", "progress", progress=5, idem_key="a"))
+    assert first.kind is Kind.CHANGED
+    assert (await store.submit(Change("k", "progress", progress=5, idem_key="a"))
+            ).kind is Kind.UNCHANGED
+    assert (await store.submit(Change("k", "failed", expect_seq=1))).kind is Kind.REFUSED
+    assert (await store.submit(Change("nope", "running"))).kind is Kind.REFUSED
+    await store.submit(Change("k", "completed"))
+    assert (await store.submit(Delete("k"))).kind is Kind.DELETED
 
 
 async def test_delete_needs_a_finished_task_of_the_owner(store: Store, db_path: Path) -> None:
@@ -294,13 +310,13 @@ async def test_delete_needs_a_finished_task_of_the_owner(store: Store, db_path: 
     await finished(store, "fin", user_id=1)
     assert isinstance((await store.submit(Delete("fin", owner=2))).error, NotFound)
     deleted = await ok(store, Delete("fin", owner=1))
-    assert deleted.deleted
+    assert deleted.kind is Kind.DELETED
     assert await store.get_task("fin") is None
     assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 'fin'") == [(0,)]
     assert rows(db_path, "SELECT seq, task_id, user_id FROM tombstones"
                 ) == [(deleted.seq, "fin", 1)]
     forced = await ok(store, Delete("act", allow_active=True))
-    assert forced.deleted and await store.get_task("act") is None
+    assert forced.kind is Kind.DELETED and await store.get_task("act") is None
 
 
 # ---- tombstones and the resume horizon --------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from server import model, validate
 from server.errors import BadRequest, TaskFinal, TooLarge
-from server.model import Change, Outcome, Register, new_task, next_state, public
+from server.model import Change, Kind, Outcome, Register, new_task, next_state, public
 
 LIMIT = 1000
 
@@ -329,7 +329,7 @@ def test_outcome_ok() -> None:
     op = Change("t", "running")
     assert Outcome(op).ok
     assert not Outcome(op, error=TaskFinal("x")).ok
-    assert not Outcome(op, skipped=True).ok
+    assert not Outcome(op, kind=Kind.REFUSED).ok
 
 
 def test_utc_now_is_iso_utc_and_sorts() -> None:

@@ -485,3 +485,60 @@ async def test_shutdown_closes_every_socket_1001(client):
     for close in closes:
         msg = await close
         assert msg.type == WSMsgType.CLOSE and msg.data == 1001, msg
+
+
+# ---- isolation: another user's task never reaches a socket ----------------------------
+
+
+async def test_reused_task_id_of_another_user_is_never_pushed(client: Any) -> None:
+    """User 1 subscribed to its task; the id is deleted and registered again for user 2:
+    user 1 must not receive user 2's task."""
+    from tests.conftest import recv_until
+
+    ws = await ws_connect(client, 1)
+    await handshake(ws)
+    await register(client, "shared", 1)
+    await event(client, "shared", "completed")
+    await ws.send_str(json.dumps({"type": "subscribe", "task_id": "shared"}))
+    await recv_until(ws, lambda m: m["type"] == "subscribed")
+    resp = await client.delete("/api/task/task/shared", headers=auth(1))
+    assert resp.status == 200
+    await recv_until(ws, lambda m: m["type"] == "task_deleted")
+    await register(client, "shared", 2, metadata={"secret": "of user 2"})
+    await event(client, "shared", "progress", progress=10, message="user 2 only")
+    await register(client, "marker", 1)  # the next thing user 1 may see
+    seen = await recv_until(ws, lambda m: m.get("task_id") == "marker")
+    assert all(m.get("user_id") in (None, 1) for m in seen), seen
+    await ws.close()
+
+
+async def test_subscribe_racing_updates_of_another_users_task_leaks_nothing(client: Any
+                                                                            ) -> None:
+    from tests.conftest import PRODUCER, recv_until
+
+    await register(client, "victim", 2, metadata={"ssn": "123"})
+    ws = await ws_connect(client, 1)
+    await handshake(ws)
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            await client.post("/api/task/task/victim/events", headers=PRODUCER,
+                              json={"status": "progress", "progress": n % 100})
+
+    producers = [asyncio.create_task(produce()) for _ in range(3)]
+    try:
+        for _ in range(40):
+            await ws.send_str(json.dumps({"type": "subscribe", "task_id": "victim"}))
+            answer = await recv(ws)
+            assert answer == {"type": "error", "code": "forbidden",
+                              "message": "no such task of yours to subscribe to"}, answer
+    finally:
+        stop.set()
+        await asyncio.gather(*producers)
+    await register(client, "marker", 1)
+    seen = await recv_until(ws, lambda m: m.get("task_id") == "marker")
+    assert all(m.get("task_id") != "victim" for m in seen), seen
+    await ws.close()

@@ -530,3 +530,26 @@ async def test_dead_peer_dropped_by_protocol_ping(make_client):
     await alive.close()
     await reading
     await dead.close()
+
+
+# ---- resume: more changes than the control queue holds -----------------------------------
+
+
+async def test_resume_with_more_changes_than_the_control_queue(client: Any) -> None:
+    ws = await ws_connect(client, 7)
+    connected, _ = await handshake(ws)
+    await ws.close()
+    events = []
+    for n in range(300):
+        await register(client, f"bulk{n}", 7)
+        events.append({"task_id": f"bulk{n}", "status": "completed"})
+    resp = await client.post("/api/task/events", headers=PRODUCER, json={"events": events})
+    assert resp.status == 200
+    ws = await ws_connect(client, 7, query=f"since={connected['seq']}")
+    await handshake(ws)
+    replayed = [await recv(ws) for _ in range(300)]
+    assert {m["task_id"] for m in replayed} == {f"bulk{n}" for n in range(300)}
+    assert all(m["type"] == "task_status" and m["status"] == "completed" for m in replayed)
+    await ws.send_str('{"type":"ping"}')
+    assert (await recv(ws))["type"] == "pong"  # still open
+    await ws.close()
