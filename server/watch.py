@@ -1,7 +1,5 @@
-"""Every socket's clocks with one task and one timer, none per socket.
-
-A timer handle costs ~700 bytes on uvloop, and a socket needed three (the token's expiry
-notice, its close, aiohttp's heartbeat). Here instead:
+"""Every socket's clocks with one task and one timer, none per socket (a timer per socket
+is most of an idle socket's memory: docs/performance.md):
 - token deadlines (`token_expiring`, then close 4401) sit in one heap served by a single
   loop timer; an entry holds a weak reference and is dropped if the socket has gone or its
   token was refreshed since;

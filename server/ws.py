@@ -1,5 +1,6 @@
-"""The WebSocket endpoint: authenticate, attach to the hub, send the snapshot, then run a
-receive loop (client messages) and a send loop (the only writer to the socket).
+"""The WebSocket endpoint: authenticate, attach to the hub, send the snapshot (by pages,
+`snapshot.py`), then run the receive loop (client messages). Queued frames are written
+straight to the transport; a sender task exists only while a peer reads slowly.
 
 Order on connect matters for "no gap, no duplicate": the connection is attached to the hub
 BEFORE the snapshot is read, so a change committed meanwhile is queued; the outbox drops
@@ -54,7 +55,7 @@ class Connection:
         self.user_id = identity.user_id
         self.outbox = protocol.Outbox(config.send_queue)
         self.control: deque[str] | None = None
-        self.subscriptions: dict[str, None] = {}  # a set, at 64 bytes empty instead of 216
+        self.subscriptions: dict[str, None] = {}  # a set; a dict is smaller empty (per socket)
         self.limiter = protocol.RateLimiter(config.rate_limit, config.rate_burst,
                                             config.flood_strikes)
         self.closing = False
@@ -124,7 +125,7 @@ class Connection:
         if self.control:
             item = self.control.popleft()
             if not self.control:
-                self.control = None  # an empty deque costs 600+ bytes per socket
+                self.control = None  # no empty deque kept per idle socket (performance.md)
             return item
         return None if self.outbox.replaying else self.outbox.pop()
 
