@@ -296,7 +296,12 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     # pings are sent and answered here and by watch.py, not by a timer per socket in aiohttp;
     # aiohttp refuses a message of max_msg_size bytes itself, and the flag is the largest
     # one accepted (tests/test_ws_delivery.py pins both edges)
-    ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes + 1, autoping=False)
+    # compress=False: permessage-deflate is declined on purpose. An update is framed once and
+    # the same bytes go to every socket (`_write_direct`); deflate would need a per-socket
+    # compressor (its zlib state alone is many times an idle socket's memory) and a second
+    # framing for the slow path. Updates are small JSON; see README "Where SPEC is silent".
+    ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes + 1, autoping=False,
+                               compress=False)
     await ws.prepare(request)
 
     try:

@@ -542,3 +542,25 @@ async def test_subscribe_racing_updates_of_another_users_task_leaks_nothing(clie
     seen = await recv_until(ws, lambda m: m.get("task_id") == "marker")
     assert all(m.get("task_id") != "victim" for m in seen), seen
     await ws.close()
+
+
+async def test_permessage_deflate_is_declined_and_frames_go_uncompressed(client):
+    """A browser offers permessage-deflate; the server declines it, so every frame (direct
+    writes and the slow path alike) is the same uncompressed bytes (RSV1 clear)."""
+    await register(client, "deflate_t", 1)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write((f"GET /api/task/ws/task/1?token={make_token(1)} HTTP/1.1\r\n"
+                      "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n"
+                      "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+                      "\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        assert b"sec-websocket-extensions" not in head.lower()
+        first = await asyncio.wait_for(reader.readexactly(2), 5)
+        assert first[0] & 0x40 == 0  # RSV1: not compressed
+        assert first[0] & 0x0F == 0x1  # a text frame: `connected`
+    finally:
+        writer.close()
