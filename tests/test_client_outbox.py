@@ -3,7 +3,18 @@ request takes, what is retried, how answers are read."""
 
 from __future__ import annotations
 
-from taskpush_client.outbox import MAX_BATCH, Item, Outbox, read_batch, retry_after
+import json
+
+from taskpush_client.outbox import (
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    Item,
+    Outbox,
+    batch_body,
+    batch_size,
+    read_batch,
+    retry_after,
+)
 
 
 def item(task: str, status: str | None = None, kind: str = "event", **fields: object) -> Item:
@@ -61,9 +72,68 @@ def test_a_request_is_a_registration_alone_or_a_run_of_events() -> None:
     assert box.take() == []
 
 
+def test_a_batch_is_capped_by_its_size_in_order() -> None:
+    """40 completed events with 50 KB results: batches of at most MAX_BATCH_BYTES each
+    (not one 2 MB request the server would refuse whole), the events in queue order, each
+    body exactly what the sender posts; an event larger than the cap goes alone."""
+    box = Outbox()
+    for n in range(40):
+        box.put(item(f"j{n}", "completed", result={"blob": "r" * 50_000}))
+    batches = []
+    while taken := box.take():
+        batches.append(taken)
+    assert [i.task_id for b in batches for i in b] == [f"j{n}" for n in range(40)]
+    assert len(batches) == 4  # ten 50 KB events fit in 512 KiB, eleven do not
+    for batch in batches:
+        body = batch_body(batch)
+        assert len(body) == batch_size(batch) <= MAX_BATCH_BYTES
+        assert json.loads(body) == {"events": [i.wire() for i in batch]}
+    box.put(item("small", "running"))
+    box.put(item("huge", "completed", result="x" * 3000))
+    box.put(item("after", "running"))
+    assert [i.task_id for i in box.take(max_bytes=1000)] == ["small"]
+    assert [i.task_id for i in box.take(max_bytes=1000)] == ["huge"]  # alone, not stuck
+    assert [i.task_id for i in box.take(max_bytes=1000)] == ["after"]
+
+
+def test_an_event_that_is_not_json_is_taken_alone_in_its_place() -> None:
+    """NaN, a lone surrogate or a Python object cannot be sent: such an event is taken with
+    `problem` set (the sender drops it with a warning) and adds nothing to the body, so
+    it cannot make the server refuse its neighbours' request."""
+    box = Outbox()
+    box.put(item("a", "running"))
+    box.put(item("nan", "progress", progress=float("nan")))
+    box.put(item("surrogate", "running", message="\ud800"))
+    box.put(item("object", "completed", result=object()))
+    box.put(item("b", "completed"))
+    taken = box.take()
+    assert [i.task_id for i in taken] == ["a", "nan", "surrogate", "object", "b"]
+    bad = [i for i in taken if i.problem]
+    assert [i.task_id for i in bad] == ["nan", "surrogate", "object"]
+    assert all("not JSON" in i.problem and i.task_id in i.problem for i in bad)
+    sendable = [i for i in taken if not i.problem]
+    assert json.loads(batch_body(sendable)) == {"events": [i.wire() for i in sendable]}
+
+
+def test_a_merged_progress_event_is_serialized_again() -> None:
+    """A take that stopped before an event serialized it; progress merged into it later
+    must be what is sent (and a later value may mend one that was not JSON)."""
+    box = Outbox()
+    first = box.put(item("t", "progress", progress=1))
+    first.encode()
+    bad = box.put(item("u", "progress", progress=float("nan")))
+    bad.encode()
+    assert bad.problem
+    box.put(item("t", "progress", progress=2))
+    box.put(item("u", "progress", progress=3))
+    t, u = box.take()
+    assert json.loads(t.encoded)["progress"] == 2
+    assert u.problem is None and json.loads(u.encoded)["progress"] == 3
+
+
 def test_what_is_worth_retrying() -> None:
     assert retry_after(None) == 0.0  # no answer at all: connection refused, reset, timeout
-    for status in (429, 502, 503, 504):
+    for status in (408, 429, 502, 503, 504):
         assert retry_after(status) == 0.0
     assert retry_after(503, {"retry-after": "2"}) == 2.0
     assert retry_after(503, {"retry-after": "99999"}) == 30.0  # capped

@@ -184,7 +184,98 @@ def test_a_lost_answer_is_retried_without_recording_twice(server: ServerProcess)
     assert [e["status"] for e in history(server, "once")] == ["pending", "running"]
 
 
-@pytest.mark.parametrize("status", [503, 429, 502])
+@contextlib.contextmanager
+def queued_together(client: tp.Client) -> Iterator[None]:
+    """Hold the sender's lock while queueing, so what is queued inside is there when the
+    sender next takes (as when a busy worker queues while a request is in flight)."""
+    with client._lock:
+        yield
+
+
+def test_large_results_arrive_in_batches_the_server_accepts(server: ServerProcess,
+                                                             client: tp.Client) -> None:
+    """40 `completed` events with 50 KB results (2 MB together, twice the server's
+    --max-body-bytes) queued at once: sent as batches of at most 512 KiB, all arrive."""
+    tasks = [f"big{n}" for n in range(40)]
+    for task in tasks:
+        client.register(task, 1, "t")
+    assert client.flush(10)
+    before = client.stats["requests"]
+    with queued_together(client):
+        reports = [client.event(task, "completed", result={"blob": "r" * 50_000})
+                   for task in tasks]
+    assert client.flush(30)
+    assert all(report.wait(0)["ok"] for report in reports)
+    assert client.stats["requests"] - before == 4 and client.stats["dropped"] == 0
+    for task in tasks:
+        status = rest(server, "GET", f"/api/task/task/{task}/status")
+        assert status["status"] == "completed" and len(status["result"]["blob"]) == 50_000
+
+
+def test_a_batch_too_large_for_the_server_is_split_not_dropped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A server with --max-body-bytes 64 KiB refuses the client's 270 KB batch whole
+    (413): the client halves it until each part is accepted, in order; the one event too
+    large even alone is dropped with a warning naming its task, and only it."""
+    small = taskpush_server(tmp_path, "--max-body-bytes", "65536")
+    client = tp.Client(small.url, API_KEY, max_delay=0.05, backoff=0.02)
+    tasks = [f"s{n}" for n in range(10)]
+    try:
+        for task in [*tasks, "huge"]:
+            client.register(task, 1, "t")
+        assert client.flush(10)
+        before = client.stats["requests"]
+        with caplog.at_level(logging.WARNING, "taskpush_client"), queued_together(client):
+            for task in tasks:
+                client.event(task, "running")
+            for task in tasks[:5]:
+                client.event(task, "completed", result="c" * 20_000)
+            huge = client.event("huge", "completed", result="h" * 70_000)
+            for task in tasks[5:]:
+                client.event(task, "completed", result="c" * 20_000)
+        assert client.flush(30)
+        assert huge.wait(0) is None
+        assert client.stats["dropped"] == 1
+        assert client.stats["requests"] - before > 3  # refused whole, then split
+        for task in tasks:
+            assert [e["status"] for e in history(small, task)] == ["pending", "running",
+                                                                   "completed"]
+        assert [e["status"] for e in history(small, "huge")] == ["pending"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "huge" in warnings[0] and "413" in warnings[0]
+    finally:
+        client.close(1)
+        small.cleanup()
+
+
+def test_an_event_that_is_not_json_does_not_take_its_batch_down(
+        server: ServerProcess, client: tp.Client, caplog: pytest.LogCaptureFixture) -> None:
+    """NaN progress, a lone surrogate, a Python object in a result: each such event is
+    dropped alone with a warning naming its task; so is a result beyond the server's
+    --max-json-bytes (refused by the server within the batch); the rest arrives."""
+    for task in ("j1", "j2", "j3", "j4", "j5", "j6"):
+        client.register(task, 1, "t")
+    assert client.flush(10)
+    with caplog.at_level(logging.WARNING, "taskpush_client"), queued_together(client):
+        client.event("j1", "running")
+        client.event("j2", "progress", progress=float("nan"))
+        client.event("j3", "running", message="\ud800")
+        client.event("j4", "completed", result={"when": object()})
+        client.event("j1", "completed", result=[1])
+        client.event("j6", "completed", result="x" * 70_000)  # > 64 KiB, < 1 MiB
+        client.event("j5", "completed")
+    assert client.flush(10)
+    assert [e["status"] for e in history(server, "j1")] == ["pending", "running", "completed"]
+    assert [e["status"] for e in history(server, "j5")] == ["pending", "completed"]
+    for task in ("j2", "j3", "j4"):
+        assert [e["status"] for e in history(server, task)] == ["pending"]
+        assert f"task {task} not sent: not JSON" in caplog.text
+    assert client.stats["dropped"] == 3
+    assert [e["status"] for e in history(server, "j6")] == ["pending"]
+    assert "completed event of task j6 refused: 413" in caplog.text
+
+
+@pytest.mark.parametrize("status", [503, 429, 502, 408])
 def test_overloaded_answers_are_retried(server: ServerProcess, status: int) -> None:
     """A front that answers `status` twice (as a proxy or an overloaded taskpush would),
     then passes requests through: the report arrives once."""

@@ -28,7 +28,19 @@ from typing import Any
 import httpx
 
 from .errors import TaskCancelled
-from .outbox import TERMINAL, Item, Outbox, Ticket, read_batch, read_register, retry_after
+from .outbox import (
+    MAX_BATCH_BYTES,
+    TERMINAL,
+    Item,
+    Outbox,
+    Outcome,
+    Ticket,
+    batch_body,
+    batch_size,
+    read_batch,
+    read_register,
+    retry_after,
+)
 
 log = logging.getLogger("taskpush_client")
 
@@ -88,12 +100,15 @@ class Client:
     change is sent at once, with the progress queued before it). `wait`: how long
     `wait()`/`await` wait for an answer. `give_up_after`: how long a state change is retried
     while taskpush is unreachable before it is dropped with a warning (progress:
-    `progress_give_up_after`)."""
+    `progress_give_up_after`). `max_batch_bytes`: the largest batch of events sent as one
+    request (keep it below the server's --max-body-bytes; a batch the server still finds
+    too large is split and resent)."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  max_delay: float = 0.2, wait: float = 5.0, give_up_after: float = 600.0,
                  progress_give_up_after: float = 30.0, timeout: float = 10.0,
                  backoff: float = 0.1, max_backoff: float = 2.0,
+                 max_batch_bytes: int = MAX_BATCH_BYTES,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.url = (url or os.environ.get("TASKPUSH_URL") or "").rstrip("/")
         self._api_key = api_key or os.environ.get("TASKPUSH_API_KEY") or ""
@@ -104,6 +119,7 @@ class Client:
         self.timeout = timeout
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.max_batch_bytes = max_batch_bytes
         self._transport = transport
         self.stats = {"requests": 0, "events": 0, "coalesced": 0, "dropped": 0}
         self._warned_unconfigured = False
@@ -245,29 +261,54 @@ class Client:
                 if left > 0:
                     self._lock.wait(left)
                     continue
-            return self._outbox.take()
+            return self._outbox.take(self.max_batch_bytes)
 
     def _send(self, items: list[Item]) -> None:
+        """Send what `take` gave, in order: items that are not JSON are dropped alone; a
+        batch the server finds too large (413) is halved and each half sent in turn, until
+        an event refused alone is dropped (the producer's bug: a result beyond the
+        server's --max-json-bytes or --max-body-bytes)."""
+        for item in items:
+            if item.problem is not None:
+                self._drop(item, item.problem)
+        pending = [[item for item in items if item.problem is None]]
+        while pending:
+            batch = pending.pop(0)
+            batch, status, body = self._deliver(batch)
+            if not batch:
+                continue
+            if status == 413 and batch[0].kind == "event":
+                if len(batch) > 1:
+                    half = len(batch) // 2
+                    pending[:0] = [batch[:half], batch[half:]]
+                    continue
+                self._drop(batch[0], f"{batch[0].describe()} dropped: the server refused it "
+                           f"as too large (HTTP 413, {batch_size(batch)} bytes)")
+                continue
+            self._settle(batch, status, body)
+
+    def _drop(self, item: Item, problem: str) -> None:
+        self.stats["dropped"] += 1
+        self._resolve(item, Outcome(None, problem=problem))
+
+    def _deliver(self, items: list[Item]) -> tuple[list[Item], int | None, Any]:
         """One request for `items`, retried while it is worth it; items past their deadline
-        are dropped with a warning."""
+        are dropped with a warning. The items still live and the final answer."""
         delay = self.backoff
         while items:
             status, headers, body = self._post(items)
             wait = retry_after(status, headers)
             if wait is None:
-                self._settle(items, status, body)
-                return
+                return items, status, body
             now = time.monotonic()
-            expired = [item for item in items if item.deadline <= now]
-            for item in expired:
-                self.stats["dropped"] += 1
-                log.warning("taskpush unreachable (%s): dropped %s %s of task %s",
-                            status or "no answer", item.kind, item.body.get("status", ""),
-                            item.task_id)
-                item.ticket.resolve(None)
+            for item in items:
+                if item.deadline <= now:
+                    self._drop(item, f"unreachable ({status or 'no answer'}): dropped "
+                               f"{item.describe()}")
             items = [item for item in items if item.deadline > now]
             time.sleep(max(wait, delay))
             delay = min(delay * 2, self.max_backoff)
+        return items, None, None
 
     def _post(self, items: list[Item]) -> tuple[int | None, dict[str, str], Any]:
         if self._http is None:
@@ -275,13 +316,14 @@ class Client:
                                       headers={"X-API-Key": self._api_key},
                                       transport=self._transport)
         if items[0].kind == "register":
-            path, payload = "/api/task/tasks", items[0].body
+            path, payload = "/api/task/tasks", items[0].encoded or b""
         else:
-            path, payload = "/api/task/events", {"events": [item.wire() for item in items]}
+            path, payload = "/api/task/events", batch_body(items)
             self.stats["events"] += len(items)
         self.stats["requests"] += 1
         try:
-            resp = self._http.post(path, json=payload)
+            resp = self._http.post(path, content=payload,
+                                   headers={"Content-Type": "application/json"})
         except httpx.TransportError as exc:
             log.info("taskpush %s: %s", path, type(exc).__name__)
             return None, {}, None
@@ -294,17 +336,20 @@ class Client:
     def _settle(self, items: list[Item], status: int | None, body: Any) -> None:
         assert status is not None
         if items[0].kind == "register":
-            outcomes = [read_register(status, body)]
+            outcomes = [read_register(items[0], status, body)]
         else:
             outcomes = read_batch(items, status, body)
         for item, outcome in zip(items, outcomes, strict=True):
-            if outcome.problem:
-                log.warning("taskpush: %s", outcome.problem)
-            if outcome.cancelled:
-                with self._lock:
-                    self._cancelled.add(item.task_id)
-            terminal = item.body.get("status") in TERMINAL
-            item.ticket.resolve(outcome.value, cancelled=outcome.cancelled and not terminal)
+            self._resolve(item, outcome)
+
+    def _resolve(self, item: Item, outcome: Outcome) -> None:
+        if outcome.problem:
+            log.warning("taskpush: %s", outcome.problem)
+        if outcome.cancelled:
+            with self._lock:
+                self._cancelled.add(item.task_id)
+        terminal = item.body.get("status") in TERMINAL
+        item.ticket.resolve(outcome.value, cancelled=outcome.cancelled and not terminal)
 
 
 def _close_all() -> None:

@@ -1,17 +1,23 @@
 """What is waiting to be sent, in order, with progress coalesced: no I/O, no clock of its own.
 
 Every report (a registration or an event) is an `Item` in one queue; the sender takes the
-head of the queue as one request: a registration alone (`POST /api/task/tasks`), or every
-event up to the next registration as one batch (`POST /api/task/events`). A progress event
+head of the queue as one request: a registration alone (`POST /api/task/tasks`), or the
+events up to the next registration as one batch (`POST /api/task/events`) of at most
+MAX_BATCH events and `max_bytes` of JSON (an event larger than that goes alone), well
+below the server's default --max-body-bytes: a body over it is refused whole (413), and
+the sender then has to split it. Each item is serialized here, once, strictly (no NaN, no
+lone surrogate, JSON types only): one that is not JSON is taken with `problem` set and
+never sent, so it cannot make the server refuse its neighbours' request. A progress event
 for a task replaces the queued progress event of that task when nothing else of that task
 was queued after it (latest wins, merged field by field as the server would), so a fast loop
 costs one event per flush. A state change or a terminal state is never merged or dropped by
-coalescing. `read_answer` turns the server's answers into outcomes; `retry_after` says what
+coalescing. `read_batch` turns the server's answers into outcomes; `retry_after` says what
 is worth retrying.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -19,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_BATCH = 1000  # the server's limit per batch request
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MAX_BATCH_BYTES = 512 * 1024  # half the server's default --max-body-bytes (1 MiB)
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+_BATCH_HEAD, _BATCH_TAIL = b'{"events":[', b"]}"
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -71,6 +79,8 @@ class Item:
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     ticket: Ticket = field(default_factory=Ticket)
     merged: int = 0  # progress events folded into this one
+    encoded: bytes | None = None  # the request body (register) or batch entry (event)
+    problem: str | None = None  # why it cannot be sent (not JSON): dropped with a warning
 
     @property
     def is_progress(self) -> bool:
@@ -79,6 +89,34 @@ class Item:
     def wire(self) -> dict[str, Any]:
         """The item as one entry of a batch request."""
         return {"task_id": self.task_id, **self.body, "idempotency_key": self.key}
+
+    def encode(self) -> int:
+        """Serialize (cached until the item changes); the size in bytes, 0 if it is not
+        JSON (then `problem` says why)."""
+        if self.encoded is None and self.problem is None:
+            value = self.body if self.kind == "register" else self.wire()
+            try:
+                self.encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                                          allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError, RecursionError) as exc:  # UnicodeError: ValueError
+                self.problem = (f"{self.describe()} not sent: not JSON "
+                                f"({type(exc).__name__}: {str(exc)[:100]})")
+        return len(self.encoded or b"")
+
+    def describe(self) -> str:
+        if self.kind == "register":
+            return f"registration of task {self.task_id}"
+        return f"{self.body.get('status')} event of task {self.task_id}"
+
+
+def batch_body(items: list[Item]) -> bytes:
+    """The body of `POST /api/task/events` for encoded events."""
+    return _BATCH_HEAD + b",".join(item.encoded or b"" for item in items) + _BATCH_TAIL
+
+
+def batch_size(items: list[Item]) -> int:
+    return len(_BATCH_HEAD) + len(_BATCH_TAIL) + sum(
+        len(item.encoded or b"") for item in items) + max(len(items) - 1, 0)
 
 
 class Outbox:
@@ -100,6 +138,7 @@ class Outbox:
             last.body.update(item.body)
             last.deadline = max(last.deadline, item.deadline)
             last.merged += 1
+            last.encoded = last.problem = None  # serialized again when taken
             self.coalesced += 1
             return last
         self.queue.append(item)
@@ -113,18 +152,28 @@ class Outbox:
             return None
         return min(item.queued_at for item in self.queue)
 
-    def take(self) -> list[Item]:
-        """The next request's items, removed from the queue: a registration alone, or the
-        events up to the next registration (at most MAX_BATCH)."""
+    def take(self, max_bytes: int = MAX_BATCH_BYTES) -> list[Item]:
+        """The next request's items, removed from the queue, serialized: a registration
+        alone, or the events up to the next registration, at most MAX_BATCH of them and at
+        most `max_bytes` as one batch body (an event larger than that alone). Items that
+        are not JSON are taken too (in order, `problem` set), adding nothing to the size."""
         if not self.queue:
             return []
         if self.queue[0].kind == "register":
             taken = [self.queue[0]]
+            taken[0].encode()
         else:
             taken = []
+            size, sendable = len(_BATCH_HEAD) + len(_BATCH_TAIL), 0
             for item in self.queue:
                 if item.kind != "event" or len(taken) == MAX_BATCH:
                     break
+                length = item.encode()
+                if item.encoded is not None:
+                    grown = size + length + (1 if sendable else 0)  # the comma
+                    if sendable and grown > max_bytes:
+                        break
+                    size, sendable = grown, sendable + 1
                 taken.append(item)
         del self.queue[:len(taken)]
         for item in taken:
@@ -155,10 +204,10 @@ class Outcome:
     problem: str | None = None  # refused for a reason worth a warning
 
 
-def read_register(status: int, body: Any) -> Outcome:
+def read_register(item: Item, status: int, body: Any) -> Outcome:
     if status in (200, 201) and isinstance(body, dict):
         return Outcome(body.get("data"))
-    return Outcome(None, problem=f"registration refused: HTTP {status}: {_message(body)}")
+    return Outcome(None, problem=f"{item.describe()} refused: HTTP {status}: {_message(body)}")
 
 
 def read_batch(items: list[Item], status: int, body: Any) -> list[Outcome]:
@@ -167,8 +216,8 @@ def read_batch(items: list[Item], status: int, body: Any) -> list[Outcome]:
     results = body.get("data", {}).get("results") if isinstance(body, dict) and \
         isinstance(body.get("data"), dict) else None
     if status != 200 or not isinstance(results, list) or len(results) != len(items):
-        problem = f"events refused: HTTP {status}: {_message(body)}"
-        return [Outcome(None, problem=problem) for _ in items]
+        why = f"HTTP {status}: {_message(body)}"
+        return [Outcome(None, problem=f"{item.describe()} refused: {why}") for item in items]
     outcomes = []
     for item, result in zip(items, results, strict=True):
         if result.get("ok"):
@@ -178,7 +227,7 @@ def read_batch(items: list[Item], status: int, body: Any) -> list[Outcome]:
         elif result.get("code") == 409:  # already finished: the terminal rule, not a problem
             outcomes.append(Outcome(result))
         else:
-            outcomes.append(Outcome(result, problem=f"event for {item.task_id} refused: "
+            outcomes.append(Outcome(result, problem=f"{item.describe()} refused: "
                                     f"{result.get('code')} {result.get('message')}"))
     return outcomes
 
