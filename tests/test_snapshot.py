@@ -30,6 +30,7 @@ from tests.conftest import (
     handshake,
     make_token,
     recv,
+    recv_until,
     ws_connect,
 )
 from tests.procs import ServerProcess, servers_fixture
@@ -251,6 +252,102 @@ async def test_connects_beyond_the_snapshot_memory_wait_their_turn(
     finally:
         stuck.close()
     await _budget_returned(app)
+
+
+# ---- the budget cannot deadlock; the replay never goes back ------------------------------
+
+
+@pytest.mark.parametrize("pages,conns", [(1, 1), (3, 1), (8, 10), (32, 40)])
+async def test_since_connects_never_deadlock_the_budget_and_give_it_all_back(
+        make_client: MakeClient, monkeypatch: Any, pages: int, conns: int) -> None:
+    """Connects with `since` and three pages of active tasks each, under a budget of one
+    page (smaller than a grant: each goes alone), of three, and of fewer pages than the
+    connects would read ahead (each socket's later pages used to wait behind the others'
+    first pages, holding a replay page read ahead: nothing moved, for good)."""
+    page = 4096
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", page)
+    client = await make_client(snapshot_memory=pages * page)
+    app = client.server.app
+    store = app[keys.STORE]
+    since = store.last_seq
+    for n in range(6):  # ~3 pages of active tasks
+        await store.submit(Register(f"t{n}", 1, "job", metadata={"pad": "m" * 2000}))
+    await store.submit(Change("t0", "progress", progress=5))
+    await store.submit(Register("done", 1, "job"))
+    await store.submit(Change("done", "completed"))
+    sockets = [await ws_connect(client, 1, query=f"since={since}") for _ in range(conns)]
+    for ws in sockets:
+        _, active = await handshake(ws)
+        assert active["count"] == 6
+        replayed = [await recv(ws) for _ in range(7)]
+        assert [m["task_id"] for m in replayed] == ["t1", "t2", "t3", "t4", "t5", "t0", "done"]
+    for ws in sockets:
+        await ws.close()
+    await _budget_returned(app)
+    lone = await ws_connect(client, 1, query=f"since={since}")  # the budget is whole again
+    _, active = await handshake(lone)
+    assert active["count"] == 6 and (await recv(lone))["task_id"] == "t1"
+    await lone.close()
+    await _budget_returned(app)
+
+
+async def test_a_grant_goes_back_when_its_connect_is_cancelled_while_waiting(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    page = 4096
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", page)
+    client = await make_client(snapshot_memory=2 * page)
+    app = client.server.app
+    store = app[keys.STORE]
+    await store.submit(Register("t", 1, "job"))
+    budget = app[keys.SNAPSHOT_BUDGET]
+    async with budget.hold(budget.total):  # every grant taken: connects wait their turn
+        waiting = [await ws_connect(client, 1, query="since=0") for _ in range(3)]
+        for ws in waiting:
+            assert (await recv(ws))["type"] == "connected"
+        for ws in waiting[:2]:
+            await ws.close()  # gone while waiting: their handlers end, their waits too
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while len(app[keys.SOCKETS]) > 1:
+            assert loop.time() < deadline, "the closed waiters were never released"
+            await asyncio.sleep(0.01)
+    active = await recv(waiting[2])
+    assert active["type"] == "active_tasks" and active["count"] == 1
+    await waiting[2].close()
+    await _budget_returned(app)
+
+
+async def test_the_replay_never_takes_a_task_back_below_what_active_tasks_sent(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    """A commit lands between two `active_tasks` page reads: x is sent at its new seq in
+    `active_tasks`; its older change in the replay range is not sent after it, and the live
+    update of that commit (queued meanwhile) is not sent again."""
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)  # one task per page
+    client = await make_client()
+    store = client.server.app[keys.STORE]
+    await store.submit(Register("a", 1, "job"))
+    await store.submit(Register("x", 1, "job"))
+    since = store.last_seq
+    await store.submit(Change("x", "progress", progress=10))  # in the replay range
+    read_page = store.active_page
+    committed = asyncio.Event()
+
+    async def active_page(user_id: int, after: int, max_bytes: int) -> Any:
+        if after > 0 and not committed.is_set():  # a producer commits between two reads
+            committed.set()
+            await store.submit(Change("x", "progress", progress=50))
+        return await read_page(user_id, after, max_bytes)
+
+    monkeypatch.setattr(store, "active_page", active_page)
+    ws = await ws_connect(client, 1, query=f"since={since}")
+    _, active = await handshake(ws)
+    assert committed.is_set()
+    sent = {t["task_id"]: (t["seq"], t["progress"]) for t in active["tasks"]}
+    assert sent["x"][1] == 50
+    await store.submit(Change("a", "progress", progress=99))  # a marker after everything
+    later = await recv_until(ws, lambda m: m.get("task_id") == "a" and m["progress"] == 99)
+    assert [m for m in later if m.get("task_id") == "x"] == []
+    await ws.close()
 
 
 # ---- a real process: memory -------------------------------------------------------------
