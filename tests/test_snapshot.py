@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sqlite3
 import struct
 from typing import Any
 
@@ -348,6 +350,102 @@ async def test_the_replay_never_takes_a_task_back_below_what_active_tasks_sent(
     later = await recv_until(ws, lambda m: m.get("task_id") == "a" and m["progress"] == 99)
     assert [m for m in later if m.get("task_id") == "x"] == []
     await ws.close()
+
+
+async def test_a_live_connect_waiting_its_turn_is_not_dropped_as_dead(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    """Pings every 0.2 s, a peer silent 0.3 s after one is dead: a live client that waits
+    (its pongs go unread until its snapshot is written) is not that peer; the holder stuck
+    on a page is still cut off by --send-timeout (4408)."""
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 64 * 1024)
+    client = await make_client(snapshot_memory=64 * 1024, send_timeout=2, ping_interval=0.2,
+                               ping_timeout=0.3)
+    app = client.server.app
+    store = app[keys.STORE]
+    for n in range(100):
+        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
+    await store.submit(Register("small", 2, "job"))
+    loop = asyncio.get_running_loop()
+    stuck = await loop.run_in_executor(None, stuck_client, client.server.port, 1)
+    try:
+        budget = app[keys.SNAPSHOT_BUDGET]
+        deadline = loop.time() + 10
+        while not app[keys.SOCKETS]:
+            assert loop.time() < deadline, "the silent peer never attached"
+            await asyncio.sleep(0.01)
+        (holder,) = app[keys.SOCKETS]
+        while not (holder.send_started and budget.used == budget.total):
+            assert loop.time() < deadline, "the silent peer never held the budget"
+            await asyncio.sleep(0.01)
+        ws = await ws_connect(client, 2)  # aiohttp answers every ping
+        assert (await recv(ws))["type"] == "connected"
+        active = await recv(ws, timeout=10)  # ~2 s of waiting, ~10 pings unanswered
+        assert active["type"] == "active_tasks" and active["count"] == 1
+        assert holder.closing
+        await ws.close()
+    finally:
+        stuck.close()
+    await _budget_returned(app)
+
+
+async def test_a_storage_failure_during_the_snapshot_closes_1013_without_a_traceback(
+        make_client: MakeClient, monkeypatch: Any, caplog: Any) -> None:
+    """The disk fails on the second page of `active_tasks`: the socket is closed with 1013
+    (try again later), one warning is logged, no traceback; the budget is given back."""
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)  # one task per page
+    client = await make_client()
+    app = client.server.app
+    store = app[keys.STORE]
+    for n in range(3):
+        await store.submit(Register(f"t{n}", 1, "job"))
+    _fail_page_reads(monkeypatch, store, after=1)
+    ws = await ws_connect(client, 1)
+    assert (await recv(ws))["type"] == "connected"
+    msg = await ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE, (msg.type, msg.data)
+    assert ws.close_code == protocol.CLOSE_TRY_AGAIN == 1013
+    await _budget_returned(app)
+    warnings = [r for r in caplog.records if "closed with 1013" in r.getMessage()]
+    assert len(warnings) == 1 and "disk I/O error" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_a_storage_failure_during_a_streams_replay_ends_it_with_1013(
+        make_client: MakeClient, monkeypatch: Any, caplog: Any) -> None:
+    from tests.test_sse import ended, events_until, stream
+
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)
+    client = await make_client()
+    app = client.server.app
+    store = app[keys.STORE]
+    await store.submit(Register("a", 1, "job"))
+    await store.submit(Register("b", 1, "job"))
+    await store.submit(Change("b", "completed"))
+    _fail_page_reads(monkeypatch, store, after=1)  # active_tasks read; the replay fails
+    resp = await stream(client, query="&since=0")
+    assert [e["event"] for e in await events_until(resp, "active_tasks")] == [
+        "connected", "active_tasks"]
+    rest = await ended(resp)
+    assert [(e["event"], e["data"]["code"]) for e in rest] == [("close", 1013)]
+    await _budget_returned(app)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def _fail_page_reads(monkeypatch: Any, store: Any, after: int) -> None:
+    """Snapshot page reads after the first `after` fail as a failing disk does."""
+    read = store._txn_pages
+    calls = 0
+
+    def txn_pages(conn: Any, requests: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > after:
+            exc = sqlite3.OperationalError("disk I/O error")
+            exc.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+            raise exc
+        return read(conn, requests)
+
+    monkeypatch.setattr(store, "_txn_pages", txn_pages)
 
 
 # ---- a real process: memory -------------------------------------------------------------
