@@ -268,7 +268,7 @@ async def test_since_connects_never_deadlock_the_budget_and_give_it_all_back(
     first pages, holding a replay page read ahead: nothing moved, for good)."""
     page = 4096
     monkeypatch.setattr(snapshot, "PAGE_BYTES", page)
-    client = await make_client(snapshot_memory=pages * page)
+    client = await make_client(snapshot_memory=pages * page, max_connections_per_user=100)
     app = client.server.app
     store = app[keys.STORE]
     since = store.last_seq
