@@ -57,7 +57,7 @@ class Env:
     taskpush_dir: str = REPO
     taskpush_args: list[str] = field(default_factory=list)
     relay_uvloop: bool = True
-    api_key: str = "bench-api-key"
+    api_key: str = "bench-api-key-0123456789"
     secret: str = "bench-jwt-secret-0123456789abcdef0123456789"
     server_cpus: list[int] = field(default_factory=list)
     loadgen_cpus: list[int] = field(default_factory=list)

@@ -29,7 +29,7 @@ from bench.common import free_port, install_uvloop, make_token, proc_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789-abcdefghij"
-KEY = "bench-key"
+KEY = "bench-key-0123456789"
 HEADERS = {"X-API-Key": KEY}
 
 

@@ -101,7 +101,8 @@ class SecretFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        # too short a "secret" would blank ordinary words; such a secret is refused anyway
+        # too short a "secret" would blank ordinary words; a server refuses one shorter
+        # than config.MIN_SECRET anyway (check_secret_lengths)
         self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
 
     def scrub(self, text: str, *, opaque: bool = False) -> str:

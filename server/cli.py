@@ -29,7 +29,7 @@ def _token_command(argv: Sequence[str]) -> int:
     parser.add_argument("--admin", action="store_true", help='add "role": "admin"')
     parser.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
     args, rest = parser.parse_known_args(list(argv))
-    config = parse_config(rest)
+    config = parse_config(rest, serving=False)  # it signs; it serves nothing
     if not args.user.isdigit():
         raise ConfigError("--user: must be digits")
     if config.jwt_public_key is not None:

@@ -59,12 +59,14 @@ class Config:
         5.0, "seconds a write may wait for the database (e.g. a lock held by another "
         "process) before it is answered 503"
     )
-    jwt_secret: Secret | None = _setting(None, "HS256 secret for user tokens")
+    jwt_secret: Secret | None = _setting(
+        None, "HS256 secret for user tokens (at least 16 characters)")
     jwt_public_key: str | None = _setting(
         None, "PEM public key file for RS256/ES256 user tokens (path)"
     )
     api_key: Secret | None = _setting(
-        None, "key producers send in X-API-Key; without it the producer API answers 403"
+        None, "key producers send in X-API-Key (at least 16 characters); without it the "
+        "producer API answers 403"
     )
     cors_origins: tuple[str, ...] = _setting(
         (), "comma-separated origins allowed to call the REST API from a browser"
@@ -195,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Flags win over environment variables, which win over defaults."""
+def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None, *,
+                 serving: bool = True) -> Config:
+    """Flags win over environment variables, which win over defaults. `serving` False (the
+    `token` subcommand, which only signs) does not hold the secrets to MIN_SECRET."""
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(list(argv))
     values: dict[str, Any] = {}
@@ -208,7 +212,24 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) 
             values[f.name] = _convert(f, raw)
     config = read_secret_files(Config(**values))
     validate(config)
+    if serving:
+        check_secret_lengths(config)
     return config
+
+
+MIN_SECRET = 16  # characters of --jwt-secret and --api-key a server accepts
+
+
+def check_secret_lengths(config: Config) -> None:
+    """A server refuses a JWT secret or API key shorter than MIN_SECRET: it is guessable,
+    and the log filter (accesslog.SecretFilter) could not scrub it by value without
+    blanking ordinary words."""
+    for name in ("jwt_secret", "api_key"):
+        secret = getattr(config, name)
+        if secret is not None and len(secret.reveal()) < MIN_SECRET:
+            flag = name.replace("_", "-")
+            raise ConfigError(f"--{flag}: must be at least {MIN_SECRET} characters "
+                              f"(got {len(secret.reveal())})")
 
 
 SECRET_FILES = {"jwt_secret_file": "jwt_secret", "api_key_file": "api_key"}

@@ -21,6 +21,7 @@ MAX_TASK_ID = 200
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008  # flood
 CLOSE_TOO_BIG = 1009  # sent by aiohttp itself (max_msg_size)
+CLOSE_TRY_AGAIN = 1013  # the storage could not be read (its snapshot): reconnect later
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 4408
@@ -226,13 +227,22 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._items)
 
-    def mark_sent(self, task_id: str, seq: int) -> None:
+    def mark_sent(self, task_id: str, seq: int) -> bool:
         """Remember what was sent while the snapshot overlaps live updates; after that,
-        updates arrive once each in seq order and nothing needs remembering."""
+        updates arrive once each in seq order and nothing needs remembering. The highest seq
+        is kept; False (nothing recorded) when the task was already sent at a LATER seq:
+        the caller skips that older state, so the client never sees the task go back (and
+        the live update of the later seq, covered, is not sent again). The same seq is
+        True: the `since` replay repeats what `active_tasks` carried (SPEC: one
+        `task_status` for every task changed after SEQ)."""
         if self.replaying:
+            sent = self._sent.get(task_id)
+            if sent is not None and seq < sent:
+                return False
             self._sent[task_id] = seq
         elif self._sent:
             self._sent.pop(task_id, None)
+        return True
 
     def end_replay(self) -> None:
         """The snapshot is sent and live updates overlap it no more: prune finished tasks."""

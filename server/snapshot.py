@@ -5,10 +5,11 @@ Nothing here is held whole. The store is read by pages of about PAGE_BYTES; each
 serialized, written, and the writer drained (the peer has taken it) before the next page is
 read. `active_tasks` stays ONE message however large: its JSON is produced page by page as
 parts of one message (a WebSocket writes them as a fragmented message; an event stream
-would write them as one `data:` line). Every page first takes its bytes from a `ByteBudget`
-shared by every connect and gives them back once the peer has taken them, so the snapshot
-bytes in memory at once are bounded whatever the number of connects (beyond it, connects
-wait their turn).
+would write them as one `data:` line). Each connect first waits its turn (FIFO) for a grant
+of two pages from a `ByteBudget` shared by every connect, keeps it for all its pages and
+gives it back at the end, so the snapshot bytes in memory at once are bounded whatever the
+number of connects (beyond it, connects wait their turn; see `write_snapshot` for why no
+interleaving can deadlock).
 
 The framing is the writer's business (`MessageWriter`), so the same sequence serves any
 transport that can write a message, write a message in parts, and wait for its peer: a
@@ -98,51 +99,42 @@ _Page = tuple[list[Any], "int | None"]  # items, and the cursor of the next page
 
 
 class _Pages:
-    """The pages of `read(cursor)`, the next one read while the caller writes and drains
-    the current one (so a peer that reads fast is not kept waiting for the database). Each
-    page holds its bytes of the budget from before its read until the caller moves on."""
+    """The pages of `read(cursor)`; with `ahead`, the next one is read while the caller
+    writes and drains the current one (so a peer that reads fast is not kept waiting for
+    the database). Takes nothing from the budget: the connect's grant covers its pages."""
 
-    def __init__(self, budget: ByteBudget, size: int,
-                 read: Callable[[int], Awaitable[_Page]], cursor: int) -> None:
-        self.budget = budget
-        self.size = size
+    def __init__(self, read: Callable[[int], Awaitable[_Page]], cursor: int, *,
+                 ahead: bool) -> None:
         self.read = read
-        self._held = 0
-        self._next: asyncio.Future[tuple[int, _Page]] | None = None
-        self._start(cursor)
+        self.ahead = ahead
+        self._cursor = cursor
+        self._next: asyncio.Future[_Page] | None = None
+        if ahead:
+            self._start()
 
-    def _start(self, cursor: int) -> None:
-        self._next = asyncio.ensure_future(self._fetch(cursor))
-
-    async def _fetch(self, cursor: int) -> tuple[int, _Page]:
-        taken = await self.budget.acquire(self.size)
-        try:
-            return taken, await self.read(cursor)
-        except BaseException:
-            self.budget.release(taken)
-            raise
+    def _start(self) -> None:
+        self._next = asyncio.ensure_future(self.read(self._cursor))
 
     async def next(self) -> tuple[list[Any], bool]:
-        """The next page's items and whether it is the last; the previous page's bytes go
-        back first (the caller has drained it)."""
-        self.budget.release(self._held)
-        self._held = 0
+        """The next page's items and whether it is the last."""
+        if self._next is None:
+            self._start()
         assert self._next is not None
-        self._held, (items, cursor) = await self._next
+        items, cursor = await self._next
         self._next = None
         if cursor is not None:
-            self._start(cursor)
+            self._cursor = cursor
+            if self.ahead:
+                self._start()
         return items, cursor is None
 
     def close(self) -> None:
-        self.budget.release(self._held)
-        self._held = 0
         pending, self._next = self._next, None
         if pending is not None:
             if not pending.done():
-                pending.cancel()  # _fetch gives its bytes back as the cancellation ends it
-            elif not pending.cancelled() and pending.exception() is None:
-                self.budget.release(pending.result()[0])  # read, never taken
+                pending.cancel()
+            elif not pending.cancelled():
+                pending.exception()  # retrieved: a read-ahead that failed is not an error
 
 
 @dataclass(slots=True)
@@ -172,13 +164,27 @@ class HistorySwept(Exception):
 
 async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *,
                          user_id: int, connection_id: str, resume: Resume,
-                         mark_sent: Callable[[str, int], None],
+                         mark_sent: Callable[[str, int], bool],
                          page_bytes: int | None = None) -> None:
-    """Write the connect-time sequence to `out`; `mark_sent(task_id, seq)` is called for
-    every task state written (the caller's outbox then drops live updates it covers).
+    """Write the connect-time sequence to `out`. `mark_sent(task_id, seq)` is called for
+    every task state about to be written; it returns False when that task was already sent
+    at a later seq (the older state is then skipped: per task a client never sees seq go
+    back), and the caller's outbox drops the live updates it covers.
 
     Raises HistorySwept if the `since` replay can no longer be completed, and whatever
-    `out.drain()` raises when the peer goes away."""
+    `out.drain()` or a page read (StorageUnavailable) raises.
+
+    The budget, as a resource-ordering problem: a connect takes from the ByteBudget ONCE,
+    before its first page read, in one FIFO `acquire` of at most two pages (the page being
+    written and the one read ahead; the whole budget when smaller), reuses that grant for
+    every page of `active_tasks` and of the replay, and gives it back in `finally` on every
+    exit (done, peer gone, 4408, cancelled, read error). Invariant: nothing that holds a
+    grant ever waits for the budget (no hold-and-wait), and each snapshot holds at most one
+    grant, so no cycle of waits can form: a waiting connect waits only for holders, and
+    every holder finishes (or is closed by --send-timeout) without needing anyone else's
+    bytes. The replay's first page is read only once the last `active_tasks` page has been
+    read (never before: a task changed in between would otherwise be replayed at an older
+    seq than the one `active_tasks` carried)."""
     page_bytes = page_bytes or PAGE_BYTES
     seq = store.last_seq  # read before any page: the pages hold at least everything up to it
     out.message(protocol.connected(connection_id, store.epoch, seq))
@@ -191,25 +197,26 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
             raise HistorySwept
         return got
 
-    # both first pages are read at once (in a reconnect storm: one thread hop for all)
-    active = _Pages(budget, page_bytes,
-                    lambda after: store.active_page(user_id, after, page_bytes), 0)
-    changes = (None if resume.since is None
-               else _Pages(budget, page_bytes, read_changes, resume.since))
+    grant = await budget.acquire(2 * page_bytes)  # the connect's only wait for the budget
+    ahead = grant >= 2 * page_bytes  # room for a page read ahead of the one being written
+    active = changes = None
     try:
+        active = _Pages(lambda after: store.active_page(user_id, after, page_bytes), 0,
+                        ahead=ahead)
         count = 0
         first, last = True, False
         while not last:
             tasks, last = await active.next()
-            for task in tasks:
-                mark_sent(task["task_id"], task["seq"])
+            tasks = [task for task in tasks if mark_sent(task["task_id"], task["seq"])]
+            if last and resume.since is not None:
+                # every active page is read: the replay's first page may be read now
+                changes = _Pages(read_changes, resume.since, ahead=ahead)
             count += len(tasks)
             out.part(protocol.active_tasks_part(tasks, first=first,
                                                 count=count if last else None),
                      first=first, last=last)
             first = False
             await out.drain()
-        active.close()
         if resume.bad_since:
             out.message(protocol.error("invalid_since", "since must be a non-negative integer"))
         last = changes is None
@@ -218,14 +225,16 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
             items, last = await changes.next()
             for item in items:
                 if isinstance(item, dict):
-                    out.message(protocol.task_status(item), item["seq"])
-                    mark_sent(item["task_id"], item["seq"])
+                    if mark_sent(item["task_id"], item["seq"]):
+                        out.message(protocol.task_status(item), item["seq"])
                 else:
                     task_id, deleted_seq = item
-                    out.message(protocol.task_deleted(task_id), deleted_seq)
-                    mark_sent(task_id, deleted_seq)
+                    if mark_sent(task_id, deleted_seq):
+                        out.message(protocol.task_deleted(task_id), deleted_seq)
             await out.drain()
     finally:
-        active.close()
+        if active is not None:
+            active.close()
         if changes is not None:
             changes.close()
+        budget.release(grant)

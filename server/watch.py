@@ -41,6 +41,7 @@ class Watched(Protocol):
     send_started: float  # loop time the current send began; 0 when not sending
     backed_up_since: float  # loop time the transport was first seen backed up
     ping_sent_at: float  # loop time of an unanswered ping; 0 once the peer spoke
+    snapshotting: bool  # its connect-time snapshot is not yet written (pongs go unread)
 
     def backed_up(self) -> bool: ...
 
@@ -158,6 +159,11 @@ def check_sockets(conns: Iterable[Connection], now: float, *, send_timeout: floa
             stuck += 1
         elif since:
             continue  # busy sending: judged by --send-timeout, not pinged
+        elif conn.snapshotting:
+            # waiting its turn for the snapshot budget, or between two pages: its receive
+            # loop is not running yet, so its pongs are not read (a page it does not take
+            # is judged above, by --send-timeout)
+            continue
         elif conn.ping_sent_at:
             if ping_timeout and now - conn.ping_sent_at > ping_timeout:
                 conn.abort()  # it answers nothing: a close handshake would only wait

@@ -20,6 +20,7 @@ from aiohttp import WSMsgType, web
 
 from . import keys, protocol, snapshot
 from .auth import AuthError, Identity, parse_user_id
+from .errors import StorageUnavailable
 from .hub import Hub
 from .model import Task, utc_iso
 
@@ -410,6 +411,13 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
     except snapshot.HistorySwept:
         conn.snapshotting = False
         conn.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+        return
+    except StorageUnavailable as exc:
+        # perhaps inside `active_tasks` (a message in parts): it stays `snapshotting`, so
+        # nothing but the close frame (a stream: nothing) is written after its last part
+        log.warning("snapshot of a connection not read (%s): closed with %d",
+                    exc, protocol.CLOSE_TRY_AGAIN)
+        conn.close(protocol.CLOSE_TRY_AGAIN, "storage unavailable: try again later")
         return
     conn.snapshotting = False
     conn.outbox.end_replay()

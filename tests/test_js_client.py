@@ -19,9 +19,10 @@ pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is no
 
 def test_polling_fallback_starts_from_the_current_state_and_follows_changes(servers: Any
                                                                             ) -> None:
-    server = servers("--demo-task-seconds", "1", "--api-key", "k", "--log-level", "warning")
+    key = "polling-producer-key"
+    server = servers("--demo-task-seconds", "1", "--api-key", key, "--log-level", "warning")
     server.start()
-    done = subprocess.run(["node", str(SCRIPT), server.url, "k"], capture_output=True, text=True,
+    done = subprocess.run(["node", str(SCRIPT), server.url, key], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])

@@ -252,6 +252,19 @@ def test_outbox_replay_drops_later_push_at_or_below_sent():
     assert drain(box2) == [("a", 9, "progress")]
 
 
+def test_outbox_mark_sent_keeps_the_highest_seq_and_refuses_an_older_one():
+    """`active_tasks` carried a@9 (a commit landed between two page reads), the replay then
+    holds a@5: that older state is refused (not sent), and the live a@9 queued meanwhile
+    is not sent again."""
+    box = Outbox(100)
+    box.push(upd("a", 9))  # the live update of the commit, queued while snapshotting
+    assert box.mark_sent("a", 9)  # active_tasks
+    assert not box.mark_sent("a", 5)  # the replay's older state: skipped
+    assert box.mark_sent("a", 9)  # the same state again is the SPEC's replay: written
+    box.end_replay()
+    assert drain(box) == []
+
+
 def test_outbox_pop_is_none_when_empty():
     assert live().pop() is None
 

@@ -461,3 +461,28 @@ def test_the_filter_scrubs_message_arguments_and_exception_text() -> None:
 ])
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(("args", "env", "says"), [
+    (["--api-key", "k3y"], {}, "--api-key: must be at least 16 characters (got 3)"),
+    (["--jwt-secret", "short-secret"], {},
+     "--jwt-secret: must be at least 16 characters (got 12)"),
+    ([], {"TASKPUSH_API_KEY": "fifteen-chars-k"},
+     "--api-key: must be at least 16 characters (got 15)"),
+    (["--api-key-file", "{short}"], {}, "--api-key: must be at least 16 characters (got 5)"),
+], ids=["api-key-flag", "jwt-secret-flag", "api-key-env", "api-key-file"])
+def test_a_short_secret_stops_the_server_with_one_line(
+        tmp_path: Path, args: list[str], env: dict[str, str], says: str) -> None:
+    """A guessable secret that the log filter could not scrub (it scrubs secrets by value
+    from 6 characters on) is refused; the token subcommand, which only signs, is not."""
+    short = tmp_path / "short"
+    short.write_text("k3y-5")
+    done = run_cli("--db", str(tmp_path / "t.db"), *[a.format(short=short) for a in args],
+                   env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"taskpush: error: {says}"]
+    assert "k3y" not in done.stderr and "short-secret" not in done.stderr
+    assert not (tmp_path / "t.db").exists()
+    sixteen = parse_config(["--api-key", "k" * 16, "--jwt-secret", "s" * 16,
+                            "--db", str(tmp_path / "t.db")], {})
+    assert sixteen.api_key == Secret("k" * 16)

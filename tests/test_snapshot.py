@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sqlite3
 import struct
 from typing import Any
 
@@ -30,6 +32,7 @@ from tests.conftest import (
     handshake,
     make_token,
     recv,
+    recv_until,
     ws_connect,
 )
 from tests.procs import ServerProcess, servers_fixture
@@ -251,6 +254,198 @@ async def test_connects_beyond_the_snapshot_memory_wait_their_turn(
     finally:
         stuck.close()
     await _budget_returned(app)
+
+
+# ---- the budget cannot deadlock; the replay never goes back ------------------------------
+
+
+@pytest.mark.parametrize("pages,conns", [(1, 1), (3, 1), (8, 10), (32, 40)])
+async def test_since_connects_never_deadlock_the_budget_and_give_it_all_back(
+        make_client: MakeClient, monkeypatch: Any, pages: int, conns: int) -> None:
+    """Connects with `since` and three pages of active tasks each, under a budget of one
+    page (smaller than a grant: each goes alone), of three, and of fewer pages than the
+    connects would read ahead (each socket's later pages used to wait behind the others'
+    first pages, holding a replay page read ahead: nothing moved, for good)."""
+    page = 4096
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", page)
+    client = await make_client(snapshot_memory=pages * page, max_connections_per_user=100)
+    app = client.server.app
+    store = app[keys.STORE]
+    since = store.last_seq
+    for n in range(6):  # ~3 pages of active tasks
+        await store.submit(Register(f"t{n}", 1, "job", metadata={"pad": "m" * 2000}))
+    await store.submit(Change("t0", "progress", progress=5))
+    await store.submit(Register("done", 1, "job"))
+    await store.submit(Change("done", "completed"))
+    sockets = [await ws_connect(client, 1, query=f"since={since}") for _ in range(conns)]
+    for ws in sockets:
+        _, active = await handshake(ws)
+        assert active["count"] == 6
+        replayed = [await recv(ws) for _ in range(7)]
+        assert [m["task_id"] for m in replayed] == ["t1", "t2", "t3", "t4", "t5", "t0", "done"]
+    for ws in sockets:
+        await ws.close()
+    await _budget_returned(app)
+    lone = await ws_connect(client, 1, query=f"since={since}")  # the budget is whole again
+    _, active = await handshake(lone)
+    assert active["count"] == 6 and (await recv(lone))["task_id"] == "t1"
+    await lone.close()
+    await _budget_returned(app)
+
+
+async def test_a_grant_goes_back_when_its_connect_is_cancelled_while_waiting(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    page = 4096
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", page)
+    client = await make_client(snapshot_memory=2 * page)
+    app = client.server.app
+    store = app[keys.STORE]
+    await store.submit(Register("t", 1, "job"))
+    budget = app[keys.SNAPSHOT_BUDGET]
+    async with budget.hold(budget.total):  # every grant taken: connects wait their turn
+        waiting = [await ws_connect(client, 1, query="since=0") for _ in range(3)]
+        for ws in waiting:
+            assert (await recv(ws))["type"] == "connected"
+        for ws in waiting[:2]:
+            await ws.close()  # gone while waiting: their handlers end, their waits too
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while len(app[keys.SOCKETS]) > 1:
+            assert loop.time() < deadline, "the closed waiters were never released"
+            await asyncio.sleep(0.01)
+    active = await recv(waiting[2])
+    assert active["type"] == "active_tasks" and active["count"] == 1
+    await waiting[2].close()
+    await _budget_returned(app)
+
+
+async def test_the_replay_never_takes_a_task_back_below_what_active_tasks_sent(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    """A commit lands between two `active_tasks` page reads: x is sent at its new seq in
+    `active_tasks`; its older change in the replay range is not sent after it, and the live
+    update of that commit (queued meanwhile) is not sent again."""
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)  # one task per page
+    client = await make_client()
+    store = client.server.app[keys.STORE]
+    await store.submit(Register("a", 1, "job"))
+    await store.submit(Register("x", 1, "job"))
+    since = store.last_seq
+    await store.submit(Change("x", "progress", progress=10))  # in the replay range
+    read_page = store.active_page
+    committed = asyncio.Event()
+
+    async def active_page(user_id: int, after: int, max_bytes: int) -> Any:
+        if after > 0 and not committed.is_set():  # a producer commits between two reads
+            committed.set()
+            await store.submit(Change("x", "progress", progress=50))
+        return await read_page(user_id, after, max_bytes)
+
+    monkeypatch.setattr(store, "active_page", active_page)
+    ws = await ws_connect(client, 1, query=f"since={since}")
+    _, active = await handshake(ws)
+    assert committed.is_set()
+    sent = {t["task_id"]: (t["seq"], t["progress"]) for t in active["tasks"]}
+    assert sent["x"][1] == 50
+    await store.submit(Change("a", "progress", progress=99))  # a marker after everything
+    later = await recv_until(ws, lambda m: m.get("task_id") == "a" and m["progress"] == 99)
+    assert [m for m in later if m.get("task_id") == "x"] == []
+    await ws.close()
+
+
+async def test_a_live_connect_waiting_its_turn_is_not_dropped_as_dead(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    """Pings every 0.2 s, a peer silent 0.3 s after one is dead: a live client that waits
+    (its pongs go unread until its snapshot is written) is not that peer; the holder stuck
+    on a page is still cut off by --send-timeout (4408)."""
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 64 * 1024)
+    client = await make_client(snapshot_memory=64 * 1024, send_timeout=2, ping_interval=0.2,
+                               ping_timeout=0.3)
+    app = client.server.app
+    store = app[keys.STORE]
+    for n in range(100):
+        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
+    await store.submit(Register("small", 2, "job"))
+    loop = asyncio.get_running_loop()
+    stuck = await loop.run_in_executor(None, stuck_client, client.server.port, 1)
+    try:
+        budget = app[keys.SNAPSHOT_BUDGET]
+        deadline = loop.time() + 10
+        while not app[keys.SOCKETS]:
+            assert loop.time() < deadline, "the silent peer never attached"
+            await asyncio.sleep(0.01)
+        (holder,) = app[keys.SOCKETS]
+        while not (holder.send_started and budget.used == budget.total):
+            assert loop.time() < deadline, "the silent peer never held the budget"
+            await asyncio.sleep(0.01)
+        ws = await ws_connect(client, 2)  # aiohttp answers every ping
+        assert (await recv(ws))["type"] == "connected"
+        active = await recv(ws, timeout=10)  # ~2 s of waiting, ~10 pings unanswered
+        assert active["type"] == "active_tasks" and active["count"] == 1
+        assert holder.closing
+        await ws.close()
+    finally:
+        stuck.close()
+    await _budget_returned(app)
+
+
+async def test_a_storage_failure_during_the_snapshot_closes_1013_without_a_traceback(
+        make_client: MakeClient, monkeypatch: Any, caplog: Any) -> None:
+    """The disk fails on the second page of `active_tasks`: the socket is closed with 1013
+    (try again later), one warning is logged, no traceback; the budget is given back."""
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)  # one task per page
+    client = await make_client()
+    app = client.server.app
+    store = app[keys.STORE]
+    for n in range(3):
+        await store.submit(Register(f"t{n}", 1, "job"))
+    _fail_page_reads(monkeypatch, store, after=1)
+    ws = await ws_connect(client, 1)
+    assert (await recv(ws))["type"] == "connected"
+    msg = await ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE, (msg.type, msg.data)
+    assert ws.close_code == protocol.CLOSE_TRY_AGAIN == 1013
+    await _budget_returned(app)
+    warnings = [r for r in caplog.records if "closed with 1013" in r.getMessage()]
+    assert len(warnings) == 1 and "disk I/O error" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_a_storage_failure_during_a_streams_replay_ends_it_with_1013(
+        make_client: MakeClient, monkeypatch: Any, caplog: Any) -> None:
+    from tests.test_sse import ended, events_until, stream
+
+    monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)
+    client = await make_client()
+    app = client.server.app
+    store = app[keys.STORE]
+    await store.submit(Register("a", 1, "job"))
+    await store.submit(Register("b", 1, "job"))
+    await store.submit(Change("b", "completed"))
+    _fail_page_reads(monkeypatch, store, after=1)  # active_tasks read; the replay fails
+    resp = await stream(client, query="&since=0")
+    assert [e["event"] for e in await events_until(resp, "active_tasks")] == [
+        "connected", "active_tasks"]
+    rest = await ended(resp)
+    assert [(e["event"], e["data"]["code"]) for e in rest] == [("close", 1013)]
+    await _budget_returned(app)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def _fail_page_reads(monkeypatch: Any, store: Any, after: int) -> None:
+    """Snapshot page reads after the first `after` fail as a failing disk does."""
+    read = store._txn_pages
+    calls = 0
+
+    def txn_pages(conn: Any, requests: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > after:
+            exc = sqlite3.OperationalError("disk I/O error")
+            exc.sqlite_errorcode = sqlite3.SQLITE_IOERR  # type: ignore[attr-defined]
+            raise exc
+        return read(conn, requests)
+
+    monkeypatch.setattr(store, "_txn_pages", txn_pages)
 
 
 # ---- a real process: memory -------------------------------------------------------------

@@ -27,6 +27,7 @@ class Socket:
         self.send_started = 0.0
         self.ping_sent_at = 0.0
         self.backed_up_since = 0.0
+        self.snapshotting = False
         self.full = False  # the transport's buffer is over the direct-write limit
         self.events: list[str] = []
         self.frames: list[bytes] = []
@@ -163,6 +164,32 @@ def test_a_stuck_send_is_closed_4408() -> None:
     sock.send_started = 1.0
     assert check_sockets([sock], 5.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
     assert check_sockets([sock], 11.5, send_timeout=10, ping_timeout=5, ping=False) == (1, 0)
+    assert sock.events == ["close 4408"]
+
+
+def test_a_socket_waiting_for_its_snapshot_is_neither_pinged_nor_dropped_as_dead() -> None:
+    """Its receive loop does not run before its snapshot is written (its pongs go unread):
+    waiting its turn for the snapshot budget is not silence."""
+    sock = Socket()
+    check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
+    sock.snapshotting = True  # a ping went out just before; the snapshot began
+    for now in (12.0, 16.0, 30.0, 100.0):
+        assert check_sockets([sock], now, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
+    assert sock.events == [] and sock.frames == [PING_FRAME]
+    sock.snapshotting = False
+    assert check_sockets([sock], 101.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 1)
+
+
+def test_a_socket_stuck_writing_a_snapshot_page_is_still_closed_4408() -> None:
+    sock = Socket()
+    sock.snapshotting = True
+    sock.send_started = 1.0  # the snapshot's drain: the peer does not take the page
+    assert check_sockets([sock], 11.5, send_timeout=10, ping_timeout=5, ping=True) == (1, 0)
+    sock = Socket()
+    sock.snapshotting = True
+    sock.full = True  # or its pages sit unread in the transport
+    check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
+    assert check_sockets([sock], 20.5, send_timeout=10, ping_timeout=5, ping=True) == (1, 0)
     assert sock.events == ["close 4408"]
 
 

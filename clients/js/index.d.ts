@@ -69,8 +69,8 @@ export interface UnsubscribeRequest { type: 'unsubscribe'; task_id: string }
 export interface RefreshRequest { type: 'refresh'; token: string }
 export type ClientMessage = PingRequest | SubscribeRequest | UnsubscribeRequest | RefreshRequest;
 
-/** 1000/1001/1006/1008/1009 (standard), 4000 (client side), 4401/4403/4408/4409 (taskpush). */
-export type CloseCode = 1000 | 1001 | 1006 | 1008 | 1009 | 4000 | 4401 | 4403 | 4408 | 4409;
+/** 1000/1001/1006/1008/1009/1013 (standard), 4000 (client side), 4401/4403/4408/4409 (taskpush). */
+export type CloseCode = 1000 | 1001 | 1006 | 1008 | 1009 | 1013 | 4000 | 4401 | 4403 | 4408 | 4409;
 
 // ---- the client --------------------------------------------------------------------------
 
