@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import contract, protocol
+from server import contract, protocol, validate
 from server.protocol import ProtocolError
 from tests import schema_gen
 from tests.conftest import PRODUCER, auth
@@ -263,3 +263,21 @@ async def test_batch_results_follow_the_schema_event_by_event(client: TestClient
     for body, result in zip(events, results, strict=True):
         refused_here = not result["ok"] and result["code"] in REFUSED
         assert refused_here == expected_refusal("BatchEvent", body, schemas), (body, result)
+
+
+async def test_big_integers_stay_exact_through_validation_and_storage(client: TestClient
+                                                                      ) -> None:
+    """JSON integers beyond 64 bits are valid JSON: stored and answered digit for digit (not
+    as floats), on the fast path and on the field-by-field path alike."""
+    big = [2**64 + 1, -(2**63) - 1, 10**30 + 7]
+    resp = await client.post("/api/task/tasks", headers=PRODUCER, data=json.dumps(
+        {"task_id": "big", "user_id": 1, "task_type": "t", "metadata": big}))
+    assert resp.status == 201
+    resp = await client.post("/api/task/task/big/events", headers=PRODUCER,
+                             data=json.dumps({"status": "completed", "result": {"n": big}}))
+    assert resp.status == 200
+    resp = await client.get("/api/task/task/big/status", headers=auth(1))
+    task = json.loads(await resp.text())["data"]
+    assert (task["metadata"], task["result"]) == (big, {"n": big})
+    assert validate.event_body("t", validate.json_object(
+        json.dumps({"status": "running", "result": big}).encode()), 65536).result == big
