@@ -31,7 +31,7 @@ def loads(data: bytes | str) -> Any:
     """Strict JSON (raises ValueError): UTF-8 only, no NaN/Infinity nor numbers beyond a
     double's range (`1e400` would be read as infinity, which orjson writes as null), no
     lone surrogates (no UTF-8 store can hold them), nesting bounded, integers of any size
-    kept exact. msgspec's decoder does all of it in one pass; orjson (3.11 and later) reads
+    kept exact. msgspec's decoder does all of it in one pass; orjson (3.13 here) reads
     integers beyond 64 bits as lossy floats, so it only writes."""
     try:
         return _DECODER.decode(data)
