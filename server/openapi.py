@@ -1,17 +1,23 @@
 """The OpenAPI 3 document of every HTTP route (served at /api/openapi.json).
 
-Written by hand from small builders rather than generated from handlers: the contract in
-SPEC.md is what it documents, and a test checks that every routed path appears here.
+The request bodies (Register, Event, BatchEvent, Batch) are the JSON Schema of the msgspec
+Structs in server/contract.py, which validation decodes with, and every bound (task id and
+text lengths, query parameter ranges, batch size) is read from contract.LIMITS: the
+document cannot drift from what the server accepts. The answers and the prose are written
+here from small builders: SPEC.md's contract is what they document, and a test checks that
+every routed path appears here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from . import contract
 from .config import Config
+from .contract import IntQuery
 from .model import STATUSES
-from .rest import HISTORY_LIMIT
-from .validate import MAX_BATCH_EVENTS, MAX_TASK_ID, MAX_TASK_TYPE, TEXT_LIMITS
 
 VERSION = "0.1.0"
 JSON = "application/json"
@@ -89,12 +95,56 @@ def op(summary: str, description: str, tag: str, resp: dict[str, Any], *,
 
 def path_param(name: str, description: str, schema: Schema | None = None) -> Schema:
     return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": schema or {"type": "string", "maxLength": MAX_TASK_ID}}
+            "schema": schema or {"type": "string", "minLength": 1,
+                                 "maxLength": contract.LIMITS.task_id}}
 
 
-def query(name: str, description: str, schema: Schema) -> Schema:
+def query(name: str, description: str, schema: Schema | IntQuery) -> Schema:
+    if isinstance(schema, IntQuery):
+        schema = schema.schema()
     return {"name": name, "in": "query", "required": False, "description": description,
             "schema": schema}
+
+
+def _openapi30(schema: Any) -> Any:
+    """msgspec's JSON Schema (2020-12) in OpenAPI 3.0's dialect: `anyOf [X, null]` is X
+    with `nullable`, an enum of strings says its type, `default: null` goes."""
+    if isinstance(schema, list):
+        return [_openapi30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _openapi30(value) for key, value in schema.items()}
+    variants = out.get("anyOf")
+    if variants and {"type": "null"} in variants:
+        rest = [v for v in variants if v != {"type": "null"}]
+        del out["anyOf"]
+        out.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+        out["nullable"] = True
+    if "enum" in out and "type" not in out and all(isinstance(v, str) for v in out["enum"]):
+        out["type"] = "string"
+    if "default" in out and out["default"] is None:
+        del out["default"]
+    return out
+
+
+def body_schemas(config: Config) -> dict[str, Schema]:
+    """The request bodies, from the Structs validation decodes with."""
+    bodies = contract.BODIES
+    _, components = msgspec.json.schema_components(
+        [bodies.Register, bodies.Event, bodies.Batch],
+        ref_template="#/components/schemas/{name}")
+    out: dict[str, Schema] = _openapi30(components)
+    limit = config.max_json_bytes
+    out["Register"]["properties"]["metadata"] = _any(
+        f"Any JSON value, at most {limit} bytes serialized and "
+        f"{contract.LIMITS.json_depth} levels deep")
+    out["Register"]["properties"]["task_id"]["description"] += "; defaults to " \
+        "'{task_type}_{n}'"
+    for name in ("Event", "BatchEvent"):
+        out[name]["properties"]["result"] = _any(
+            f"Any JSON value, at most {limit} bytes serialized and "
+            f"{contract.LIMITS.json_depth} levels deep")
+    return out
 
 
 BEARER = [{"bearerAuth": []}]
@@ -105,19 +155,15 @@ STATUS_ENUM = {"type": "string", "enum": list(STATUSES)}
 SEQ = {"type": "integer", "format": "int64", "minimum": 0}
 
 
-def text(limit: int, description: str) -> Schema:
-    return {"type": "string", "maxLength": limit, "description": description}
-
-
 def schemas(config: Config) -> dict[str, Schema]:
     task = {
         "type": "object",
         "required": ["task_id", "user_id", "task_type", "status", "progress", "created_at",
                      "updated_at", "seq", "cancel_requested"],
         "properties": {
-            "task_id": {"type": "string", "maxLength": MAX_TASK_ID},
+            "task_id": {"type": "string", "maxLength": contract.LIMITS.task_id},
             "user_id": {"type": "integer", "format": "int64", "minimum": 0},
-            "task_type": {"type": "string", "maxLength": MAX_TASK_TYPE},
+            "task_type": {"type": "string", "maxLength": contract.LIMITS.task_type},
             "status": STATUS_ENUM,
             "progress": {"type": "number", "minimum": 0, "maximum": 100},
             "message": nullable({"type": "string"}),
@@ -134,13 +180,6 @@ def schemas(config: Config) -> dict[str, Schema]:
             "cancel_requested": {"type": "boolean",
                                  "description": "The user cancelled this task"},
         },
-    }
-    event_fields: dict[str, Schema] = {
-        "status": STATUS_ENUM,
-        "progress": {"type": "number", "minimum": 0, "maximum": 100},
-        **{name: text(limit, f"At most {limit} characters (413 beyond)")
-           for name, limit in TEXT_LIMITS.items()},
-        "result": _any(f"Any JSON value, at most {config.max_json_bytes} bytes serialized"),
     }
     return {
         "Task": task,
@@ -160,30 +199,7 @@ def schemas(config: Config) -> dict[str, Schema]:
                                      "On a producer's 409: the user cancelled the task"},
             },
         },
-        "Register": {
-            "type": "object", "additionalProperties": False,
-            "required": ["user_id", "task_type"],
-            "properties": {
-                "task_id": {"type": "string", "maxLength": MAX_TASK_ID, "description":
-                            "Defaults to '{task_type}_{n}'"},
-                "user_id": {"oneOf": [{"type": "integer", "minimum": 0},
-                                      {"type": "string", "pattern": "^[0-9]{1,19}$"}]},
-                "task_type": {"type": "string", "minLength": 1, "maxLength": MAX_TASK_TYPE},
-                "metadata": _any(f"Any JSON value, at most {config.max_json_bytes} bytes"),
-            },
-        },
-        "Event": {"type": "object", "additionalProperties": False, "required": ["status"],
-                  "properties": event_fields},
-        "BatchEvent": {"type": "object", "additionalProperties": False,
-                       "required": ["task_id", "status"],
-                       "properties": {"task_id": {"type": "string"}, **event_fields,
-                                      "idempotency_key": {
-                                          "type": "string", "minLength": 1, "maxLength": 200,
-                                          "description": "As the single form's "
-                                          "Idempotency-Key header"}}},
-        "Batch": {"type": "object", "additionalProperties": False, "required": ["events"],
-                  "properties": {"events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
-                                            "items": ref("BatchEvent")}}},
+        **body_schemas(config),
         "BatchResult": {
             "type": "object", "required": ["results"],
             "properties": {"results": {"type": "array", "items": {
@@ -276,7 +292,8 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 path_param("user_id", "The user the token is for", {"type": "string",
                                                                     "pattern": "^[0-9]+$"}),
                 {**query("token", "User JWT", {"type": "string"}), "required": True},
-                query("since", "Resume: replay changes after this seq", SEQ),
+                query("since", "Resume: replay changes after this seq",
+                      contract.Limits.cursor("since")),
                 query("epoch", "The epoch the client's seq belongs to", {"type": "string"}),
             ])},
         "/api/task/stream": {"get": op(
@@ -305,20 +322,20 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             security=BEARER, operation_id="getTaskStatus",
             parameters=[TASK_ID,
                         query("wait", "Long-poll seconds (with If-None-Match)",
-                              {"type": "integer", "minimum": 0, "maximum": 30}),
+                              contract.LIMITS.wait),
                         {"name": "If-None-Match", "in": "header", "required": False,
                          "schema": {"type": "string"}}])},
         "/api/task/task/{task_id}/history": {"get": op(
             "Task history", "The recorded changes of one of the user's tasks, oldest first, "
-            f"by pages of at most {HISTORY_LIMIT}: follow `next_after` until it is null.",
+            f"by pages of at most {contract.LIMITS.history_limit}: follow `next_after` "
+            "until it is null.",
             "tasks", responses({200: ok("A page of the history", ref("History"))},
                                400, 401, 404),
             security=BEARER, operation_id="getTaskHistory",
             parameters=[TASK_ID,
-                        query("limit", "Page size", {"type": "integer", "minimum": 1,
-                                                     "maximum": HISTORY_LIMIT,
-                                                     "default": HISTORY_LIMIT}),
-                        query("after", "Cursor: `next_after` of the previous page", SEQ)])},
+                        query("limit", "Page size", contract.LIMITS.history_page),
+                        query("after", "Cursor: `next_after` of the previous page",
+                              contract.Limits.cursor("after"))])},
         "/api/task/task/{task_id}": {"delete": op(
             "Delete a finished task", "Removes a finished task and its history; pushed as "
             "`task_deleted`. An active task answers 409.", "tasks",
@@ -339,11 +356,11 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 responses({200: ok("A page of tasks", ref("TaskList"))}, 400, 401),
                 security=BEARER, operation_id="listTasks",
                 parameters=[query("status", "Only tasks in this status", STATUS_ENUM),
-                            query("limit", "Page size", {"type": "integer", "minimum": 1,
-                                                         "maximum": 500, "default": 50}),
+                            query("limit", "Page size", contract.LIMITS.list_page),
                             query("before", "Cursor: `next_before` of the previous page",
-                                  SEQ),
-                            query("since", "Tasks changed after this seq", SEQ)]),
+                                  contract.Limits.cursor("before")),
+                            query("since", "Tasks changed after this seq",
+                                  contract.Limits.cursor("since"))]),
             "post": op(
                 "Register a task", "Creates a pending task. The same body again answers 200 "
                 "with the same task; a different body for an existing id answers 409.",
@@ -362,11 +379,12 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                 "name": "Idempotency-Key", "in": "header", "required": False,
                 "description": "A retry with the same key is answered with the task and "
                 "changes nothing (also after the task finished)",
-                "schema": {"type": "string", "minLength": 1, "maxLength": 200}}])},
+                "schema": {"type": "string", "minLength": 1,
+                           "maxLength": contract.LIMITS.idempotency_key}}])},
         "/api/task/events": {"post": op(
-            "Report a batch of events", f"At most {MAX_BATCH_EVENTS} events, each applied or "
-            "refused on its own, answered in request order; all applied ones are committed "
-            "before the answer.", "producer",
+            "Report a batch of events", f"At most {contract.LIMITS.batch_events} events, "
+            "each applied or refused on its own, answered in request order; all applied ones "
+            "are committed before the answer.", "producer",
             responses({200: ok("One result per event", ref("BatchResult"))},
                       400, 401, 403, 408, 413, 503),
             security=PRODUCER, body=ref("Batch"), operation_id="postEvents")},

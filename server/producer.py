@@ -13,10 +13,10 @@ from aiohttp import web
 
 from . import keys
 from .auth import api_key_matches
-from .errors import BadRequest, Forbidden, TaskPushError, Unauthorized
-from .model import Change, Kind, Operation, public
-from .rest import ok, read_object
-from .validate import batch_body, event_body, idempotency_key, register_body, task_id
+from .errors import Forbidden, Unauthorized
+from .model import Kind, Operation, public
+from .rest import ok, read_body
+from .validate import Refused, decode_batch, decode_event, decode_register, idempotency_key, task_id
 
 
 def require_producer(request: web.Request) -> None:
@@ -30,7 +30,7 @@ def require_producer(request: web.Request) -> None:
 async def register(request: web.Request) -> web.Response:
     require_producer(request)
     config = request.app[keys.CONFIG]
-    op = register_body(await read_object(request), config.max_json_bytes)
+    op = decode_register(await read_body(request), config.max_json_bytes)
     outcome = await request.app[keys.TASKS].register(op)
     assert outcome.task is not None
     return ok(public(outcome.task), status=201 if outcome.kind is Kind.CREATED else 200)
@@ -40,7 +40,7 @@ async def post_event(request: web.Request) -> web.Response:
     require_producer(request)
     config = request.app[keys.CONFIG]
     task = task_id(request.match_info["task_id"])
-    change = event_body(task, await read_object(request), config.max_json_bytes)
+    change = decode_event(task, await read_body(request), config.max_json_bytes)
     key = request.headers.get("Idempotency-Key")
     if key is not None:
         change = dataclasses.replace(change, idem_key=idempotency_key(key))
@@ -50,28 +50,15 @@ async def post_event(request: web.Request) -> web.Response:
 async def post_batch(request: web.Request) -> web.Response:
     require_producer(request)
     config = request.app[keys.CONFIG]
-    events = batch_body(await read_object(request))
-    results: list[dict[str, Any] | None] = [None] * len(events)
+    items = decode_batch(await read_body(request), config.max_json_bytes)
+    results: list[dict[str, Any] | None] = [None] * len(items)
     ops: list[Operation] = []
     positions: list[int] = []
-    for index, item in enumerate(events):
-        where = f"events[{index}]."
-        try:
-            if not isinstance(item, dict):
-                raise BadRequest(f"events[{index}] must be an object")
-            fields = dict(item)
-            target = task_id(fields.pop("task_id", None), f"{where}task_id")
-            key = fields.pop("idempotency_key", None)
-            change: Change = event_body(target, fields, config.max_json_bytes, where)
-            if key is not None:  # the batch form of the single event's Idempotency-Key
-                if not isinstance(key, str):
-                    raise BadRequest(f"{where}idempotency_key must be a string")
-                change = dataclasses.replace(change, idem_key=idempotency_key(key))
-        except TaskPushError as exc:
-            raw_id = item.get("task_id") if isinstance(item, dict) else None
-            results[index] = _refused(raw_id if isinstance(raw_id, str) else None, exc)
+    for index, item in enumerate(items):
+        if isinstance(item, Refused):
+            results[index] = _refused(item.task_id, item.error)
             continue
-        ops.append(change)
+        ops.append(item)
         positions.append(index)
     outcomes = await request.app[keys.TASKS].apply_many(ops) if ops else []
     for index, outcome in zip(positions, outcomes, strict=True):

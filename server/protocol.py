@@ -12,10 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from . import jsonutil
+from . import contract, jsonutil
 from .model import TERMINAL, Task, public, utc_now
-
-MAX_TASK_ID = 200
 
 # Close codes (SPEC): the reason strings are what clients read.
 CLOSE_GOING_AWAY = 1001
@@ -72,13 +70,14 @@ def parse_client_message(text: str) -> ClientMessage:
 
 
 def task_id_field(value: Any) -> str:
-    """A task id: a non-empty printable string of at most 200 characters (ints accepted)."""
+    """A task id by the HTTP API's rule (contract.task_id_problem); ints accepted."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value:
         raise ProtocolError("missing_field", "a non-empty string field 'task_id' is required")
-    if len(value) > MAX_TASK_ID or not value.isprintable():
-        raise ProtocolError("invalid_field", "task_id must be printable, at most 200 characters")
+    problem = contract.task_id_problem(value)
+    if problem is not None:
+        raise ProtocolError("invalid_field", f"task_id {problem}")
     return value
 
 

@@ -9,15 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from . import jsonutil, keys
+from . import contract, jsonutil, keys
 from .auth import AuthError, Identity
 from .errors import BodyTimeout, NotFound, Unauthorized, envelope
 from .model import Task, public
-from .validate import int_param, json_object, status_param
-
-MAX_WAIT = 30
-MAX_LIMIT = 500
-HISTORY_LIMIT = 1000  # events in one answer of GET .../history
+from .validate import json_object, query_int, status_param
 
 
 def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = None
@@ -37,17 +33,21 @@ def user_identity(request: web.Request) -> Identity:
         raise Unauthorized(f"token {exc.reason}") from None
 
 
-async def read_object(request: web.Request) -> dict[str, Any]:
-    """The JSON object body (size capped by the app's client_max_size -> 413), which must
-    arrive within --body-timeout: a body sent a byte at a time would hold the connection
-    (and a request's worth of memory) for as long as its sender liked (408)."""
+async def read_body(request: web.Request) -> bytes:
+    """The body (size capped by the app's client_max_size -> 413), which must arrive
+    within --body-timeout: a body sent a byte at a time would hold the connection (and a
+    request's worth of memory) for as long as its sender liked (408)."""
     timeout = request.app[keys.CONFIG].body_timeout
     try:
         async with asyncio.timeout(timeout):
-            body = await request.read()
+            return await request.read()
     except TimeoutError:
         raise BodyTimeout(f"request body not received within {timeout:g} seconds") from None
-    return json_object(body)
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object body (see read_body)."""
+    return json_object(await read_body(request))
 
 
 def _etag(task: Task) -> str:
@@ -76,7 +76,7 @@ async def _own_task(request: web.Request, identity: Identity, task_id: str) -> T
 async def task_status(request: web.Request) -> web.Response:
     identity = user_identity(request)
     task_id = request.match_info["task_id"]
-    wait = int_param(request.query.get("wait"), "wait", low=0, high=MAX_WAIT, default=0) or 0
+    wait = query_int(request.query.get("wait"), contract.LIMITS.wait) or 0
     if_none_match = request.headers.get("If-None-Match")
     with request.app[keys.HUB].watching(task_id) as changed:
         task = await _own_task(request, identity, task_id)
@@ -98,8 +98,9 @@ async def list_tasks(request: web.Request) -> web.Response:
     identity = user_identity(request)
     store = request.app[keys.STORE]
     query = request.query
-    since = int_param(query.get("since"), "since", low=0, high=2**63 - 1)
-    limit = int_param(query.get("limit"), "limit", low=1, high=MAX_LIMIT, default=50) or 50
+    limits = contract.LIMITS
+    since = query_int(query.get("since"), limits.cursor("since"))
+    limit = query_int(query.get("limit"), limits.list_page) or limits.list_default
     if since is not None:
         seq = store.last_seq
         tasks = await store.changed_since(identity.user_id, since, limit)
@@ -107,7 +108,7 @@ async def list_tasks(request: web.Request) -> web.Response:
                 "epoch": store.epoch, "resync": since < store.horizon or since > seq}
         return ok(data)
     status = status_param(query.get("status"))
-    before = int_param(query.get("before"), "before", low=0, high=2**63 - 1)
+    before = query_int(query.get("before"), limits.cursor("before"))
     seq = store.last_seq  # read first: a poller resuming from it misses nothing
     tasks = await store.list_tasks(identity.user_id, status=status, limit=limit, before=before)
     next_before = tasks[-1]["created_seq"] if len(tasks) == limit else None
@@ -131,14 +132,14 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 async def history(request: web.Request) -> web.Response:
     """The recorded changes of one of the user's tasks, oldest first, by pages: `limit`
-    (default and most HISTORY_LIMIT) after the seq `after`; `next_after` continues, null at
-    the end (so a history of up to HISTORY_LIMIT changes is one answer, as it always was)."""
+    (default and most contract's history_limit) after the seq `after`; `next_after`
+    continues, null at the end (so a short history is one answer, as it always was)."""
     identity = user_identity(request)
     task_id = request.match_info["task_id"]
     query = request.query
-    limit = int_param(query.get("limit"), "limit", low=1, high=HISTORY_LIMIT,
-                      default=HISTORY_LIMIT) or HISTORY_LIMIT
-    after = int_param(query.get("after"), "after", low=0, high=2**63 - 1, default=0) or 0
+    page = contract.LIMITS.history_page
+    limit = query_int(query.get("limit"), page) or page.high
+    after = query_int(query.get("after"), contract.LIMITS.cursor("after")) or 0
     await _own_task(request, identity, task_id)
     events, next_after = await request.app[keys.STORE].history_page(task_id, after, limit)
     return ok({"task_id": task_id, "events": events, "count": len(events),

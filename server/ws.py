@@ -18,9 +18,9 @@ from collections import deque
 
 from aiohttp import WSMsgType, web
 
-from . import keys, protocol, snapshot
+from . import contract, keys, protocol, snapshot, validate
 from .auth import AuthError, Identity, parse_user_id
-from .errors import StorageUnavailable
+from .errors import BadRequest, StorageUnavailable
 from .hub import Hub
 from .model import Task, utc_iso
 
@@ -278,12 +278,11 @@ class Connection:
 
 
 def _int_query(request: web.Request, name: str) -> int | str | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return None
-    if raw.isascii() and raw.isdigit() and len(raw) <= 19:
-        return int(raw)
-    return "invalid"
+    """A seq cursor by validate.py's rule; "invalid" (snapshot.judge_resume's word) if bad."""
+    try:
+        return validate.query_int(request.query.get(name), contract.Limits.cursor(name))
+    except BadRequest:
+        return "invalid"
 
 
 def resume_query(request: web.Request) -> tuple[int | str | None, str | None]:
