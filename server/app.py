@@ -203,7 +203,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEMO_RUNNERS] = set()
 
     app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
-    app.router.add_get("/api/task/stream", stream_handler)
+    app.router.add_get("/api/task/stream", stream_handler, allow_head=False)  # no body-less stream
     producer.add_routes(app)  # first: the hottest path, tried before the user routes
     rest.add_routes(app)
     if config.demo_mode:

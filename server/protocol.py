@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import contract, jsonutil
@@ -169,6 +169,9 @@ class Update:
     status: str  # "deleted" for a task_deleted message
     text: str
     frame: bytes = b""  # text_frame(text), filled in on creation
+    # its Server-Sent Events chunk, built by the first stream that writes it and shared by
+    # the others; it lives and dies with the update (sse.py)
+    event_chunk: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.frame:

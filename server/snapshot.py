@@ -69,7 +69,8 @@ class ByteBudget:
             if future.done() and not future.cancelled():
                 self.release(amount)  # granted just as it was cancelled
             else:
-                self._waiters.remove(entry)
+                with contextlib.suppress(ValueError):  # `_wake` may have dropped it already
+                    self._waiters.remove(entry)
                 self._wake()
             raise
         return amount

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -55,11 +54,6 @@ HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
 }
 HEARTBEAT = b": keep-alive\n\n"
-CACHE_SIZE = 4096  # updates whose event bytes are kept (a commit's worth, shared by streams)
-
-# seq -> (text, chunk): an update framed once for every stream, as its WebSocket frame is.
-# The text object is the key's guard: another app's update (tests run several) is another str.
-_framed: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
 
 
 def event_bytes(kind: str, text: str, event_id: str | None = None) -> bytes:
@@ -99,7 +93,7 @@ class Stream(Connection):
     def __init__(self, resp: EventStreamResponse, identity: Identity, request: web.Request,
                  since: int | str | None, epoch: str | None) -> None:
         super().__init__(resp, identity, request)  # type: ignore[arg-type]  (duck-typed ws)
-        self._chunked = request.version >= HttpVersion11
+        self._chunked = resp.chunked  # what the prepared response really does
         self._epoch = request.app[keys.STORE].epoch
         self._since = since
         self._resume_epoch = epoch
@@ -136,13 +130,11 @@ class Stream(Connection):
         self._point = seq
         if not self._chunked:
             return event_bytes(_kind(update), update.text, self._id(seq))
-        cached = _framed.get(seq)
-        if cached is None or cached[0] is not update.text:
-            cached = (update.text, chunk(event_bytes(_kind(update), update.text, self._id(seq))))
-            _framed[seq] = cached
-            if len(_framed) > CACHE_SIZE:
-                _framed.popitem(last=False)
-        return cached[1]
+        framed = update.event_chunk  # framed once for every stream, as its WebSocket frame is
+        if framed is None:
+            framed = chunk(event_bytes(_kind(update), update.text, self._id(seq)))
+            object.__setattr__(update, "event_chunk", framed)  # a cache on a frozen value
+        return framed
 
     def _id_or_none(self) -> str | None:
         return None if self._point is None else self._id(self._point)
@@ -284,6 +276,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     since, epoch = resume_query(request) if resume is None else resume
 
     resp = EventStreamResponse(headers=HEADERS)
+    if request.version >= HttpVersion11:
+        resp.enable_chunked_encoding()  # said on purpose: direct writes frame the chunks
     resp.force_close()  # the end of the stream is the end of the connection
     await resp.prepare(request)
     await resp.write(b": taskpush\n\n")  # the headers go out now, not with the first event
@@ -298,6 +292,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         except ConnectionError:
             return resp  # gone during its snapshot (or cut off: 4408; closed: 4409, 1001)
         for task_id in task_ids:
+            if stream.closing:
+                break  # closed during its snapshot (1013, 4408, 4409, 1001)
             try:
                 await _subscribe(stream, task_id, request)
             except protocol.ProtocolError as exc:

@@ -247,6 +247,9 @@ def decode_register(body: bytes, json_limit: int) -> Register:
         raw = contract.BODIES.decode_register.decode(body)
         given_id, task_type, user_id = raw.task_id, raw.task_type, raw.user_id
         if isinstance(user_id, str):
+            # msgspec matches the schema's `$` the Python way: "7\n" would pass it
+            if not (user_id.isascii() and user_id.isdigit()):
+                raise _Doubt
             user_id = int(user_id)
             if user_id > contract.MAX_USER_ID:
                 raise _Doubt

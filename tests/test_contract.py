@@ -281,3 +281,13 @@ async def test_big_integers_stay_exact_through_validation_and_storage(client: Te
     assert (task["metadata"], task["result"]) == (big, {"n": big})
     assert validate.event_body("t", validate.json_object(
         json.dumps({"status": "running", "result": big}).encode()), 65536).result == big
+
+
+async def test_a_user_id_with_a_trailing_newline_is_refused_like_before(client: TestClient
+                                                                      ) -> None:
+    """msgspec matches the schema's `$` the Python way ("7\\n" passes); the fast path must
+    refuse what the field checks refuse, and what the published (ECMA) pattern refuses."""
+    resp = await client.post("/api/task/tasks", headers=PRODUCER,
+                             data=json.dumps({"user_id": "7\n", "task_type": "job"}))
+    assert resp.status == 400
+    assert (await resp.json())["data"] is None

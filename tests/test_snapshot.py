@@ -73,6 +73,27 @@ def test_a_message_in_parts_is_a_text_frame_then_continuations_the_last_final() 
     assert protocol.text_frame("hi") == b"\x81\x02hi"
 
 
+async def test_a_waiter_cancelled_as_the_budget_is_released_stays_cancelled() -> None:
+    """Cancelled while it waits, then bytes are released before it resumes: `_wake` has
+    already dropped its entry; the waiter must end cancelled (not ValueError), nothing
+    held."""
+    budget = ByteBudget(100)
+    holder = budget.hold(100)
+    await holder.__aenter__()
+
+    async def take() -> None:
+        async with budget.hold(50):
+            pass
+
+    waiter = asyncio.create_task(take())
+    await asyncio.sleep(0)  # it waits
+    waiter.cancel()
+    await holder.__aexit__(None, None, None)  # release runs before the waiter resumes
+    results = await asyncio.gather(waiter, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError), results
+    assert budget.used == 0
+
+
 async def test_the_byte_budget_lets_waiters_in_first_come_first_served() -> None:
     budget = ByteBudget(100)
     order: list[str] = []

@@ -574,3 +574,48 @@ async def test_a_close_inside_the_paged_active_tasks_event_cuts_the_stream_off(
             if line.startswith("data: "):
                 json.loads(line[6:])
     await _budget_returned(app)
+
+
+# ---- review fixes: no process-wide cache, no HEAD stream ---------------------------------
+
+
+async def test_framed_events_live_and_die_with_their_updates(client: Client) -> None:
+    """An update's event chunk is built once and shared by every stream, and kept on the
+    update itself: once the streams are gone nothing of 300 large updates is retained (a
+    process-wide cache held up to ~1 GB at the default limits)."""
+    import gc
+    import tracemalloc
+
+    a, b = await stream(client, 1), await stream(client, 1)
+    await events_until(a, "active_tasks")
+    await events_until(b, "active_tasks")
+    pad = "p" * 60_000
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for n in range(300):
+            await register(client, f"big{n}", 1)
+            await event(client, f"big{n}", "completed", result={"pad": pad})
+            if n % 50 == 49:  # keep the streams drained
+                await events_until(a, "task_status", timeout=10)
+        a.close()
+        b.close()
+        for _ in range(200):
+            if not client.server.app[keys.SOCKETS]:
+                break
+            await asyncio.sleep(0.05)
+        assert not client.server.app[keys.SOCKETS]
+        gc.collect()
+        framed = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, sse.__file__)])
+    finally:
+        tracemalloc.stop()
+    kept = sum(stat.size for stat in framed.statistics("filename"))
+    # what sse.py framed (~60 KB an event) and still holds once every stream is gone
+    assert kept < 1024 * 1024, kept
+
+
+async def test_head_does_not_open_a_stream(client: Client) -> None:
+    resp = await client.head(f"/api/task/stream?token={make_token(1)}")
+    assert resp.status == 405
+    assert not client.server.app[keys.SOCKETS]

@@ -564,3 +564,28 @@ async def test_permessage_deflate_is_declined_and_frames_go_uncompressed(client)
         assert first[0] & 0x0F == 0x1  # a text frame: `connected`
     finally:
         writer.close()
+
+
+async def test_a_subscribe_the_storage_cannot_answer_is_an_error_and_the_socket_stays(
+        client, monkeypatch):
+    """SPEC "Storage unavailable": open sockets stay open. A subscribe whose read fails
+    (a failing disk) answers an `error` the client can retry; no traceback, no close."""
+    import sqlite3
+
+    from server import store as store_module
+
+    def failing_read(*_args):
+        exc = sqlite3.OperationalError("disk I/O error")
+        exc.sqlite_errorcode = sqlite3.SQLITE_IOERR
+        raise exc
+
+    ws = await ws_connect(client, 1)
+    await handshake(ws)
+    monkeypatch.setattr(store_module, "_select_task", failing_read)
+    await ws.send_json({"type": "subscribe", "task_id": "not_cached"})
+    answer = await recv(ws)
+    assert answer["type"] == "error" and answer["code"] == "unavailable"
+    monkeypatch.undo()
+    await ws.send_json({"type": "ping"})
+    assert (await recv(ws))["type"] == "pong"
+    await ws.close()

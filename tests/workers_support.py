@@ -171,6 +171,9 @@ class Browser:
                             data = json.loads(msg.data)
                             if data["type"] == "connected":
                                 since = data.get("seq") if since is None else since
+                            elif data["type"] == "active_tasks":
+                                # ready only now: a task registered between `connected`
+                                # and the snapshot's read is in `active_tasks`, not pushed
                                 self._connected.set()
                             elif data["type"] == "task_status":
                                 since = max(since or 0, data.get("seq", 0))
