@@ -42,6 +42,34 @@ from tests.test_slow_consumer import rss_kb, stuck_client
 servers = pytest.fixture(servers_fixture, name="servers")
 
 
+async def fill_with_large_active_tasks(store: Any) -> None:
+    """~6 MB of user 1's active tasks (more than the kernel's buffers take from a silent
+    peer) and one small task of user 2."""
+    for n in range(100):
+        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
+    await store.submit(Register("small", 2, "job"))
+
+
+async def only_socket_once(app: Any, ready: Any, what: str) -> Any:
+    """The app's one socket, once it is attached and `ready(socket)` holds (10 s at most)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not app[keys.SOCKETS]:
+        assert loop.time() < deadline, f"{what} never attached"
+        await asyncio.sleep(0.01)
+    (holder,) = app[keys.SOCKETS]
+    while not ready(holder):
+        assert loop.time() < deadline, f"{what} never got there"
+        await asyncio.sleep(0.01)
+    return holder
+
+
+def holds_the_whole_budget(app: Any) -> Any:
+    """Stuck on a page, waiting for its peer to take it, with the whole budget."""
+    budget = app[keys.SNAPSHOT_BUDGET]
+    return lambda conn: conn.send_started and budget.used == budget.total
+
+
 # ---- sans I/O --------------------------------------------------------------------------
 
 
@@ -250,22 +278,11 @@ async def test_connects_beyond_the_snapshot_memory_wait_their_turn(
     client = await make_client(snapshot_memory=64 * 1024, send_timeout=0.5)
     app = client.server.app
     store = app[keys.STORE]
-    for n in range(100):  # ~6 MB: more than the kernel's buffers take from a silent peer
-        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
-    await store.submit(Register("small", 2, "job"))
+    await fill_with_large_active_tasks(store)
     loop = asyncio.get_running_loop()
     stuck = await loop.run_in_executor(None, stuck_client, client.server.port, 1)
     try:
-        budget = app[keys.SNAPSHOT_BUDGET]
-        deadline = loop.time() + 10
-        while not app[keys.SOCKETS]:
-            assert loop.time() < deadline, "the silent peer never attached"
-            await asyncio.sleep(0.01)
-        (holder,) = app[keys.SOCKETS]
-        # stuck on a page: waiting for its peer to take it, with the whole budget
-        while not (holder.send_started and budget.used == budget.total):
-            assert loop.time() < deadline, "the silent peer never held the budget"
-            await asyncio.sleep(0.01)
+        holder = await only_socket_once(app, holds_the_whole_budget(app), "the silent peer")
         ws = await ws_connect(client, 2)
         assert (await recv(ws))["type"] == "connected"
         active = await recv(ws, timeout=10)
@@ -383,21 +400,11 @@ async def test_a_live_connect_waiting_its_turn_is_not_dropped_as_dead(
                                ping_timeout=0.3)
     app = client.server.app
     store = app[keys.STORE]
-    for n in range(100):
-        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
-    await store.submit(Register("small", 2, "job"))
+    await fill_with_large_active_tasks(store)
     loop = asyncio.get_running_loop()
     stuck = await loop.run_in_executor(None, stuck_client, client.server.port, 1)
     try:
-        budget = app[keys.SNAPSHOT_BUDGET]
-        deadline = loop.time() + 10
-        while not app[keys.SOCKETS]:
-            assert loop.time() < deadline, "the silent peer never attached"
-            await asyncio.sleep(0.01)
-        (holder,) = app[keys.SOCKETS]
-        while not (holder.send_started and budget.used == budget.total):
-            assert loop.time() < deadline, "the silent peer never held the budget"
-            await asyncio.sleep(0.01)
+        holder = await only_socket_once(app, holds_the_whole_budget(app), "the silent peer")
         ws = await ws_connect(client, 2)  # aiohttp answers every ping
         assert (await recv(ws))["type"] == "connected"
         active = await recv(ws, timeout=10)  # ~2 s of waiting, ~10 pings unanswered

@@ -28,6 +28,11 @@ from tests.conftest import (
     ws_connect,
 )
 from tests.procs import servers_fixture
+from tests.test_snapshot import (
+    fill_with_large_active_tasks,
+    holds_the_whole_budget,
+    only_socket_once,
+)
 
 servers = pytest.fixture(servers_fixture, name="servers")
 
@@ -494,23 +499,13 @@ async def test_a_silent_stream_holds_its_pages_of_the_budget_and_is_cut_off(
     client = await make_client(snapshot_memory=64 * 1024, send_timeout=0.5)
     app = client.app
     store = app[keys.STORE]
-    for n in range(100):  # ~6 MB: more than the kernel's buffers take from a silent peer
-        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
-    await store.submit(Register("small", 2, "job"))
+    await fill_with_large_active_tasks(store)
     loop = asyncio.get_running_loop()
     silent = await loop.run_in_executor(None, _silent_stream, client.server.port, 1)
     try:
-        budget = app[keys.SNAPSHOT_BUDGET]
-        deadline = loop.time() + 10
-        while not app[keys.SOCKETS]:
-            assert loop.time() < deadline, "the silent stream never attached"
-            await asyncio.sleep(0.01)
-        (holder,) = app[keys.SOCKETS]
-        assert isinstance(holder, sse.Stream)
         # stuck on a page inside the one active_tasks event, with the whole budget
-        while not (holder.send_started and budget.used == budget.total):
-            assert loop.time() < deadline, "the silent stream never held the budget"
-            await asyncio.sleep(0.01)
+        holder = await only_socket_once(app, holds_the_whole_budget(app), "the silent stream")
+        assert isinstance(holder, sse.Stream)
         assert holder.in_event
         other = await stream(client, 2)
         got = await events_until(other, "active_tasks", timeout=10)
@@ -552,14 +547,8 @@ async def test_a_close_inside_the_paged_active_tasks_event_cuts_the_stream_off(
     loop = asyncio.get_running_loop()
     silent = await loop.run_in_executor(None, _silent_stream, client.server.port, 1)
     try:
-        deadline = loop.time() + 10
-        while not app[keys.SOCKETS]:
-            assert loop.time() < deadline, "the silent stream never attached"
-            await asyncio.sleep(0.01)
-        (holder,) = app[keys.SOCKETS]
-        while not (holder.send_started and holder.in_event):
-            assert loop.time() < deadline, "the silent stream never waited inside its event"
-            await asyncio.sleep(0.01)
+        holder = await only_socket_once(app, lambda conn: conn.send_started and conn.in_event,
+                                        "the silent stream (inside its event)")
         newer = await stream(client)  # the user's limit is 1: the silent one is replaced
         assert newer.status == 200
         body = await loop.run_in_executor(None, _read_until_closed, silent)
