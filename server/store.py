@@ -478,10 +478,12 @@ class Store:
                                      self._retry_after) from exc
 
     async def _call_writer(self, fn: Callable[..., Any], *args: Any,
-                           lock_wait: float | None = None) -> Any:
+                           lock_wait: float | None = None, proves_recovery: bool = True) -> Any:
         """Run `fn(writer_connection, *args)` on the writer's thread, alone among writes,
         waiting up to `lock_wait` s (default: the store's timeout) for another process's lock. A
-        storage failure raises StorageUnavailable (and begins an outage)."""
+        storage failure raises StorageUnavailable (and begins an outage). A write that needs
+        no fresh pages (a purge) passes `proves_recovery=False`: its commit says nothing
+        about a full disk, so it must not end an outage (health would flap)."""
         if self._wthread is None or self._wconn is None:
             raise RuntimeError("store is not open")
         wconn, thread = self._wconn, self._wthread
@@ -499,7 +501,8 @@ class Store:
                 raise
             except sqlite3.Error as exc:
                 self._raise_failed(exc)
-        self._recovered()
+        if proves_recovery:
+            self._recovered()
         return result
 
     # ---- storage outages -------------------------------------------------------------
@@ -692,7 +695,9 @@ class Store:
                 self._recovered()
         if applied is None:  # large, a delete, or the file's write lock is held elsewhere
             wait = deadline - asyncio.get_running_loop().time()
-            applied = await self._call_writer(self._txn_apply, ops, lock_wait=max(0.0, wait))
+            applied = await self._call_writer(
+                self._txn_apply, ops, lock_wait=max(0.0, wait),
+                proves_recovery=not all(type(op) is Delete for op in ops))  # deletes free pages
         assert applied is not None
         return applied
 
@@ -1092,7 +1097,7 @@ class Store:
             self.horizon = max(self.horizon, int(top))
             return cursor.rowcount
 
-        return await self._call_writer(purge)
+        return await self._call_writer(purge, proves_recovery=False)
 
     async def ping(self) -> bool:
         def check(conn: sqlite3.Connection) -> bool:

@@ -374,3 +374,27 @@ async def test_deleting_a_task_with_a_long_history_leaves_the_loop_serving(
     assert resp.status == 200, await resp.text()
     assert seen["thread"] != loop_thread and seen["released"] is True
     assert await events_of(db_file, "big") == []
+
+
+async def test_a_purge_on_a_full_disk_does_not_end_the_outage(
+        make_client: MakeClient, store_log: pytest.LogCaptureFixture) -> None:
+    """A sweep's purge needs no fresh pages, so it commits on a full disk; that must not end
+    the outage (health would flap and each flap log two more lines)."""
+    client = await make_client(db_timeout=0.5)
+    store = client.app[keys.STORE]
+    await register(client, "t", 1)
+    wconn = store._wconn
+    async with store._write_lock:
+        (pages,) = wconn.execute("PRAGMA page_count").fetchone()
+        wconn.execute(f"PRAGMA max_page_count = {pages}")
+    resp = await client.post("/api/task/tasks", headers=PRODUCER, json={
+        "task_id": "big", "user_id": 1, "task_type": "job", "metadata": {"b": "x" * 40_000}})
+    await assert_503(resp, FULL)
+    assert await store.purge_tombstones("9999-12-31T00:00:00Z") == 0  # it commits
+    status, body = await health(client)
+    assert status == 503 and body["message"] == FULL
+    began, ended = outage_lines(store_log)
+    assert len(began) == 1 and ended == []
+    async with store._write_lock:
+        wconn.execute("PRAGMA max_page_count = 1073741823")
+    await until(lambda: healthy(client), "/healthz 200 once there is space")
