@@ -50,6 +50,23 @@ async def fill_with_large_active_tasks(store: Any) -> None:
     await store.submit(Register("small", 2, "job"))
 
 
+async def replay_history(store: Any) -> tuple[int, dict[str, str]]:
+    """A task `busy` to change live, then 40 finished tasks (every fourth deleted) after the
+    returned `since`: what a resume must replay, task by task, with its final state."""
+    await store.submit(Register("busy", 1, "job"))
+    since = store.last_seq
+    expected: dict[str, str] = {}
+    for n in range(40):
+        task_id = f"f{n}"
+        await store.submit(Register(task_id, 1, "job", metadata={"pad": "m" * 400}))
+        await store.submit(Change(task_id, "completed", result={"n": n}))
+        expected[task_id] = "completed"
+        if n % 4 == 0:
+            await store.submit(Delete(task_id))
+            expected[task_id] = "deleted"
+    return since, expected
+
+
 async def only_socket_once(app: Any, ready: Any, what: str) -> Any:
     """The app's one socket, once it is attached and `ready(socket)` holds (10 s at most)."""
     loop = asyncio.get_running_loop()
@@ -215,17 +232,7 @@ async def test_the_replay_by_pages_carries_every_change_once_in_order(
     monkeypatch.setattr(snapshot, "PAGE_BYTES", 1500)
     client = await make_client()
     store = client.server.app[keys.STORE]
-    await store.submit(Register("busy", 1, "job"))
-    since = store.last_seq
-    expected: dict[str, Any] = {}
-    for n in range(40):
-        task_id = f"f{n}"
-        await store.submit(Register(task_id, 1, "job", metadata={"pad": "m" * 400}))
-        await store.submit(Change(task_id, "completed", result={"n": n}))
-        expected[task_id] = "completed"
-        if n % 4 == 0:
-            await store.submit(Delete(task_id))
-            expected[task_id] = "deleted"
+    since, expected = await replay_history(store)
     ws = await ws_connect(client, 1, query=f"since={since}")
     # live changes while the replay is written: each must arrive, none twice or backwards
     live = asyncio.create_task(_progress(store, "busy", 30))

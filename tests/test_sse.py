@@ -15,7 +15,7 @@ import pytest
 from aiohttp import ClientResponse
 
 from server import keys, snapshot, sse
-from server.model import Change, Delete, Register
+from server.model import Change, Register
 from tests.conftest import (
     API_KEY,
     SECRET,
@@ -32,6 +32,7 @@ from tests.test_snapshot import (
     fill_with_large_active_tasks,
     holds_the_whole_budget,
     only_socket_once,
+    replay_history,
 )
 
 servers = pytest.fixture(servers_fixture, name="servers")
@@ -418,17 +419,7 @@ async def test_the_replay_by_pages_carries_each_change_once_with_its_id(
     client = await make_client()
     store = client.app[keys.STORE]
     epoch = store.epoch
-    await store.submit(Register("busy", 1, "job"))
-    since = store.last_seq
-    expected: dict[str, str] = {}
-    for n in range(40):
-        task_id = f"f{n}"
-        await store.submit(Register(task_id, 1, "job", metadata={"pad": "m" * 400}))
-        await store.submit(Change(task_id, "completed", result={"n": n}))
-        expected[task_id] = "completed"
-        if n % 4 == 0:
-            await store.submit(Delete(task_id))
-            expected[task_id] = "deleted"
+    since, expected = await replay_history(store)
     resp = await stream(client, Last_Event_ID=f"{epoch}:{since}")
 
     async def progress() -> None:
