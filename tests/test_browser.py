@@ -8,7 +8,8 @@ and live updates; the layout holds at desktop and phone widths.
 
 Needs the `playwright` Python package and a system Chromium (Debian: `apt-get install
 chromium`; `TASKPUSH_CHROMIUM` overrides the path). Playwright never downloads a browser
-here; without either the module skips. Each test leaves screenshots in its tmp_path.
+here; without either the tests skip on a developer machine and fail in CI (`CI` set).
+Each test leaves screenshots in its tmp_path.
 `TASKPUSH_WRITE_SCREENSHOT=1` also rewrites docs/demo.png (tracked, so not by default).
 """
 
@@ -25,20 +26,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.jsenv import chromium
 from tests.procs import ROOT, ServerProcess, Servers, servers_fixture
 
 pw = pytest.importorskip("playwright.async_api",
                          reason="the playwright package is not installed (pip install playwright)")
 
-CHROMIUM = os.environ.get("TASKPUSH_CHROMIUM", "/usr/bin/chromium")
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set "
-                "TASKPUSH_CHROMIUM); playwright is never allowed to download one",
-                allow_module_level=True)
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 API_KEY = "browser-producer-key-0123456789"
 PRODUCER = {"X-API-Key": API_KEY}
 WAIT_MS = 20_000  # generous: two noisy cores, a browser and a server
@@ -70,14 +63,10 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    """A headless system Chromium with a fresh temporary profile."""
-    async with pw.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                    args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
+    """A headless system Chromium with a fresh temporary profile (tests/jsenv.py: skipped on
+    a developer machine without it, a failure in CI)."""
+    async for launched in chromium():
+        yield launched
 
 
 @pytest.fixture
