@@ -127,3 +127,29 @@ async def expect_close(ws: ClientWebSocketResponse, timeout: float = 5.0
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), (msg.type,
                                                                                    msg.data)
     return ws.close_code, msg.extra or ""
+
+
+# ---- PostgreSQL (cluster mode) -------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server() -> Any:
+    """One real PostgreSQL server for the whole run (tests/pg.py). Skips on a developer
+    machine without PostgreSQL; fails in CI, where .ci/run installs it."""
+    import os
+
+    from tests.pg import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI (.ci/run installs it): {exc}")
+        pytest.skip(f"PostgreSQL is not available on this machine: {exc}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """The URL of a fresh, empty database on the shared server."""
+    return str(pg_server.create_database())
