@@ -191,7 +191,7 @@ async def test_a_task_that_moves_between_the_sweeps_read_and_write_stays_alive(
 
     async def read_then_producer_moves(updated_before: str, limit: int = 500) -> list[Any]:
         rows = await read_active_before(updated_before, limit)
-        read.extend(row["task_id"] for row in rows)
+        read.extend(row.task_id for row in rows)
         await event(client, "racing", "progress", progress=60, message="still here")
         return rows
 

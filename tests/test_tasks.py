@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+
 from server import keys
 from server.notify import task_notification_service
 
@@ -48,8 +50,8 @@ async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
         await asyncio.wait_for(event.wait(), 10)
 
     async def elsewhere(task_id: str, cancel_requested: bool) -> Outcome:
-        task = dict(await client.app[keys.STORE].get_task(task_id), status="cancelled",
-                    cancel_requested=cancel_requested)
+        task = msgspec.structs.replace(await client.app[keys.STORE].get_task(task_id),
+                                       status="cancelled", cancel_requested=cancel_requested)
         return Outcome(Change(task_id, "cancelled"), task=task)
 
     tasks.changes_committed_elsewhere([await elsewhere("b", False)])
