@@ -30,7 +30,8 @@ async def test_runner_entries_do_not_pile_up(client: Any) -> None:
 
 async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
         client: Any) -> None:
-    """Cluster mode: the store hands changes committed elsewhere to the service; a cancel
+    """Cluster mode: the store hands changes another node committed to its `on_publish`
+    listener (local=False), which the app wires to the service; a cancel
     (status cancelled with cancel_requested) of a task whose coroutine runs here stops it,
     a worker's own report of 'cancelled' (no cancel requested) does not."""
     from server.model import Change, Outcome
@@ -55,7 +56,8 @@ async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
         return Outcome(Change(task_id, "cancelled"), task=task)
 
     tasks.changes_committed_elsewhere([await elsewhere("b", False)])
-    tasks.changes_committed_elsewhere([await elsewhere("a", True)])
+    store = client.app[keys.STORE]
+    store.on_publish([await elsewhere("a", True)], False)  # as the app wired it
     await asyncio.wait_for(asyncio.wait([runners["a"]]), 10)
     assert runners["a"].cancelled()
     assert not runners["b"].done()
