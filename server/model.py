@@ -38,8 +38,8 @@ class Task(msgspec.Struct):
     the `Internal` ones; each engine's columns are all of them, and the UPDATE of a change
     sets those not `Fixed`. A field typed `Any` is stored as JSON text, `bool` as 0/1.
 
-    A msgspec Struct rather than a dataclass: built from a row, or from the task before a
-    change (`replace`), in C, and `public` is one C call (docs/performance.md)."""
+    A msgspec Struct rather than a dataclass: built from a row, or copied for a change, in
+    C, and `public` is one C call (docs/performance.md)."""
 
     task_id: Fixed[str]
     user_id: Fixed[int]
