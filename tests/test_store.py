@@ -20,7 +20,8 @@ import pytest
 
 from server.errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
 from server.model import Change, Delete, Kind, Outcome, Register
-from server.store import SCHEMA_PATH, Store
+from server.sqlite_store import SCHEMA_PATH
+from server.sqlite_store import SqliteStore as Store
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ async def test_schema_is_applied_idempotently(store: Store, db_path: Path) -> No
     store = await reopen(store)  # schema.sql runs again on an existing database
     try:
         task = await store.get_task("t1")
-        assert task is not None and task["metadata"] == {"k": "v"}
+        assert task is not None and task.metadata == {"k": "v"}
         tables = {r[0] for r in rows(db_path, "SELECT name FROM sqlite_master"
                                               " WHERE type = 'table'")}
         assert {"tasks", "events", "tombstones", "settings"} <= tables
@@ -227,7 +228,7 @@ async def test_terminal_state_is_final(store: Store, db_path: Path) -> None:
         assert outcome.error.status == 409
     task = await store.get_task("t")
     assert task is not None
-    assert (task["status"], task["progress"], task["message"], task["result"], task["seq"]) \
+    assert (task.status, task.progress, task.message, task.result, task.seq) \
         == ("completed", 100, None, {"n": 1}, done.seq)
     assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 't'") == [(2,)]
 
@@ -244,7 +245,7 @@ async def test_register_is_idempotent_and_conflicts_on_a_different_body(
         store: Store, db_path: Path) -> None:
     first = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
     assert first.kind is Kind.CREATED
-    assert first.task is not None and first.task["status"] == "pending"
+    assert first.task is not None and first.task.status == "pending"
     seq = store.last_seq
     again = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
     assert again.kind is not Kind.CREATED and again.seq == first.seq and store.last_seq == seq
@@ -261,9 +262,9 @@ async def test_register_is_idempotent_and_conflicts_on_a_different_body(
 async def test_register_without_id_names_the_task_after_its_type(store: Store) -> None:
     outcome = await ok(store, Register(None, 1, "export"))
     assert outcome.task is not None
-    assert outcome.task["task_id"] == f"export_{outcome.seq}"
+    assert outcome.task.task_id == f"export_{outcome.seq}"
     other = await ok(store, Register(None, 1, "export"))
-    assert other.task is not None and other.task["task_id"] != outcome.task["task_id"]
+    assert other.task is not None and other.task.task_id != outcome.task.task_id
 
 
 async def test_active_task_limit(store: Store) -> None:
@@ -285,7 +286,7 @@ async def test_conditional_change_is_skipped_when_the_task_moved(store: Store) -
     assert outcome.kind is Kind.REFUSED and not outcome.ok and outcome.error is None
     assert store.last_seq == seq
     task = await store.get_task("s")
-    assert task is not None and task["status"] == "progress"
+    assert task is not None and task.status == "progress"
 
 
 async def test_each_operation_reports_the_kind_of_what_it_did(store: Store) -> None:
@@ -332,9 +333,9 @@ async def test_snapshot_reports_deletions_after_since_in_seq_order(store: Store)
 
     snap = await store.snapshot(1, since)
     assert snap.seq == store.last_seq
-    assert [t["task_id"] for t in snap.active] == ["live"]
+    assert [t.task_id for t in snap.active] == ["live"]
     assert snap.changes is not None
-    assert [c if isinstance(c, tuple) else (c["task_id"], c["seq"]) for c in snap.changes] \
+    assert [c if isinstance(c, tuple) else (c.task_id, c.seq) for c in snap.changes] \
         == [("old", gone.seq), ("live", store.last_seq - 1)]
     assert (await store.snapshot(1, None)).changes is None
 
@@ -468,7 +469,7 @@ async def test_small_batches_are_written_on_the_loop_thread_large_ones_on_the_wo
     """A small commit costs less than a thread hop; a large one must not stall the loop."""
     import threading
 
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     await ok(store, Register("t", 1, "job"))
     writers = trace_writer_threads(store)
@@ -487,7 +488,7 @@ async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
         store: Store, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     assert store._wconn is not None
     assert store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
@@ -513,7 +514,7 @@ async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
 
 
 async def test_a_sweep_and_a_large_batch_share_the_writer_safely(store: Store) -> None:
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     await ok(store, Register("t", 1, "job"))
     big = [Change("t", "progress", progress=n % 100)
@@ -524,7 +525,7 @@ async def test_a_sweep_and_a_large_batch_share_the_writer_safely(store: Store) -
         store.submit(Change("t", "progress", progress=7)),
     )
     assert all(o.error is None for o in results[0]) and results[2].error is None
-    assert (await store.get_task("t"))["seq"] == store.last_seq
+    assert (await store.get_task("t")).seq == store.last_seq
 
 
 async def test_a_cancelled_worker_write_keeps_the_writer_to_itself(store: Store) -> None:
@@ -572,7 +573,7 @@ async def test_the_checkpoint_timer_survives_firing_during_a_checkpoint(
     so no later commit armed another one."""
     import threading
 
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     calls: list[int] = []
     first_running, first_may_end = threading.Event(), threading.Event()
@@ -623,3 +624,41 @@ async def test_a_write_lock_held_by_another_process_does_not_stall_the_loop(
         store._wconn.set_trace_callback(None)
     assert outcome.error is None
     assert writers and writers[0] != threading.get_ident()  # written on the worker thread
+
+
+# ---- schema version, engine choice -----------------------------------------------------
+
+
+async def test_a_database_of_a_newer_schema_version_is_refused(store: Store,
+                                                               db_path: Path) -> None:
+    from server.sqlite_store import SCHEMA_VERSION
+    from server.store import StoreRefused
+
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    await store.close()
+    conn = sqlite3.connect(str(db_path))
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    newer = Store(str(db_path))
+    with pytest.raises(StoreRefused) as refused:
+        await newer.open()
+    message = str(refused.value)
+    assert "newer" in message and "\n" not in message
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]  # left as it was
+    conn = sqlite3.connect(str(db_path))
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    conn.close()
+    await store.open()  # the fixture closes it
+
+
+def test_the_db_setting_picks_the_engine(tmp_path: Path) -> None:
+    import importlib.util
+
+    from server.engines import make_store
+    from server.store import StoreRefused
+
+    assert isinstance(make_store(str(tmp_path / "x.db"), timeout=1), Store)
+    if importlib.util.find_spec("server.pg_store") is None:
+        with pytest.raises(StoreRefused, match="PostgreSQL support not built") as refused:
+            make_store("postgresql://u:hunter2@db.example/taskpush")
+        assert "hunter2" not in str(refused.value)
