@@ -51,10 +51,11 @@ async def wait_writable(flow: BaseProtocol) -> None:
         # shielded: aiohttp shares one drain waiter among its writers
         await asyncio.shield(helper())
         return
-    while flow.writing_paused:  # pragma: no cover - only without aiohttp's helper
-        if flow.transport is None:
-            raise ConnectionResetError("connection lost")
+    while flow.transport is not None:
+        if not flow.writing_paused:
+            return
         await asyncio.sleep(0.01)
+    raise ConnectionResetError("connection lost")
 
 
 @dataclass(frozen=True, slots=True)
