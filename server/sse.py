@@ -1,10 +1,10 @@
 """Server-Sent Events: the WebSocket's messages as a `text/event-stream`, for clients that
 cannot use WebSockets or only listen (`EventSource`, `curl -N`).
 
-One delivery path, two framings: a `Stream` is a `ws.Connection` (same hub attachment,
-Outbox with its coalescing and bound, connect-time snapshot, stuck-send and token clocks in
-watch.py, shutdown in `ws.close_all`, per-user limit) that frames each message as an event
-instead of a WebSocket frame. What differs:
+One delivery path, two framings: a `Stream` is a `ws.Connection` on the same
+`protocol.Session` (same hub attachment, Outbox with its coalescing and bound, connect-time
+snapshot, stuck-send and token clocks in watch.py, shutdown in `ws.close_all`, per-user
+limit) that frames each message as an event instead of a WebSocket frame. What differs:
 
 - `event:` is the message's type, `data:` its JSON; `task_status` and `task_deleted` (and a
   fresh stream's `active_tasks`) carry `id: <epoch>:<seq>`, a point up to which this user's
@@ -68,13 +68,20 @@ def _kind(update: protocol.Update) -> str:
     return "task_deleted" if update.status == "deleted" else "task_status"
 
 
+class EventStreamResponse(web.StreamResponse):
+    """The response, with the `closed` a `Connection` checks on its `ws` after its
+    transport: a stream has no state of its own beyond that transport."""
+
+    closed = False
+
+
 class Stream(Connection):
     """One authenticated event stream, as the hub, watch.py and shutdown see a socket."""
 
     __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "_unordered",
                  "ended", "in_event")
 
-    def __init__(self, resp: web.StreamResponse, session: protocol.Session,
+    def __init__(self, resp: EventStreamResponse, session: protocol.Session,
                  transport: asyncio.Transport | None, services: Services, *, store_epoch: str,
                  since: int | str | None) -> None:
         super().__init__(resp, session, transport, services)
@@ -145,10 +152,6 @@ class Stream(Connection):
         """The slow path: through aiohttp's writer, which waits for the peer to drain."""
         assert frame is not None
         await self.ws.write(frame[frame.index(b"\n") + 1:-2] if self._chunked else frame)
-
-    def _open_transport(self) -> asyncio.Transport | None:
-        transport = self.transport  # no WebSocket state to check: the transport is all
-        return None if transport is None or transport.is_closing() else transport
 
     # ---- what watch.py calls ---------------------------------------------------------
 
@@ -262,7 +265,7 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         # the browser's own resume point wins over the URL it reconnects to
         since, epoch = resume_query(request) if resume is None else resume
 
-        resp = web.StreamResponse(headers=HEADERS)
+        resp = EventStreamResponse(headers=HEADERS)
         if request.version >= HttpVersion11:
             resp.enable_chunked_encoding()  # said on purpose: direct writes frame the chunks
         resp.force_close()  # the end of the stream is the end of the connection

@@ -99,10 +99,6 @@ class Connection:
     def closing(self) -> bool:
         return self.session.closing
 
-    @property
-    def id(self) -> str:
-        return self.session.id
-
     # ---- what the hub calls ----------------------------------------------------------
 
     def deliver(self, update: protocol.Update) -> None:
@@ -144,7 +140,9 @@ class Connection:
     def kick(self) -> None:
         """Write what is queued now, or start the sender if it must wait (it stops when the
         queues are empty)."""
-        if self._sender is None and self.session.writable and not self._write_direct():
+        session = self.session
+        if (self._sender is None and not session.closing and not session.snapshotting
+                and not self._write_direct()):
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
 
     def _next_message(self) -> tuple[str, bytes | None] | None:
@@ -159,18 +157,11 @@ class Connection:
         """The sender task's write, which waits while the peer is slow."""
         await self.ws.send_str(text)
 
-    def _open_transport(self) -> asyncio.Transport | None:
-        """The transport, if frames may still be written to it."""
-        transport = self.transport
-        if transport is None or transport.is_closing() or self.ws.closed:
-            return None
-        return transport
-
     def _write_direct(self) -> bool:
         """Write queued messages to the transport while its buffer is below
         DIRECT_WRITE_LIMIT, in the sender's order. True when nothing is left to send."""
-        transport = self._open_transport()
-        if transport is None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.ws.closed:
             return False  # the sender finds out what is wrong and marks the socket closing
         written = 0
         try:
@@ -223,8 +214,8 @@ class Connection:
 
     def write_control(self, frame: bytes) -> bool:
         """A protocol frame (a ping) written whole, now, unless the socket is backed up."""
-        transport = self._open_transport()
-        if transport is None or self.backed_up():
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.ws.closed or self.backed_up():
             return False
         transport.write(frame)
         return True
