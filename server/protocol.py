@@ -22,6 +22,7 @@ from .model import TERMINAL, Task, public, utc_iso, utc_now
 
 if TYPE_CHECKING:
     from .auth import Identity
+    from .config import Config
 
 # Close codes (SPEC): the reason strings are what clients read.
 CLOSE_GOING_AWAY = 1001
@@ -417,7 +418,7 @@ class SessionLimits:
     control: int = CONTROL_LIMIT
 
     @classmethod
-    def of(cls, config: Any) -> SessionLimits:
+    def of(cls, config: Config) -> SessionLimits:
         return cls(config.send_queue, config.rate_limit, config.rate_burst,
                    config.flood_strikes, config.max_subscriptions)
 
