@@ -222,6 +222,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(sweeper_ctx)
     app.cleanup_ctx.append(socket_watch(config, lambda: sockets, deadlines,
                                         app[keys.METRICS].slow_closed.inc))
-    app.cleanup_ctx.append(sse.stream_watch)
+    app.cleanup_ctx.append(sse.stream_watch(config.sse_heartbeat, lambda: sockets))
     app.on_shutdown.append(on_shutdown)
     return app

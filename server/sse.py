@@ -314,9 +314,10 @@ def check_streams(conns: Iterable[Any], beat: bool) -> None:
             conn.heartbeat()
 
 
-async def stream_watch(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: one task for every stream's heartbeat and hang-up, none per stream."""
-    every = app[keys.CONFIG].sse_heartbeat
+def stream_watch(every: float, sockets: Callable[[], Iterable[object]]
+                 ) -> Callable[[object], AsyncIterator[None]]:
+    """A cleanup_ctx: one task for every stream's heartbeat (each `every` seconds) and
+    hang-up, none per stream. Its collaborators are passed in; it reads no app state."""
     tick = min(1.0, every / 2)
 
     async def run() -> None:
@@ -327,10 +328,13 @@ async def stream_watch(app: web.Application) -> AsyncIterator[None]:
             beat = loop.time() >= next_beat
             if beat:
                 next_beat = loop.time() + every
-            check_streams(list(app[keys.SOCKETS]), beat)
+            check_streams(list(sockets()), beat)
 
-    task = asyncio.create_task(run(), name="taskpush-stream-watch")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async def ctx(_app: object) -> AsyncIterator[None]:
+        task = asyncio.create_task(run(), name="taskpush-stream-watch")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
