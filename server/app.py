@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import demo, keys, producer, rest
+from . import demo, keys, producer, rest, sse, ws
 from .auth import TokenVerifier
 from .config import Config
 from .engines import make_store
@@ -20,12 +20,11 @@ from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .notify import task_notification_service
 from .openapi import openapi_document
+from .protocol import SessionLimits
 from .snapshot import ByteBudget
-from .sse import stream_handler, stream_watch
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
 from .watch import TokenDeadlines, Watched, socket_watch
-from .ws import close_all, websocket_handler
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def on_shutdown(app: web.Application) -> None:
     """Stop serving sockets (1001) and end our in-process jobs as interrupted."""
-    await close_all(app)
+    await ws.close_all(app[keys.SOCKETS])
     try:
         await app[keys.TASKS].interrupt_inprocess("the server shut down while this task ran")
     except StorageUnavailable as exc:  # the next start marks them (store_ctx)
@@ -203,9 +202,13 @@ def create_app(config: Config) -> web.Application:
     app[keys.SNAPSHOT_BUDGET] = ByteBudget(config.snapshot_memory)
     app[keys.DEADLINES] = deadlines
     app[keys.DEMO_RUNNERS] = set()
+    # what every socket and stream shares, handed to them (they read no app keys)
+    services = ws.Services(app[keys.HUB], sockets, deadlines, app[keys.METRICS],
+                           SessionLimits.of(config), config.max_connections_per_user)
 
-    app.router.add_get("/api/task/ws/task/{user_id}", websocket_handler)
-    app.router.add_get("/api/task/stream", stream_handler, allow_head=False)  # no body-less stream
+    app.router.add_get("/api/task/ws/task/{user_id}", ws.handler(services))
+    app.router.add_get("/api/task/stream", sse.handler(services),
+                       allow_head=False)  # no body-less stream
     producer.add_routes(app)  # first: the hottest path, tried before the user routes
     rest.add_routes(app)
     if config.demo_mode:
@@ -221,6 +224,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(sweeper_ctx)
     app.cleanup_ctx.append(socket_watch(config, lambda: sockets, deadlines,
                                         app[keys.METRICS].slow_closed.inc))
-    app.cleanup_ctx.append(stream_watch)
+    app.cleanup_ctx.append(sse.stream_watch(config.sse_heartbeat, lambda: sockets))
     app.on_shutdown.append(on_shutdown)
     return app

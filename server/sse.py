@@ -1,10 +1,10 @@
 """Server-Sent Events: the WebSocket's messages as a `text/event-stream`, for clients that
 cannot use WebSockets or only listen (`EventSource`, `curl -N`).
 
-One delivery path, two framings: a `Stream` is a `ws.Connection` (same hub attachment,
-Outbox with its coalescing and bound, connect-time snapshot, stuck-send and token clocks in
-watch.py, shutdown in `ws.close_all`, per-user limit) that frames each message as an event
-instead of a WebSocket frame. What differs:
+One delivery path, two framings: a `Stream` is a `ws.Connection` on the same
+`protocol.Session` (same hub attachment, Outbox with its coalescing and bound, connect-time
+snapshot, stuck-send and token clocks in watch.py, shutdown in `ws.close_all`, per-user
+limit) that frames each message as an event instead of a WebSocket frame. What differs:
 
 - `event:` is the message's type, `data:` its JSON; `task_status` and `task_deleted` (and a
   fresh stream's `active_tasks`) carry `id: <epoch>:<seq>`, a point up to which this user's
@@ -28,25 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 
 from . import jsonutil, keys, protocol
-from .auth import AuthError, Identity
+from .auth import AuthError
 from .errors import BadRequest, Unauthorized
 from .snapshot import MessageWriter
-from .ws import (
-    CLOSE_TIMEOUT,
-    Connection,
-    _send_snapshot,
-    _SnapshotWriter,
-    _subscribe,
-    admit,
-    release,
-    resume_query,
-)
+from .ws import CLOSE_TIMEOUT, Connection, Services, _SnapshotWriter, resume_query
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -76,38 +69,33 @@ def _kind(update: protocol.Update) -> str:
 
 
 class EventStreamResponse(web.StreamResponse):
-    """The response, with the `closed` a `Connection` checks on its `ws`."""
+    """The response, with the `closed` a `Connection` checks on its `ws` after its
+    transport: a stream has no state of its own beyond that transport."""
 
-    @property
-    def closed(self) -> bool:
-        transport = self._req.transport if self._req is not None else None
-        return transport is None or transport.is_closing()
+    closed = False
 
 
 class Stream(Connection):
     """One authenticated event stream, as the hub, watch.py and shutdown see a socket."""
 
-    __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_resume_epoch",
-                 "_since", "_unordered", "ended", "in_event")
+    __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "_unordered",
+                 "ended", "in_event")
 
-    def __init__(self, resp: EventStreamResponse, identity: Identity, request: web.Request,
-                 since: int | str | None, epoch: str | None) -> None:
-        super().__init__(resp, identity, request)  # type: ignore[arg-type]  (duck-typed ws)
+    def __init__(self, resp: EventStreamResponse, session: protocol.Session,
+                 transport: asyncio.Transport | None, services: Services, *, store_epoch: str,
+                 since: int | str | None) -> None:
+        super().__init__(resp, session, transport, services)
         self._chunked = resp.chunked  # what the prepared response really does
-        self._epoch = request.app[keys.STORE].epoch
-        self._since = since
-        self._resume_epoch = epoch
+        self._epoch = store_epoch
+        self._since = since  # the resume point asked for (the first events' id)
         self._point: int | None = None  # the resume point sent last (the id of events)
         self._connected_seq = 0
         self._unordered: set[tuple[str, int]] = set()  # (task, seq) read out of order
         self.ended = asyncio.Event()
         self.in_event = False  # inside an event written in parts (the snapshot's active_tasks)
 
-    def resume_point(self, request: web.Request) -> tuple[int | str | None, str | None]:
-        return self._since, self._resume_epoch
-
-    def snapshot_writer(self, request: web.Request) -> MessageWriter:
-        return _EventWriter(self, request)
+    def snapshot_writer(self, flow: BaseProtocol) -> MessageWriter:
+        return _EventWriter(self, flow)
 
     def deliver_current(self, update: protocol.Update) -> None:
         self._unordered.add((update.task_id, update.seq))
@@ -153,7 +141,7 @@ class Stream(Connection):
         return chunk(data) if self._chunked else data
 
     def _next_message(self) -> tuple[str, bytes | None] | None:
-        item = self._next_item()
+        item = self.session.next_item()
         if item is None:
             return None
         if isinstance(item, str):
@@ -190,13 +178,13 @@ class Stream(Connection):
                     transport.abort()
                 return
             last = []
-            while self.control:
-                last.append(self._frame_text(self.control.popleft()))
+            while (text := self.session.next_control()) is not None:
+                last.append(self._frame_text(text))
             text = protocol.simple("close", code=code, reason=reason)
             last.append(self._wrap(event_bytes("close", text)))
             if not transport.is_closing():
                 transport.write(b"".join(last))
-                self.metrics.messages_sent.inc(len(last))
+                self.services.metrics.messages_sent.inc(len(last))
             await asyncio.wait_for(self.ws.write_eof(), CLOSE_TIMEOUT)
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -256,72 +244,80 @@ def _last_event_id(raw: str | None) -> tuple[int | str | None, str | None] | Non
     return int(seq), epoch or None
 
 
-async def stream_handler(request: web.Request) -> web.StreamResponse:
+def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """`GET /api/task/stream?token=JWT[&since=SEQ&epoch=E][&task_id=X...]`."""
-    app = request.app
-    config = app[keys.CONFIG]
-    try:
-        identity = app[keys.VERIFIER].verify(request.query.get("token"))
-    except AuthError as exc:
-        raise Unauthorized(f"token {exc.reason}") from None
-    task_ids = request.query.getall("task_id", [])
-    if len(task_ids) > config.max_subscriptions:
-        raise BadRequest(f"at most {config.max_subscriptions} task_id per stream")
-    try:
-        task_ids = list(dict.fromkeys(protocol.task_id_field(t) for t in task_ids))
-    except protocol.ProtocolError as exc:
-        raise BadRequest(exc.message) from None
-    resume = _last_event_id(request.headers.get("Last-Event-ID"))
-    # the browser's own resume point wins over the URL it reconnects to
-    since, epoch = resume_query(request) if resume is None else resume
 
-    resp = EventStreamResponse(headers=HEADERS)
-    if request.version >= HttpVersion11:
-        resp.enable_chunked_encoding()  # said on purpose: direct writes frame the chunks
-    resp.force_close()  # the end of the stream is the end of the connection
-    await resp.prepare(request)
-    await resp.write(b": taskpush\n\n")  # the headers go out now, not with the first event
-    stream = Stream(resp, identity, request, since, epoch)
-    metrics = app[keys.METRICS]
-    admit(stream)  # before the snapshot is read: nothing committed from now on is missed
-    metrics.sse_streams.inc()
-    metrics.sse_total.inc()
-    try:
+    async def stream_handler(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        config = app[keys.CONFIG]
         try:
-            await _send_snapshot(stream, request)
-        except ConnectionError:
-            return resp  # gone during its snapshot (or cut off: 4408; closed: 4409, 1001)
-        for task_id in task_ids:
-            if stream.closing:
-                break  # closed during its snapshot (1013, 4408, 4409, 1001)
+            identity = app[keys.VERIFIER].verify(request.query.get("token"))
+        except AuthError as exc:
+            raise Unauthorized(f"token {exc.reason}") from None
+        task_ids = request.query.getall("task_id", [])
+        if len(task_ids) > config.max_subscriptions:
+            raise BadRequest(f"at most {config.max_subscriptions} task_id per stream")
+        try:
+            task_ids = list(dict.fromkeys(protocol.task_id_field(t) for t in task_ids))
+        except protocol.ProtocolError as exc:
+            raise BadRequest(exc.message) from None
+        resume = _last_event_id(request.headers.get("Last-Event-ID"))
+        # the browser's own resume point wins over the URL it reconnects to
+        since, epoch = resume_query(request) if resume is None else resume
+
+        resp = EventStreamResponse(headers=HEADERS)
+        if request.version >= HttpVersion11:
+            resp.enable_chunked_encoding()  # said on purpose: direct writes frame the chunks
+        resp.force_close()  # the end of the stream is the end of the connection
+        await resp.prepare(request)
+        await resp.write(b": taskpush\n\n")  # the headers go out now, not with the first event
+        store = app[keys.STORE]
+        stream = Stream(resp, protocol.Session(identity, services.limits), request.transport,
+                        services, store_epoch=store.epoch, since=since)
+        metrics = services.metrics
+        stream.admit()  # before the snapshot is read: nothing committed from now on is missed
+        metrics.sse_streams.inc()
+        metrics.sse_total.inc()
+        try:
             try:
-                await _subscribe(stream, task_id, request)
-            except protocol.ProtocolError as exc:
-                stream.send(protocol.error(exc.code, exc.message))
-        stream.schedule_expiry()
-        await stream.ended.wait()
-    finally:
-        metrics.sse_streams.dec()
-        await release(stream)
-    return resp
+                await stream.send_snapshot(store, app[keys.SNAPSHOT_BUDGET], since, epoch,
+                                           request.protocol)
+            except ConnectionError:
+                return resp  # gone during its snapshot (or cut off: 4408; closed: 4409, 1001)
+            for task_id in task_ids:
+                if stream.closing:
+                    break  # closed during its snapshot (1013, 4408, 4409, 1001)
+                try:
+                    await stream.subscribe(task_id, store)
+                except protocol.ProtocolError as exc:
+                    stream.send(protocol.error(exc.code, exc.message))
+            stream.schedule_expiry()
+            await stream.ended.wait()
+        finally:
+            metrics.sse_streams.dec()
+            await stream.release()
+        return resp
+
+    return stream_handler
 
 
-def check_streams(conns: list[Connection], beat: bool) -> None:
+def check_streams(conns: Iterable[Any], beat: bool) -> None:
     """One tick: a stream whose peer went away is ended; with `beat`, heartbeats."""
     for conn in conns:
         if not isinstance(conn, Stream):
             continue
         transport = conn.transport
         if transport is None or transport.is_closing():
-            conn.closing = True
+            conn.session.gone()
             conn.ended.set()
         elif beat:
             conn.heartbeat()
 
 
-async def stream_watch(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: one task for every stream's heartbeat and hang-up, none per stream."""
-    every = app[keys.CONFIG].sse_heartbeat
+def stream_watch(every: float, sockets: Callable[[], Iterable[object]]
+                 ) -> Callable[[object], AsyncIterator[None]]:
+    """A cleanup_ctx: one task for every stream's heartbeat (each `every` seconds) and
+    hang-up, none per stream. Its collaborators are passed in; it reads no app state."""
     tick = min(1.0, every / 2)
 
     async def run() -> None:
@@ -332,10 +328,13 @@ async def stream_watch(app: web.Application) -> AsyncIterator[None]:
             beat = loop.time() >= next_beat
             if beat:
                 next_beat = loop.time() + every
-            check_streams(list(app[keys.SOCKETS]), beat)
+            check_streams(list(sockets()), beat)
 
-    task = asyncio.create_task(run(), name="taskpush-stream-watch")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async def ctx(_app: object) -> AsyncIterator[None]:
+        task = asyncio.create_task(run(), name="taskpush-stream-watch")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx

@@ -1,5 +1,6 @@
-"""Every socket's clocks with one task and one timer, none per socket (a timer per socket
-is most of an idle socket's memory: docs/performance.md):
+"""Every socket's clocks served by one task and one timer, none per socket (a timer per
+socket is most of an idle socket's memory: docs/performance.md). Each socket's session
+(`protocol.Session`) keeps its clocks and decides; this module only asks it when:
 - token deadlines (`token_expiring`, then close 4401) sit in one heap served by a single
   loop timer; an entry holds a weak reference and is dropped if the socket has gone or its
   token was refreshed since;
@@ -22,26 +23,19 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
 
 from . import protocol
-from .auth import Identity
 from .config import Config
 
 log = logging.getLogger(__name__)
 
-EXPIRY_NOTICE = 60.0  # seconds before exp that `token_expiring` is sent
 PING_FRAME = b"\x89\x00"  # RFC 6455: final frame, opcode ping, no payload, unmasked
 
 
-
 class Watched(Protocol):
-    """What the clocks need of a socket (ws.Connection, sse.Stream); nothing of aiohttp."""
+    """What the clocks need of a socket (ws.Connection, sse.Stream): its sans-I/O session,
+    which keeps the clocks and decides, and the I/O that carries a decision out. Nothing
+    of aiohttp."""
 
-    identity: Identity
-    closing: bool
-    token_generation: int  # bumped when the token changes: older deadlines lapse
-    send_started: float  # loop time the current send began; 0 when not sending
-    backed_up_since: float  # loop time the transport was first seen backed up
-    ping_sent_at: float  # loop time of an unanswered ping; 0 once the peer spoke
-    snapshotting: bool  # its connect-time snapshot is not yet written (pongs go unread)
+    session: protocol.Session
 
     def backed_up(self) -> bool: ...
 
@@ -73,17 +67,18 @@ class TokenDeadlines:
 
     def schedule(self, conn: Connection, live: int) -> None:
         """(Re)start `conn`'s deadlines from its current token; earlier ones lapse."""
-        conn.token_generation += 1
-        exp = conn.identity.expires_at
-        if exp is None or conn.closing:
+        session = conn.session
+        generation = session.restart_token_clock()
+        due = session.token_deadlines(self.leeway)
+        if due is None:
             return
+        notice_at, close_at = due
         ref = weakref.ref(conn)
-        notice_at = exp - EXPIRY_NOTICE
         if notice_at > time.time():
-            self._push((notice_at, next(self._order), ref, conn.token_generation, False))
+            self._push((notice_at, next(self._order), ref, generation, False))
         else:
             conn.notice_expiring()
-        self._push((exp + self.leeway, next(self._order), ref, conn.token_generation, True))
+        self._push((close_at, next(self._order), ref, generation, True))
         if len(self._heap) > 64 + 4 * live:
             self._compact()
         self._arm()
@@ -92,15 +87,16 @@ class TokenDeadlines:
         heapq.heappush(self._heap, entry)
 
     @staticmethod
-    def _current(entry: _Entry) -> Connection | None:
+    def _due(entry: _Entry) -> tuple[Connection | None, protocol.Close | protocol.Tick | None]:
+        """The entry's socket and what its session decides (None: the entry lapsed)."""
         conn = entry[2]()
-        if conn is None or conn.closing or conn.token_generation != entry[3]:
-            return None
-        return conn
+        if conn is None:
+            return None, None
+        return conn, conn.session.token_due(entry[3], entry[4])
 
     def _compact(self) -> None:
         """Forget the entries of sockets that closed or refreshed their token."""
-        self._heap = [entry for entry in self._heap if self._current(entry) is not None]
+        self._heap = [entry for entry in self._heap if self._due(entry)[1] is not None]
         heapq.heapify(self._heap)
 
     def _arm(self) -> None:
@@ -119,13 +115,12 @@ class TokenDeadlines:
         self._timer = None
         now = time.time()
         while self._heap and self._heap[0][0] <= now:
-            entry = heapq.heappop(self._heap)
-            conn = self._current(entry)
-            if conn is None:
+            conn, due = self._due(heapq.heappop(self._heap))
+            if conn is None or due is None:
                 continue
             try:
-                if entry[4]:
-                    conn.close(protocol.CLOSE_UNAUTHORIZED, "token expired")
+                if isinstance(due, protocol.Close):
+                    conn.close(due.code, due.reason)
                 else:
                     conn.notice_expiring()
             except Exception:  # one socket's failure must not stop every other deadline
@@ -141,35 +136,26 @@ class TokenDeadlines:
 
 def check_sockets(conns: Iterable[Connection], now: float, *, send_timeout: float,
                   ping_timeout: float, ping: bool) -> tuple[int, int]:
-    """One tick over every socket: returns (closed as stuck, dropped as dead)."""
+    """One tick over every socket: returns (closed as stuck, dropped as dead). Each
+    session judges its own clocks (`Session.clock`); this carries the verdicts out."""
     stuck = dead = 0
     for conn in conns:
-        if conn.closing:
+        session = conn.session
+        if session.closing:
             continue
-        # frames waiting unread in the transport count like a send that is stuck, whether
-        # or not a sender task is waiting on them (a direct write leaves none)
-        if conn.backed_up():
-            if not conn.backed_up_since:
-                conn.backed_up_since = now
-        else:
-            conn.backed_up_since = 0.0
-        since = min(filter(None, (conn.send_started, conn.backed_up_since)), default=0.0)
-        if since and now - since > send_timeout:
-            conn.close(protocol.CLOSE_TOO_SLOW, "too slow: resume with since")
+        verdict = session.clock(now, backed_up=conn.backed_up(), send_timeout=send_timeout,
+                                ping_timeout=ping_timeout, ping=ping)
+        if verdict is None:
+            continue
+        if verdict is protocol.Tick.PING:
+            if conn.write_control(PING_FRAME):
+                session.pinged(now)
+        elif verdict is protocol.Tick.DEAD:
+            conn.abort()  # it answers nothing: a close handshake would only wait
+            dead += 1
+        elif isinstance(verdict, protocol.Close):
+            conn.close(verdict.code, verdict.reason)
             stuck += 1
-        elif since:
-            continue  # busy sending: judged by --send-timeout, not pinged
-        elif conn.snapshotting:
-            # waiting its turn for the snapshot budget, or between two pages: its receive
-            # loop is not running yet, so its pongs are not read (a page it does not take
-            # is judged above, by --send-timeout)
-            continue
-        elif conn.ping_sent_at:
-            if ping_timeout and now - conn.ping_sent_at > ping_timeout:
-                conn.abort()  # it answers nothing: a close handshake would only wait
-                dead += 1
-        elif ping and conn.write_control(PING_FRAME):
-            conn.ping_sent_at = now
     return stuck, dead
 
 

@@ -1,5 +1,6 @@
 """server/protocol.py without sockets: client message parsing, the Outbox rules
-(coalescing, dedupe, bound) and the RateLimiter."""
+(coalescing, dedupe, bound), the RateLimiter, and the per-socket Session's decisions (rate
+limit and flood, token expiry, pings and dead peers, stuck sends, subscribe rules)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,30 @@ from typing import Any
 import pytest
 
 from server import protocol
-from server.protocol import ClientMessage, Outbox, ProtocolError, RateLimiter, Update, text_frame
+from server.auth import Identity
+from server.model import Task
+from server.protocol import (
+    OP_BINARY,
+    OP_BROKEN,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    STOP,
+    ClientMessage,
+    Close,
+    Outbox,
+    Pong,
+    ProtocolError,
+    RateLimiter,
+    Refresh,
+    Session,
+    SessionLimits,
+    Subscribe,
+    Tick,
+    Unsubscribe,
+    Update,
+    text_frame,
+)
 
 # ---- parse_client_message -----------------------------------------------------------------
 
@@ -379,3 +403,232 @@ def test_outbox_floor_drops_older_states_of_a_task_sent_out_of_band() -> None:
     assert box.push(upd("t2", 3))  # other tasks are not affected
     assert box.push(upd("t1", 10, "failed"))  # newer than the floor: sent (and floor gone)
     assert [box.pop().seq, box.pop().seq] == [3, 10]
+
+
+# ---- Session: one socket's state and decisions, no I/O -------------------------------------
+
+LIMITS = SessionLimits(send_queue=4, rate=20.0, burst=40, strikes=3, max_subscriptions=2,
+                       control=3)
+
+
+def session(user_id: int = 1, *, admin: bool = False, expires_at: float | None = None,
+            limits: SessionLimits = LIMITS, live: bool = True) -> Session:
+    """A session; `live`: its snapshot is written (live updates flow)."""
+    s = Session(Identity(user_id, admin, expires_at), limits)
+    if live:
+        s.snapshot_written()
+    return s
+
+
+def text(obj: Any) -> str:
+    return json.dumps(obj)
+
+
+def kinds(actions: tuple[Any, ...]) -> list[str]:
+    """The `type` of each message the actions ask to send (a str is a message)."""
+    return [json.loads(a)["type"] for a in actions if isinstance(a, str)]
+
+
+def task(task_id: str, user_id: int, seq: int = 1, status: str = "running") -> Task:
+    return Task(task_id=task_id, user_id=user_id, task_type="x", status=status, progress=0,
+                message=None, step=None, result=None, error=None, error_type=None,
+                metadata=None, created_at="", updated_at="", seq=seq, cancel_requested=False)
+
+
+def test_session_answers_text_messages_and_frames() -> None:
+    s = session()
+    assert kinds(s.receive(OP_TEXT, text({"type": "ping"}))) == ["pong"]
+    assert s.receive(OP_PING, b"hi") == (Pong(b"hi"),)
+    assert kinds(s.receive(OP_BINARY, b"x")) == ["error"]
+    assert json.loads(s.receive(OP_BINARY, b"x")[0])["code"] == "binary_frame"
+    bad = s.receive(OP_TEXT, "{nope")
+    assert kinds(bad) == ["error"] and json.loads(bad[0])["code"] == "invalid_json"
+    assert s.receive(OP_TEXT, text({"type": "subscribe", "task_id": "t1"})) == (
+        Subscribe("t1"),)
+    assert s.receive(OP_TEXT, text({"type": "refresh", "token": "j.w.t"})) == (
+        Refresh("j.w.t"),)
+    assert s.receive(OP_PONG, b"") == ()
+    assert s.receive(OP_BROKEN, None) == (STOP,)
+    s.close(1000, "bye")
+    assert s.receive(OP_TEXT, text({"type": "ping"})) == (STOP,)  # closing: read no more
+
+
+def test_session_rate_limit_warns_once_then_closes_1008() -> None:
+    s = session(limits=SessionLimits(send_queue=4, rate=1e-9, burst=2, strikes=3,
+                                     max_subscriptions=2))
+    ping = text({"type": "ping"})
+    assert kinds(s.receive(OP_TEXT, ping)) == ["pong"]
+    assert s.receive(OP_PING, b"") == (Pong(b""),)  # control frames count too
+    refused = s.receive(OP_TEXT, ping)  # the first refusal says so, once
+    assert json.loads(refused[0])["code"] == "rate_limited"
+    assert s.receive(OP_TEXT, ping) == ()  # then silence
+    assert s.receive(OP_BINARY, b"x") == (Close(1008, "message rate limit exceeded"),)
+
+
+def test_session_the_pong_answering_our_ping_is_free() -> None:
+    s = session(limits=SessionLimits(send_queue=4, rate=1e-9, burst=1, strikes=2,
+                                     max_subscriptions=2))
+    assert s.clock(10.0, backed_up=False, send_timeout=10, ping_timeout=5, ping=True) is (
+        Tick.PING)
+    s.pinged(10.0)
+    assert s.receive(OP_PONG, b"") == ()  # answers our ping: not counted
+    assert s.ping_sent_at == 0.0  # alive
+    assert kinds(s.receive(OP_TEXT, text({"type": "ping"}))) == ["pong"]  # the one token
+    assert s.receive(OP_PONG, b"") != ()  # an unsolicited pong is counted
+
+
+def test_session_pings_once_until_answered_and_a_silent_peer_is_dead() -> None:
+    s = session()
+    tick = dict(send_timeout=10, ping_timeout=5)
+    assert s.clock(10.0, backed_up=False, ping=False, **tick) is None  # not due
+    assert s.clock(10.0, backed_up=False, ping=True, **tick) is Tick.PING
+    s.pinged(10.0)
+    assert s.clock(12.0, backed_up=False, ping=True, **tick) is None  # one ping at a time
+    assert s.clock(15.5, backed_up=False, ping=True, **tick) is Tick.DEAD
+    s.receive(OP_TEXT, text({"type": "ping"}))  # any frame answers it
+    assert s.clock(16.0, backed_up=False, ping=True, **tick) is Tick.PING
+
+
+def test_session_is_not_pinged_nor_dead_while_writing_its_snapshot() -> None:
+    s = session(live=False)
+    s.pinged(1.0)
+    for now in (10.0, 100.0):
+        assert s.clock(now, backed_up=False, send_timeout=10, ping_timeout=5,
+                       ping=True) is None
+    s.snapshot_written()
+    assert s.clock(101.0, backed_up=False, send_timeout=10, ping_timeout=5,
+                   ping=True) is Tick.DEAD
+
+
+def test_session_a_stuck_send_or_backlog_is_closed_4408() -> None:
+    s = session()
+    s.send_began(1.0)
+    assert s.clock(5.0, backed_up=False, send_timeout=10, ping_timeout=5, ping=True) is None
+    assert s.clock(11.5, backed_up=False, send_timeout=10, ping_timeout=5,
+                   ping=True) == Close(4408, protocol.TOO_SLOW)
+    s = session(live=False)  # a snapshot page left unread in the transport
+    assert s.clock(10.0, backed_up=True, send_timeout=10, ping_timeout=5, ping=True) is None
+    assert s.backed_up_since == 10.0
+    assert s.clock(20.5, backed_up=True, send_timeout=10, ping_timeout=5,
+                   ping=True) == Close(4408, protocol.TOO_SLOW)
+    s = session()  # a backlog that drains in time is forgiven
+    s.clock(10.0, backed_up=True, send_timeout=10, ping_timeout=5, ping=False)
+    s.clock(15.0, backed_up=False, send_timeout=10, ping_timeout=5, ping=False)
+    assert s.clock(21.0, backed_up=True, send_timeout=10, ping_timeout=5, ping=False) is None
+
+
+def test_session_token_notice_then_4401_and_a_refresh_lapses_the_old_clock() -> None:
+    s = session(expires_at=1000.0)
+    generation = s.restart_token_clock()
+    assert s.token_deadlines(leeway=5.0) == (1000.0 - protocol.EXPIRY_NOTICE, 1005.0)
+    assert s.token_due(generation, final=False) is Tick.NOTICE
+    notice = json.loads(s.expiry_notice(970.2))
+    assert notice == {"type": "token_expiring", "expires_in": 30}
+    assert s.token_due(generation, final=True) == Close(4401, "token expired")
+    answer = json.loads(s.refreshed(Identity(1, expires_at=2000.0)))
+    assert answer["type"] == "refreshed" and answer["expires_at"].startswith("1970-01-01T00:33")
+    newer = s.restart_token_clock()
+    assert s.token_due(generation, final=True) is None  # the old deadlines lapse
+    assert s.token_due(newer, final=True) == Close(4401, "token expired")
+    with pytest.raises(ProtocolError) as info:
+        s.refreshed(Identity(2, expires_at=3000.0))
+    assert info.value.code == "forbidden" and s.identity.expires_at == 2000.0
+    s.close(4401, "token expired")
+    assert s.token_due(newer, final=True) is None  # a closing socket is not touched
+    assert session().token_deadlines(leeway=5.0) is None  # no exp: no deadline
+
+
+def test_session_subscribe_own_task_answers_and_sends_its_current_state() -> None:
+    s = session(user_id=1)
+    assert s.subscribe("t1") is True
+    answer, current = s.subscribe_read("t1", task("t1", 1, seq=7))
+    assert json.loads(answer) == {"type": "subscribed", "task_id": "t1"}
+    assert current is not None and current.seq == 7 and "t1" in s.subscriptions
+    assert s.subscribe("t1") is False  # already: not new, not counted twice
+
+
+def test_session_a_non_admin_cannot_subscribe_to_another_users_or_a_missing_task() -> None:
+    s = session(user_id=1)
+    for found in (task("t2", 2), None):  # the same answer for both
+        new = s.subscribe("t2")
+        with pytest.raises(ProtocolError) as info:
+            s.subscribe_read("t2", found)
+        assert info.value.code == "forbidden"
+        assert s.subscribe_failed("t2", new) == Unsubscribe("t2")  # the hub is told
+        assert "t2" not in s.subscriptions
+
+
+def test_session_an_admin_subscribes_to_any_task_even_a_missing_one() -> None:
+    s = session(user_id=1, admin=True)
+    s.subscribe("t2")
+    assert s.subscribe_read("t2", task("t2", 2))[1] is not None
+    s.subscribe("later")
+    answer, current = s.subscribe_read("later", None)
+    assert json.loads(answer)["type"] == "subscribed" and current is None
+
+
+def test_session_subscription_limit_and_an_existing_one_kept_on_failure() -> None:
+    s = session()
+    s.subscribe("a")
+    s.subscribe("b")
+    with pytest.raises(ProtocolError) as info:
+        s.subscribe("c")
+    assert info.value.code == "too_many_subscriptions"
+    assert s.subscribe("a") is False  # at the limit, an existing one is not refused
+    assert s.subscribe_failed("a", False) is None and "a" in s.subscriptions
+    acts = s.receive(OP_TEXT, text({"type": "unsubscribe", "task_id": "a"}))
+    assert acts[0] == Unsubscribe("a") and kinds(acts) == ["unsubscribed"]
+    assert "a" not in s.subscriptions
+    acts = s.receive(OP_TEXT, text({"type": "unsubscribe", "task_id": "zz"}))
+    assert kinds(acts) == ["unsubscribed"] and len(acts) == 1  # nothing for the hub
+
+
+def test_session_a_non_admin_never_queues_another_users_update() -> None:
+    s = session(user_id=1)
+    assert s.deliver(Update("theirs", 2, 5, "running", "{}"))  # dropped, not "too slow"
+    assert s.next_item() is None
+    admin = session(user_id=1, admin=True)
+    admin.deliver(Update("theirs", 2, 5, "running", "{}"))
+    assert admin.next_item().task_id == "theirs"
+
+
+def test_session_coalesces_progress_and_sends_control_first() -> None:
+    s = session()
+    for seq in (1, 2, 3):
+        assert s.deliver(upd("t1", seq))
+    assert s.send(protocol.pong()) is None
+    assert json.loads(s.next_item())["type"] == "pong"  # answers go before updates
+    update = s.next_item()
+    assert (update.task_id, update.seq) == ("t1", 3) and s.outbox.merged == 2
+    assert s.next_item() is None and s.control is None  # no empty queue kept
+
+
+def test_session_live_updates_wait_for_the_snapshot() -> None:
+    s = session(live=False)
+    assert not s.writable
+    s.deliver(upd("t1", 5))
+    s.send(protocol.pong())
+    assert json.loads(s.next_item())["type"] == "pong"
+    assert s.next_item() is None  # the update waits: no overtaking the snapshot
+    s.snapshot_written()
+    assert s.writable and s.next_item().seq == 5
+
+
+def test_session_too_slow_when_a_queue_is_over_its_bound() -> None:
+    s = session()
+    for n in range(LIMITS.send_queue):
+        assert s.deliver(upd(f"t{n}", n + 1, "completed"))
+    assert not s.deliver(upd("one-too-many", 99, "completed"))  # close with TOO_SLOW
+    s = session()
+    for _ in range(LIMITS.control):
+        assert s.send(protocol.pong()) is None
+    assert s.send(protocol.pong()) == Close(4408, protocol.TOO_SLOW)
+
+
+def test_session_is_closed_once() -> None:
+    s = session()
+    assert s.close(4408, "x") is True
+    assert s.close(1001, "y") is False
+    assert s.deliver(upd("t1", 1)) and s.next_item() is None  # closing: nothing queued
+    assert s.send(protocol.pong()) is None and s.control is None
+    assert s.clock(100.0, backed_up=True, send_timeout=1, ping_timeout=1, ping=True) is None

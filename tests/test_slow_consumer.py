@@ -165,7 +165,7 @@ async def test_a_silent_peer_left_backed_up_by_direct_writes_is_cut_off(make_cli
             if conn.backed_up():
                 break
         assert conn.transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT
-        assert conn._sender is None and conn.send_started == 0.0  # nothing is "sending"
+        assert conn._sender is None and conn.session.send_started == 0.0  # nothing is "sending"
         while not conn.closing:
             assert loop.time() < deadline, "a backed-up silent peer was never cut off"
             await asyncio.sleep(0.05)

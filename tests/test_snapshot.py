@@ -84,7 +84,7 @@ async def only_socket_once(app: Any, ready: Any, what: str) -> Any:
 def holds_the_whole_budget(app: Any) -> Any:
     """Stuck on a page, waiting for its peer to take it, with the whole budget."""
     budget = app[keys.SNAPSHOT_BUDGET]
-    return lambda conn: conn.send_started and budget.used == budget.total
+    return lambda conn: conn.session.send_started and budget.used == budget.total
 
 
 # ---- sans I/O --------------------------------------------------------------------------

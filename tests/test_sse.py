@@ -538,8 +538,9 @@ async def test_a_close_inside_the_paged_active_tasks_event_cuts_the_stream_off(
     loop = asyncio.get_running_loop()
     silent = await loop.run_in_executor(None, _silent_stream, client.server.port, 1)
     try:
-        holder = await only_socket_once(app, lambda conn: conn.send_started and conn.in_event,
-                                        "the silent stream (inside its event)")
+        holder = await only_socket_once(
+            app, lambda conn: conn.session.send_started and conn.in_event,
+            "the silent stream (inside its event)")
         newer = await stream(client)  # the user's limit is 1: the silent one is replaced
         assert newer.status == 200
         body = await loop.run_in_executor(None, _read_until_closed, silent)

@@ -1,6 +1,7 @@
 """server/watch.py: the clocks of every socket kept without a timer per socket.
 
-Unit tests with a stand-in socket (the watch needs only a few attributes); the real
+Unit tests with a stand-in socket: a real sans-I/O `protocol.Session` (which keeps the
+clocks and decides) and the few I/O methods of `watch.Watched`, recorded; the real
 sockets' expiry, ping and stuck-send behaviour is tested end to end in test_ws_delivery.
 """
 
@@ -11,23 +12,21 @@ import gc
 import time
 import weakref
 
+from server.auth import Identity as _Identity
+from server.protocol import Session, SessionLimits
 from server.watch import PING_FRAME, TokenDeadlines, check_sockets
 
+LIMITS = SessionLimits(send_queue=100, rate=20.0, burst=40, strikes=3, max_subscriptions=10)
 
-class Identity:
-    def __init__(self, expires_at: float | None) -> None:
-        self.expires_at = expires_at
+
+def Identity(expires_at: float | None) -> _Identity:
+    return _Identity(1, expires_at=expires_at)
 
 
 class Socket:
     def __init__(self, expires_at: float | None = None) -> None:
-        self.identity = Identity(expires_at)
-        self.closing = False
-        self.token_generation = 0
-        self.send_started = 0.0
-        self.ping_sent_at = 0.0
-        self.backed_up_since = 0.0
-        self.snapshotting = False
+        self.session = Session(Identity(expires_at), LIMITS)
+        self.session.snapshot_written()
         self.full = False  # the transport's buffer is over the direct-write limit
         self.events: list[str] = []
         self.frames: list[bytes] = []
@@ -39,12 +38,12 @@ class Socket:
 
     def close(self, code: int, reason: str) -> None:
         self.events.append(f"close {code}")
-        self.closing = True
+        self.session.close(code, reason)
         self.notified.set()
 
     def abort(self) -> None:
         self.events.append("abort")
-        self.closing = True
+        self.session.gone()
 
     def backed_up(self) -> bool:
         return self.full
@@ -76,7 +75,7 @@ async def test_a_refreshed_token_cancels_the_old_deadlines() -> None:
     deadlines = TokenDeadlines(leeway=0.0)
     sock = Socket(expires_at=time.time() + 0.2)
     deadlines.schedule(sock, live=1)
-    sock.identity = Identity(time.time() + 0.6)  # refreshed
+    sock.session.refreshed(Identity(time.time() + 0.6))  # refreshed
     deadlines.schedule(sock, live=1)
     sock.events.clear()
     sock.notified.clear()
@@ -95,7 +94,7 @@ async def test_no_deadline_without_exp_and_closed_sockets_are_not_touched() -> N
     deadlines.schedule(gone, live=2)
     witness = Socket(expires_at=time.time() + 0.15)  # due after `gone`: served after it
     deadlines.schedule(witness, live=2)
-    gone.closing = True
+    gone.session.gone()
     gone.events.clear()
     witness.notified.clear()
     await wait(witness)
@@ -122,7 +121,7 @@ async def test_entries_do_not_keep_sockets_alive_and_are_compacted() -> None:
 def test_ping_once_until_answered_then_drop_a_silent_peer() -> None:
     sock = Socket()
     assert check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
-    assert sock.frames == [PING_FRAME] and sock.ping_sent_at == 10.0
+    assert sock.frames == [PING_FRAME] and sock.session.ping_sent_at == 10.0
     check_sockets([sock], 12.0, send_timeout=10, ping_timeout=5, ping=True)
     assert sock.frames == [PING_FRAME]  # one unanswered ping at a time
     assert check_sockets([sock], 15.5, send_timeout=10, ping_timeout=5, ping=False) == (0, 1)
@@ -132,7 +131,7 @@ def test_ping_once_until_answered_then_drop_a_silent_peer() -> None:
 def test_an_answered_ping_keeps_the_peer() -> None:
     sock = Socket()
     check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
-    sock.ping_sent_at = 0.0  # what the receive loop does on any frame (the pong)
+    sock.session.ping_sent_at = 0.0  # what the receive loop does on any frame (the pong)
     check_sockets([sock], 100.0, send_timeout=10, ping_timeout=5, ping=True)
     assert sock.events == [] and sock.frames == [PING_FRAME, PING_FRAME]
 
@@ -142,7 +141,7 @@ def test_a_backed_up_socket_with_no_sender_is_closed_4408_after_the_send_timeout
     sock = Socket()
     sock.full = True
     assert check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
-    assert sock.frames == [] and sock.ping_sent_at == 0.0  # not pinged behind a backlog
+    assert sock.frames == [] and sock.session.ping_sent_at == 0.0  # not pinged behind a backlog
     assert check_sockets([sock], 19.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
     assert check_sockets([sock], 20.5, send_timeout=10, ping_timeout=5, ping=False) == (1, 0)
     assert sock.events == ["close 4408"]
@@ -156,12 +155,12 @@ def test_a_backlog_that_drains_in_time_is_forgiven() -> None:
     check_sockets([sock], 15.0, send_timeout=10, ping_timeout=5, ping=False)
     sock.full = True
     assert check_sockets([sock], 21.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
-    assert sock.events == [] and sock.backed_up_since == 21.0
+    assert sock.events == [] and sock.session.backed_up_since == 21.0
 
 
 def test_a_stuck_send_is_closed_4408() -> None:
     sock = Socket()
-    sock.send_started = 1.0
+    sock.session.send_began(1.0)
     assert check_sockets([sock], 5.0, send_timeout=10, ping_timeout=5, ping=False) == (0, 0)
     assert check_sockets([sock], 11.5, send_timeout=10, ping_timeout=5, ping=False) == (1, 0)
     assert sock.events == ["close 4408"]
@@ -172,21 +171,21 @@ def test_a_socket_waiting_for_its_snapshot_is_neither_pinged_nor_dropped_as_dead
     waiting its turn for the snapshot budget is not silence."""
     sock = Socket()
     check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
-    sock.snapshotting = True  # a ping went out just before; the snapshot began
+    sock.session.snapshotting = True  # a ping went out just before; the snapshot began
     for now in (12.0, 16.0, 30.0, 100.0):
         assert check_sockets([sock], now, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
     assert sock.events == [] and sock.frames == [PING_FRAME]
-    sock.snapshotting = False
+    sock.session.snapshotting = False
     assert check_sockets([sock], 101.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 1)
 
 
 def test_a_socket_stuck_writing_a_snapshot_page_is_still_closed_4408() -> None:
     sock = Socket()
-    sock.snapshotting = True
-    sock.send_started = 1.0  # the snapshot's drain: the peer does not take the page
+    sock.session.snapshotting = True
+    sock.session.send_began(1.0)  # the snapshot's drain: the peer does not take the page
     assert check_sockets([sock], 11.5, send_timeout=10, ping_timeout=5, ping=True) == (1, 0)
     sock = Socket()
-    sock.snapshotting = True
+    sock.session.snapshotting = True
     sock.full = True  # or its pages sit unread in the transport
     check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
     assert check_sockets([sock], 20.5, send_timeout=10, ping_timeout=5, ping=True) == (1, 0)

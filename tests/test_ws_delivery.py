@@ -5,14 +5,20 @@ protocol-level pings."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
+import socket
 import time
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient
 
+from server.protocol import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
+from server.ws import wait_writable
 from tests.conftest import (
     PRODUCER,
     auth,
@@ -553,3 +559,50 @@ async def test_resume_with_more_changes_than_the_control_queue(client: Any) -> N
     await ws.send_str('{"type":"ping"}')
     assert (await recv(ws))["type"] == "pong"  # still open
     await ws.close()
+
+
+# ---- the driver's edges with aiohttp -------------------------------------------------------
+
+def test_the_sessions_opcodes_are_aiohttps_message_types() -> None:
+    """ws.py hands aiohttp's `msg.type` to `Session.receive` as an RFC 6455 opcode."""
+    assert (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG) == (
+        OP_TEXT, OP_BINARY, OP_PING, OP_PONG)
+    assert OP_BROKEN not in {int(t) for t in WSMsgType}
+
+
+class _WithoutDrainHelper(BaseProtocol):
+    """aiohttp's protocol as it would be without its private `_drain_helper`."""
+
+    _drain_helper = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("kind", [BaseProtocol, _WithoutDrainHelper])
+async def test_wait_writable_uses_aiohttp_drain_helper(kind: type[BaseProtocol]) -> None:
+    """`ws.wait_writable` is the one use of an aiohttp private (`_drain_helper`, for want
+    of a public way to wait for a paused transport): this fails if aiohttp renames it or
+    changes what it does; the public fallback (polling `writing_paused`) is tested too."""
+    assert inspect.iscoroutinefunction(getattr(BaseProtocol, "_drain_helper", None))
+    loop = asyncio.get_running_loop()
+    ours, peer = socket.socketpair()
+    transport, flow = await loop.connect_accepted_socket(lambda: kind(loop), ours)
+    try:
+        await asyncio.wait_for(wait_writable(flow), 5)  # not paused: returns at once
+        transport.set_write_buffer_limits(high=1024)
+        size = 8 * 1024 * 1024  # more than the kernel takes from a peer that does not read
+        transport.write(b"x" * size)
+        assert flow.writing_paused  # the transport paused aiohttp's protocol
+        waiter = asyncio.ensure_future(wait_writable(flow))
+        await asyncio.sleep(0)
+        assert not waiter.done()  # nothing was read: it waits
+
+        def read_all() -> None:
+            got = 0
+            while got < size:
+                got += len(peer.recv(1 << 20))
+
+        await loop.run_in_executor(None, read_all)
+        await asyncio.wait_for(waiter, 10)  # the peer took it: writable again
+        assert not flow.writing_paused
+    finally:
+        transport.close()
+        peer.close()
