@@ -14,6 +14,7 @@ from aiohttp import web
 from . import demo, keys, producer, rest
 from .auth import TokenVerifier
 from .config import Config
+from .engines import make_store
 from .errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
@@ -21,7 +22,6 @@ from .notify import task_notification_service
 from .openapi import openapi_document
 from .snapshot import ByteBudget
 from .sse import stream_handler, stream_watch
-from .store import Store
 from .sweeper import sweeper_ctx
 from .tasks import TaskService
 from .watch import TokenDeadlines, Watched, socket_watch
@@ -148,12 +148,15 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[keys.STORE]
     hub = app[keys.HUB]
     metrics_ = app[keys.METRICS]
+    tasks = app[keys.TASKS]
 
-    def on_commit(outcomes: list, seconds: float) -> None:
+    def on_publish(outcomes: list, local: bool) -> None:
         hub.publish(outcomes)
-        metrics_.observe_commit(outcomes, seconds)
+        if not local:  # another node's commit: a cancel may be of a job running here
+            tasks.changes_committed_elsewhere(outcomes)
 
-    store.on_commit = on_commit
+    store.on_publish = on_publish
+    store.on_commit = metrics_.observe_commit
     await store.open()
     if config.jwt_public_key is not None:
         pem = Path(config.jwt_public_key).read_bytes()  # noqa: ASYNC240 (once, at start)
@@ -161,7 +164,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         secret = config.jwt_secret.reveal() if config.jwt_secret else await store.demo_secret()
         app[keys.VERIFIER] = TokenVerifier.for_secret(secret, config.jwt_leeway)
-    tasks = app[keys.TASKS]
     recovered = await tasks.interrupt_inprocess("the server stopped while this task ran")
     if recovered:
         log.warning("marked %d in-process task(s) of a previous run as interrupted", recovered)
@@ -189,7 +191,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     if cors_prepare is not None:
         app.on_response_prepare.append(cors_prepare)
-    store = Store(config.db, timeout=config.db_timeout)
+    store = make_store(config.db, timeout=config.db_timeout)
     app[keys.CONFIG] = config
     app[keys.STORE] = store
     app[keys.HUB] = Hub()
