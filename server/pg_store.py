@@ -632,8 +632,7 @@ class PgStore:
 
     def _drop_listener(self) -> None:
         """The listening connection did not answer: replace it."""
-        conn = self._listen
-        if conn is not None:
+        if self._listen is not None:
             self._leads.clear()
             self._listen_lost.set()
 
@@ -654,8 +653,11 @@ class PgStore:
                     return True
                 return False
         except Exception as exc:
+            # whatever it was (lost, killed mid-statement, confused by a FATAL it had not
+            # read yet), this connection cannot vouch for its locks: replace it
             if unavailable_reason(exc) is None:
-                raise
+                log.warning("the listening connection failed (%s): replacing it",
+                            type(exc).__name__)
             self._drop_listener()
             return False
 
@@ -710,6 +712,15 @@ class PgStore:
                                     " ORDER BY seq LIMIT $2", after, FEED_PAGE)
         return await conn.fetch("SELECT seq, kind, task FROM feed WHERE seq > $1"
                                 " AND seq <= $2 ORDER BY seq LIMIT $3", after, upto, FEED_PAGE)
+
+    async def catch_up(self, seq: int) -> None:
+        """Deliver every change up to `seq` now (a client resuming here from a seq another
+        node sent it); a database that cannot answer leaves it to the timer."""
+        if seq <= self.last_seq or self._pool is None:
+            return
+        with contextlib.suppress(StorageUnavailable, TimeoutError):
+            async with asyncio.timeout(self.timeout), self._feed_lock:
+                await self._catch_up_locked(upto=seq)
 
     def _feed_lost(self, after: int, rows: list[Any]) -> None:
         """The feed no longer holds changes this node has not delivered (it was away for
