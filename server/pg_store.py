@@ -429,8 +429,10 @@ class PgStore:
         ]
 
     async def _create_pool(self) -> asyncpg.Pool:
+        # min_size 0: connections are made when needed (asyncpg's own upkeep of a floor
+        # would log a traceback every retry while the database is down)
         return await asyncpg.create_pool(
-            self.url, min_size=1, max_size=self.pool_size, timeout=self.timeout,
+            self.url, min_size=0, max_size=self.pool_size, timeout=self.timeout,
             command_timeout=self.timeout, reset=_no_reset,
             server_settings={"application_name": f"taskpush {self.node}"[:63],
                              "jit": "off"})

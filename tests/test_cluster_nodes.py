@@ -8,6 +8,7 @@ settings and the cluster-wide jobs, gone nodes, and the database failing under t
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from server import keys
 from server.app import create_app, end_gone_nodes_tasks
 from server.config import Config
 from server.model import Change, Register
+from server.store import StoreRefused
 from tests.conftest import (
     PRODUCER,
     auth,
@@ -337,3 +339,123 @@ async def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
             return
         assert asyncio.get_running_loop().time() < deadline, "condition never became true"
         await asyncio.sleep(0.05)
+
+
+# ---- the database failing under the nodes ----------------------------------------------------
+
+
+async def collect_until(ws: Any, done: Callable[[list[dict[str, Any]]], bool],
+                        timeout: float = 20.0) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    await recv_until(ws, lambda m: seen.append(m) or done(seen), timeout=timeout)
+    return seen
+
+
+def updates_of(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in seen if m["type"] in ("task_status", "task_deleted")]
+
+
+async def test_a_killed_listening_connection_loses_no_acknowledged_change(make_node, pg_server,
+                                                                          pg_url):
+    a, b = await two_nodes(make_node)
+    ws = await ws_connect(b, 12)
+    await handshake(ws)
+    assert await terminate(pg_server, pg_url, "taskpush node-b listen") == 1
+    acked = []
+    for i in range(10):  # acknowledged by A while B's listening connection is gone
+        acked.append((await register(a, f"k-{i}", 12))["seq"])
+        acked.append((await event(a, f"k-{i}", "completed"))["seq"])
+    seen = await collect_until(ws, lambda s: len(updates_of(s)) >= len(acked))
+    assert [m["seq"] for m in updates_of(seen)] == acked
+    await until(lambda: listening(pg_server, pg_url, "node-b"))
+    # and B still hears of later changes
+    changed = await register(a, "k-last", 12)
+    got = await recv_until(ws, lambda m: m.get("task_id") == "k-last")
+    assert got[-1]["seq"] == changed["seq"]
+    await ws.close()
+
+
+async def test_a_postgresql_restart(make_node, pg_server, caplog):
+    """While the database is down: 503 envelopes, /healthz 503 on both nodes, sockets stay
+    open (they answer pings). When it is back: every acknowledged change reaches every
+    socket, in seq order, and one log line marked each end of the outage on each node."""
+    caplog.set_level(logging.DEBUG)
+    a, b = await two_nodes(make_node, db_timeout=1.0)
+    sockets = [await ws_connect(a, 11), await ws_connect(b, 11)]
+    for ws in sockets:
+        await handshake(ws)
+    acked = [(await register(a, "pr-1", 11))["seq"], (await event(b, "pr-1", "running"))["seq"]]
+    for ws in sockets:
+        seen = await collect_until(ws, lambda s: len(updates_of(s)) == 2)
+        assert [m["seq"] for m in updates_of(seen)] == acked
+    answers: list[str] = []
+    await asyncio.to_thread(pg_server.stop)
+    try:
+        resp = await a.post("/api/task/task/pr-1/events", headers=PRODUCER,
+                            json={"status": "progress", "progress": 10})
+        answers.append(await resp.text())
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        body = await resp.json()
+        assert (body["code"], body["data"]) == (503, None)
+        assert body["message"].startswith("storage unavailable")
+        resp = await b.post("/api/task/tasks", headers=PRODUCER,
+                            json={"task_id": "never", "user_id": 11, "task_type": "x"})
+        answers.append(await resp.text())
+        assert resp.status == 503
+        for node in (a, b):
+            resp = await node.get("/healthz")
+            answers.append(await resp.text())
+            assert resp.status == 503
+            resp = await node.get("/metrics")
+            answers.append(await resp.text())
+            assert "taskpush_storage_available 0.0" in answers[-1] or node is b
+        for ws in sockets:  # still open, still served
+            await ws.send_str('{"type":"ping"}')
+            pong = await recv_until(ws, lambda m: m["type"] == "pong")
+            assert pong[-1]["type"] == "pong"
+    finally:
+        await asyncio.to_thread(pg_server.start)
+    for node in (a, b):
+        await until(lambda node=node: healthy(node), timeout=20)
+    acked.append((await event(a, "pr-1", "progress", progress=60))["seq"])
+    acked.append((await register(b, "pr-2", 11))["seq"])
+    acked.append((await event(b, "pr-1", "completed", result={"ok": True}))["seq"])
+    for ws in sockets:
+        seen = await collect_until(ws, lambda s: any(
+            m.get("task_id") == "pr-1" and m.get("status") == "completed" for m in s)
+            and any(m.get("task_id") == "pr-2" for m in s))
+        seqs = [m["seq"] for m in updates_of(seen)]
+        assert seqs == acked[2:], seqs
+        await ws.close()
+    began = [r for r in caplog.records if r.getMessage().startswith("storage unavailable")]
+    ended = [r for r in caplog.records if r.getMessage().startswith("storage available again")]
+    assert 1 <= len(began) <= 2 and len(ended) == len(began)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    everything = "\n".join([*answers, caplog.text])
+    assert pg_server.password not in everything
+
+
+async def healthy(node: Node) -> bool:
+    resp = await node.get("/healthz")
+    return resp.status == 200
+
+
+async def test_the_database_password_is_never_logged_nor_shown(make_node, pg_server, pg_url,
+                                                                caplog, config):
+    caplog.set_level(logging.DEBUG)
+    assert pg_server.password in pg_url
+    a = await make_node("node-a")
+    bodies = [await (await a.get(path)).text() for path in ("/healthz", "/metrics",
+                                                            "/api/openapi.json")]
+    assert pg_server.password not in repr(a.app[keys.CONFIG])
+    wrong = pg_url.replace(pg_server.password, "not-the-password-0123")
+    app = create_app(config.replace(db=wrong, node_name="node-w"))
+    app.freeze()
+    with pytest.raises(StoreRefused) as refused:
+        await app.startup()
+    message = str(refused.value)
+    assert "credentials" in message and "not-the-password" not in message
+    everything = "\n".join([*bodies, caplog.text, message])
+    assert pg_server.password not in everything
+    assert "not-the-password-0123" not in everything
