@@ -218,6 +218,8 @@ def unavailable_reason(exc: BaseException) -> str | None:
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError
                   | asyncpg.InvalidPasswordError):
         return _AUTH
+    if isinstance(exc, ConnectionRefusedError):
+        return _UNREACHABLE
     if isinstance(exc, ConnectionError | EOFError):
         return _LOST
     if isinstance(exc, OSError):
