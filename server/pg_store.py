@@ -132,6 +132,12 @@ def _get(text: str | None) -> str | None:
     return _UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else _ESC, text)
 
 
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL can compare with `text` as it is (ids and keys are printable:
+    one that is not names nothing stored)."""
+    return "\x00" not in text
+
+
 def _dumps(value: Any) -> str | None:
     return None if value is None else jsonutil.dumps(value)
 
@@ -859,7 +865,8 @@ class PgStore:
                     users.add(op.user_id)
             else:
                 ids.add(op.task_id)
-                if isinstance(op, Change) and op.idem_key is not None:
+                if (isinstance(op, Change) and op.idem_key is not None
+                        and _storable(op.task_id) and _storable(op.idem_key)):
                     keys.append((op.task_id, op.idem_key))
         stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
         known_keys: dict[tuple[str, str], int] = {}
@@ -894,6 +901,7 @@ class PgStore:
     @staticmethod
     async def _load(conn: asyncpg.Connection, ids: list[str],
                     stored: dict[str, Task | None]) -> None:
+        ids = [i for i in ids if _storable(i)]  # others name no task (ids are printable)
         if ids:
             for row in await conn.fetch(f"SELECT {_TASK_COLUMNS} FROM tasks"
                                         " WHERE task_id = ANY($1::text[])", ids):
@@ -961,6 +969,8 @@ class PgStore:
         return list(await self._run(read))
 
     async def get_task(self, task_id: str) -> Task | None:
+        if not _storable(task_id):
+            return None
         rows = await self._rows(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = $1",
                                 task_id)
         return rows[0] if rows else None
@@ -969,6 +979,8 @@ class PgStore:
         self, user_id: int, *, status: str | None, limit: int, before: int | None
     ) -> list[Task]:
         """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
+        if status is not None and not _storable(status):
+            return []
         sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1"
         params: list[Any] = [user_id]
         if status is not None:
@@ -1080,6 +1092,9 @@ class PgStore:
                            ) -> tuple[list[dict[str, Any]], int | None]:
         """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
         and the seq to continue after, None when there are no more."""
+        if not _storable(task_id):
+            return [], None
+
         async def read(conn: asyncpg.Connection) -> list[Any]:
             return await conn.fetch(
                 "SELECT seq, status, progress, message, step, error, error_type, timestamp"

@@ -450,6 +450,19 @@ async def test_text_postgresql_cannot_hold_as_is_comes_back_verbatim(store: PgSt
     assert (await store.list_tasks(1, status="failed", limit=5, before=None))[0] == task
 
 
+async def test_an_id_postgresql_cannot_hold_names_nothing_and_spoils_no_batch(
+        store: PgStore) -> None:
+    """A NUL cannot be sent to PostgreSQL as text; ids are printable, so one holding it
+    names no task: its operation is refused alone, reads find nothing."""
+    await ok(store, Register("fine", 1, "job"))
+    outcomes = await store.submit_many([Change("a\x00b", "running", idem_key="k"),
+                                        Delete("\x00"), Change("fine", "running")])
+    assert [type(o.error) for o in outcomes] == [NotFound, NotFound, type(None)]
+    assert await store.get_task("a\x00b") is None
+    assert await store.history_page("a\x00b", 0, 10) == ([], None)
+    assert await store.list_tasks(1, status="\x00", limit=5, before=None) == []
+
+
 async def test_reads_page_and_filter_as_on_sqlite(store: PgStore) -> None:
     for n in range(5):
         await ok(store, Register(f"l{n}", 1, "job"))
