@@ -110,8 +110,10 @@ WITH ev AS (
 )
 SELECT {notify}
 """
-_WRITE_NOTIFY = _WRITE_SQL.format(notify=f"pg_notify('{CHANNEL}', $6::bigint::text)")
-_WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint")
+# the wake-up's payload: "<last seq> <node>" (a node ignores its own)
+_WRITE_NOTIFY = _WRITE_SQL.format(
+    notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
+_WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
 
 # ---- text the database cannot hold -------------------------------------------------------
 # PostgreSQL text cannot hold U+0000, which a message may carry: stored escaped (U+FFFF as
@@ -611,11 +613,16 @@ class PgStore:
             self._listen_lost.set()
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        """A wake-up: another node committed up to that seq. Our own commits are ours to
+        deliver (`published`): reading them back here would cost a read per commit."""
+        seq, _, node = payload.partition(" ")
+        if node == self.node:
+            return
         try:
-            seq = int(payload)
+            announced = int(seq)
         except ValueError:
-            seq = self.last_seq + 1
-        if seq > self.last_seq:
+            announced = self.last_seq + 1
+        if announced > self.last_seq:
             self._request_catch_up()
 
     async def _keep_listening(self) -> None:
@@ -924,7 +931,7 @@ class PgStore:
             await conn.execute("DELETE FROM tasks WHERE task_id = ANY($1::text[])", purged)
         events, inserts, updates = view.rows()
         await conn.fetchval(_WRITE_NOTIFY if self.notify else _WRITE_QUIET, events, inserts,
-                            updates, view.tombstones, view.feed, last)
+                            updates, view.tombstones, view.feed, last, self.node)
 
     # ---- settings ---------------------------------------------------------------------------
 
