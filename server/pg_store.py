@@ -424,8 +424,8 @@ class PgStore:
             reason = unavailable_reason(exc)
             if reason is None and isinstance(exc, asyncpg.PostgresError):
                 reason = f"{type(exc).__name__}: {exc}"  # the server's words, no URL in them
-            if reason is None and isinstance(exc, ValueError):
-                reason = "invalid PostgreSQL URL"
+            if reason is None and isinstance(exc, ValueError | OverflowError | TypeError):
+                reason = "invalid PostgreSQL URL"  # its text may quote the URL: not shown
             if reason is None:
                 raise
             raise StoreRefused(f"cannot open PostgreSQL database {self.where}: {reason}"
