@@ -194,6 +194,30 @@ async def test_writers_on_several_nodes_share_one_gapless_seq(pg_url: str) -> No
         await asyncio.gather(*(n.close() for n in nodes))
 
 
+async def test_a_commit_is_handed_over_after_every_earlier_seq_of_other_nodes(
+        pg_url: str) -> None:
+    """B hears of nothing by itself (no timer, no wake-ups); when it commits, what A
+    committed before goes to B's listeners first, as remote changes, then B's own."""
+    a, b = PgStore(pg_url, node_name="a"), PgStore(pg_url, node_name="b")
+    await a.open()
+    await b.open()
+    try:
+        for task in b._background:
+            task.cancel()
+        async with b._listen_lock:
+            await b._listen.remove_listener("taskpush", b._notified)
+        seen: list[tuple[int | None, bool]] = []
+        b.on_publish = lambda outcomes, local: seen.extend((o.seq, local) for o in outcomes)
+        for n in range(3):
+            await ok(a, Register(f"from-a-{n}", 1, "job"))
+        mine = await ok(b, Register("from-b", 1, "job"))
+        assert seen == [(1, False), (2, False), (3, False), (mine.seq, True)]
+        assert b.last_seq == mine.seq == 4
+    finally:
+        await a.close()
+        await b.close()
+
+
 # ---- the writer: one transaction per batch, each operation on its own ------------------
 
 
