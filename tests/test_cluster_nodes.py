@@ -490,3 +490,27 @@ async def test_a_node_that_lost_part_of_the_feed_closes_its_sockets_to_resume(ma
     code, _ = await expect_close(ws)
     assert code == 1013
     assert store_b.last_seq == last["seq"]
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def test_cluster_settings_are_flags_and_environment_variables() -> None:
+    import socket
+
+    from server.config import ConfigError, parse_config
+
+    args = ["--jwt-secret", "x" * 20]
+    config = parse_config([*args, "--node-timeout", "12.5", "--node-name", "eu-1"], {})
+    assert (config.node_timeout, config.node_name, config.node) == (12.5, "eu-1", "eu-1")
+    config = parse_config(args, {"TASKPUSH_NODE_NAME": "eu-2", "TASKPUSH_NODE_TIMEOUT": "3"})
+    assert (config.node_timeout, config.node) == (3.0, "eu-2")
+    config = parse_config([*args, "--port", "8123"], {})
+    assert (config.node_timeout, config.node) == (30.0, f"{socket.gethostname()}:8123")
+    for bad in (["--node-timeout", "0"], ["--node-timeout", "-1"], ["--node-name", "a\nb"],
+                ["--node-name", "x" * 201]):
+        with pytest.raises(ConfigError) as refused:
+            parse_config([*args, *bad], {})
+        assert bad[0] in str(refused.value)
+    shown = repr(parse_config([*args, "--db", "postgresql://u:hunter2hunter2@db/x"], {}))
+    assert "hunter2" not in shown and "postgresql://u:***@db/x" in shown
