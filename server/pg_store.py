@@ -218,6 +218,11 @@ def unavailable_reason(exc: BaseException) -> str | None:
     if isinstance(exc, asyncpg.InterfaceError):
         text = str(exc)
         return _LOST if "closed" in text or "closing" in text else None
+    if isinstance(exc, asyncpg.InternalClientError):
+        # a pooled connection the server ended while idle, used before its end was read:
+        # the protocol meets the server's FATAL mid-statement (connections are never
+        # shared here, so nothing else confuses it)
+        return _LOST
     if isinstance(exc, asyncpg.CannotConnectNowError | asyncpg.AdminShutdownError
                   | asyncpg.CrashShutdownError):
         return _STARTING
@@ -516,6 +521,14 @@ class PgStore:
             raise RuntimeError("store is not open")
         try:
             async with asyncio.timeout(self.timeout):
+                try:
+                    async with pool.acquire(timeout=self.timeout) as conn:
+                        return await fn(conn, *args)
+                except Exception as exc:
+                    if unavailable_reason(exc) != _LOST:
+                        raise
+                # the connection was found dead (the server restarted, or ended it):
+                # once more on another, within the same time
                 async with pool.acquire(timeout=self.timeout) as conn:
                     return await fn(conn, *args)
         except StorageUnavailable:

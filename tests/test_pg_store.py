@@ -311,6 +311,23 @@ async def test_a_batch_that_loses_its_connection_is_tried_again(store: PgStore,
     assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'lost'") == [(2,)]
 
 
+async def test_connections_the_server_ended_are_replaced_unnoticed(store: PgStore,
+                                                                   pg_server: Any,
+                                                                   pg_url: str) -> None:
+    """The server ends the pooled connections while they are idle (a restart, an admin);
+    the next read and write, sent before the store has even read that news (psql runs on
+    the loop's thread here), are served by new connections."""
+    await ok(store, Register("ended", 1, "job"))
+    await store.get_task("ended")
+    database = pg_url.rsplit("/", 1)[1]
+    killed = pg_server.sql(TERMINATE.format(database=database, application="taskpush n1"))
+    assert int(killed) >= 1
+    task = await store.get_task("ended")
+    assert task is not None and task["status"] == "pending"
+    assert (await ok(store, Change("ended", "running"))).task["status"] == "running"
+    assert store.unavailable() is None
+
+
 async def test_a_write_past_the_timeout_is_answered_503(pg_url: str, pg_server: Any) -> None:
     store = PgStore(pg_url, node_name="n1", timeout=0.5)
     await store.open()
@@ -591,6 +608,8 @@ async def sessions(pg_server: Any, database: str, where: str, what: str = "count
         f" datname = '{database}' AND {where}"))
 
 
+TERMINATE = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+             " WHERE datname = '{database}' AND application_name = '{application}'")
 HOLDING = "application_name = 'psql' AND query LIKE '%pg_sleep%' AND state = 'active'"
 
 
