@@ -119,6 +119,38 @@ _WRITE_NOTIFY = _WRITE_SQL.format(
     notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
 _WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
 
+# A page of a snapshot: rows in order until about a byte budget is reached (at least one),
+# cut by the server, so a page of large tasks never crosses the wire, nor sits in memory,
+# whole; `more` says whether a row follows the last one.
+_ROW_BYTES = ("200 + coalesce(length(message), 0) + coalesce(length(step), 0)"
+              " + coalesce(length(result), 0) + coalesce(length(error), 0)"
+              " + coalesce(length(error_type), 0) + coalesce(length(metadata), 0)")
+_SEQ = 16  # a task row's seq (the last of _TASK_COLUMNS)
+
+
+def _page_sql(where: str, order: str, budget: str) -> str:
+    return (
+        f"SELECT {_TASK_COLUMNS}, more FROM ("
+        f"SELECT {_TASK_COLUMNS}, sum(size) OVER w - size AS before,"
+        f" lead(true, 1, false) OVER w AS more FROM ("
+        f"SELECT {_TASK_COLUMNS}, {_ROW_BYTES} AS size FROM tasks WHERE {where}"
+        f" ORDER BY {order} LIMIT {PAGE_LIMIT + 1}) s"
+        f" WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) t"
+        f" WHERE before < {budget} ORDER BY {order}")
+
+
+_ACTIVE_PAGE_SQL = _page_sql(f"user_id = $1 AND status IN {_ACTIVE_SQL} AND created_seq > $2",
+                             "created_seq", "$3")
+_CHANGES_PAGE_SQL = _page_sql("user_id = $1 AND seq > $2 AND seq <= $3", "seq", "$4")
+
+
+def _page(rows: list[Any]) -> tuple[list[Any], bool]:
+    """A page's task rows (without the flag), and whether more follow."""
+    if len(rows) > PAGE_LIMIT:
+        return [row[:-1] for row in rows[:PAGE_LIMIT]], True
+    return [row[:-1] for row in rows], bool(rows) and rows[-1][-1]
+
+
 # ---- text the database cannot hold -------------------------------------------------------
 # PostgreSQL text cannot hold U+0000, which a message may carry: stored escaped (U+FFFF as
 # the escape), restored on read. Other text is stored verbatim.
@@ -178,11 +210,6 @@ def _row_to_task(row: Any) -> Task:
         "origin": origin,
         "created_seq": created_seq,
     }
-
-
-def _row_bytes(row: Any) -> int:
-    """About what a task row weighs once serialized (its text fields dominate)."""
-    return 200 + sum(len(v) for v in row[4:11] if isinstance(v, str))
 
 
 def _task_row(task: Task, node: str | None) -> tuple[Any, ...]:
@@ -1069,33 +1096,16 @@ class PgStore:
             changes.extend(items)
         return Snapshot(seq, active, changes)
 
-    @staticmethod
-    def _fill(rows: Iterable[Any], max_bytes: int) -> list[Any]:
-        """Rows until about `max_bytes` are taken (at least one row)."""
-        taken: list[Any] = []
-        total = 0
-        for row in rows:
-            taken.append(row)
-            total += _row_bytes(row)
-            if total >= max_bytes:
-                break
-        return taken
-
     async def active_page(self, user_id: int, after: int, max_bytes: int
                           ) -> tuple[list[Task], int | None]:
         """The user's active tasks with created_seq above `after`, in created_seq order, as
         many as fit in about `max_bytes` (at least one); the cursor for the next page, None
         at the end."""
         async def read(conn: asyncpg.Connection) -> list[Any]:
-            return await conn.fetch(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1"
-                f" AND status IN {_ACTIVE_SQL} AND created_seq > $2 ORDER BY created_seq"
-                " LIMIT $3", user_id, after, PAGE_LIMIT + 1)
+            return await conn.fetch(_ACTIVE_PAGE_SQL, user_id, after, max_bytes)
 
-        rows = await self._run(read)
-        taken = self._fill(rows, max_bytes)
-        more = len(rows) > len(taken)
-        tasks = [_row_to_task(row) for row in taken]
+        rows, more = _page(await self._run(read))
+        tasks = [_row_to_task(row) for row in rows]
         return tasks, (tasks[-1]["created_seq"] if more else None)
 
     async def changes_page(self, user_id: int, after: int, upto: int, max_bytes: int
@@ -1111,13 +1121,9 @@ class PgStore:
                 self.horizon = max(self.horizon, horizon)
                 if after < horizon:
                     return None
-                rows = await conn.fetch(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
-                    " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after, upto,
-                    PAGE_LIMIT + 1)
-                taken = self._fill(rows, max_bytes)
-                more = len(rows) > len(taken)
-                top = taken[-1][-1] if more else upto
+                taken, more = _page(await conn.fetch(_CHANGES_PAGE_SQL, user_id, after, upto,
+                                                     max_bytes))
+                top = taken[-1][_SEQ] if more else upto
                 deleted = await conn.fetch(
                     "SELECT task_id, seq FROM tombstones WHERE user_id = $1 AND seq > $2"
                     " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after, top, PAGE_ROWS)
@@ -1129,7 +1135,7 @@ class PgStore:
         rows, more, top, deleted = got
         if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
             top = deleted[-1][1]
-            rows = [row for row in rows if row[-1] <= top]
+            rows = [row for row in rows if row[_SEQ] <= top]
             more = True
         changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
         if deleted:

@@ -529,6 +529,32 @@ async def test_reads_page_and_filter_as_on_sqlite(store: PgStore) -> None:
     assert await store.ping() is True
 
 
+async def test_a_page_of_large_tasks_is_cut_by_the_server(store: PgStore) -> None:
+    """A page never holds far more than its byte budget: the rows beyond it are not even
+    fetched (memory measured while the page is read)."""
+    import tracemalloc
+
+    pad = "m" * 60_000
+    await store.submit_many([Register(f"big{n}", 1, "job", {"pad": pad}) for n in range(60)])
+    await ok(store, Change("big0", "running"))
+    budget = 256 * 1024
+    tracemalloc.start()
+    try:
+        page, after = await store.active_page(1, 0, budget)
+        changes = await store.changes_page(1, 0, store.last_seq, budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 1 <= len(page) <= 6 and after == page[-1]["created_seq"]
+    assert changes is not None and 1 <= len(changes[0]) <= 6 and changes[1] is not None
+    assert peak < 8 * budget, peak  # the whole set is 3.6 MB, read whole it peaks near 5
+    seen, cursor = [], 0
+    while cursor is not None:
+        page, cursor = await store.active_page(1, cursor, budget)
+        seen.extend(t["task_id"] for t in page)
+    assert seen == [f"big{n}" for n in range(60)]
+
+
 async def test_snapshot_reports_deletions_after_since_in_seq_order(store: PgStore) -> None:
     await finished(store, "old", user_id=1)
     since = store.last_seq
