@@ -41,11 +41,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from msgspec.structs import asdict, astuple
 
 from . import jsonutil
 from .errors import StorageUnavailable
 from .model import (
     ACTIVE,
+    TASK_COLUMNS,
+    TASK_TYPES,
     Change,
     Delete,
     Kind,
@@ -85,10 +88,8 @@ PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
 _SCHEMA_LOCK = 0x7461736B70757368  # 'taskpush': the advisory lock around schema creation
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
-_TASK_COLUMNS = (
-    "task_id, user_id, task_type, status, progress, message, step, result, error, "
-    "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
-)
+# the tasks table's columns are model.Task's fields, in order, then `node`
+_TASK_COLUMNS = ", ".join(TASK_COLUMNS)
 
 # The one write statement of a batch: rows passed as arrays of the tables' own row types.
 _WRITE_SQL = """
@@ -125,7 +126,7 @@ _WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
 _ROW_BYTES = ("200 + coalesce(length(message), 0) + coalesce(length(step), 0)"
               " + coalesce(length(result), 0) + coalesce(length(error), 0)"
               " + coalesce(length(error_type), 0) + coalesce(length(metadata), 0)")
-_SEQ = 16  # a task row's seq (the last of _TASK_COLUMNS)
+_SEQ = TASK_COLUMNS.index("seq")
 
 
 def _page_sql(where: str, order: str, budget: str) -> str:
@@ -188,37 +189,40 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+# column value -> field value, by the field's declared type (3.0 is the progress 3)
+_FROM_COLUMN = {Any: _loads, float: _number}
+_READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
+              if TASK_TYPES[name] in _FROM_COLUMN)
+_JSON = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
+# free text (not ids, which are printable): may hold a NUL, stored escaped
+_FREE = tuple(TASK_COLUMNS.index(name) for name in ("message", "step", "error", "error_type"))
+_PROGRESS = TASK_COLUMNS.index("progress")
+
+
 def _row_to_task(row: Any) -> Task:
-    (task_id, user_id, task_type, status, progress, message, step, result, error, error_type,
-     metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq) = row
-    return {
-        "task_id": task_id,
-        "user_id": user_id,
-        "task_type": task_type,
-        "status": status,
-        "progress": _number(progress),
-        "message": _get(message),
-        "step": _get(step),
-        "result": _loads(result),
-        "error": _get(error),
-        "error_type": _get(error_type),
-        "metadata": _loads(metadata),
-        "created_at": created_at,
-        "updated_at": updated_at,
-        "seq": seq,
-        "cancel_requested": bool(cancel_requested),
-        "origin": origin,
-        "created_seq": created_seq,
-    }
+    values = list(row[:len(TASK_COLUMNS)])
+    for i, convert in _READ:
+        values[i] = convert(values[i])
+    for i in _FREE:
+        values[i] = _get(values[i])
+    return Task(*values)
 
 
 def _task_row(task: Task, node: str | None) -> tuple[Any, ...]:
-    """A `tasks` row (the table's column order) for a task."""
-    return (task["task_id"], task["user_id"], task["task_type"], task["status"],
-            float(task["progress"]), _put(task["message"]), _put(task["step"]),
-            _dumps(task["result"]), _put(task["error"]), _put(task["error_type"]),
-            _dumps(task["metadata"]), task["origin"], node, bool(task["cancel_requested"]),
-            task["created_at"], task["updated_at"], task["created_seq"], task["seq"])
+    """A `tasks` row (model.Task's fields in order, then the node) for a task."""
+    values = list(astuple(task))
+    for i in _JSON:
+        values[i] = _dumps(values[i])
+    for i in _FREE:
+        values[i] = _put(values[i])
+    values[_PROGRESS] = float(values[_PROGRESS])
+    values.append(node)
+    return tuple(values)
+
+
+def _task_json(task: Task) -> str:
+    """The task as a feed row carries it (every field, internal ones too)."""
+    return jsonutil.dumps(asdict(task))
 
 
 # ---- failures -----------------------------------------------------------------------------
@@ -348,38 +352,38 @@ class _Txn:
             self.user_delta[user_id] = self.user_delta.get(user_id, 0) + delta
 
     def changed(self, task: Task, now: str, key: str | None) -> None:
-        task_id, seq = task["task_id"], task["seq"]
+        task_id, seq = task.task_id, task.seq
         before = self.load(task_id)
-        self._moved(task["user_id"], before["status"] if before else None, task["status"])
+        self._moved(task.user_id, before.status if before else None, task.status)
         self.overlay[task_id] = task
         self.events.setdefault(task_id, []).append((
-            seq, task_id, task["status"], float(task["progress"]), _put(task["message"]),
-            _put(task["step"]), _dumps(task["result"]), _put(task["error"]),
-            _put(task["error_type"]), now, key))
-        self.feed.append((seq, "changed", jsonutil.dumps(task), None))
+            seq, task_id, task.status, float(task.progress), _put(task.message),
+            _put(task.step), _dumps(task.result), _put(task.error), _put(task.error_type),
+            now, key))
+        self.feed.append((seq, "changed", _task_json(task), None))
         if key is not None:
             self.keys[(task_id, key)] = seq
 
     def created(self, task: Task, now: str) -> None:
-        task_id, seq = task["task_id"], task["seq"]
-        self._moved(task["user_id"], None, task["status"])
+        task_id, seq = task.task_id, task.seq
+        self._moved(task.user_id, None, task.status)
         self.overlay[task_id] = task
         self.inserted.add(task_id)
         self.events.setdefault(task_id, []).append((
             seq, task_id, "pending", 0.0, None, None, None, None, None, now, None))
-        self.feed.append((seq, "created", jsonutil.dumps(task), None))
+        self.feed.append((seq, "created", _task_json(task), None))
 
     def deleted(self, task: Task, seq: int, now: str) -> None:
-        task_id = task["task_id"]
-        self._moved(task["user_id"], task["status"], None)
+        task_id = task.task_id
+        self._moved(task.user_id, task.status, None)
         self.overlay[task_id] = None
         self.events.pop(task_id, None)  # the history goes with the task
         if task_id in self.inserted:
             self.inserted.discard(task_id)
         if self.stored.get(task_id) is not None:
             self.purged.add(task_id)
-        self.tombstones.append((seq, task_id, task["user_id"], now))
-        self.feed.append((seq, "deleted", jsonutil.dumps(task), None))
+        self.tombstones.append((seq, task_id, task.user_id, now))
+        self.feed.append((seq, "deleted", _task_json(task), None))
 
     def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]],
                             list[tuple[Any, ...]]]:
@@ -389,7 +393,7 @@ class _Txn:
         for task_id, task in self.overlay.items():
             if task is None:
                 continue
-            node = self.node if task["origin"] == "inprocess" else None
+            node = self.node if task.origin == "inprocess" else None
             if task_id in self.inserted or task_id in self.purged:
                 inserts.append(_task_row(task, node))
             else:
@@ -498,6 +502,12 @@ class PgStore:
                         f"PostgreSQL database {self.where} has schema version {version},"
                         f" newer than this taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
             await conn.execute(schema)
+            columns = tuple(await conn.fetchval(
+                "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
+                " WHERE attrelid = 'tasks'::regclass AND attnum > 0 AND NOT attisdropped"))
+            if columns != (*TASK_COLUMNS, "node"):  # rows are written whole, in that order
+                raise StoreRefused(f"PostgreSQL database {self.where}: the tasks table's"
+                                   f" columns are not this taskpush's: {', '.join(columns)}")
             await conn.execute("INSERT INTO settings VALUES ('epoch', $1)"
                                " ON CONFLICT (key) DO NOTHING", uuid.uuid4().hex)
             settings = dict(await conn.fetch("SELECT key, value FROM settings"
@@ -1106,7 +1116,7 @@ class PgStore:
 
         rows, more = _page(await self._run(read))
         tasks = [_row_to_task(row) for row in rows]
-        return tasks, (tasks[-1]["created_seq"] if more else None)
+        return tasks, (tasks[-1].created_seq if more else None)
 
     async def changes_page(self, user_id: int, after: int, upto: int, max_bytes: int
                            ) -> tuple[list[Task | tuple[str, int]], int | None] | None:
@@ -1140,7 +1150,7 @@ class PgStore:
         changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
         if deleted:
             changed.extend((row[0], row[1]) for row in deleted)
-            changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
+            changed.sort(key=lambda item: item.seq if isinstance(item, Task) else item[1])
         return changed, (top if more else None)
 
     async def history_page(self, task_id: str, after: int, limit: int
@@ -1224,14 +1234,13 @@ _KINDS = {"created": Kind.CREATED, "changed": Kind.CHANGED, "deleted": Kind.DELE
 
 def _feed_outcome(seq: int, kind: str, text: str) -> Outcome:
     """A change another node committed, as the outcome its own node handed over."""
-    task = jsonutil.loads(text)
-    task_id = task["task_id"]
+    task = Task(**jsonutil.loads(text))
     op: Operation
     if kind == "deleted":
-        op = Delete(task_id)
+        op = Delete(task.task_id)
     elif kind == "created":
-        op = Register(task_id, task["user_id"], task["task_type"], task["metadata"],
-                      origin=task.get("origin", "http"))
+        op = Register(task.task_id, task.user_id, task.task_type, task.metadata,
+                      origin=task.origin)
     else:
-        op = Change(task_id, task["status"])
+        op = Change(task.task_id, task.status)
     return Outcome(op, task=task, kind=_KINDS[kind], seq=seq)
