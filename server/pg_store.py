@@ -933,14 +933,13 @@ class PgStore:
         ids: set[str] = set()
         keys: list[tuple[str, str]] = []
         users: set[int] = set()
-        predicted: set[str] = set()
+        generated: dict[str, int] = {}  # task type -> the last op that names one of it
         for index, op in enumerate(ops):
             if isinstance(op, Register):
                 if op.task_id is not None:
                     ids.add(op.task_id)
-                elif len(predicted) < PREDICT_IDS:  # the id it would get: type_seq
-                    predicted.update(f"{op.task_type}_{s}"
-                                     for s in range(prev + 1, prev + index + 2))
+                else:
+                    generated[op.task_type] = index
                 if op.max_active is not None:
                     users.add(op.user_id)
             else:
@@ -948,6 +947,12 @@ class PgStore:
                 if (isinstance(op, Change) and op.idem_key is not None
                         and _storable(op.task_id) and _storable(op.idem_key)):
                     keys.append((op.task_id, op.idem_key))
+        # the names generated ids may get (type_seq, seq at most one per op so far)
+        predicted: set[str] = set()
+        for task_type, index in generated.items():
+            if len(predicted) + index >= PREDICT_IDS:
+                break  # the rest is read if asked for (a miss)
+            predicted.update(f"{task_type}_{s}" for s in range(prev + 1, prev + index + 2))
         stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
         known_keys: dict[tuple[str, str], int] = {}
         counts: dict[int, int] = {}

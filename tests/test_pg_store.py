@@ -401,6 +401,21 @@ async def test_register_without_id_names_the_task_after_its_type(store: PgStore)
     assert all(o.ok for o in many) and len(set(names)) == 5 and taken not in names
 
 
+async def test_generated_ids_in_a_large_batch_never_collide(store: PgStore,
+                                                             pg_url: str) -> None:
+    """2,000 registrations without an id, of three types, in one batch, where the names
+    the third type would get are taken (that type is past what is read ahead: the rules
+    ask, miss, and run again knowing)."""
+    await store.submit_many([Register(f"c_{n}", 1, "job") for n in range(2101, 4101)])
+    outcomes = await store.submit_many([Register(None, 2, "abc"[i % 3]) for i in range(2000)])
+    assert all(o.kind is Kind.CREATED for o in outcomes)
+    names = [o.task.task_id for o in outcomes if o.task is not None]
+    assert len(set(names)) == 2000
+    assert {f"c_{n}" for n in range(2101, 4101)}.isdisjoint(names)
+    assert sum(1 for n in names if n.count("_") == 2) > 500  # the taken ones, renamed
+    assert await rows(pg_url, "SELECT count(*) FROM tasks") == [(4000,)]
+
+
 async def test_active_task_limit(store: PgStore) -> None:
     await ok(store, Register("a1", 1, "job", max_active=2))
     await ok(store, Register("a2", 1, "job", max_active=2))
