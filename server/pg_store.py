@@ -85,6 +85,7 @@ RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0  # the listening connection's backoff
 RETRY_PAUSE = 0.1  # seconds before a batch that lost its connection is tried again
 PAGE_LIMIT = 1000  # task rows one page read fetches at most
 PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
+MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
 _SCHEMA_LOCK = 0x7461736B70757368  # 'taskpush': the advisory lock around schema creation
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
@@ -966,7 +967,7 @@ class PgStore:
                 known_keys[(task_id, key)] = seq
         if users:
             await self._count(conn, users, counts)
-        while True:
+        for _ in range(MAX_PASSES):
             view = _Txn(stored, known_keys, counts, self.node)
             now = utc_now()
             seq = prev
@@ -982,6 +983,7 @@ class PgStore:
             await self._load(conn, missed_ids, stored)
             if missed_users:
                 await self._count(conn, missed_users, counts)
+        raise RuntimeError(f"the rules still asked for unread rows after {MAX_PASSES} passes")
 
     @staticmethod
     async def _load(conn: asyncpg.Connection, ids: list[str],
