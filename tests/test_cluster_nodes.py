@@ -280,6 +280,11 @@ async def test_a_gone_nodes_in_process_tasks_end_failed_interrupted(make_node, p
     assert got[-1]["error_type"] == "interrupted"
     store_b = b.app[keys.STORE]
     assert await store_b.gone_nodes_tasks() == []
+    conn = await asyncpg.connect(pg_url)
+    try:  # the gone node, left with nothing to end, is forgotten; B is not
+        assert [r[0] for r in await conn.fetch("SELECT name FROM nodes")] == ["node-b"]
+    finally:
+        await conn.close()
     await ws.close()
 
 
