@@ -453,7 +453,7 @@ class PgStore:
             self._pool = await asyncio.wait_for(self._create_pool(), self.timeout)
             async with self._pool.acquire() as conn:
                 await asyncio.wait_for(self._apply_schema(conn), self.timeout * 4)
-            await self._connect_listener()
+            await self._connect_listener(starting=True)
             await self._heartbeat()
         except StoreRefused:
             await self.close()
@@ -650,19 +650,41 @@ class PgStore:
 
     # ---- the listening connection --------------------------------------------------------
 
-    async def _connect_listener(self) -> None:
+    async def _connect_listener(self, *, starting: bool = False) -> None:
+        """The dedicated connection: LISTEN, and the lock on this node's name (held while it
+        lives: two live nodes with one name would end each other's in-process tasks)."""
         conn = await asyncpg.connect(
             self.url, timeout=self.timeout, command_timeout=self.timeout,
             server_settings={"application_name": f"taskpush {self.node} listen"[:63]})
         try:
             await conn.add_listener(CHANNEL, self._notified)
+            named = await self._lock_name(conn, wait=self.timeout if starting else 0.0)
         except BaseException:
             conn.terminate()
             raise
+        if not named and starting:
+            conn.terminate()
+            raise StoreRefused(f"node name {self.node!r} is in use by a running node on"
+                               f" {self.where}: give each node its own --node-name")
+        if not named:  # listening still works; the name is another node's now
+            log.error("node name %r was taken by another node while this one reconnected;"
+                      " give each node its own --node-name", self.node)
         conn.add_termination_listener(self._listener_closed)
         self._leads.clear()  # session locks died with the previous connection
         self._listen = conn
         self._listen_lost.clear()
+
+    async def _lock_name(self, conn: asyncpg.Connection, wait: float) -> bool:
+        """Take this node's name lock, waiting up to `wait` s (the previous run of this
+        node, killed a moment ago, may not have been noticed gone by the server yet)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        key = lock_key(f"node:{self.node}")
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     def _listener_closed(self, conn: asyncpg.Connection) -> None:
         if conn is self._listen:

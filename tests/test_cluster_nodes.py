@@ -301,6 +301,17 @@ async def test_a_restarted_node_ends_its_own_in_process_tasks_at_once(make_node,
     assert (task["status"], task["error_type"]) == ("failed", "interrupted")
 
 
+async def test_a_second_live_node_with_the_same_name_is_refused(make_node, pg_url):
+    """Two live nodes sharing a name would end each other's in-process tasks at start."""
+    from server.pg_store import PgStore
+
+    await make_node("node-a")
+    twin = PgStore(pg_url, node_name="node-a", timeout=0.5)
+    with pytest.raises(StoreRefused, match=r"node-a.*in use") as refused:
+        await twin.open()
+    assert "\n" not in str(refused.value)
+
+
 async def test_a_live_nodes_in_process_tasks_are_left_alone(make_node):
     a, b = await two_nodes(make_node, node_timeout=1.0)
     await a.app[keys.TASKS].register(Register("alive", 8, "long", origin="inprocess"))
