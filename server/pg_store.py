@@ -13,7 +13,7 @@ the `BatchCommitter`. A batch is one transaction that first locks the one row of
 seq follows commit order and every statement after the lock sees every earlier commit
 (the rules' reads, `model.apply_op` over `_Txn`, are race-free). The batch's tasks are read
 in one statement, its rows written in one more (arrays of table rows, unnested), together
-with one `feed` row per seq and a NOTIFY carrying the last seq.
+with one `feed` row per seq and a NOTIFY carrying the last seq and the node's name.
 
 The feed is how changes reach every node's sockets: after a commit, or on a NOTIFY (only a
 wake-up, never the data), on start, after the listening connection comes back and every
@@ -47,6 +47,7 @@ from . import jsonutil
 from .errors import StorageUnavailable
 from .model import (
     ACTIVE,
+    CHANGING_FIELDS,
     TASK_COLUMNS,
     TASK_TYPES,
     Change,
@@ -99,10 +100,7 @@ WITH ev AS (
 ), ins AS (
     INSERT INTO tasks SELECT * FROM unnest($2::tasks[])
 ), upd AS (
-    UPDATE tasks t SET status = u.status, progress = u.progress, message = u.message,
-        step = u.step, result = u.result, error = u.error, error_type = u.error_type,
-        cancel_requested = u.cancel_requested, updated_at = u.updated_at, seq = u.seq
-    FROM unnest($3::tasks[]) u WHERE t.task_id = u.task_id
+    UPDATE tasks t SET {changing} FROM unnest($3::tasks[]) u WHERE t.task_id = u.task_id
 ), tomb AS (
     INSERT INTO tombstones SELECT * FROM unnest($4::tombstones[])
 ), fd AS (
@@ -117,9 +115,10 @@ SELECT f.seq, f.kind, f.task FROM (SELECT {notify}) n LEFT JOIN LATERAL (
 # the wake-up's payload: "<last seq> <node>" (a node ignores its own). The statement also
 # returns the feed rows other nodes committed between what this node delivered ($8) and
 # this batch ($9): they go to on_publish first, and reading them here costs no round trip.
+_CHANGING = ", ".join(f"{name} = u.{name}" for name in CHANGING_FIELDS)  # what a change moves
 _WRITE_NOTIFY = _WRITE_SQL.format(
-    notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
-_WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
+    changing=_CHANGING, notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
+_WRITE_QUIET = _WRITE_SQL.format(changing=_CHANGING, notify="$6::bigint, $7::text")
 
 # A page of a snapshot: rows in order until about a byte budget is reached (at least one),
 # cut by the server, so a page of large tasks never crosses the wire, nor sits in memory,
@@ -195,8 +194,8 @@ _FROM_COLUMN = {Any: _loads, float: _number}
 _READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
               if TASK_TYPES[name] in _FROM_COLUMN)
 _JSON = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
-# free text (not ids, which are printable): may hold a NUL, stored escaped
-_FREE = tuple(TASK_COLUMNS.index(name) for name in ("message", "step", "error", "error_type"))
+# free text (optional strings; ids and types are printable): may hold a NUL, stored escaped
+_FREE = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] == str | None)
 _PROGRESS = TASK_COLUMNS.index("progress")
 
 
