@@ -71,6 +71,11 @@ async def test_a_socket_on_b_receives_a_change_made_through_a_over_http(make_nod
     got = await recv_until(ws, lambda m: m.get("progress") == 40)
     assert got[-1]["message"] == "through A"
     assert got[-1]["seq"] > created[-1]["seq"]
+    await event(a, "cross-1", "completed")
+    resp = await a.delete("/api/task/task/cross-1", headers=auth(1))
+    assert resp.status == 200
+    gone = await recv_until(ws, lambda m: m["type"] == "task_deleted")
+    assert gone[-1] == {"type": "task_deleted", "task_id": "cross-1"}
     await ws.close()
 
 
