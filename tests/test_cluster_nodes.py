@@ -92,6 +92,26 @@ async def test_a_socket_on_b_receives_an_in_process_change_made_on_a(make_node):
     await ws.close()
 
 
+async def test_an_event_stream_on_b_gets_changes_through_a_and_resumes_on_a(make_node):
+    from tests.test_sse import events_until, stream
+
+    a, b = await two_nodes(make_node)
+    resp = await stream(b, 14)
+    connected = (await events_until(resp, "active_tasks"))[0]["data"]
+    await register(a, "sse-1", 14)
+    got = await events_until(resp, "task_status")
+    assert got[-1]["data"]["task_id"] == "sse-1"
+    last_id = got[-1]["id"]
+    assert last_id == f"{connected['epoch']}:{got[-1]['data']['seq']}"
+    resp.close()
+    changed = await event(b, "sse-1", "running")
+    again = await stream(a, 14, Last_Event_ID=last_id)
+    replay = await events_until(again, "task_status")
+    assert (replay[-1]["data"]["seq"], replay[-1]["data"]["status"]) == (changed["seq"],
+                                                                         "running")
+    again.close()
+
+
 async def test_concurrent_producers_on_both_nodes_give_one_gapless_seq_stream(make_node):
     """Four producers (two per node) move tasks of one user through distinct statuses (no
     coalescing applies); a socket on each node sees every seq of that user's changes
