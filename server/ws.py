@@ -322,6 +322,8 @@ class Connection:
         Raises ConnectionError if the peer went away (or was closed) meanwhile."""
         session = self.session
         try:
+            if isinstance(since, int) and since > store.last_seq:  # seen on another node
+                await store.catch_up(since)
             await snapshot.write_snapshot(
                 self.snapshot_writer(flow), store, budget, user_id=self.user_id,
                 connection_id=session.id, resume=snapshot.judge_resume(store, since, epoch),
