@@ -1,5 +1,7 @@
 -- taskpush schema. Idempotent: applied at every start.
 -- Read it with the sqlite3 shell; README.md lists useful queries.
+-- The schema version is the file's user_version (last line): taskpush refuses a database
+-- whose version is higher than the one below (written by a newer taskpush).
 
 -- One row per task: its current state and the seq of its latest change.
 CREATE TABLE IF NOT EXISTS tasks (
@@ -68,3 +70,5 @@ CREATE INDEX IF NOT EXISTS events_task ON events (task_id, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS events_idem ON events (task_id, idem_key)
     WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tombstones_user ON tombstones (user_id, seq);
+
+PRAGMA user_version = 1;

@@ -5,6 +5,7 @@ the app starts, so tests build apps with their own Config and a tmp_path databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,16 +15,18 @@ from aiohttp import web
 from . import demo, keys, producer, rest
 from .auth import TokenVerifier
 from .config import Config
+from .engines import make_store
 from .errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
+from .model import Change
 from .notify import task_notification_service
 from .openapi import openapi_document
+from .protocol import CLOSE_TRY_AGAIN
 from .snapshot import ByteBudget
 from .sse import stream_handler, stream_watch
-from .store import Store
 from .sweeper import sweeper_ctx
-from .tasks import TaskService
+from .tasks import INTERRUPTED, TaskService
 from .watch import TokenDeadlines, Watched, socket_watch
 from .ws import close_all, websocket_handler
 
@@ -148,12 +151,22 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[keys.STORE]
     hub = app[keys.HUB]
     metrics_ = app[keys.METRICS]
+    tasks = app[keys.TASKS]
 
-    def on_commit(outcomes: list, seconds: float) -> None:
+    def on_publish(outcomes: list, local: bool) -> None:
         hub.publish(outcomes)
-        metrics_.observe_commit(outcomes, seconds)
+        if not local:  # another node's commit: a cancel may be of a job running here
+            tasks.changes_committed_elsewhere(outcomes)
 
-    store.on_commit = on_commit
+    def on_feed_lost() -> None:
+        """Changes this node can no longer deliver (cluster feed): clients resume by seq."""
+        for conn in list(app[keys.SOCKETS]):
+            conn.close(CLOSE_TRY_AGAIN, "missed changes: resume")
+
+    store.on_publish = on_publish
+    store.on_commit = metrics_.observe_commit
+    if hasattr(store, "on_feed_lost"):
+        store.on_feed_lost = on_feed_lost
     await store.open()
     if config.jwt_public_key is not None:
         pem = Path(config.jwt_public_key).read_bytes()  # noqa: ASYNC240 (once, at start)
@@ -161,7 +174,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         secret = config.jwt_secret.reveal() if config.jwt_secret else await store.demo_secret()
         app[keys.VERIFIER] = TokenVerifier.for_secret(secret, config.jwt_leeway)
-    tasks = app[keys.TASKS]
     recovered = await tasks.interrupt_inprocess("the server stopped while this task ran")
     if recovered:
         log.warning("marked %d in-process task(s) of a previous run as interrupted", recovered)
@@ -169,6 +181,44 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     task_notification_service.unbind(tasks)
     await store.close()
+
+
+async def end_gone_nodes_tasks(app: web.Application) -> int:
+    """Cluster mode: in-process tasks of a node gone for --node-timeout end failed /
+    interrupted (pushed like any change); one node does it (`lead("nodes")`)."""
+    store = app[keys.STORE]
+    if not await store.lead("nodes"):
+        return 0
+    gone = await store.gone_nodes_tasks()
+    if not gone:
+        return 0
+    ops = [Change(t["task_id"], "failed", error="the node running this task is gone",
+                  error_type=INTERRUPTED, expect_seq=t["seq"]) for t in gone]
+    ended = sum(1 for o in await app[keys.TASKS].apply_many(ops) if o.ok)
+    if ended:
+        log.warning("marked %d in-process task(s) of gone node(s) as interrupted", ended)
+    return ended
+
+
+async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Looks for gone nodes a few times per --node-timeout (SQLite: never any)."""
+    interval = app[keys.CONFIG].node_timeout / 3
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await end_gone_nodes_tasks(app)
+            except StorageUnavailable:
+                pass  # the store logs the outage once; the next round tries again
+            except Exception:
+                log.exception("ending the tasks of gone nodes failed")
+
+    task = asyncio.create_task(loop(), name="taskpush-cluster")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def on_shutdown(app: web.Application) -> None:
@@ -189,7 +239,8 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     if cors_prepare is not None:
         app.on_response_prepare.append(cors_prepare)
-    store = Store(config.db, timeout=config.db_timeout)
+    store = make_store(config.db, timeout=config.db_timeout, node_name=config.node,
+                       node_timeout=config.node_timeout)
     app[keys.CONFIG] = config
     app[keys.STORE] = store
     app[keys.HUB] = Hub()
@@ -217,6 +268,7 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(sweeper_ctx)
+    app.cleanup_ctx.append(cluster_ctx)
     app.cleanup_ctx.append(socket_watch(config, lambda: sockets, deadlines,
                                         app[keys.METRICS].slow_closed.inc))
     app.cleanup_ctx.append(stream_watch)

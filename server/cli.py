@@ -15,8 +15,9 @@ from aiohttp import web
 from .accesslog import RedactingAccessLogger, redact_url, setup_logging
 from .auth import TokenVerifier
 from .config import ConfigError, parse_config
+from .engines import make_store
 from .errors import StorageUnavailable
-from .store import Store, StoreRefused
+from .store import StoreRefused
 
 log = logging.getLogger("taskpush")
 
@@ -46,7 +47,7 @@ def _token_command(argv: Sequence[str]) -> int:
 
 
 async def _demo_secret(path: str) -> str:
-    store = Store(path)
+    store = make_store(path)
     await store.open(exclusive=False)  # the server may be running on it
     try:
         return await store.demo_secret()
@@ -103,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "demo mode (generated secret)" if config.demo_mode else "token auth"
     log.info("taskpush on http://%s:%d, database %s, %s, %s loop", config.host, config.port,
              redact_url(config.db), mode, type(loop).__module__.split(".")[0])
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except StoreRefused as exc:  # an engine this build does not have
+        print(f"taskpush: error: {exc}", file=sys.stderr)
+        return 1
     tune_gc()
     try:
         web.run_app(

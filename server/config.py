@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +56,10 @@ def _setting(default: Any, help: str, *, env: str | None = None, flag: bool = Tr
 class Config:
     host: str = _setting("127.0.0.1", "interface to listen on")
     port: int = _setting(8000, "TCP port to listen on")
-    db: str = _setting("./taskpush.db", "SQLite database file (created from schema.sql)")
+    db: str = _setting(
+        "./taskpush.db", "SQLite database file (created from schema.sql), or a PostgreSQL URL "
+        "(postgresql://user:password@host:5432/name) shared by the nodes of a cluster"
+    )
     db_timeout: float = _setting(
         5.0, "seconds a write may wait for the database (e.g. a lock held by another "
         "process) before it is answered 503"
@@ -130,6 +135,15 @@ class Config:
     body_timeout: float = _setting(
         20.0, "seconds a request body may take to arrive in full (408, connection closed)"
     )
+    # -- cluster mode (PostgreSQL, issue 9) --
+    node_timeout: float = _setting(
+        30.0, "cluster mode: seconds without a heartbeat after which a node is gone and "
+        "another node ends its in-process tasks as failed/interrupted"
+    )
+    node_name: str | None = _setting(
+        None, "cluster mode: this node's name, unique in the cluster and kept across "
+        "restarts (a restarted node ends its own in-process tasks); default HOSTNAME:PORT"
+    )
 
     @property
     def demo_mode(self) -> bool:
@@ -138,6 +152,26 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        """Every field but a password in a database URL (secrets are `Secret`s already)."""
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["db"] = redact_db(self.db)
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        return f"Config({fields})"
+
+    @property
+    def node(self) -> str:
+        """This node's name in a cluster."""
+        return self.node_name or f"{socket.gethostname()}:{self.port}"
+
+
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+
+
+def redact_db(db: str) -> str:
+    """--db as it may be shown: a URL's password replaced by `***`."""
+    return _URL_PASSWORD.sub(r"\1***@", db)
 
 
 def _env_name(f: dataclasses.Field[Any]) -> str:
@@ -309,6 +343,7 @@ def validate(config: Config) -> None:
         "demo_task_seconds",
         "body_timeout",
         "db_timeout",
+        "node_timeout",
     )
     _positive(config, "jwt_leeway", "ping_interval", "ping_timeout", "shutdown_timeout",
               allow_zero=True)
@@ -328,6 +363,10 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"--jwt-public-key: cannot read {config.jwt_public_key}: {exc.strerror}"
             ) from None
+    if config.node_name is not None and (
+            not config.node_name or len(config.node_name) > 200
+            or not config.node_name.isprintable()):
+        raise ConfigError("--node-name: must be 1-200 printable characters")
     if "://" not in config.db:  # a file: its directory must exist (it is not created)
         directory = os.path.dirname(os.path.abspath(config.db))
         if not os.path.isdir(directory):

@@ -72,6 +72,8 @@ class StorageUnavailable(TaskPushError):
     with Retry-After). In-process producers see this type."""
 
     status, code = 503, "storage_unavailable"
+    # a caller with time left may be tried again (a lock held elsewhere, a lost connection)
+    retry_until_deadline = False
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)

@@ -1,8 +1,8 @@
 """The task model: states, the operations producers and users ask for, and the pure rules
 that turn a task's current state plus an operation into its next state (or refuse it).
 
-No I/O here: the store runs these rules inside its transactions, and they are unit-tested
-without a database.
+No I/O here: every engine runs these rules inside its transactions (`apply_op` over the
+engine's `TxnView`), and they are unit-tested without a database.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import math
+import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import TaskFinal
+from .errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
 
 STATUSES = ("pending", "running", "progress", "completed", "failed", "cancelled")
 ACTIVE = frozenset({"pending", "running", "progress"})
@@ -203,9 +204,100 @@ def new_task(op: Register, task_id: str, seq: int, now: str) -> Task:
         "updated_at": now,
         "seq": seq,
         "cancel_requested": False,
+        "origin": op.origin,
+        "created_seq": seq,
     }
 
 
 def public(task: Task) -> Task:
     """The task as clients see it (drops internal columns)."""
     return {name: task[name] for name in TASK_FIELDS}
+
+
+class TxnView(Protocol):
+    """One write transaction's state as the rules see it; each engine implements it over
+    its own connection (reads see the batch so far, writes are the engine's to batch)."""
+
+    def load(self, task_id: str) -> Task | None: ...
+
+    def applied_with_key(self, task_id: str, key: str) -> int | None:
+        """The seq of the change this idempotency key already made to the task, if any."""
+        ...
+
+    def active_count(self, user_id: int) -> int:
+        """The user's active tasks, this batch's changes so far included."""
+        ...
+
+    def changed(self, task: Task, now: str, key: str | None) -> None: ...
+
+    def created(self, task: Task, now: str) -> None: ...
+
+    def deleted(self, task: Task, seq: int, now: str) -> None: ...
+
+
+def apply_op(view: TxnView, op: Operation, seq: int, now: str) -> tuple[Outcome, int]:
+    """Apply one operation inside a transaction whose last allocated seq is `seq`: the
+    owner check, idempotency keys, `expect_seq`, the active-task quota, task-id generation,
+    then `next_state` / `new_task`. Returns the outcome and the last seq allocated; a
+    refusal is in the outcome, never raised (the batch goes on)."""
+    outcome = Outcome(op)
+    try:
+        if isinstance(op, Change):  # the hot path, inline
+            task = view.load(op.task_id)
+            if task is None or (op.owner is not None and task["user_id"] != op.owner):
+                raise NotFound(f"task {op.task_id} not found")
+            if op.idem_key is not None:
+                done = view.applied_with_key(op.task_id, op.idem_key)
+                if done is not None:
+                    outcome.task, outcome.seq, outcome.kind = task, done, Kind.UNCHANGED
+                    return outcome, seq
+            if op.expect_seq is not None and task["seq"] != op.expect_seq:
+                outcome.refuse()  # the task moved since the caller looked: not applied
+                outcome.task = task
+                return outcome, seq
+            new = next_state(task, op, seq + 1, now)
+            seq += 1
+            view.changed(new, now, op.idem_key)
+            outcome.task, outcome.seq, outcome.kind = new, seq, Kind.CHANGED
+        elif isinstance(op, Register):
+            seq = _register(view, op, seq, now, outcome)
+        else:
+            seq = _delete(view, op, seq, now, outcome)
+    except (NotFound, Conflict, TooMany) as exc:  # nothing allocated: seq as it was
+        outcome.refuse(exc)
+    return outcome, seq
+
+
+def _register(view: TxnView, op: Register, seq: int, now: str, outcome: Outcome) -> int:
+    if op.task_id is not None:
+        existing = view.load(op.task_id)
+        if existing is not None:
+            if not same_registration(existing, op):
+                raise Conflict(f"task {op.task_id} already exists with a different body")
+            outcome.task, outcome.seq = existing, existing["seq"]
+            outcome.kind = Kind.UNCHANGED
+            return seq
+    if op.max_active is not None:
+        count = view.active_count(op.user_id)
+        if count >= op.max_active:
+            raise TooMany(f"user {op.user_id} already has {count} active tasks")
+    seq += 1
+    task_id = op.task_id if op.task_id is not None else f"{op.task_type}_{seq}"
+    if op.task_id is None and view.load(task_id) is not None:
+        task_id = f"{op.task_type}_{seq}_{secrets.token_hex(4)}"
+    task = new_task(op, task_id, seq, now)
+    view.created(task, now)
+    outcome.task, outcome.seq, outcome.kind = task, seq, Kind.CREATED
+    return seq
+
+
+def _delete(view: TxnView, op: Delete, seq: int, now: str, outcome: Outcome) -> int:
+    task = view.load(op.task_id)
+    if task is None or (op.owner is not None and task["user_id"] != op.owner):
+        raise NotFound(f"task {op.task_id} not found")
+    if task["status"] in ACTIVE and not op.allow_active:
+        raise TaskActive(f"task {op.task_id} is {task['status']}; cancel it first")
+    seq += 1  # the tombstone's seq is above every deleted event's: seq never goes back
+    view.deleted(task, seq, now)
+    outcome.task, outcome.seq, outcome.kind = task, seq, Kind.DELETED
+    return seq

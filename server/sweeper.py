@@ -48,7 +48,8 @@ async def _loop(app: web.Application) -> None:
     interval = app[keys.CONFIG].sweep_interval
     while True:
         try:
-            await sweep_once(app)
+            if await app[keys.STORE].lead("sweep"):  # one node of a cluster sweeps
+                await sweep_once(app)
         except StorageUnavailable:
             pass  # the store logs the outage once; the next pass tries again
         except Exception:

@@ -76,6 +76,19 @@ class TaskService:
         runner.add_done_callback(lambda _: self._runners.pop(task_id, None)
                                  if self._runners.get(task_id) is runner else None)
 
+    def changes_committed_elsewhere(self, outcomes: list[Outcome]) -> None:
+        """Changes another node committed (cluster mode): a cancel of a task whose
+        in-process coroutine runs here interrupts it, as a cancel through this node does."""
+        for outcome in outcomes:
+            task = outcome.task
+            if (task is None or task["status"] != "cancelled"
+                    or not task.get("cancel_requested")):
+                continue
+            runner = self._runners.pop(task["task_id"], None)
+            if (runner is not None and not runner.done()
+                    and runner is not asyncio.current_task()):
+                runner.cancel()
+
     async def interrupt_inprocess(self, reason: str) -> int:
         """End every active in-process task as failed/interrupted, then stop its coroutine.
 

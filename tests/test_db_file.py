@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from server.model import Register
-from server.store import Store
+from server.sqlite_store import SqliteStore as Store
 from tests.procs import Servers, free_port, run_cli, servers_fixture
 
 SECRET = "db-file-secret-0123456789-abcdefghijklmnop"

@@ -20,7 +20,8 @@ import pytest
 
 from server.errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
 from server.model import Change, Delete, Kind, Outcome, Register
-from server.store import SCHEMA_PATH, Store
+from server.sqlite_store import SCHEMA_PATH
+from server.sqlite_store import SqliteStore as Store
 
 
 @pytest.fixture
@@ -468,7 +469,7 @@ async def test_small_batches_are_written_on_the_loop_thread_large_ones_on_the_wo
     """A small commit costs less than a thread hop; a large one must not stall the loop."""
     import threading
 
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     await ok(store, Register("t", 1, "job"))
     writers = trace_writer_threads(store)
@@ -487,7 +488,7 @@ async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
         store: Store, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     assert store._wconn is not None
     assert store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
@@ -513,7 +514,7 @@ async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
 
 
 async def test_a_sweep_and_a_large_batch_share_the_writer_safely(store: Store) -> None:
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     await ok(store, Register("t", 1, "job"))
     big = [Change("t", "progress", progress=n % 100)
@@ -572,7 +573,7 @@ async def test_the_checkpoint_timer_survives_firing_during_a_checkpoint(
     so no later commit armed another one."""
     import threading
 
-    from server import store as store_module
+    from server import sqlite_store as store_module
 
     calls: list[int] = []
     first_running, first_may_end = threading.Event(), threading.Event()
@@ -623,3 +624,41 @@ async def test_a_write_lock_held_by_another_process_does_not_stall_the_loop(
         store._wconn.set_trace_callback(None)
     assert outcome.error is None
     assert writers and writers[0] != threading.get_ident()  # written on the worker thread
+
+
+# ---- schema version, engine choice -----------------------------------------------------
+
+
+async def test_a_database_of_a_newer_schema_version_is_refused(store: Store,
+                                                               db_path: Path) -> None:
+    from server.sqlite_store import SCHEMA_VERSION
+    from server.store import StoreRefused
+
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    await store.close()
+    conn = sqlite3.connect(str(db_path))
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    newer = Store(str(db_path))
+    with pytest.raises(StoreRefused) as refused:
+        await newer.open()
+    message = str(refused.value)
+    assert "newer" in message and "\n" not in message
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]  # left as it was
+    conn = sqlite3.connect(str(db_path))
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    conn.close()
+    await store.open()  # the fixture closes it
+
+
+def test_the_db_setting_picks_the_engine(tmp_path: Path) -> None:
+    import importlib.util
+
+    from server.engines import make_store
+    from server.store import StoreRefused
+
+    assert isinstance(make_store(str(tmp_path / "x.db"), timeout=1), Store)
+    if importlib.util.find_spec("server.pg_store") is None:
+        with pytest.raises(StoreRefused, match="PostgreSQL support not built") as refused:
+            make_store("postgresql://u:hunter2@db.example/taskpush")
+        assert "hunter2" not in str(refused.value)

@@ -24,3 +24,38 @@ async def test_runner_entries_do_not_pile_up(client: Any) -> None:
         assert "r" not in tasks._runners  # a finished task has nothing to interrupt
 
     await asyncio.create_task(job())
+
+
+async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
+        client: Any) -> None:
+    """Cluster mode: the store hands changes committed elsewhere to the service; a cancel
+    (status cancelled with cancel_requested) of a task whose coroutine runs here stops it,
+    a worker's own report of 'cancelled' (no cancel requested) does not."""
+    from server.model import Change, Outcome
+
+    tasks = client.app[keys.TASKS]
+    started = {name: asyncio.Event() for name in ("a", "b")}
+
+    async def job(task_id: str) -> None:
+        await task_notification_service.register_task(task_id=task_id, user_id=1,
+                                                      task_type="t")
+        await task_notification_service.notify_progress(task_id, progress=1)
+        started[task_id].set()
+        await asyncio.Event().wait()  # until cancelled
+
+    runners = {name: asyncio.create_task(job(name)) for name in started}
+    for event in started.values():
+        await asyncio.wait_for(event.wait(), 10)
+
+    async def elsewhere(task_id: str, cancel_requested: bool) -> Outcome:
+        task = dict(await client.app[keys.STORE].get_task(task_id), status="cancelled",
+                    cancel_requested=cancel_requested)
+        return Outcome(Change(task_id, "cancelled"), task=task)
+
+    tasks.changes_committed_elsewhere([await elsewhere("b", False)])
+    tasks.changes_committed_elsewhere([await elsewhere("a", True)])
+    await asyncio.wait_for(asyncio.wait([runners["a"]]), 10)
+    assert runners["a"].cancelled()
+    assert not runners["b"].done()
+    runners["b"].cancel()
+    await asyncio.wait([runners["b"]])

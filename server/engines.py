@@ -1,0 +1,33 @@
+"""Which storage engine serves `--db`: a `postgresql://` or `postgres://` URL is PostgreSQL
+(`pg_store`), anything else a SQLite file (`sqlite_store`).
+
+Its own module because it imports the engines, and every engine imports `store` (the
+interface, `Snapshot`, the refusals): `store` importing them back would be a cycle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from .sqlite_store import DB_TIMEOUT, SqliteStore
+from .store import Store, StoreRefused
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(db: str) -> bool:
+    return db.lower().startswith(POSTGRES_SCHEMES)
+
+
+def make_store(db: str, *, timeout: float = DB_TIMEOUT, **options: Any) -> Store:
+    """The store for `db`, not yet opened. `options` are the engine's own settings (the
+    PostgreSQL node's name and timeout); SQLite takes none."""
+    if not is_postgres(db):
+        return SqliteStore(db, timeout=timeout)
+    if importlib.util.find_spec(f"{__package__}.pg_store") is None:
+        raise StoreRefused("PostgreSQL support not built: this taskpush serves only SQLite"
+                           " files (--db is a postgresql:// URL)")
+    from . import pg_store
+
+    return pg_store.PgStore(db, timeout=timeout, **options)

@@ -1,0 +1,1152 @@
+"""The PostgreSQL engine: any number of nodes on one database are one service.
+
+Connections: an asyncpg pool for reads and writes, and one dedicated connection that
+LISTENs for the cluster's wake-ups and holds the session advisory locks of the jobs this
+node leads (`lead`). Every call is bounded by `timeout` (--db-timeout); a failure of the
+database (unreachable, restarting, out of connections, too slow) is `StorageUnavailable`
+(503) and begins an outage (`unavailable()`, one log line at its start and one at its end,
+a background write probe); anything else is a bug and raised as is.
+
+Writes go through the group-commit writer (`writer.GroupWriter`), for which this store is
+the `BatchCommitter`. A batch is one transaction that first locks the one row of
+`seq_counter`: writers of every node are serialized by that lock, held until COMMIT, so
+seq follows commit order and every statement after the lock sees every earlier commit
+(the rules' reads, `model.apply_op` over `_Txn`, are race-free). The batch's tasks are read
+in one statement, its rows written in one more (arrays of table rows, unnested), together
+with one `feed` row per seq and a NOTIFY carrying the last seq.
+
+The feed is how changes reach every node's sockets: after a commit, or on a NOTIFY (only a
+wake-up, never the data), on start, after the listening connection comes back and every
+second, a node reads the feed after the last seq it delivered (`last_seq`) and hands the
+changes to `on_publish` in seq order. seqs are contiguous, and rows of a later seq are
+never visible before those of an earlier one, so a node never skips a change; a lost
+notification only delays it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import re
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from . import jsonutil
+from .errors import StorageUnavailable
+from .model import (
+    ACTIVE,
+    Change,
+    Delete,
+    Kind,
+    Operation,
+    Outcome,
+    Register,
+    Task,
+    apply_op,
+    utc_now,
+)
+from .store import (
+    PAGE_BYTES,
+    PAGE_ROWS,
+    CommitListener,
+    PublishListener,
+    Snapshot,
+    StoreRefused,
+)
+from .writer import GroupWriter
+
+log = logging.getLogger(__name__)
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.postgres.sql"
+SCHEMA_VERSION = 1
+DB_TIMEOUT = 5.0
+NODE_TIMEOUT = 30.0
+CHANNEL = "taskpush"
+POOL_SIZE = 10
+FEED_PAGE = 1000  # feed rows read (and handed to on_publish) at once
+CATCH_UP_EVERY = 1.0  # seconds: a node reads the feed this often even without a NOTIFY
+FEED_RETENTION_S = 3600  # feed rows older than this are purged by the sweep leader
+PROBE_INTERVAL = 0.5  # seconds between write probes while the database is unavailable
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0  # the listening connection's backoff
+RETRY_PAUSE = 0.1  # seconds before a batch that lost its connection is tried again
+PAGE_LIMIT = 1000  # task rows one page read fetches at most
+PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
+_SCHEMA_LOCK = 0x7461736B70757368  # 'taskpush': the advisory lock around schema creation
+_ACTIVE_SQL = "('pending', 'running', 'progress')"
+_TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
+_TASK_COLUMNS = (
+    "task_id, user_id, task_type, status, progress, message, step, result, error, "
+    "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
+)
+
+# The one write statement of a batch: rows passed as arrays of the tables' own row types.
+_WRITE_SQL = """
+WITH ev AS (
+    INSERT INTO events SELECT * FROM unnest($1::events[])
+), ins AS (
+    INSERT INTO tasks SELECT * FROM unnest($2::tasks[])
+), upd AS (
+    UPDATE tasks t SET status = u.status, progress = u.progress, message = u.message,
+        step = u.step, result = u.result, error = u.error, error_type = u.error_type,
+        cancel_requested = u.cancel_requested, updated_at = u.updated_at, seq = u.seq
+    FROM unnest($3::tasks[]) u WHERE t.task_id = u.task_id
+), tomb AS (
+    INSERT INTO tombstones SELECT * FROM unnest($4::tombstones[])
+), fd AS (
+    INSERT INTO feed (seq, kind, task) SELECT f.seq, f.kind, f.task FROM unnest($5::feed[]) f
+), counter AS (
+    UPDATE seq_counter SET seq = $6::bigint WHERE id = 1
+)
+SELECT {notify}
+"""
+_WRITE_NOTIFY = _WRITE_SQL.format(notify=f"pg_notify('{CHANNEL}', $6::bigint::text)")
+_WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint")
+
+# ---- text the database cannot hold -------------------------------------------------------
+# PostgreSQL text cannot hold U+0000, which a message may carry: stored escaped (U+FFFF as
+# the escape), restored on read. Other text is stored verbatim.
+_ESC = "\uffff"
+_UNESCAPE = re.compile("\uffff([01])")
+
+
+def _put(text: str | None) -> str | None:
+    if text is None or ("\x00" not in text and _ESC not in text):
+        return text
+    return text.replace(_ESC, _ESC + "1").replace("\x00", _ESC + "0")
+
+
+def _get(text: str | None) -> str | None:
+    if text is None or _ESC not in text:
+        return text
+    return _UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else _ESC, text)
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else jsonutil.dumps(value)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else jsonutil.loads(text)
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def _row_to_task(row: Any) -> Task:
+    (task_id, user_id, task_type, status, progress, message, step, result, error, error_type,
+     metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq) = row
+    return {
+        "task_id": task_id,
+        "user_id": user_id,
+        "task_type": task_type,
+        "status": status,
+        "progress": _number(progress),
+        "message": _get(message),
+        "step": _get(step),
+        "result": _loads(result),
+        "error": _get(error),
+        "error_type": _get(error_type),
+        "metadata": _loads(metadata),
+        "created_at": created_at,
+        "updated_at": updated_at,
+        "seq": seq,
+        "cancel_requested": bool(cancel_requested),
+        "origin": origin,
+        "created_seq": created_seq,
+    }
+
+
+def _row_bytes(row: Any) -> int:
+    """About what a task row weighs once serialized (its text fields dominate)."""
+    return 200 + sum(len(v) for v in row[4:11] if isinstance(v, str))
+
+
+def _task_row(task: Task, node: str | None) -> tuple[Any, ...]:
+    """A `tasks` row (the table's column order) for a task."""
+    return (task["task_id"], task["user_id"], task["task_type"], task["status"],
+            float(task["progress"]), _put(task["message"]), _put(task["step"]),
+            _dumps(task["result"]), _put(task["error"]), _put(task["error_type"]),
+            _dumps(task["metadata"]), task["origin"], node, bool(task["cancel_requested"]),
+            task["created_at"], task["updated_at"], task["created_seq"], task["seq"])
+
+
+# ---- failures -----------------------------------------------------------------------------
+
+_LOST = "connection to the database lost"
+_UNREACHABLE = "database server unreachable"
+_SLOW = "the database does not answer in time"
+_STARTING = "database server is starting up or shutting down"
+_FULL = "too many connections to the database"
+_RESOURCES = "database server out of resources (disk or memory)"
+_READ_ONLY = "database is read-only (a standby?)"
+_AUTH = "the database refuses our credentials"
+# a batch that failed for one of these before COMMIT was sent never reached the database:
+# a caller with time left is tried again (the server may be back within it)
+_RETRYABLE = frozenset({_LOST, _UNREACHABLE, _STARTING, _FULL})
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    """Why the database cannot serve us, if `exc` says it cannot (not a bug); else None."""
+    if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+        return _SLOW
+    if isinstance(exc, asyncpg.PostgresConnectionError):  # SQLSTATE class 08
+        return _LOST
+    if isinstance(exc, asyncpg.InterfaceError):
+        text = str(exc)
+        return _LOST if "closed" in text or "closing" in text else None
+    if isinstance(exc, asyncpg.CannotConnectNowError | asyncpg.AdminShutdownError
+                  | asyncpg.CrashShutdownError):
+        return _STARTING
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return _FULL
+    if isinstance(exc, asyncpg.InsufficientResourcesError):
+        return _RESOURCES
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+        return _READ_ONLY
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError
+                  | asyncpg.InvalidPasswordError):
+        return _AUTH
+    if isinstance(exc, ConnectionError | EOFError):
+        return _LOST
+    if isinstance(exc, OSError):
+        return _UNREACHABLE
+    return None
+
+
+def describe_url(url: str) -> str:
+    """`host:port/database` of a PostgreSQL URL: what a log line may show of it."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+    except ValueError:
+        return "(unparsable URL)"
+    return f"{host}:{port}{parts.path or '/'}"
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock (a signed 64-bit key) of the cluster-wide job `name`."""
+    digest = hashlib.blake2b(f"taskpush:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Pooled connections never LISTEN, SET or hold session locks: nothing to reset (the
+    default reset is one more round trip per use)."""
+
+
+# ---- the transaction's view -----------------------------------------------------------------
+
+
+class _Txn:
+    """One write transaction's state: the `model.TxnView` the rules run over.
+
+    Everything the rules may ask is read before they run (the batch's tasks in one
+    statement, its idempotency keys and its users' active counts in one each); a question
+    about something not read (a generated id that was not foreseen) is a miss: the batch's
+    rules run again once it has been read. Writes are kept as the rows of one statement.
+    """
+
+    __slots__ = ("counts", "events", "feed", "inserted", "keys", "known_keys", "misses",
+                 "node", "overlay", "purged", "stored", "tombstones", "user_delta")
+
+    def __init__(self, stored: dict[str, Task | None], keys: dict[tuple[str, str], int],
+                 counts: dict[int, int], node: str) -> None:
+        self.stored = stored  # task_id -> as committed (None: no such task)
+        self.known_keys = keys
+        self.counts = counts
+        self.node = node
+        self.overlay: dict[str, Task | None] = {}
+        self.keys: dict[tuple[str, str], int] = {}
+        self.events: dict[str, list[tuple[Any, ...]]] = {}
+        self.feed: list[tuple[Any, ...]] = []
+        self.tombstones: list[tuple[Any, ...]] = []
+        self.purged: set[str] = set()  # stored tasks deleted by this batch
+        self.inserted: set[str] = set()  # ids this batch inserts (not stored before)
+        self.user_delta: dict[int, int] = {}
+        self.misses: set[str] = set()
+
+    def load(self, task_id: str) -> Task | None:
+        if task_id in self.overlay:
+            return self.overlay[task_id]
+        if task_id in self.stored:
+            return self.stored[task_id]
+        self.misses.add(task_id)
+        return None
+
+    def applied_with_key(self, task_id: str, key: str) -> int | None:
+        seq = self.keys.get((task_id, key))
+        return seq if seq is not None else self.known_keys.get((task_id, key))
+
+    def active_count(self, user_id: int) -> int:
+        if user_id not in self.counts:
+            self.misses.add(f"\x00user:{user_id}")  # never a task id (they are printable)
+            return 0
+        return self.counts[user_id] + self.user_delta.get(user_id, 0)
+
+    def _moved(self, user_id: int, before: str | None, after: str | None) -> None:
+        delta = (after in ACTIVE) - (before in ACTIVE)
+        if delta:
+            self.user_delta[user_id] = self.user_delta.get(user_id, 0) + delta
+
+    def changed(self, task: Task, now: str, key: str | None) -> None:
+        task_id, seq = task["task_id"], task["seq"]
+        before = self.load(task_id)
+        self._moved(task["user_id"], before["status"] if before else None, task["status"])
+        self.overlay[task_id] = task
+        self.events.setdefault(task_id, []).append((
+            seq, task_id, task["status"], float(task["progress"]), _put(task["message"]),
+            _put(task["step"]), _dumps(task["result"]), _put(task["error"]),
+            _put(task["error_type"]), now, key))
+        self.feed.append((seq, "changed", jsonutil.dumps(task), None))
+        if key is not None:
+            self.keys[(task_id, key)] = seq
+
+    def created(self, task: Task, now: str) -> None:
+        task_id, seq = task["task_id"], task["seq"]
+        self._moved(task["user_id"], None, task["status"])
+        self.overlay[task_id] = task
+        self.inserted.add(task_id)
+        self.events.setdefault(task_id, []).append((
+            seq, task_id, "pending", 0.0, None, None, None, None, None, now, None))
+        self.feed.append((seq, "created", jsonutil.dumps(task), None))
+
+    def deleted(self, task: Task, seq: int, now: str) -> None:
+        task_id = task["task_id"]
+        self._moved(task["user_id"], task["status"], None)
+        self.overlay[task_id] = None
+        self.events.pop(task_id, None)  # the history goes with the task
+        if task_id in self.inserted:
+            self.inserted.discard(task_id)
+        if self.stored.get(task_id) is not None:
+            self.purged.add(task_id)
+        self.tombstones.append((seq, task_id, task["user_id"], now))
+        self.feed.append((seq, "deleted", jsonutil.dumps(task), None))
+
+    def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]],
+                            list[tuple[Any, ...]]]:
+        """(events, tasks to insert, tasks to update)."""
+        events = [row for rows in self.events.values() for row in rows]
+        inserts, updates = [], []
+        for task_id, task in self.overlay.items():
+            if task is None:
+                continue
+            node = self.node if task["origin"] == "inprocess" else None
+            if task_id in self.inserted or task_id in self.purged:
+                inserts.append(_task_row(task, node))
+            else:
+                updates.append(_task_row(task, node))
+        return events, inserts, updates
+
+
+# ---- the store ------------------------------------------------------------------------------
+
+
+class PgStore:
+    """The `store.Store` over a PostgreSQL database shared by the nodes of a cluster; also
+    the writer's `BatchCommitter`."""
+
+    def __init__(self, url: str, *, timeout: float = DB_TIMEOUT, node_name: str | None = None,
+                 node_timeout: float = NODE_TIMEOUT, notify: bool = True,
+                 pool_size: int = POOL_SIZE) -> None:
+        self.url = url
+        self.where = describe_url(url)
+        self.timeout = timeout
+        self.node = node_name or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.node_timeout = node_timeout
+        self.notify = notify  # False only to measure what NOTIFY costs (bench)
+        self.pool_size = pool_size
+        self.epoch = ""
+        self.last_seq = 0  # the highest seq handed to on_publish
+        self.horizon = 0
+        self.on_publish: PublishListener | None = None
+        self.on_commit: CommitListener | None = None
+        self.on_feed_lost: Callable[[], None] | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._listen: asyncpg.Connection | None = None
+        self._listen_lock = asyncio.Lock()  # one statement at a time on that connection
+        self._listen_lost = asyncio.Event()
+        self._leads: set[str] = set()
+        self._feed_lock = asyncio.Lock()
+        self._catching_up: asyncio.Task[None] | None = None
+        self._catch_up_again = False
+        self._writer: GroupWriter | None = None
+        self._batch = (0, 0)  # (seq before, last seq) of the batch just committed
+        self._background: list[asyncio.Task[None]] = []
+        self._outage: str | None = None
+        self._outage_since = 0.0
+        self._outage_refused = 0
+        self._closing = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def open(self, *, exclusive: bool = True) -> None:
+        """Connect, apply the schema (under an advisory lock: nodes may start together),
+        read the shared settings, LISTEN, and start the writer and the feed. `exclusive`
+        does not apply: a shared database is the point."""
+        try:
+            self._pool = await asyncio.wait_for(self._create_pool(), self.timeout)
+            async with self._pool.acquire() as conn:
+                await asyncio.wait_for(self._apply_schema(conn), self.timeout * 4)
+            await self._connect_listener()
+            await self._heartbeat()
+        except StoreRefused:
+            await self.close()
+            raise
+        except StorageUnavailable as exc:
+            await self.close()
+            raise StoreRefused(f"cannot open PostgreSQL database {self.where}:"
+                               f" {exc.message}") from None
+        except Exception as exc:
+            await self.close()
+            reason = unavailable_reason(exc)
+            if reason is None and isinstance(exc, asyncpg.PostgresError):
+                reason = f"{type(exc).__name__}: {exc}"  # the server's words, no URL in them
+            if reason is None and isinstance(exc, ValueError):
+                reason = "invalid PostgreSQL URL"
+            if reason is None:
+                raise
+            raise StoreRefused(f"cannot open PostgreSQL database {self.where}: {reason}"
+                               ) from None
+        self._writer = GroupWriter(self, self.timeout)
+        self._writer.start()
+        loop = asyncio.get_running_loop()
+        self._background = [
+            loop.create_task(self._keep_listening(), name="taskpush-pg-listener"),
+            loop.create_task(self._tick(), name="taskpush-pg-feed"),
+        ]
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            self.url, min_size=1, max_size=self.pool_size, timeout=self.timeout,
+            command_timeout=self.timeout, reset=_no_reset,
+            server_settings={"application_name": f"taskpush {self.node}"[:63],
+                             "jit": "off"})
+
+    async def _apply_schema(self, conn: asyncpg.Connection) -> None:
+        schema = SCHEMA_PATH.read_text(encoding="utf-8")
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+            exists = await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL")
+            if exists:
+                version = await conn.fetchval(
+                    "SELECT value FROM settings WHERE key = 'schema_version'")
+                if version is not None and int(version) > SCHEMA_VERSION:
+                    raise StoreRefused(
+                        f"PostgreSQL database {self.where} has schema version {version},"
+                        f" newer than this taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
+            await conn.execute(schema)
+            await conn.execute("INSERT INTO settings VALUES ('epoch', $1)"
+                               " ON CONFLICT (key) DO NOTHING", uuid.uuid4().hex)
+            settings = dict(await conn.fetch("SELECT key, value FROM settings"
+                                             " WHERE key IN ('epoch', 'horizon')"))
+            self.epoch = settings["epoch"]
+            self.horizon = int(settings.get("horizon", 0))
+            # a new node needs no history: it delivers what commits from now on
+            self.last_seq = int(await conn.fetchval("SELECT seq FROM seq_counter WHERE id = 1"))
+
+    async def close(self) -> None:
+        """Finish queued writes, stop the feed, disconnect."""
+        self._closing = True
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+        tasks = [*self._background]
+        if self._catching_up is not None:
+            tasks.append(self._catching_up)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._background = []
+        listen, self._listen = self._listen, None
+        if listen is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listen.close(), 1.0)
+            listen.terminate()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self.timeout)
+            except Exception:
+                pool.terminate()
+
+    # ---- calls, failures and outages ---------------------------------------------------
+
+    @property
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self.timeout))
+
+    async def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """`fn(connection, *args)` on a pooled connection, bounded by the timeout; a
+        failure of the database raises StorageUnavailable (and begins an outage)."""
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("store is not open")
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with pool.acquire(timeout=self.timeout) as conn:
+                    return await fn(conn, *args)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            reason = unavailable_reason(exc)
+            if reason is None:
+                raise
+            raise self._outage_began(reason) from exc
+
+    def _outage_began(self, reason: str) -> StorageUnavailable:
+        if self._outage is None:
+            log.warning("storage unavailable: %s (%s); writes answer 503 until it recovers",
+                        reason, self.where)
+            self._outage_since = time.monotonic()
+            self._outage_refused = self._refused_so_far()
+        self._outage = reason
+        exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
+        exc.retry_until_deadline = reason in _RETRYABLE
+        return exc
+
+    def _refused_so_far(self) -> int:
+        return 0 if self._writer is None else self._writer.refused
+
+    def _recovered(self) -> None:
+        if self._outage is not None:
+            log.warning("storage available again after %.1f s (%d write(s) refused meanwhile)",
+                        time.monotonic() - self._outage_since,
+                        self._refused_so_far() - self._outage_refused)
+            self._outage = None
+
+    def unavailable(self) -> str | None:
+        """Why writes are refused now ("storage unavailable: ..."), or None; never waits."""
+        return None if self._outage is None else f"storage unavailable: {self._outage}"
+
+    async def ping(self) -> bool:
+        async def check(conn: asyncpg.Connection) -> bool:
+            return await conn.fetchval("SELECT 1") == 1
+
+        return bool(await self._run(check))
+
+    # ---- background: heartbeat, probe, timer catch-up ------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """This node's row in `nodes`, seen now (the database's clock: no skew)."""
+        async def beat(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO nodes (name) VALUES ($1) ON CONFLICT (name)"
+                " DO UPDATE SET seen_at = now()", self.node)
+
+        await self._run(beat)
+
+    async def _tick(self) -> None:
+        """Every second a catch-up (a lost NOTIFY only delays a change); a heartbeat every
+        third of --node-timeout; while the database is unavailable, a write probe (the
+        heartbeat) every PROBE_INTERVAL, which ends the outage when it commits."""
+        loop = asyncio.get_running_loop()
+        beat_every = self.node_timeout / 3
+        next_beat = loop.time() + beat_every
+        next_catch_up = loop.time() + CATCH_UP_EVERY
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL if self._outage is not None
+                                else min(CATCH_UP_EVERY, beat_every))
+            now = loop.time()
+            if self._outage is not None or now >= next_beat:
+                was_out = self._outage is not None
+                try:
+                    await self._heartbeat()
+                except StorageUnavailable:
+                    pass
+                except Exception:
+                    log.exception("node heartbeat failed")
+                else:
+                    self._recovered()
+                    next_beat = now + beat_every
+                    if was_out:
+                        next_catch_up = now  # back: deliver what committed meanwhile
+            if now >= next_catch_up:
+                next_catch_up = now + CATCH_UP_EVERY
+                self._request_catch_up()
+
+    # ---- the listening connection --------------------------------------------------------
+
+    async def _connect_listener(self) -> None:
+        conn = await asyncpg.connect(
+            self.url, timeout=self.timeout, command_timeout=self.timeout,
+            server_settings={"application_name": f"taskpush {self.node} listen"[:63]})
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(self._listener_closed)
+        self._leads.clear()  # session locks died with the previous connection
+        self._listen = conn
+        self._listen_lost.clear()
+
+    def _listener_closed(self, conn: asyncpg.Connection) -> None:
+        if conn is self._listen:
+            self._leads.clear()
+            self._listen_lost.set()
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            seq = int(payload)
+        except ValueError:
+            seq = self.last_seq + 1
+        if seq > self.last_seq:
+            self._request_catch_up()
+
+    async def _keep_listening(self) -> None:
+        """Re-establish the listening connection when it is lost (backoff), then catch up:
+        what committed meanwhile was not announced to us."""
+        delay = RECONNECT_MIN
+        while True:
+            await self._listen_lost.wait()
+            old, self._listen = self._listen, None
+            if old is not None:
+                old.terminate()
+            while True:
+                try:
+                    await self._connect_listener()
+                except Exception as exc:
+                    if unavailable_reason(exc) is None:
+                        log.exception("cannot re-establish the listening connection")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                delay = RECONNECT_MIN
+                break
+            self._request_catch_up()
+
+    def _drop_listener(self) -> None:
+        """The listening connection did not answer: replace it."""
+        conn = self._listen
+        if conn is not None:
+            self._leads.clear()
+            self._listen_lost.set()
+
+    async def lead(self, name: str) -> bool:
+        """Whether this node runs the cluster-wide job `name` now: it holds the job's
+        session advisory lock on the listening connection (held while that connection
+        lives; another node takes it over when this node dies)."""
+        conn = self._listen
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            async with asyncio.timeout(self.timeout), self._listen_lock:
+                if name in self._leads:
+                    await conn.fetchval("SELECT 1")  # still alive, so still holding it
+                    return True
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(name)):
+                    self._leads.add(name)
+                    return True
+                return False
+        except Exception as exc:
+            if unavailable_reason(exc) is None:
+                raise
+            self._drop_listener()
+            return False
+
+    # ---- the feed -------------------------------------------------------------------------
+
+    def _request_catch_up(self) -> None:
+        if self._closing or self._pool is None:
+            return
+        if self._catching_up is not None:
+            self._catch_up_again = True
+            return
+        self._catching_up = asyncio.get_running_loop().create_task(
+            self._catch_up_loop(), name="taskpush-pg-catch-up")
+
+    async def _catch_up_loop(self) -> None:
+        try:
+            again = True
+            while again:
+                self._catch_up_again = False
+                try:
+                    async with self._feed_lock:
+                        await self._catch_up_locked()
+                except StorageUnavailable:
+                    return  # the outage is logged; the timer tries again
+                except Exception:
+                    log.exception("reading the cluster feed failed")
+                    return
+                again = self._catch_up_again
+        finally:
+            self._catching_up = None
+
+    async def _catch_up_locked(self, upto: int | None = None) -> None:
+        """Hand every committed change after `last_seq` (up to `upto`) to on_publish, in
+        seq order, by pages. Called with the feed lock held."""
+        while upto is None or self.last_seq < upto:
+            after = self.last_seq
+            rows = await self._run(self._read_feed, after, upto)
+            if not rows:
+                return
+            first = rows[0][0]
+            if first != after + 1 or rows[-1][0] != first + len(rows) - 1:
+                self._feed_lost(after, rows)
+            outcomes = [_feed_outcome(seq, kind, task) for seq, kind, task in rows]
+            self.last_seq = rows[-1][0]
+            self._hand_over(outcomes, False)
+
+    @staticmethod
+    async def _read_feed(conn: asyncpg.Connection, after: int, upto: int | None
+                         ) -> list[Any]:
+        if upto is None:
+            return await conn.fetch("SELECT seq, kind, task FROM feed WHERE seq > $1"
+                                    " ORDER BY seq LIMIT $2", after, FEED_PAGE)
+        return await conn.fetch("SELECT seq, kind, task FROM feed WHERE seq > $1"
+                                " AND seq <= $2 ORDER BY seq LIMIT $3", after, upto, FEED_PAGE)
+
+    def _feed_lost(self, after: int, rows: list[Any]) -> None:
+        """The feed no longer holds changes this node has not delivered (it was away for
+        longer than the feed is kept): its sockets must resume from the database."""
+        log.error("cluster feed: changes after seq %d are no longer kept (next kept: %d);"
+                  " sockets are closed so that clients resume", after, rows[0][0])
+        if self.on_feed_lost is not None:
+            try:
+                self.on_feed_lost()
+            except Exception:
+                log.exception("feed-lost listener failed")
+
+    def _hand_over(self, outcomes: list[Outcome], local: bool) -> None:
+        if self.on_publish is not None and outcomes:
+            try:
+                self.on_publish(outcomes, local)
+            except Exception:
+                log.exception("publish listener failed")
+
+    def published(self, outcomes: list[Outcome], seconds: float
+                  ) -> Awaitable[None] | None:
+        """After this node's commit: its changes go to on_publish after every earlier seq
+        (committed by another node, not yet delivered here), then on_commit."""
+        prev, last = self._batch
+        if prev == self.last_seq and not self._feed_lock.locked():
+            self._publish_local(outcomes, last)
+            self._committed(outcomes, seconds)
+            return None
+        return self._published_in_order(outcomes, seconds, prev, last)
+
+    async def _published_in_order(self, outcomes: list[Outcome], seconds: float, prev: int,
+                                  last: int) -> None:
+        async with self._feed_lock:
+            try:
+                if prev > self.last_seq:
+                    await self._catch_up_locked(upto=prev)
+            except StorageUnavailable:
+                pass  # this batch waits for the gap: a catch-up delivers both, in order
+            else:
+                self._publish_local(outcomes, last)
+        self._committed(outcomes, seconds)
+
+    def _publish_local(self, outcomes: list[Outcome], last: int) -> None:
+        delivered = self.last_seq
+        if last <= delivered:  # a catch-up got there first (or nothing was committed)
+            return
+        if any(o.seq is not None and o.news and o.seq <= delivered for o in outcomes):
+            outcomes = [o for o in outcomes if not (o.news and o.seq is not None
+                                                    and o.seq <= delivered)]
+        self.last_seq = last
+        self._hand_over(outcomes, True)
+
+    def _committed(self, outcomes: list[Outcome], seconds: float) -> None:
+        if self.on_commit is not None:
+            try:
+                self.on_commit(outcomes, seconds)
+            except Exception:
+                log.exception("commit listener failed")
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    async def submit(self, op: Operation) -> Outcome:
+        """Apply one operation durably; returns after its transaction has committed."""
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return await self._writer.submit(op)
+
+    async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]:
+        """Apply operations, each on its own, all committed before this returns."""
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return await self._writer.submit_many(ops)
+
+    async def commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
+        """Apply and commit one batch in one transaction (the writer's `BatchCommitter`)."""
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("store is not open")
+        loop = asyncio.get_running_loop()
+        committing = False
+        try:
+            async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
+                async with pool.acquire(timeout=self.timeout) as conn:
+                    txn = conn.transaction()
+                    await txn.start()
+                    try:
+                        prev = int(await conn.fetchval(
+                            "SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE"))
+                        outcomes, last, view = await self._apply(conn, ops, prev)
+                        if last > prev:
+                            await self._write(conn, view, last)
+                            committing = True
+                            await txn.commit()
+                        else:  # nothing to write: let the counter go at once
+                            await txn.rollback()
+                    except BaseException:
+                        if not committing and not conn.is_closed():
+                            with contextlib.suppress(Exception):
+                                await txn.rollback()
+                        raise
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            reason = unavailable_reason(exc)
+            if reason is None:
+                raise
+            error = self._outage_began(reason)
+            if committing:  # it may have committed: never apply it twice
+                error.retry_until_deadline = False
+            elif error.retry_until_deadline:
+                await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
+            raise error from exc
+        self._recovered()
+        self._batch = (prev, last)
+        return outcomes
+
+    async def _apply(self, conn: asyncpg.Connection, ops: list[Operation], prev: int
+                     ) -> tuple[list[Outcome], int, _Txn]:
+        """Read what the rules need, then run them (again, if they asked for more)."""
+        ids: set[str] = set()
+        keys: list[tuple[str, str]] = []
+        users: set[int] = set()
+        predicted: set[str] = set()
+        for index, op in enumerate(ops):
+            if isinstance(op, Register):
+                if op.task_id is not None:
+                    ids.add(op.task_id)
+                elif len(predicted) < PREDICT_IDS:  # the id it would get: type_seq
+                    predicted.update(f"{op.task_type}_{s}"
+                                     for s in range(prev + 1, prev + index + 2))
+                if op.max_active is not None:
+                    users.add(op.user_id)
+            else:
+                ids.add(op.task_id)
+                if isinstance(op, Change) and op.idem_key is not None:
+                    keys.append((op.task_id, op.idem_key))
+        stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
+        known_keys: dict[tuple[str, str], int] = {}
+        counts: dict[int, int] = {}
+        await self._load(conn, list(ids | predicted), stored)
+        if keys:
+            for task_id, key, seq in await conn.fetch(
+                    "SELECT e.task_id, e.idem_key, e.seq FROM events e JOIN"
+                    " unnest($1::text[], $2::text[]) k(task_id, idem_key)"
+                    " ON e.task_id = k.task_id AND e.idem_key = k.idem_key",
+                    [k[0] for k in keys], [k[1] for k in keys]):
+                known_keys[(task_id, key)] = seq
+        if users:
+            await self._count(conn, users, counts)
+        while True:
+            view = _Txn(stored, known_keys, counts, self.node)
+            now = utc_now()
+            seq = prev
+            outcomes: list[Outcome] = []
+            for op in ops:
+                outcome, seq = apply_op(view, op, seq, now)
+                outcomes.append(outcome)
+            if not view.misses:
+                return outcomes, seq, view
+            missed_users = {int(m[6:]) for m in view.misses if m.startswith("\x00user:")}
+            missed_ids = [m for m in view.misses if not m.startswith("\x00user:")]
+            stored.update(dict.fromkeys(missed_ids))
+            await self._load(conn, missed_ids, stored)
+            if missed_users:
+                await self._count(conn, missed_users, counts)
+
+    @staticmethod
+    async def _load(conn: asyncpg.Connection, ids: list[str],
+                    stored: dict[str, Task | None]) -> None:
+        if ids:
+            for row in await conn.fetch(f"SELECT {_TASK_COLUMNS} FROM tasks"
+                                        " WHERE task_id = ANY($1::text[])", ids):
+                stored[row[0]] = _row_to_task(row)
+
+    @staticmethod
+    async def _count(conn: asyncpg.Connection, users: Iterable[int],
+                     counts: dict[int, int]) -> None:
+        wanted = list(users)
+        counts.update(dict.fromkeys(wanted, 0))
+        for user_id, count in await conn.fetch(
+                f"SELECT user_id, count(*) FROM tasks WHERE user_id = ANY($1::bigint[])"
+                f" AND status IN {_ACTIVE_SQL} GROUP BY user_id", wanted):
+            counts[user_id] = count
+
+    async def _write(self, conn: asyncpg.Connection, view: _Txn, last: int) -> None:
+        if view.purged:  # deleted tasks (and their history) go before any row is written
+            purged = list(view.purged)
+            await conn.execute("DELETE FROM events WHERE task_id = ANY($1::text[])", purged)
+            await conn.execute("DELETE FROM tasks WHERE task_id = ANY($1::text[])", purged)
+        events, inserts, updates = view.rows()
+        await conn.fetchval(_WRITE_NOTIFY if self.notify else _WRITE_QUIET, events, inserts,
+                            updates, view.tombstones, view.feed, last)
+
+    # ---- settings ---------------------------------------------------------------------------
+
+    async def demo_secret(self) -> str:
+        """The generated demo-mode secret, created once for the whole cluster."""
+        async def get_or_create(conn: asyncpg.Connection) -> str:
+            await conn.execute("INSERT INTO settings VALUES ('demo_secret', $1)"
+                               " ON CONFLICT (key) DO NOTHING", secrets.token_urlsafe(32))
+            return str(await conn.fetchval(
+                "SELECT value FROM settings WHERE key = 'demo_secret'"))
+
+        return str(await self._run(get_or_create))
+
+    # ---- nodes -------------------------------------------------------------------------------
+
+    async def gone_nodes_tasks(self) -> list[Task]:
+        """Active in-process tasks of nodes not seen for --node-timeout (or with no row at
+        all). Rows of gone nodes left with no such task are forgotten first."""
+        async def read(conn: asyncpg.Connection) -> list[Task]:
+            await conn.execute(
+                "DELETE FROM nodes n WHERE n.name <> $1"
+                " AND n.seen_at < now() - make_interval(secs => $2)"
+                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.node = n.name"
+                f" AND t.origin = 'inprocess' AND t.status IN {_ACTIVE_SQL})",
+                self.node, self.node_timeout)
+            rows = await conn.fetch(
+                f"SELECT {_TASK_COLUMNS} FROM tasks t WHERE t.origin = 'inprocess'"
+                f" AND t.status IN {_ACTIVE_SQL} AND t.node IS DISTINCT FROM $1"
+                " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.name = t.node"
+                " AND n.seen_at >= now() - make_interval(secs => $2))"
+                " LIMIT 1000", self.node, self.node_timeout)
+            return [_row_to_task(row) for row in rows]
+
+        return list(await self._run(read))
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    async def _rows(self, sql: str, *params: Any) -> list[Task]:
+        async def read(conn: asyncpg.Connection) -> list[Task]:
+            return [_row_to_task(row) for row in await conn.fetch(sql, *params)]
+
+        return list(await self._run(read))
+
+    async def get_task(self, task_id: str) -> Task | None:
+        rows = await self._rows(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = $1",
+                                task_id)
+        return rows[0] if rows else None
+
+    async def list_tasks(
+        self, user_id: int, *, status: str | None, limit: int, before: int | None
+    ) -> list[Task]:
+        """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1"
+        params: list[Any] = [user_id]
+        if status is not None:
+            params.append(status)
+            sql += f" AND status = ${len(params)}"
+        if before is not None:
+            params.append(before)
+            sql += f" AND created_seq < ${len(params)}"
+        params.append(limit)
+        sql += f" ORDER BY created_seq DESC LIMIT ${len(params)}"
+        return await self._rows(sql, *params)
+
+    async def changed_since(self, user_id: int, since: int, limit: int) -> list[Task]:
+        """A user's tasks whose latest change is after `since`, in seq order."""
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
+            " ORDER BY seq LIMIT $3", user_id, since, limit)
+
+    async def snapshot(self, user_id: int, since: int | None) -> Snapshot:
+        """Active tasks and (with `since`) every change after it, all pages at once: for
+        tools and tests. Sockets read page by page."""
+        seq = self.last_seq
+        active: list[Task] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await self.active_page(user_id, after, PAGE_BYTES)
+            active.extend(page)
+        if since is None:
+            return Snapshot(seq, active, None)
+        changes: list[Task | tuple[str, int]] = []
+        cursor: int | None = since
+        while cursor is not None:
+            got = await self.changes_page(user_id, cursor, seq, PAGE_BYTES)
+            if got is None:
+                return Snapshot(seq, active, None)
+            items, cursor = got
+            changes.extend(items)
+        return Snapshot(seq, active, changes)
+
+    @staticmethod
+    def _fill(rows: Iterable[Any], max_bytes: int) -> list[Any]:
+        """Rows until about `max_bytes` are taken (at least one row)."""
+        taken: list[Any] = []
+        total = 0
+        for row in rows:
+            taken.append(row)
+            total += _row_bytes(row)
+            if total >= max_bytes:
+                break
+        return taken
+
+    async def active_page(self, user_id: int, after: int, max_bytes: int
+                          ) -> tuple[list[Task], int | None]:
+        """The user's active tasks with created_seq above `after`, in created_seq order, as
+        many as fit in about `max_bytes` (at least one); the cursor for the next page, None
+        at the end."""
+        async def read(conn: asyncpg.Connection) -> list[Any]:
+            return await conn.fetch(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1"
+                f" AND status IN {_ACTIVE_SQL} AND created_seq > $2 ORDER BY created_seq"
+                " LIMIT $3", user_id, after, PAGE_LIMIT + 1)
+
+        rows = await self._run(read)
+        taken = self._fill(rows, max_bytes)
+        more = len(rows) > len(taken)
+        tasks = [_row_to_task(row) for row in taken]
+        return tasks, (tasks[-1]["created_seq"] if more else None)
+
+    async def changes_page(self, user_id: int, after: int, upto: int, max_bytes: int
+                           ) -> tuple[list[Task | tuple[str, int]], int | None] | None:
+        """The user's tasks and tombstones with seq in (after, upto], in seq order, about
+        `max_bytes` of them; the cursor for the next page (None at the end). None if the
+        history after `after` is no longer kept (resync): the horizon is read in the same
+        snapshot as the rows, since another node's sweep may move it."""
+        async def read(conn: asyncpg.Connection) -> Any:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                horizon = int(await conn.fetchval(
+                    "SELECT coalesce((SELECT value FROM settings WHERE key = 'horizon'), '0')"))
+                self.horizon = max(self.horizon, horizon)
+                if after < horizon:
+                    return None
+                rows = await conn.fetch(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
+                    " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after, upto,
+                    PAGE_LIMIT + 1)
+                taken = self._fill(rows, max_bytes)
+                more = len(rows) > len(taken)
+                top = taken[-1][-1] if more else upto
+                deleted = await conn.fetch(
+                    "SELECT task_id, seq FROM tombstones WHERE user_id = $1 AND seq > $2"
+                    " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after, top, PAGE_ROWS)
+                return taken, more, top, deleted
+
+        got = await self._run(read)
+        if got is None:
+            return None
+        rows, more, top, deleted = got
+        if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
+            top = deleted[-1][1]
+            rows = [row for row in rows if row[-1] <= top]
+            more = True
+        changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
+        if deleted:
+            changed.extend((row[0], row[1]) for row in deleted)
+            changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
+        return changed, (top if more else None)
+
+    async def history_page(self, task_id: str, after: int, limit: int
+                           ) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
+        and the seq to continue after, None when there are no more."""
+        async def read(conn: asyncpg.Connection) -> list[Any]:
+            return await conn.fetch(
+                "SELECT seq, status, progress, message, step, error, error_type, timestamp"
+                " FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                task_id, after, limit + 1)
+
+        rows = await self._run(read)
+        events = [{"seq": seq, "status": status, "progress": progress, "message": _get(message),
+                   "step": _get(step), "error": _get(error), "error_type": _get(error_type),
+                   "timestamp": timestamp}
+                  for seq, status, progress, message, step, error, error_type, timestamp
+                  in rows[:limit]]
+        return events, (events[-1]["seq"] if len(rows) > limit else None)
+
+    async def history(self, task_id: str) -> list[dict[str, Any]]:
+        """Every recorded change of a task (all pages: for tools and tests)."""
+        events: list[dict[str, Any]] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await self.history_page(task_id, after, 1000)
+            events.extend(page)
+        return events
+
+    async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
+        """Active tasks whose last change is older than the given time (stale candidates)."""
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+            " AND updated_at < $1 ORDER BY updated_at LIMIT $2", updated_before, limit)
+
+    async def active_by_origin(self, origin: str) -> list[Task]:
+        """Active tasks of this origin; "inprocess": only this node's."""
+        if origin == "inprocess":
+            return await self._rows(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+                " AND origin = 'inprocess' AND node = $1", self.node)
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+            " AND origin = $1", origin)
+
+    async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]:
+        return await self._rows(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_TERMINAL_SQL}"
+            " AND updated_at < $1 ORDER BY updated_at LIMIT $2", updated_before, limit)
+
+    async def purge_tombstones(self, deleted_before: str) -> int:
+        """Forget old tombstones (a `since` older than the newest forgotten one must
+        resync) and feed rows older than the feed's retention. Run by the sweep leader."""
+        async def purge(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                await conn.execute(
+                    "DELETE FROM feed WHERE committed_at < now() - make_interval(secs => $1)",
+                    float(FEED_RETENTION_S))
+                top = await conn.fetchval(
+                    "SELECT max(seq) FROM tombstones WHERE deleted_at < $1", deleted_before)
+                if top is None:
+                    return 0
+                status = await conn.execute("DELETE FROM tombstones WHERE seq <= $1", top)
+                await conn.execute(
+                    "INSERT INTO settings VALUES ('horizon', $1) ON CONFLICT (key) DO UPDATE"
+                    " SET value = greatest(settings.value::bigint,"
+                    " excluded.value::bigint)::text", str(top))
+            self.horizon = max(self.horizon, int(top))
+            return int(status.split()[-1])
+
+        return int(await self._run(purge))
+
+
+# ---- changes read from the feed -----------------------------------------------------------
+
+_KINDS = {"created": Kind.CREATED, "changed": Kind.CHANGED, "deleted": Kind.DELETED}
+
+
+def _feed_outcome(seq: int, kind: str, text: str) -> Outcome:
+    """A change another node committed, as the outcome its own node handed over."""
+    task = jsonutil.loads(text)
+    task_id = task["task_id"]
+    op: Operation
+    if kind == "deleted":
+        op = Delete(task_id)
+    elif kind == "created":
+        op = Register(task_id, task["user_id"], task["task_type"], task["metadata"],
+                      origin=task.get("origin", "http"))
+    else:
+        op = Change(task_id, task["status"])
+    return Outcome(op, task=task, kind=_KINDS[kind], seq=seq)
