@@ -164,6 +164,7 @@ async def test_sigterm_of_a_node_ends_its_work_while_the_other_serves(
                             "B pushes B's change")
         assert (await status_of(session, b.url, "http_job", token))["status"] == "completed"
         late = Watcher(session, 1, token)
+        late.resume_from(str(on_b.epoch), 0)  # since=0: the finished tasks too
         await late.connect(b.ws_url)
         await late.wait_for(lambda w: w.has(job, "failed") and w.has("http_job", "completed"),
                             10, "a new socket on B")
