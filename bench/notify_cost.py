@@ -1,0 +1,103 @@
+"""What PostgreSQL's NOTIFY costs at commit: `python -m bench.notify_cost` (~1 minute).
+
+A transaction that ran NOTIFY takes a lock global to the PostgreSQL server while it commits
+(so notifications are queued in commit order), which serializes every notifying commit,
+WAL flush included: commits that could share one flush (group commit) no longer do.
+taskpush's write transaction is serialized anyway (the `seq_counter` row lock gives seq
+in commit order) and notifies once per batch. This measures both shapes on a private
+PostgreSQL server (tests/pg.py, fsync on) with and without `pg_notify`:
+
+  counter   taskpush's shape: lock the counter row, insert a feed row, update the counter
+  separate  each writer inserts into its own table (nothing shared but the NOTIFY lock)
+
+for 1 and 4 concurrent writers (4 nodes' writers), reporting commits/s and p50/p99 commit
+latency. Figures go to docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import asyncpg
+
+from bench.common import ns_to_ms, pct
+
+SETUP = """
+CREATE TABLE IF NOT EXISTS counter (id int PRIMARY KEY, seq bigint NOT NULL);
+INSERT INTO counter VALUES (1, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS feed (seq bigint PRIMARY KEY, task text NOT NULL);
+"""
+
+
+async def writer(url: str, shape: str, notify: bool, k: int, until: float,
+                 lat: list[int]) -> int:
+    conn = await asyncpg.connect(url)
+    table = f"own_{k}"
+    await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (n bigserial, task text)")
+    body = "x" * 300
+    n = 0
+    try:
+        while time.monotonic() < until:
+            t0 = time.monotonic_ns()
+            async with conn.transaction():
+                if shape == "counter":
+                    seq = await conn.fetchval("SELECT seq FROM counter WHERE id = 1 FOR UPDATE")
+                    await conn.execute("INSERT INTO feed VALUES ($1, $2)", seq + 1, body)
+                    await conn.execute("UPDATE counter SET seq = $1 WHERE id = 1", seq + 1)
+                else:
+                    await conn.execute(f"INSERT INTO {table} (task) VALUES ($1)", body)
+                if notify:
+                    await conn.execute("SELECT pg_notify('taskpush', $1)", str(n))
+            lat.append(time.monotonic_ns() - t0)
+            n += 1
+    finally:
+        await conn.close()
+    return n
+
+
+async def measure(url: str, shape: str, notify: bool, writers: int, seconds: float
+                  ) -> dict:
+    lat: list[int] = []
+    until = time.monotonic() + seconds
+    counts = await asyncio.gather(*(writer(url, shape, notify, k, until, lat)
+                                    for k in range(writers)))
+    lat.sort()
+    return {"shape": shape, "notify": notify, "writers": writers,
+            "commits_per_s": round(sum(counts) / seconds), "p50_ms": ns_to_ms(pct(lat, 50)),
+            "p99_ms": ns_to_ms(pct(lat, 99))}
+
+
+async def amain(seconds: float) -> list[dict]:
+    from tests.pg import PostgresServer
+
+    pg = PostgresServer(fsync=True).start()
+    try:
+        url = pg.create_database("notify")
+        conn = await asyncpg.connect(url)
+        await conn.execute(SETUP)
+        await conn.close()
+        out = []
+        for shape in ("counter", "separate"):
+            for writers in (1, 4):
+                for notify in (False, True):
+                    r = await measure(url, shape, notify, writers, seconds)
+                    print(f"{shape:8} writers={writers} notify={notify!s:5} "
+                          f"{r['commits_per_s']:6}/s p50 {r['p50_ms']} ms "
+                          f"p99 {r['p99_ms']} ms", flush=True)
+                    out.append(r)
+        return out
+    finally:
+        pg.cleanup()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.notify_cost",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    asyncio.run(amain(ap.parse_args().seconds))
+
+
+if __name__ == "__main__":
+    main()
