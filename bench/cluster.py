@@ -116,6 +116,13 @@ class System:
     def cpu(self) -> float:
         return sum(n.cpu() for n in self.nodes) + (self.pg.cpu() if self.pg else 0.0)
 
+    def cpu_parts(self) -> dict[str, float]:
+        """CPU seconds so far of each node and of PostgreSQL (where the time goes)."""
+        parts = {f"node{k}": n.cpu() for k, n in enumerate(self.nodes)}
+        if self.pg is not None:
+            parts["postgresql"] = self.pg.cpu()
+        return parts
+
     def alive(self) -> bool:
         return all(n.alive() for n in self.nodes)
 
@@ -227,6 +234,7 @@ async def amain(args: argparse.Namespace) -> int:
     log(f"cluster bench: servers and PostgreSQL pinned to CPUs {env.server_cpus or 'any'}, "
         f"load generator to {env.loadgen_cpus or 'any'}; tmp {env.tmp}")
     res = ClusterResults({}, {}, {})
+    breakdown: dict[str, dict[str, float]] = {}
     errors: list[str] = []
     commands: dict[str, list[list[str]]] = {}
     pgs: list[Any] = []
@@ -258,7 +266,13 @@ async def amain(args: argparse.Namespace) -> int:
             try:
                 await stream.setup(ctx, lanes)
                 if "latency" in which:
+                    before = {s.name: s.cpu_parts() for s in systems}
                     res.latency.update(await latency.run(ctx, lanes))
+                    for system in systems:
+                        now = system.cpu_parts()
+                        breakdown[system.name] = {
+                            k: round(now[k] - v, 2) for k, v in before[system.name].items()}
+                    log(f"  CPU-s per process over the latency phase: {breakdown}")
                 if "rate" in which:
                     res.rate.update(await rate.run(ctx, lanes))
                 for ln in lanes:
@@ -300,6 +314,7 @@ async def amain(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "comparison": rows,
         "figures": figures,
+        "latency_phase_cpu_s": breakdown,
         "results": to_json(res),
         "errors": errors,
     }
@@ -318,6 +333,10 @@ async def amain(args: argparse.Namespace) -> int:
     if res.rate:
         print("\nramp steps")
         print(report.ramp_table(report.Results(rate=res.rate), names))
+    if breakdown:
+        print("\nCPU seconds per process over the latency phase (all tries, idle time "
+              "included): " + "; ".join(f"{k}: " + ", ".join(f"{p} {v}" for p, v in parts.items())
+                                        for k, parts in breakdown.items()))
     if figures:
         print("\nsummary (issue 9)")
         print(summary_table(figures))

@@ -353,3 +353,36 @@ async def _slow_closed(session: aiohttp.ClientSession, node: ServerProcess) -> b
         if line.startswith("taskpush_slow_consumers_closed_total "):
             return float(line.split()[1]) >= 1
     return False
+
+
+def psql_queries(path: Path) -> list[str]:
+    """The SQL of every `psql "$TASKPUSH_DB" -c "..."` line of a document."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        prefix = 'psql "$TASKPUSH_DB" -c "'
+        if line.startswith(prefix) and line.endswith('"'):
+            out.append(line[len(prefix):-1].replace('\\"', '"'))
+    return out
+
+
+async def test_the_documented_psql_queries_run_on_a_cluster_database(
+        servers: Servers, pg: Engine) -> None:
+    from tests.procs import ROOT
+
+    db = pg.database()
+    (a,) = servers.cluster(db, "--api-key", API_KEY, *QUIET, nodes=1)
+    await start(a)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        token = await demo_login(session, a, 1)
+        await start_demo_task(session, a, token)
+        await register(session, a.url, "interview_123")
+        await event(session, a.url, "interview_123", status="failed", error="boom",
+                    error_type="timeout")
+    queries = psql_queries(ROOT / "README.md") + psql_queries(ROOT / "docs" / "cluster.md")
+    assert len(queries) >= 6
+    results = [pg.query(db, sql) for sql in queries]
+    readme_history, running, failures = results[:3]
+    assert [row[2] for row in readme_history] == ["pending", "failed"]
+    assert any(row[-1] == a.name for row in running)  # the in-process task's node
+    assert failures == [("timeout", "1")]
+    assert a.stop() == 0
