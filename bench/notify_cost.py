@@ -1,4 +1,4 @@
-"""What PostgreSQL's NOTIFY costs at commit: `python -m bench.notify_cost` (~1 minute).
+"""What PostgreSQL's NOTIFY costs at commit: `python -m bench.notify_cost` (~2 minutes).
 
 A transaction that ran NOTIFY takes a lock global to the PostgreSQL server while it commits
 (so notifications are queued in commit order), which serializes every notifying commit,
@@ -11,7 +11,8 @@ PostgreSQL server (tests/pg.py, fsync on) with and without `pg_notify`:
   separate  each writer inserts into its own table (nothing shared but the NOTIFY lock)
 
 for 1 and 4 concurrent writers (4 nodes' writers), reporting commits/s and p50/p99 commit
-latency. Figures go to docs/cluster.md.
+latency: the median of `--rounds` runs, with and without NOTIFY alternating, so that a
+burst of other work on a shared machine hits both alike. Figures go to docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -69,7 +70,15 @@ async def measure(url: str, shape: str, notify: bool, writers: int, seconds: flo
             "p99_ms": ns_to_ms(pct(lat, 99))}
 
 
-async def amain(seconds: float) -> list[dict]:
+def median(runs: list[dict]) -> dict:
+    out = dict(runs[0])
+    for key in ("commits_per_s", "p50_ms", "p99_ms"):
+        values = sorted(r[key] for r in runs)
+        out[key] = values[len(values) // 2]
+    return out
+
+
+async def amain(seconds: float, rounds: int) -> list[dict]:
     from tests.pg import PostgresServer
 
     pg = PostgresServer(fsync=True).start()
@@ -81,8 +90,13 @@ async def amain(seconds: float) -> list[dict]:
         out = []
         for shape in ("counter", "separate"):
             for writers in (1, 4):
+                runs: dict[bool, list[dict]] = {False: [], True: []}
+                for _ in range(rounds):
+                    for notify in (False, True):
+                        runs[notify].append(await measure(url, shape, notify, writers,
+                                                          seconds))
                 for notify in (False, True):
-                    r = await measure(url, shape, notify, writers, seconds)
+                    r = median(runs[notify])
                     print(f"{shape:8} writers={writers} notify={notify!s:5} "
                           f"{r['commits_per_s']:6}/s p50 {r['p50_ms']} ms "
                           f"p99 {r['p99_ms']} ms", flush=True)
@@ -95,8 +109,10 @@ async def amain(seconds: float) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.notify_cost",
                                  description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    asyncio.run(amain(ap.parse_args().seconds))
+    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements per figure (median)")
+    args = ap.parse_args()
+    asyncio.run(amain(args.seconds, args.rounds))
 
 
 if __name__ == "__main__":
