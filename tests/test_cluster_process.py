@@ -9,7 +9,10 @@
 - a node killed and never restarted: another node does it after --node-timeout;
 - PostgreSQL restarted under load: sockets stay open, producers see 503 and retry, and
   afterwards every acknowledged change reaches the sockets on both nodes;
-- a slow consumer on node B is closed 4408 and resumes on node A with nothing missing.
+- a slow consumer on node B is closed 4408 and resumes on node A with nothing missing;
+- node B's listening connection killed (pg_terminate_backend) again and again under load:
+  B's socket still gets every change, in order;
+- the psql queries of README and docs/cluster.md run on a cluster's database.
 
 Skipped on a developer machine without PostgreSQL, a failure in CI (tests/conftest.py).
 """
@@ -386,3 +389,50 @@ async def test_the_documented_psql_queries_run_on_a_cluster_database(
     assert any(row[-1] == a.name for row in running)  # the in-process task's node
     assert failures == [("timeout", "1")]
     assert a.stop() == 0
+
+
+async def test_a_nodes_listening_connection_killed_under_load_delivers_everything(
+        servers: Servers, pg: Engine) -> None:
+    """pg_terminate_backend of node B's LISTEN connection while A takes writes: B reconnects
+    it and catches up by seq; its socket gets every change, in order, without a reconnect."""
+    db = pg.database()
+    a, b = servers.cluster(db, *TOKEN_FLAGS, *QUIET)
+    await start(a, b)
+    listen_of_b = f"taskpush {b.name} listen"
+
+    def listener_pids() -> list[str]:
+        sql = ("SELECT pid FROM pg_stat_activity WHERE application_name = "  # noqa: S608 (our name)
+               f"'{listen_of_b}'")
+        return [pid for (pid,) in pg.query(db, sql)]
+
+    token = user_token(1)
+    tasks = [f"lst_{k}" for k in range(3)]
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        for task_id in tasks:
+            await register(session, a.url, task_id)
+        on_b = Watcher(session, 1, token)
+        await on_b.connect(b.ws_url)
+        (before,) = await eventually(listener_pids, 10, "B listens")
+        writers = [Writer(session, [a], t) for t in tasks]
+        running = [asyncio.create_task(w.run()) for w in writers]
+
+        def acked() -> int:
+            return sum(len(w.acked) for w in writers)
+
+        await eventually(lambda: acked() >= 60, 30, "writes under way")
+        for _ in range(3):  # again and again, while A keeps committing
+            assert pg.query(db, f"SELECT pg_terminate_backend({before})") == [("t",)]
+            (before,) = await eventually(
+                lambda old=before: [p for p in listener_pids() if p != old], 20,
+                "B listens again")
+            mark = acked()
+            await eventually(lambda m=mark: acked() >= m + 30, 30, "more writes")
+        for w in writers:
+            w.stop.set()
+        await asyncio.wait_for(asyncio.gather(*running), 30)
+        await on_b.wait_for(lambda w: all(w.has(x.task_id, "completed", x.seq)
+                                          for x in writers), 20, "every final state on B")
+        on_b.assert_increasing()
+        assert on_b.connects == 1 and not on_b.ended.is_set()
+        await on_b.close()
+    assert a.stop() == 0 and b.stop() == 0
