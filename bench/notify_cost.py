@@ -1,18 +1,24 @@
-"""What PostgreSQL's NOTIFY costs at commit: `python -m bench.notify_cost` (~2 minutes).
+"""What PostgreSQL's NOTIFY costs the cluster's commits (issue 9).
 
-A transaction that ran NOTIFY takes a lock global to the PostgreSQL server while it commits
-(so notifications are queued in commit order), which serializes every notifying commit,
-WAL flush included: commits that could share one flush (group commit) no longer do.
-taskpush's write transaction is serialized anyway (the `seq_counter` row lock gives seq
-in commit order) and notifies once per batch. This measures both shapes on a private
-PostgreSQL server (tests/pg.py, fsync on) with and without `pg_notify`:
+    python -m bench.notify_cost [--seconds 3] [--rounds 3] [--fsync]
 
-  counter   taskpush's shape: lock the counter row, insert a feed row, update the counter
-  separate  each writer inserts into its own table (nothing shared but the NOTIFY lock)
+Every write transaction of the PostgreSQL engine ends with `pg_notify('taskpush', seq)`:
+the wake-up the other nodes listen for. NOTIFY takes a global lock on the notification
+queue at commit, so commits that notify are serialized there (ours are serialized by the
+counter row already). This starts a private PostgreSQL server (tests/pg.py), and measures
+commits per second of `server.pg_store.PgStore` with and without the NOTIFY (the
+`notify=False` switch exists for this measure only), in two shapes:
 
-for 1 and 4 concurrent writers (4 nodes' writers), reporting commits/s and p50/p99 commit
-latency: the median of `--rounds` runs, with and without NOTIFY alternating, so that a
-burst of other work on a shared machine hits both alike. Figures go to docs/cluster.md.
+- `serial 1 node`: one writer waiting for each commit (one operation per transaction),
+  one node: NOTIFY's own cost per commit (the node ignores its own wake-ups);
+- `serial 2 nodes`: the same with a second, idle node listening: with NOTIFY it reads the
+  feed on every wake-up (what fan-out costs the database and the machine), without it
+  once a second;
+- `2 nodes x 32`: two nodes, 32 concurrent writers each: group commit on, the shape of a
+  loaded cluster (operations per second).
+
+The two modes are interleaved round by round and the best round counts, so a busy machine
+slows them alike.
 """
 
 from __future__ import annotations
@@ -21,99 +27,92 @@ import argparse
 import asyncio
 import time
 
-import asyncpg
+from server.model import Change, Register
+from server.pg_store import PgStore
+from tests.pg import PostgresServer
 
-from bench.common import ns_to_ms, pct
-
-SETUP = """
-CREATE TABLE IF NOT EXISTS counter (id int PRIMARY KEY, seq bigint NOT NULL);
-INSERT INTO counter VALUES (1, 0) ON CONFLICT DO NOTHING;
-CREATE TABLE IF NOT EXISTS feed (seq bigint PRIMARY KEY, task text NOT NULL);
-"""
+SHAPES = ("serial 1 node", "serial 2 nodes", "2 nodes x 32")
 
 
-async def writer(url: str, shape: str, notify: bool, k: int, until: float,
-                 lat: list[int]) -> int:
-    conn = await asyncpg.connect(url)
-    table = f"own_{k}"
-    await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (n bigserial, task text)")
-    body = "x" * 300
-    n = 0
+async def _serial(store: PgStore, seconds: float) -> tuple[int, int]:
+    await store.submit(Register("serial", 1, "job"))
+    commits = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        await store.submit(Change("serial", "progress", progress=commits % 100))
+        commits += 1
+    return commits, commits
+
+
+async def _concurrent(stores: list[PgStore], seconds: float, writers: int) -> tuple[int, int]:
+    counts = [0]
+    commits = [0]
+    for store in stores:
+        store.on_commit = lambda outcomes, s: commits.__setitem__(0, commits[0] + 1)
+    for n, store in enumerate(stores):
+        await store.submit_many([Register(f"c{n}-{w}", 1, "job") for w in range(writers)])
+    commits[0] = 0
+    end = time.perf_counter() + seconds
+
+    async def writer(store: PgStore, task_id: str) -> None:
+        i = 0
+        while time.perf_counter() < end:
+            await store.submit(Change(task_id, "progress", progress=i % 100))
+            counts[0] += 1
+            i += 1
+
+    await asyncio.gather(*(writer(store, f"c{n}-{w}") for n, store in enumerate(stores)
+                           for w in range(writers)))
+    return commits[0], counts[0]
+
+
+async def _measure(server: PostgresServer, notify: bool, shape: str, seconds: float
+                   ) -> tuple[int, int]:
+    url = server.create_database("bench")
+    nodes = 1 if shape == "serial 1 node" else 2
+    stores = [PgStore(url, node_name=f"bench-{n}", notify=notify) for n in range(nodes)]
+    for store in stores:
+        await store.open()
     try:
-        while time.monotonic() < until:
-            t0 = time.monotonic_ns()
-            async with conn.transaction():
-                if shape == "counter":
-                    seq = await conn.fetchval("SELECT seq FROM counter WHERE id = 1 FOR UPDATE")
-                    await conn.execute("INSERT INTO feed VALUES ($1, $2)", seq + 1, body)
-                    await conn.execute("UPDATE counter SET seq = $1 WHERE id = 1", seq + 1)
-                else:
-                    await conn.execute(f"INSERT INTO {table} (task) VALUES ($1)", body)
-                if notify:
-                    await conn.execute("SELECT pg_notify('taskpush', $1)", str(n))
-            lat.append(time.monotonic_ns() - t0)
-            n += 1
+        if shape.startswith("serial"):
+            return await _serial(stores[0], seconds)
+        return await _concurrent(stores, seconds, 32)
     finally:
-        await conn.close()
-    return n
+        for store in stores:
+            await store.close()
 
 
-async def measure(url: str, shape: str, notify: bool, writers: int, seconds: float
-                  ) -> dict:
-    lat: list[int] = []
-    until = time.monotonic() + seconds
-    counts = await asyncio.gather(*(writer(url, shape, notify, k, until, lat)
-                                    for k in range(writers)))
-    lat.sort()
-    return {"shape": shape, "notify": notify, "writers": writers,
-            "commits_per_s": round(sum(counts) / seconds), "p50_ms": ns_to_ms(pct(lat, 50)),
-            "p99_ms": ns_to_ms(pct(lat, 99))}
-
-
-def median(runs: list[dict]) -> dict:
-    out = dict(runs[0])
-    for key in ("commits_per_s", "p50_ms", "p99_ms"):
-        values = sorted(r[key] for r in runs)
-        out[key] = values[len(values) // 2]
-    return out
-
-
-async def amain(seconds: float, rounds: int) -> list[dict]:
-    from tests.pg import PostgresServer
-
-    pg = PostgresServer(fsync=True).start()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.notify_cost")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fsync", action="store_true",
+                        help="fsync on (durable commits; slower, closer to production)")
+    args = parser.parse_args(argv)
+    server = PostgresServer(fsync=args.fsync).start()
     try:
-        url = pg.create_database("notify")
-        conn = await asyncpg.connect(url)
-        await conn.execute(SETUP)
-        await conn.close()
-        out = []
-        for shape in ("counter", "separate"):
-            for writers in (1, 4):
-                runs: dict[bool, list[dict]] = {False: [], True: []}
-                for _ in range(rounds):
-                    for notify in (False, True):
-                        runs[notify].append(await measure(url, shape, notify, writers,
-                                                          seconds))
-                for notify in (False, True):
-                    r = median(runs[notify])
-                    print(f"{shape:8} writers={writers} notify={notify!s:5} "
-                          f"{r['commits_per_s']:6}/s p50 {r['p50_ms']} ms "
-                          f"p99 {r['p99_ms']} ms", flush=True)
-                    out.append(r)
-        return out
+        best: dict[tuple[str, bool], tuple[float, float]] = {}
+        for _ in range(args.rounds):
+            for shape in SHAPES:
+                for notify in (True, False):
+                    commits, ops = asyncio.run(_measure(server, notify, shape, args.seconds))
+                    rate = (commits / args.seconds, ops / args.seconds)
+                    key = (shape, notify)
+                    if key not in best or rate[1] > best[key][1]:
+                        best[key] = rate
+        print(f"PostgreSQL commits with and without NOTIFY (fsync {'on' if args.fsync else 'off'},"
+              f" best of {args.rounds} x {args.seconds:g} s)")
+        print(f"{'shape':<14} {'notify':>6} {'commits/s':>10} {'ops/s':>10} {'vs quiet':>9}")
+        for shape in SHAPES:
+            quiet = best[(shape, False)][1]
+            for notify in (True, False):
+                commits, ops = best[(shape, notify)]
+                print(f"{shape:<14} {'yes' if notify else 'no':>6} {commits:>10.0f}"
+                      f" {ops:>10.0f} {ops / quiet:>9.2f}")
     finally:
-        pg.cleanup()
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.notify_cost",
-                                 description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="measurements per figure (median)")
-    args = ap.parse_args()
-    asyncio.run(amain(args.seconds, args.rounds))
+        server.cleanup()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

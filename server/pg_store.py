@@ -110,8 +110,10 @@ WITH ev AS (
 )
 SELECT {notify}
 """
-_WRITE_NOTIFY = _WRITE_SQL.format(notify=f"pg_notify('{CHANNEL}', $6::bigint::text)")
-_WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint")
+# the wake-up's payload: "<last seq> <node>" (a node ignores its own)
+_WRITE_NOTIFY = _WRITE_SQL.format(
+    notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
+_WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
 
 # ---- text the database cannot hold -------------------------------------------------------
 # PostgreSQL text cannot hold U+0000, which a message may carry: stored escaped (U+FFFF as
@@ -130,6 +132,12 @@ def _get(text: str | None) -> str | None:
     if text is None or _ESC not in text:
         return text
     return _UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else _ESC, text)
+
+
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL can compare with `text` as it is (ids and keys are printable:
+    one that is not names nothing stored)."""
+    return "\x00" not in text
 
 
 def _dumps(value: Any) -> str | None:
@@ -218,6 +226,8 @@ def unavailable_reason(exc: BaseException) -> str | None:
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError
                   | asyncpg.InvalidPasswordError):
         return _AUTH
+    if isinstance(exc, ConnectionRefusedError):
+        return _UNREACHABLE
     if isinstance(exc, ConnectionError | EOFError):
         return _LOST
     if isinstance(exc, OSError):
@@ -429,8 +439,10 @@ class PgStore:
         ]
 
     async def _create_pool(self) -> asyncpg.Pool:
+        # min_size 0: connections are made when needed (asyncpg's own upkeep of a floor
+        # would log a traceback every retry while the database is down)
         return await asyncpg.create_pool(
-            self.url, min_size=1, max_size=self.pool_size, timeout=self.timeout,
+            self.url, min_size=0, max_size=self.pool_size, timeout=self.timeout,
             command_timeout=self.timeout, reset=_no_reset,
             server_settings={"application_name": f"taskpush {self.node}"[:63],
                              "jit": "off"})
@@ -601,11 +613,16 @@ class PgStore:
             self._listen_lost.set()
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        """A wake-up: another node committed up to that seq. Our own commits are ours to
+        deliver (`published`): reading them back here would cost a read per commit."""
+        seq, _, node = payload.partition(" ")
+        if node == self.node:
+            return
         try:
-            seq = int(payload)
+            announced = int(seq)
         except ValueError:
-            seq = self.last_seq + 1
-        if seq > self.last_seq:
+            announced = self.last_seq + 1
+        if announced > self.last_seq:
             self._request_catch_up()
 
     async def _keep_listening(self) -> None:
@@ -632,8 +649,7 @@ class PgStore:
 
     def _drop_listener(self) -> None:
         """The listening connection did not answer: replace it."""
-        conn = self._listen
-        if conn is not None:
+        if self._listen is not None:
             self._leads.clear()
             self._listen_lost.set()
 
@@ -654,8 +670,11 @@ class PgStore:
                     return True
                 return False
         except Exception as exc:
+            # whatever it was (lost, killed mid-statement, confused by a FATAL it had not
+            # read yet), this connection cannot vouch for its locks: replace it
             if unavailable_reason(exc) is None:
-                raise
+                log.warning("the listening connection failed (%s): replacing it",
+                            type(exc).__name__)
             self._drop_listener()
             return False
 
@@ -710,6 +729,15 @@ class PgStore:
                                     " ORDER BY seq LIMIT $2", after, FEED_PAGE)
         return await conn.fetch("SELECT seq, kind, task FROM feed WHERE seq > $1"
                                 " AND seq <= $2 ORDER BY seq LIMIT $3", after, upto, FEED_PAGE)
+
+    async def catch_up(self, seq: int) -> None:
+        """Deliver every change up to `seq` now (a client resuming here from a seq another
+        node sent it); a database that cannot answer leaves it to the timer."""
+        if seq <= self.last_seq or self._pool is None:
+            return
+        with contextlib.suppress(StorageUnavailable, TimeoutError):
+            async with asyncio.timeout(self.timeout), self._feed_lock:
+                await self._catch_up_locked(upto=seq)
 
     def _feed_lost(self, after: int, rows: list[Any]) -> None:
         """The feed no longer holds changes this node has not delivered (it was away for
@@ -844,7 +872,8 @@ class PgStore:
                     users.add(op.user_id)
             else:
                 ids.add(op.task_id)
-                if isinstance(op, Change) and op.idem_key is not None:
+                if (isinstance(op, Change) and op.idem_key is not None
+                        and _storable(op.task_id) and _storable(op.idem_key)):
                     keys.append((op.task_id, op.idem_key))
         stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
         known_keys: dict[tuple[str, str], int] = {}
@@ -879,6 +908,7 @@ class PgStore:
     @staticmethod
     async def _load(conn: asyncpg.Connection, ids: list[str],
                     stored: dict[str, Task | None]) -> None:
+        ids = [i for i in ids if _storable(i)]  # others name no task (ids are printable)
         if ids:
             for row in await conn.fetch(f"SELECT {_TASK_COLUMNS} FROM tasks"
                                         " WHERE task_id = ANY($1::text[])", ids):
@@ -901,7 +931,7 @@ class PgStore:
             await conn.execute("DELETE FROM tasks WHERE task_id = ANY($1::text[])", purged)
         events, inserts, updates = view.rows()
         await conn.fetchval(_WRITE_NOTIFY if self.notify else _WRITE_QUIET, events, inserts,
-                            updates, view.tombstones, view.feed, last)
+                            updates, view.tombstones, view.feed, last, self.node)
 
     # ---- settings ---------------------------------------------------------------------------
 
@@ -946,6 +976,8 @@ class PgStore:
         return list(await self._run(read))
 
     async def get_task(self, task_id: str) -> Task | None:
+        if not _storable(task_id):
+            return None
         rows = await self._rows(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = $1",
                                 task_id)
         return rows[0] if rows else None
@@ -954,6 +986,8 @@ class PgStore:
         self, user_id: int, *, status: str | None, limit: int, before: int | None
     ) -> list[Task]:
         """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
+        if status is not None and not _storable(status):
+            return []
         sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1"
         params: list[Any] = [user_id]
         if status is not None:
@@ -1065,6 +1099,9 @@ class PgStore:
                            ) -> tuple[list[dict[str, Any]], int | None]:
         """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
         and the seq to continue after, None when there are no more."""
+        if not _storable(task_id):
+            return [], None
+
         async def read(conn: asyncpg.Connection) -> list[Any]:
             return await conn.fetch(
                 "SELECT seq, status, progress, message, step, error, error_type, timestamp"

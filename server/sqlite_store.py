@@ -683,6 +683,9 @@ class SqliteStore:
     async def gone_nodes_tasks(self) -> list[Task]:
         return []
 
+    async def catch_up(self, seq: int) -> None:
+        """Every change of this file is this process's: nothing to catch up."""
+
     def _committed(self, ops: int) -> None:
         """Schedule a WAL checkpoint: soon after a burst, at the latest CHECKPOINT_EVERY_S."""
         self._ops_since_checkpoint += ops

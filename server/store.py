@@ -85,6 +85,12 @@ class Store(Protocol):
         """Active in-process tasks of nodes that stopped heartbeating (cluster only)."""
         ...
 
+    async def catch_up(self, seq: int) -> None:
+        """Deliver (on_publish) every change up to `seq` committed through any node, if the
+        database lets it within `timeout`: a client resuming here from a seq another node
+        sent it must not be told to resync because this node is a few ms behind."""
+        ...
+
     async def get_task(self, task_id: str) -> Task | None: ...
 
     async def list_tasks(self, user_id: int, *, status: str | None, limit: int,

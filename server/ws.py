@@ -401,7 +401,10 @@ async def _send_snapshot(conn: Connection, request: web.Request) -> None:
     updates queued meanwhile wait in the outbox, under its bound, and go out after."""
     app = request.app
     store = app[keys.STORE]
-    resume = snapshot.judge_resume(store, *conn.resume_point(request))
+    since, epoch = conn.resume_point(request)
+    if isinstance(since, int) and since > store.last_seq:  # seen on another node, perhaps
+        await store.catch_up(since)
+    resume = snapshot.judge_resume(store, since, epoch)
     try:
         await snapshot.write_snapshot(
             conn.snapshot_writer(request), store, app[keys.SNAPSHOT_BUDGET],

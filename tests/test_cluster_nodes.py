@@ -7,6 +7,8 @@ settings and the cluster-wide jobs, gone nodes, and the database failing under t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,9 +16,13 @@ import pytest
 from aiohttp import web
 
 from server import keys
-from server.app import create_app
+from server.app import create_app, end_gone_nodes_tasks
 from server.config import Config
+from server.model import Change, Register
+from server.store import StoreRefused
 from tests.conftest import (
+    PRODUCER,
+    auth,
     event,
     handshake,
     recv_until,
@@ -71,11 +77,385 @@ async def test_a_socket_on_b_receives_an_in_process_change_made_on_a(make_node):
     ws = await ws_connect(b, 7)
     await handshake(ws)
     tasks_a = a.app[keys.TASKS]
-    from server.model import Change, Register
-
     await tasks_a.register(Register("inproc-1", 7, "job", origin="inprocess"))
     await tasks_a.change(Change("inproc-1", "running", message="on A, in-process"))
     got = await recv_until(ws, lambda m: m.get("status") == "running")
     assert got[-1]["message"] == "on A, in-process"
     assert ("inproc-1", "pending") in statuses(got)
     await ws.close()
+
+
+async def test_concurrent_producers_on_both_nodes_give_one_gapless_seq_stream(make_node):
+    """Four producers (two per node) move tasks of one user through distinct statuses (no
+    coalescing applies); a socket on each node sees every seq of that user's changes
+    exactly once, strictly increasing with no gap, and every final state."""
+    a, b = await two_nodes(make_node)
+    sockets = [await ws_connect(a, 3), await ws_connect(b, 3)]
+    for ws in sockets:
+        await handshake(ws)
+    per_producer = 8
+
+    async def produce(node: Node, prefix: str) -> None:
+        for i in range(per_producer):
+            task_id = f"{prefix}-{i}"
+            await register(node, task_id, 3)
+            await event(node, task_id, "running")
+            await event(node, task_id, "progress", progress=50)
+            await event(node, task_id, "completed", result={"by": prefix, "i": i})
+
+    await asyncio.gather(produce(a, "a1"), produce(b, "b1"), produce(a, "a2"),
+                         produce(b, "b2"))
+    total = 4 * per_producer * 4
+    for ws in sockets:
+        seen: list[dict[str, Any]] = []
+        await recv_until(ws, lambda m, seen=seen: seen.append(m) or len(
+            [x for x in seen if x["type"] == "task_status"]) >= total, timeout=20)
+        updates = [m for m in seen if m["type"] == "task_status"]
+        assert [m["seq"] for m in updates] == list(range(1, total + 1))
+        final = {m["task_id"]: m for m in updates}
+        assert len(final) == 4 * per_producer
+        for task_id, message in final.items():
+            assert message["status"] == "completed"
+            assert message["result"] == {"by": task_id.split("-")[0],
+                                         "i": int(task_id.split("-")[1])}
+        await ws.close()
+
+
+async def test_resume_on_b_after_a_disconnect_from_a(make_node):
+    a, b = await two_nodes(make_node)
+    ws = await ws_connect(a, 4)
+    connected, _ = await handshake(ws)
+    await register(a, "r-1", 4)
+    seen = await recv_until(ws, lambda m: m.get("task_id") == "r-1")
+    last = seen[-1]["seq"]
+    await ws.close()
+    # while the client is away: changes through both nodes, a deletion among them
+    await event(b, "r-1", "completed", result=1)
+    await register(b, "r-2", 4)
+    await register(a, "r-3", 4)
+    await event(a, "r-3", "failed", error="x")
+    resp = await b.delete("/api/task/task/r-3", headers=auth(4))
+    assert resp.status == 200
+    again = await ws_connect(b, 4, query=f"since={last}&epoch={connected['epoch']}")
+    connected_b, active = await handshake(again)
+    assert connected_b["epoch"] == connected["epoch"]
+    assert [t["task_id"] for t in active["tasks"]] == ["r-2"]
+    replay = await recv_until(again, lambda m: m["type"] == "task_deleted")
+    kinds = [(m["type"], m.get("task_id"), m.get("status")) for m in replay]
+    assert ("task_status", "r-1", "completed") in kinds
+    assert kinds[-1] == ("task_deleted", "r-3", None)
+    assert "resync" not in [m["type"] for m in replay]
+    await again.close()
+
+
+async def test_a_resume_on_a_node_behind_the_seq_it_was_sent_is_not_a_resync(make_node):
+    """A client sent seq N by A resumes on B before B delivered N itself: B catches up
+    first instead of judging N "from the future" and sending `resync`."""
+    a, b = await two_nodes(make_node)
+    ws = await ws_connect(a, 6)
+    connected, _ = await handshake(ws)
+    store_b = b.app[keys.STORE]
+    for task in store_b._background:  # B hears of nothing by itself from now on
+        task.cancel()
+    await store_b._listen.remove_listener("taskpush", store_b._notified)
+    await register(a, "ahead", 6)
+    sent = (await recv_until(ws, lambda m: m.get("task_id") == "ahead"))[-1]["seq"]
+    assert store_b.last_seq < sent
+    again = await ws_connect(b, 6, query=f"since={sent}&epoch={connected['epoch']}")
+    connected_b, active = await handshake(again)
+    assert connected_b["seq"] >= sent
+    assert [t["task_id"] for t in active["tasks"]] == ["ahead"]
+    await ws.close()
+    await again.close()
+
+
+# ---- long polls, cancels ------------------------------------------------------------------
+
+
+async def test_a_long_poll_on_a_is_released_by_a_change_through_b(make_node):
+    a, b = await two_nodes(make_node)
+    created = await register(a, "lp-1", 1)
+    etag = f'"{created["seq"]}"'
+    waiting = asyncio.create_task(a.get("/api/task/task/lp-1/status?wait=20",
+                                        headers={**auth(1), "If-None-Match": etag}))
+    await asyncio.sleep(0.3)  # let it reach its wait: it must not answer before a change
+    assert not waiting.done()
+    changed = await event(b, "lp-1", "running", message="via B")
+    resp = await asyncio.wait_for(waiting, 10)
+    assert resp.status == 200
+    body = await resp.json()
+    assert (body["data"]["seq"], body["data"]["message"]) == (changed["seq"], "via B")
+
+
+async def test_a_cancel_through_b_interrupts_an_in_process_task_on_a(make_node):
+    a, b = await two_nodes(make_node)
+    tasks_a = a.app[keys.TASKS]
+    started = asyncio.Event()
+
+    async def job() -> None:
+        await tasks_a.register(Register("ip-cancel", 2, "long", origin="inprocess"))
+        await tasks_a.change(Change("ip-cancel", "running"))
+        tasks_a.attach_runner("ip-cancel", asyncio.current_task())
+        started.set()
+        await asyncio.Event().wait()
+
+    runner = asyncio.create_task(job())
+    await asyncio.wait_for(started.wait(), 10)
+    resp = await b.post("/api/task/task/ip-cancel/cancel", headers=auth(2))
+    assert resp.status == 200
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(runner, 10)
+    resp = await a.get("/api/task/task/ip-cancel/status", headers=auth(2))
+    task = (await resp.json())["data"]
+    assert (task["status"], task["cancel_requested"]) == ("cancelled", True)
+
+
+# ---- shared settings and keys ---------------------------------------------------------------
+
+
+async def test_epoch_and_demo_secret_are_shared(make_node):
+    a, b = await two_nodes(make_node, jwt_secret=None, api_key=None)
+    ha, hb = await (await a.get("/healthz")).json(), await (await b.get("/healthz")).json()
+    assert ha["epoch"] == hb["epoch"]
+    resp = await a.post("/api/demo/login", json={"user_id": 9})
+    token = (await resp.json())["data"]["token"]
+    resp = await b.get("/api/task/tasks", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 200  # a token from A's demo secret is good on B
+
+
+async def test_an_idempotency_key_used_on_a_is_honoured_on_b(make_node):
+    a, b = await two_nodes(make_node)
+    await register(a, "idem-1", 1)
+    headers = {**PRODUCER, "Idempotency-Key": "evt-1"}
+    first = await a.post("/api/task/task/idem-1/events", headers=headers,
+                         json={"status": "progress", "progress": 10})
+    assert first.status == 200
+    retried = await b.post("/api/task/task/idem-1/events", headers=headers,
+                           json={"status": "progress", "progress": 10})
+    assert retried.status == 200
+    assert (await retried.json())["data"]["seq"] == (await first.json())["data"]["seq"]
+    resp = await b.get("/api/task/task/idem-1/history", headers=auth(1))
+    history = (await resp.json())["data"]
+    events = history["events"] if isinstance(history, dict) else history
+    assert [e["status"] for e in events] == ["pending", "progress"]
+
+
+# ---- cluster-wide jobs and gone nodes -------------------------------------------------------
+
+
+async def test_one_node_leads_a_job_and_another_takes_over_when_it_goes(make_node,
+                                                                          pg_server, pg_url):
+    a, b = await two_nodes(make_node)
+    store_a, store_b = a.app[keys.STORE], b.app[keys.STORE]
+    assert await store_a.lead("job-x") is True
+    assert await store_b.lead("job-x") is False
+    assert await store_a.lead("job-x") is True  # the holder keeps it
+    # A's listening connection dies: its locks go with it, B may take the job
+    assert await terminate(pg_server, pg_url, "taskpush node-a listen") == 1
+    await until(lambda: store_b.lead("job-x"))
+    assert await store_a.lead("job-x") is False
+    # and A is listening again (a new connection), so it still hears of changes
+    await until(lambda: listening(pg_server, pg_url, "node-a"))
+
+
+async def test_the_sweeper_runs_on_the_leading_node_only(make_node):
+    a, b = await two_nodes(make_node, sweep_interval=3600)
+    assert await a.app[keys.STORE].lead("sweep") is True
+    assert await b.app[keys.STORE].lead("sweep") is False
+
+
+async def test_a_gone_nodes_in_process_tasks_end_failed_interrupted(make_node, pg_url):
+    from server.pg_store import PgStore
+
+    b = await make_node("node-b", node_timeout=1.0)
+    ws = await ws_connect(b, 8)
+    await handshake(ws)
+    gone = PgStore(pg_url, node_name="node-gone", node_timeout=1.0)
+    await gone.open()
+    await gone.submit(Register("orphan", 8, "long", origin="inprocess"))
+    await gone.submit(Change("orphan", "running"))
+    await gone.close()  # stops heartbeating; its task was never ended
+    got = await recv_until(ws, lambda m: m.get("task_id") == "orphan"
+                           and m.get("status") == "failed", timeout=15)
+    assert got[-1]["error_type"] == "interrupted"
+    store_b = b.app[keys.STORE]
+    assert await store_b.gone_nodes_tasks() == []
+    await ws.close()
+
+
+async def test_a_restarted_node_ends_its_own_in_process_tasks_at_once(make_node, pg_url):
+    from server.pg_store import PgStore
+
+    before = PgStore(pg_url, node_name="node-a")
+    await before.open()
+    await before.submit(Register("mine", 8, "long", origin="inprocess"))
+    await before.close()
+    a = await make_node("node-a")  # the same name: its previous run's tasks are its own
+    resp = await a.get("/api/task/task/mine/status", headers=auth(8))
+    task = (await resp.json())["data"]
+    assert (task["status"], task["error_type"]) == ("failed", "interrupted")
+
+
+async def test_a_live_nodes_in_process_tasks_are_left_alone(make_node):
+    a, b = await two_nodes(make_node, node_timeout=1.0)
+    await a.app[keys.TASKS].register(Register("alive", 8, "long", origin="inprocess"))
+    assert await end_gone_nodes_tasks(b.app) == 0
+    assert await end_gone_nodes_tasks(a.app) == 0
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def database_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+async def backends(pg_server: Any, pg_url: str, application: str,
+                   what: str = "count(*)") -> int:
+    """How many connections of `application` the test's database has (`what`: or what
+    to do with them). psql runs on a thread: the nodes go on serving meanwhile."""
+    return int(await asyncio.to_thread(
+        pg_server.sql,
+        f"SELECT {what} FROM pg_stat_activity WHERE datname = '{database_of(pg_url)}'"  # noqa: S608
+        f" AND application_name = '{application}'"))
+
+
+async def terminate(pg_server: Any, pg_url: str, application: str) -> int:
+    return await backends(pg_server, pg_url, application, "count(pg_terminate_backend(pid))")
+
+
+async def listening(pg_server: Any, pg_url: str, node: str) -> bool:
+    return await backends(pg_server, pg_url, f"taskpush {node} listen") == 1
+
+
+async def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Wait for `condition()` (sync or async) to be true; fail after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.05)
+
+
+# ---- the database failing under the nodes ----------------------------------------------------
+
+
+async def collect_until(ws: Any, done: Callable[[list[dict[str, Any]]], bool],
+                        timeout: float = 20.0) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    await recv_until(ws, lambda m: seen.append(m) or done(seen), timeout=timeout)
+    return seen
+
+
+def updates_of(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in seen if m["type"] in ("task_status", "task_deleted")]
+
+
+async def test_a_killed_listening_connection_loses_no_acknowledged_change(make_node, pg_server,
+                                                                          pg_url):
+    a, b = await two_nodes(make_node)
+    ws = await ws_connect(b, 12)
+    await handshake(ws)
+    assert await terminate(pg_server, pg_url, "taskpush node-b listen") == 1
+    acked = []
+    for i in range(10):  # acknowledged by A while B's listening connection is gone
+        acked.append((await register(a, f"k-{i}", 12))["seq"])
+        acked.append((await event(a, f"k-{i}", "completed"))["seq"])
+    seen = await collect_until(ws, lambda s: len(updates_of(s)) >= len(acked))
+    assert [m["seq"] for m in updates_of(seen)] == acked
+    await until(lambda: listening(pg_server, pg_url, "node-b"))
+    # and B still hears of later changes
+    changed = await register(a, "k-last", 12)
+    got = await recv_until(ws, lambda m: m.get("task_id") == "k-last")
+    assert got[-1]["seq"] == changed["seq"]
+    await ws.close()
+
+
+async def test_a_postgresql_restart(make_node, pg_server, caplog):
+    """While the database is down: 503 envelopes, /healthz 503 on both nodes, sockets stay
+    open (they answer pings). When it is back: every acknowledged change reaches every
+    socket, in seq order, and one log line marked each end of the outage on each node."""
+    caplog.set_level(logging.DEBUG)
+    a, b = await two_nodes(make_node, db_timeout=1.0)
+    sockets = [await ws_connect(a, 11), await ws_connect(b, 11)]
+    for ws in sockets:
+        await handshake(ws)
+    acked = [(await register(a, "pr-1", 11))["seq"], (await event(b, "pr-1", "running"))["seq"]]
+    for ws in sockets:
+        seen = await collect_until(ws, lambda s: len(updates_of(s)) == 2)
+        assert [m["seq"] for m in updates_of(seen)] == acked
+    answers: list[str] = []
+    await asyncio.to_thread(pg_server.stop)
+    try:
+        resp = await a.post("/api/task/task/pr-1/events", headers=PRODUCER,
+                            json={"status": "progress", "progress": 10})
+        answers.append(await resp.text())
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        body = await resp.json()
+        assert (body["code"], body["data"]) == (503, None)
+        assert body["message"].startswith("storage unavailable")
+        resp = await b.post("/api/task/tasks", headers=PRODUCER,
+                            json={"task_id": "never", "user_id": 11, "task_type": "x"})
+        answers.append(await resp.text())
+        assert resp.status == 503
+        for node in (a, b):
+            resp = await node.get("/healthz")
+            answers.append(await resp.text())
+            assert resp.status == 503
+            resp = await node.get("/metrics")
+            answers.append(await resp.text())
+            assert "taskpush_storage_available 0.0" in answers[-1] or node is b
+        for ws in sockets:  # still open, still served
+            await ws.send_str('{"type":"ping"}')
+            pong = await recv_until(ws, lambda m: m["type"] == "pong")
+            assert pong[-1]["type"] == "pong"
+    finally:
+        await asyncio.to_thread(pg_server.start)
+    for node in (a, b):
+        await until(lambda node=node: healthy(node), timeout=20)
+    acked.append((await event(a, "pr-1", "progress", progress=60))["seq"])
+    acked.append((await register(b, "pr-2", 11))["seq"])
+    acked.append((await event(b, "pr-1", "completed", result={"ok": True}))["seq"])
+    for ws in sockets:
+        seen = await collect_until(ws, lambda s: any(
+            m.get("task_id") == "pr-1" and m.get("status") == "completed" for m in s)
+            and any(m.get("task_id") == "pr-2" for m in s))
+        seqs = [m["seq"] for m in updates_of(seen)]
+        assert seqs == acked[2:], seqs
+        await ws.close()
+    began = [r for r in caplog.records if r.getMessage().startswith("storage unavailable")]
+    ended = [r for r in caplog.records if r.getMessage().startswith("storage available again")]
+    assert 1 <= len(began) <= 2 and len(ended) == len(began)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    everything = "\n".join([*answers, caplog.text])
+    assert pg_server.password not in everything
+
+
+async def healthy(node: Node) -> bool:
+    resp = await node.get("/healthz")
+    return resp.status == 200
+
+
+async def test_the_database_password_is_never_logged_nor_shown(make_node, pg_server, pg_url,
+                                                                caplog, config):
+    caplog.set_level(logging.DEBUG)
+    assert pg_server.password in pg_url
+    a = await make_node("node-a")
+    bodies = [await (await a.get(path)).text() for path in ("/healthz", "/metrics",
+                                                            "/api/openapi.json")]
+    assert pg_server.password not in repr(a.app[keys.CONFIG])
+    wrong = pg_url.replace(pg_server.password, "not-the-password-0123")
+    app = create_app(config.replace(db=wrong, node_name="node-w"))
+    app.freeze()
+    with pytest.raises(StoreRefused) as refused:
+        await app.startup()
+    message = str(refused.value)
+    assert "credentials" in message and "not-the-password" not in message
+    everything = "\n".join([*bodies, caplog.text, message])
+    assert pg_server.password not in everything
+    assert "not-the-password-0123" not in everything

@@ -1,0 +1,577 @@
+"""server/pg_store.py on its own: a real PostgreSQL database per test, no app, no sockets.
+
+The Store API behaves as tests/test_store.py says it does on SQLite (those tests are
+mirrored here, checked against what another connection sees in the database); what only
+a SQLite file has (WAL, checkpoints, the file lock, the writer's thread) stays there.
+Then what only a shared database has: the schema applied by nodes starting together, one
+seq for every node's writes with no gap, the horizon moved by another node, text
+PostgreSQL cannot hold as is, a batch that loses its connection mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from server.errors import Conflict, NotFound, StorageUnavailable, TaskActive, TaskFinal, TooMany
+from server.model import Change, Delete, Kind, Outcome, Register
+from server.pg_store import SCHEMA_VERSION, PgStore
+from server.store import Store, StoreRefused
+
+
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[PgStore]:
+    s = PgStore(pg_url, node_name="n1")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def reopen(store: PgStore) -> PgStore:
+    await store.close()
+    again = PgStore(store.url, node_name=store.node)
+    await again.open()
+    return again
+
+
+async def rows(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Read the database from a separate connection: only committed data is visible."""
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql, *params)]
+    finally:
+        await conn.close()
+
+
+async def ok(store: PgStore, op: Any) -> Outcome:
+    outcome = await store.submit(op)
+    assert outcome.error is None, outcome.error
+    return outcome
+
+
+async def finished(store: PgStore, task_id: str, user_id: int = 1) -> Outcome:
+    await ok(store, Register(task_id, user_id, "job"))
+    return await ok(store, Change(task_id, "completed", result={"n": 1}))
+
+
+def test_the_engine_implements_the_store_interface(pg_url: str) -> None:
+    from server.engines import make_store
+
+    made = make_store(pg_url, timeout=1, node_name="x", node_timeout=3)
+    assert isinstance(made, PgStore)
+    wanted = {name for name in dir(Store) if not name.startswith("_")}
+    wanted |= set(Store.__annotations__)
+    assert not {name for name in wanted if not hasattr(made, name)}
+    assert (made.node, made.node_timeout, made.timeout) == ("x", 3, 1)
+
+
+# ---- schema, epoch ---------------------------------------------------------------------
+
+
+async def test_schema_is_applied_idempotently(store: PgStore, pg_url: str) -> None:
+    await ok(store, Register("t1", 1, "job", {"k": "v"}))
+    store = await reopen(store)  # the schema runs again on an existing database
+    try:
+        task = await store.get_task("t1")
+        assert task is not None and task["metadata"] == {"k": "v"}
+        tables = {r[0] for r in await rows(
+            pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {"tasks", "events", "tombstones", "settings", "seq_counter", "feed",
+                "nodes"} <= tables
+        assert await rows(pg_url, "SELECT value FROM settings WHERE key = 'schema_version'"
+                          ) == [(str(SCHEMA_VERSION),)]
+    finally:
+        await store.close()
+
+
+async def test_nodes_starting_together_all_open(pg_url: str) -> None:
+    """The schema is created under an advisory lock: concurrent CREATEs would collide."""
+    stores = [PgStore(pg_url, node_name=f"n{i}") for i in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        assert len({s.epoch for s in stores}) == 1
+        assert len({await s.demo_secret() for s in stores}) == 1
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_epoch_is_stable_across_reopen_and_differs_per_database(
+        store: PgStore, pg_server: Any) -> None:
+    epoch = store.epoch
+    assert len(epoch) >= 16
+    store = await reopen(store)
+    try:
+        assert store.epoch == epoch
+    finally:
+        await store.close()
+    other = PgStore(pg_server.create_database(), node_name="n1")
+    await other.open()
+    try:
+        assert other.epoch != epoch
+    finally:
+        await other.close()
+
+
+async def test_a_newer_schema_is_refused(store: PgStore, pg_url: str) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("UPDATE settings SET value = $1 WHERE key = 'schema_version'",
+                           str(SCHEMA_VERSION + 1))
+        again = PgStore(pg_url, node_name="n2")
+        with pytest.raises(StoreRefused, match="newer") as refused:
+            await again.open()
+        assert "\n" not in str(refused.value)
+    finally:
+        await conn.execute("UPDATE settings SET value = $1 WHERE key = 'schema_version'",
+                           str(SCHEMA_VERSION))
+        await conn.close()
+
+
+async def test_an_unreachable_database_is_refused_in_one_line(pg_server: Any) -> None:
+    url = f"postgresql://u:pw-not-shown@127.0.0.1:{pg_server.port + 1}/none"
+    with pytest.raises(StoreRefused) as refused:
+        await PgStore(url, timeout=2).open()
+    message = str(refused.value)
+    assert "unreachable" in message and "pw-not-shown" not in message and "\n" not in message
+
+
+# ---- seq -------------------------------------------------------------------------------
+
+
+async def test_seq_strictly_increases_across_reopen_and_deletes(store: PgStore) -> None:
+    seqs = [(await ok(store, Register("a", 1, "job"))).seq]
+    seqs.append((await ok(store, Change("a", "progress", progress=10))).seq)
+    seqs.append((await ok(store, Change("a", "completed"))).seq)
+    seqs.append((await ok(store, Delete("a"))).seq)
+    assert seqs == list(range(1, 5))
+    store = await reopen(store)
+    try:
+        assert store.last_seq == seqs[-1]
+        seqs.append((await ok(store, Register("b", 1, "job"))).seq)
+        await store.submit(Change("b", "completed"))
+        seqs.append((await ok(store, Delete("b"))).seq)
+        await store.purge_tombstones("9999-12-31T00:00:00.000Z")
+    finally:
+        await store.close()
+    store = PgStore(store.url, node_name="n1")
+    await store.open()
+    try:
+        assert store.last_seq >= seqs[-1]
+        seqs.append((await ok(store, Register("a", 1, "job"))).seq)  # same id, reused
+        assert seqs == sorted(set(seqs)), seqs
+    finally:
+        await store.close()
+
+
+async def test_seq_per_task_row_is_that_of_its_latest_event(store: PgStore,
+                                                              pg_url: str) -> None:
+    await ok(store, Register("t", 1, "job"))
+    last = await ok(store, Change("t", "progress", progress=50, message="half"))
+    assert await rows(pg_url, "SELECT seq FROM tasks WHERE task_id = 't'") == [(last.seq,)]
+    assert await rows(pg_url, "SELECT max(seq) FROM events WHERE task_id = 't'"
+                      ) == [(last.seq,)]
+    assert [e["status"] for e in await store.history("t")] == ["pending", "progress"]
+
+
+async def test_writers_on_several_nodes_share_one_gapless_seq(pg_url: str) -> None:
+    nodes = [PgStore(pg_url, node_name=f"n{i}") for i in range(3)]
+    await asyncio.gather(*(n.open() for n in nodes))
+    try:
+        for i, node in enumerate(nodes):
+            await ok(node, Register(f"t{i}", 1, "job"))
+        outcomes = await asyncio.gather(*(
+            node.submit(Change(f"t{i}", "progress", progress=p))
+            for p in range(40) for i, node in enumerate(nodes)))
+        seqs = sorted(o.seq for o in outcomes if o.seq is not None)
+        assert seqs == list(range(4, 4 + len(outcomes)))
+        assert await rows(pg_url, "SELECT seq FROM seq_counter") == [(seqs[-1],)]
+        assert await rows(pg_url, "SELECT count(*), min(seq), max(seq) FROM feed"
+                          ) == [(seqs[-1], 1, seqs[-1])]
+    finally:
+        await asyncio.gather(*(n.close() for n in nodes))
+
+
+# ---- the writer: one transaction per batch, each operation on its own ------------------
+
+
+async def test_batch_is_one_transaction_with_per_operation_refusal(store: PgStore,
+                                                                   pg_url: str) -> None:
+    await ok(store, Register("good1", 1, "job"))
+    await ok(store, Register("good2", 1, "job"))
+    await finished(store, "done")
+    commits: list[list[Outcome]] = []
+    store.on_commit = lambda outcomes, seconds: commits.append(list(outcomes))
+    before = store.last_seq
+    (events_before,) = (await rows(pg_url, "SELECT count(*) FROM events"))[0]
+    ops = [
+        Change("good1", "progress", progress=30),
+        Change("missing", "progress", progress=30),
+        Change("done", "failed", error="late"),
+        Register("good1", 2, "other"),
+        Change("good2", "running", message="go"),
+        Change("good1", "progress", progress=60, owner=2),
+        Delete("good2"),
+    ]
+    outcomes = await store.submit_many(ops)
+    assert len(commits) == 1 and len(commits[0]) == len(ops)
+    assert [o.ok for o in outcomes] == [True, False, False, False, True, False, False]
+    assert isinstance(outcomes[1].error, NotFound)
+    assert isinstance(outcomes[2].error, TaskFinal)
+    assert isinstance(outcomes[3].error, Conflict)
+    assert isinstance(outcomes[5].error, NotFound)
+    assert isinstance(outcomes[6].error, TaskActive)
+    assert outcomes[0].seq == before + 1 and outcomes[4].seq == before + 2
+    assert store.last_seq == before + 2
+    assert await rows(pg_url, "SELECT count(*) FROM events") == [(events_before + 2,)]
+    assert await rows(pg_url, "SELECT status, progress FROM tasks WHERE task_id = 'good1'"
+                      ) == [("progress", 30)]
+    assert await rows(pg_url, "SELECT status, message FROM tasks WHERE task_id = 'good2'"
+                      ) == [("running", "go")]
+    assert await rows(pg_url, "SELECT status, error FROM tasks WHERE task_id = 'done'"
+                      ) == [("completed", None)]
+    assert await rows(pg_url, "SELECT count(*) FROM tasks WHERE task_id = 'missing'") == [(0,)]
+
+
+async def test_concurrent_submits_are_grouped_and_all_durable(store: PgStore,
+                                                              pg_url: str) -> None:
+    await ok(store, Register("g", 1, "job"))
+    commits: list[int] = []
+    store.on_commit = lambda outcomes, seconds: commits.append(len(outcomes))
+    outcomes = await asyncio.gather(*(store.submit(Change("g", "progress", progress=i))
+                                      for i in range(50)))
+    assert all(o.ok for o in outcomes)
+    assert sum(commits) == 50 and len(commits) < 50
+    assert [o.seq for o in outcomes] == sorted(o.seq for o in outcomes)
+    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'g'") == [(51,)]
+
+
+async def test_commit_happens_before_the_listeners_and_the_answer(store: PgStore,
+                                                                  pg_server: Any,
+                                                                  pg_url: str) -> None:
+    await ok(store, Register("c", 1, "job"))
+    database = pg_url.rsplit("/", 1)[1]
+    seen: list[str] = []
+
+    def committed(*_: Any) -> None:  # what another session sees, at that moment
+        seen.append(pg_server.sql("SELECT status FROM tasks WHERE task_id = 'c'", database))
+
+    store.on_publish = committed
+    store.on_commit = committed
+    await ok(store, Change("c", "running"))
+    assert seen == ["running", "running"]
+
+
+async def test_a_batch_that_loses_its_connection_is_tried_again(store: PgStore,
+                                                               pg_server: Any,
+                                                               pg_url: str) -> None:
+    """The batch waits for the counter row (held by another session); its connection is
+    killed; the caller, whose --db-timeout is not up, is answered by the next try."""
+    await ok(store, Register("lost", 1, "job"))
+    database = pg_url.rsplit("/", 1)[1]
+    holder = asyncio.create_task(asyncio.to_thread(
+        pg_server.sql, "BEGIN; SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE;"
+        " SELECT pg_sleep(1.5); COMMIT;", database))
+    await until(lambda: sessions(pg_server, database, HOLDING))
+    waiting = asyncio.create_task(store.submit(Change("lost", "running")))
+    await until(lambda: sessions(pg_server, database, "wait_event_type = 'Lock'"
+                                 " AND application_name = 'taskpush n1'"))
+    killed = await sessions(pg_server, database, "application_name = 'taskpush n1'"
+                            " AND wait_event_type = 'Lock'", "count(pg_terminate_backend(pid))")
+    assert killed == 1
+    outcome = await asyncio.wait_for(waiting, 10)
+    assert outcome.ok and outcome.task is not None and outcome.task["status"] == "running"
+    await holder
+    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'lost'") == [(2,)]
+
+
+async def test_a_write_past_the_timeout_is_answered_503(pg_url: str, pg_server: Any) -> None:
+    store = PgStore(pg_url, node_name="n1", timeout=0.5)
+    await store.open()
+    try:
+        await ok(store, Register("slow", 1, "job"))
+        database = pg_url.rsplit("/", 1)[1]
+        holder = asyncio.create_task(asyncio.to_thread(
+            pg_server.sql, "BEGIN; SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE;"
+            " SELECT pg_sleep(2); COMMIT;", database))
+        await until(lambda: sessions(pg_server, database, HOLDING))
+        with pytest.raises(StorageUnavailable) as refused:
+            await store.submit(Change("slow", "running"))
+        assert refused.value.status == 503
+        await holder
+        await ok(store, Change("slow", "running"))  # and the next write ends the outage
+    finally:
+        await store.close()
+
+
+# ---- rules -----------------------------------------------------------------------------
+
+
+async def test_terminal_state_is_final(store: PgStore, pg_url: str) -> None:
+    done = await finished(store, "t")
+    for status in ("progress", "running", "failed", "cancelled", "completed", "pending"):
+        outcome = await store.submit(Change("t", status, progress=5, message="late"))
+        assert isinstance(outcome.error, TaskFinal), status
+    task = await store.get_task("t")
+    assert task is not None
+    assert (task["status"], task["progress"], task["message"], task["result"], task["seq"]) \
+        == ("completed", 100, None, {"n": 1}, done.seq)
+    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 't'") == [(2,)]
+
+
+async def test_cancelled_task_refusal_says_cancel_requested(store: PgStore) -> None:
+    await ok(store, Register("t", 1, "job"))
+    await ok(store, Change("t", "cancelled", owner=1, cancel_requested=True))
+    outcome = await store.submit(Change("t", "progress", progress=50))
+    assert isinstance(outcome.error, TaskFinal)
+    assert outcome.error.extra == {"cancel_requested": True}
+
+
+async def test_register_is_idempotent_and_conflicts_on_a_different_body(
+        store: PgStore, pg_url: str) -> None:
+    first = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
+    assert first.kind is Kind.CREATED
+    seq = store.last_seq
+    again = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
+    assert again.kind is Kind.UNCHANGED and again.seq == first.seq and store.last_seq == seq
+    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'r'") == [(1,)]
+    for different in (Register("r", 8, "job", {"a": [1, 2]}),
+                      Register("r", 7, "other", {"a": [1, 2]}),
+                      Register("r", 7, "job", {"a": [2, 1]}),
+                      Register("r", 7, "job", None)):
+        outcome = await store.submit(different)
+        assert isinstance(outcome.error, Conflict), different
+    assert store.last_seq == seq
+
+
+async def test_register_without_id_names_the_task_after_its_type(store: PgStore) -> None:
+    outcome = await ok(store, Register(None, 1, "export"))
+    assert outcome.task is not None and outcome.task["task_id"] == f"export_{outcome.seq}"
+    other = await ok(store, Register(None, 1, "export"))
+    assert other.task is not None and other.task["task_id"] != outcome.task["task_id"]
+    # the name it would get is taken: another is made up (the rules ran again, knowing)
+    taken = f"export_{store.last_seq + 2}"
+    await ok(store, Register(taken, 1, "export"))
+    assert store.last_seq + 1 == int(taken.rsplit("_", 1)[1])
+    many = await store.submit_many([Register(None, 1, "export") for _ in range(5)])
+    names = [o.task["task_id"] for o in many if o.task is not None]
+    assert all(o.ok for o in many) and len(set(names)) == 5 and taken not in names
+
+
+async def test_active_task_limit(store: PgStore) -> None:
+    await ok(store, Register("a1", 1, "job", max_active=2))
+    await ok(store, Register("a2", 1, "job", max_active=2))
+    refused = await store.submit(Register("a3", 1, "job", max_active=2))
+    assert isinstance(refused.error, TooMany)
+    await ok(store, Register("b1", 2, "job", max_active=2))
+    await ok(store, Change("a1", "completed"))
+    await ok(store, Register("a3", 1, "job", max_active=2))
+    # within one batch too: the count includes the batch so far
+    many = await store.submit_many([Register(f"c{i}", 3, "job", max_active=2)
+                                    for i in range(4)])
+    assert [o.ok for o in many] == [True, True, False, False]
+
+
+async def test_conditional_change_is_skipped_when_the_task_moved(store: PgStore) -> None:
+    registered = await ok(store, Register("s", 1, "job"))
+    await ok(store, Change("s", "progress", progress=10))
+    seq = store.last_seq
+    outcome = await store.submit(Change("s", "failed", error_type="stale",
+                                        expect_seq=registered.seq))
+    assert outcome.kind is Kind.REFUSED and outcome.error is None
+    assert store.last_seq == seq
+    task = await store.get_task("s")
+    assert task is not None and task["status"] == "progress"
+
+
+async def test_each_operation_reports_the_kind_of_what_it_did(store: PgStore) -> None:
+    assert (await store.submit(Register("k", 1, "job"))).kind is Kind.CREATED
+    assert (await store.submit(Register("k", 1, "job"))).kind is Kind.UNCHANGED
+    assert (await store.submit(Register("k", 2, "job"))).kind is Kind.REFUSED
+    first = await store.submit(Change("k", "progress", progress=5, idem_key="a"))
+    assert first.kind is Kind.CHANGED
+    again = await store.submit(Change("k", "progress", progress=5, idem_key="a"))
+    assert again.kind is Kind.UNCHANGED and again.seq == first.seq
+    assert (await store.submit(Change("k", "failed", expect_seq=1))).kind is Kind.REFUSED
+    assert (await store.submit(Change("nope", "running"))).kind is Kind.REFUSED
+    await store.submit(Change("k", "completed"))
+    assert (await store.submit(Delete("k"))).kind is Kind.DELETED
+
+
+async def test_delete_needs_a_finished_task_of_the_owner(store: PgStore, pg_url: str) -> None:
+    await ok(store, Register("act", 1, "job"))
+    assert isinstance((await store.submit(Delete("act"))).error, TaskActive)
+    assert isinstance((await store.submit(Delete("nope"))).error, NotFound)
+    await finished(store, "fin", user_id=1)
+    assert isinstance((await store.submit(Delete("fin", owner=2))).error, NotFound)
+    deleted = await ok(store, Delete("fin", owner=1))
+    assert deleted.kind is Kind.DELETED and await store.get_task("fin") is None
+    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'fin'") == [(0,)]
+    assert await rows(pg_url, "SELECT seq, task_id, user_id FROM tombstones"
+                      ) == [(deleted.seq, "fin", 1)]
+    forced = await ok(store, Delete("act", allow_active=True))
+    assert forced.kind is Kind.DELETED and await store.get_task("act") is None
+
+
+async def test_a_task_deleted_and_registered_again_in_one_batch(store: PgStore,
+                                                               pg_url: str) -> None:
+    await finished(store, "again")
+    outcomes = await store.submit_many([
+        Delete("again"), Register("again", 1, "job", {"v": 2}),
+        Change("again", "running"), Register("brief", 1, "job"),
+        Change("brief", "completed"), Delete("brief")])
+    assert [o.kind for o in outcomes] == [Kind.DELETED, Kind.CREATED, Kind.CHANGED,
+                                          Kind.CREATED, Kind.CHANGED, Kind.DELETED]
+    task = await store.get_task("again")
+    assert task is not None and (task["status"], task["metadata"]) == ("running", {"v": 2})
+    assert [e["status"] for e in await store.history("again")] == ["pending", "running"]
+    assert await store.get_task("brief") is None
+    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'brief'") == [(0,)]
+    assert await rows(pg_url, "SELECT task_id FROM tombstones ORDER BY seq"
+                      ) == [("again",), ("brief",)]
+
+
+# ---- text, reads ---------------------------------------------------------------------------
+
+
+async def test_text_postgresql_cannot_hold_as_is_comes_back_verbatim(store: PgStore) -> None:
+    odd = "nul\x00 and escape \uffff0 \uffff1 \uffff and '; DROP TABLE tasks; --"
+    await ok(store, Register("odd", 1, "job", {"k": odd}))
+    await ok(store, Change("odd", "failed", message=odd, step=odd, error=odd, error_type=odd,
+                           result=[odd]))
+    task = await store.get_task("odd")
+    assert task is not None
+    assert [task[f] for f in ("message", "step", "error", "error_type")] == [odd] * 4
+    assert task["metadata"] == {"k": odd} and task["result"] == [odd]
+    last = (await store.history("odd"))[-1]
+    assert [last[f] for f in ("message", "step", "error", "error_type")] == [odd] * 4
+    assert (await store.list_tasks(1, status="failed", limit=5, before=None))[0] == task
+
+
+async def test_an_id_postgresql_cannot_hold_names_nothing_and_spoils_no_batch(
+        store: PgStore) -> None:
+    """A NUL cannot be sent to PostgreSQL as text; ids are printable, so one holding it
+    names no task: its operation is refused alone, reads find nothing."""
+    await ok(store, Register("fine", 1, "job"))
+    outcomes = await store.submit_many([Change("a\x00b", "running", idem_key="k"),
+                                        Delete("\x00"), Change("fine", "running")])
+    assert [type(o.error) for o in outcomes] == [NotFound, NotFound, type(None)]
+    assert await store.get_task("a\x00b") is None
+    assert await store.history_page("a\x00b", 0, 10) == ([], None)
+    assert await store.list_tasks(1, status="\x00", limit=5, before=None) == []
+
+
+async def test_reads_page_and_filter_as_on_sqlite(store: PgStore) -> None:
+    for n in range(5):
+        await ok(store, Register(f"l{n}", 1, "job"))
+    await ok(store, Change("l1", "completed"))
+    await ok(store, Register("other", 2, "job"))
+    listed = await store.list_tasks(1, status=None, limit=3, before=None)
+    assert [t["task_id"] for t in listed] == ["l4", "l3", "l2"]
+    older = await store.list_tasks(1, status=None, limit=10, before=listed[-1]["created_seq"])
+    assert [t["task_id"] for t in older] == ["l1", "l0"]
+    assert [t["task_id"] for t in await store.list_tasks(1, status="completed", limit=9,
+                                                          before=None)] == ["l1"]
+    assert [t["task_id"] for t in await store.changed_since(1, 3, 10)] == ["l3", "l4", "l1"]
+    page, after = await store.active_page(1, 0, 1)  # tiny pages: one task each
+    assert [t["task_id"] for t in page] == ["l0"] and after == page[0]["created_seq"]
+    seen = []
+    cursor: int | None = 0
+    while cursor is not None:
+        page, cursor = await store.active_page(1, cursor, 1)
+        seen.extend(t["task_id"] for t in page)
+    assert seen == ["l0", "l2", "l3", "l4"]
+    events, more = await store.history_page("l1", 0, 1)
+    assert [e["status"] for e in events] == ["pending"] and more == events[0]["seq"]
+    assert await store.ping() is True
+
+
+async def test_snapshot_reports_deletions_after_since_in_seq_order(store: PgStore) -> None:
+    await finished(store, "old", user_id=1)
+    since = store.last_seq
+    await ok(store, Register("live", 1, "job"))
+    gone = await ok(store, Delete("old"))
+    await ok(store, Change("live", "progress", progress=20))
+    await ok(store, Register("theirs", 2, "job"))
+    snap = await store.snapshot(1, since)
+    assert snap.seq == store.last_seq
+    assert [t["task_id"] for t in snap.active] == ["live"]
+    assert snap.changes is not None
+    assert [c if isinstance(c, tuple) else (c["task_id"], c["seq"]) for c in snap.changes] \
+        == [("old", gone.seq), ("live", store.last_seq - 1)]
+    assert (await store.snapshot(1, None)).changes is None
+
+
+async def test_purging_tombstones_moves_the_horizon_for_every_node(store: PgStore,
+                                                                  pg_url: str) -> None:
+    other = PgStore(pg_url, node_name="n2")
+    await other.open()
+    try:
+        await finished(store, "x")
+        first = await ok(store, Delete("x"))
+        assert await store.purge_tombstones("2000-01-01T00:00:00.000Z") == 0
+        assert store.horizon == 0
+        assert await store.purge_tombstones("9999-12-31T00:00:00.000Z") == 1
+        assert store.horizon == first.seq
+        assert await rows(pg_url, "SELECT count(*) FROM tombstones") == [(0,)]
+        await other.catch_up(first.seq)
+        # the node that did not purge knows too: a `since` before it cannot be replayed
+        assert (await other.snapshot(1, first.seq - 1)).changes is None
+        assert (await other.snapshot(1, first.seq)).changes == []
+        assert other.horizon == first.seq
+    finally:
+        await other.close()
+    store = await reopen(store)
+    try:
+        assert store.horizon == first.seq
+    finally:
+        await store.close()
+
+
+async def test_demo_secret_is_created_once(store: PgStore) -> None:
+    secret = await store.demo_secret()
+    assert len(secret) >= 32 and await store.demo_secret() == secret
+    store = await reopen(store)
+    try:
+        assert await store.demo_secret() == secret
+    finally:
+        await store.close()
+
+
+async def test_in_process_tasks_belong_to_their_node(store: PgStore, pg_url: str) -> None:
+    other = PgStore(pg_url, node_name="n2")
+    await other.open()
+    try:
+        await ok(store, Register("mine", 1, "job", origin="inprocess"))
+        await ok(other, Register("theirs", 1, "job", origin="inprocess"))
+        await ok(store, Register("http", 1, "job"))
+        assert [t["task_id"] for t in await store.active_by_origin("inprocess")] == ["mine"]
+        assert [t["task_id"] for t in await other.active_by_origin("inprocess")] == ["theirs"]
+        assert [t["task_id"] for t in await store.active_by_origin("http")] == ["http"]
+        assert await store.gone_nodes_tasks() == []  # n2 is alive
+    finally:
+        await other.close()
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+async def sessions(pg_server: Any, database: str, where: str, what: str = "count(*)"
+                   ) -> int:
+    """How many sessions of the database match `where` (`what`: or what to do with them);
+    psql runs on a thread, so the store goes on meanwhile."""
+    return int(await asyncio.to_thread(
+        pg_server.sql, f"SELECT {what} FROM pg_stat_activity WHERE"  # noqa: S608
+        f" datname = '{database}' AND {where}"))
+
+
+HOLDING = "application_name = 'psql' AND query LIKE '%pg_sleep%' AND state = 'active'"
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
