@@ -35,11 +35,19 @@ from tests.conftest import (
     recv_until,
     ws_connect,
 )
+from tests.engines import Engine, engine_fixture
 from tests.procs import ServerProcess, servers_fixture
 from tests.test_flood import raw_socket
 from tests.test_slow_consumer import rss_kb, stuck_client
 
 servers = pytest.fixture(servers_fixture, name="servers")
+# On PostgreSQL a snapshot page is fetched whole (up to 1000 rows) before it is cut to
+# its byte budget, so concurrent connects hold far more than a few pages: RSS grows past
+# the bound (pg_store.active_page / changes_page; found by running this test there).
+engine = pytest.fixture(engine_fixture, name="engine", params=[
+    "sqlite", pytest.param("postgresql", marks=pytest.mark.xfail(
+        strict=True, reason="pg_store reads a snapshot page's rows whole before cutting it "
+        "to its byte budget"))])
 
 
 async def fill_with_large_active_tasks(store: Any) -> None:
@@ -486,14 +494,15 @@ def _fail_page_reads(monkeypatch: Any, store: Any, after: int) -> None:
 # ---- a real process: memory -------------------------------------------------------------
 
 
-async def test_large_snapshots_to_sockets_that_never_read_stay_bounded(servers: Any) -> None:
+async def test_large_snapshots_to_sockets_that_never_read_stay_bounded(servers: Any,
+                                                                      engine: Engine) -> None:
     """150 active tasks of ~60 KB for one user and 150 finished ones for another: 8 silent
     sockets each asking the full snapshot, 8 the since=0 replay (~9 MB each, 140 MB if
     held whole). The server's RSS stays within a few pages per socket; a third user is
     served meanwhile; the silent sockets are cut off (4408)."""
     server: ServerProcess = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
                                     "--send-timeout", "2", "--log-level", "warning",
-                                    "--access-log", "false")
+                                    "--access-log", "false", db=engine.database())
     server.start()
     blob = "m" * 60_000
     loop = asyncio.get_running_loop()
