@@ -108,9 +108,13 @@ WITH ev AS (
 ), counter AS (
     UPDATE seq_counter SET seq = $6::bigint WHERE id = 1
 )
-SELECT {notify}
+SELECT f.seq, f.kind, f.task FROM (SELECT {notify}) n LEFT JOIN LATERAL (
+    SELECT seq, kind, task FROM feed WHERE seq > $8 AND seq <= $9 ORDER BY seq LIMIT $10
+) f ON true
 """
-# the wake-up's payload: "<last seq> <node>" (a node ignores its own)
+# the wake-up's payload: "<last seq> <node>" (a node ignores its own). The statement also
+# returns the feed rows other nodes committed between what this node delivered ($8) and
+# this batch ($9): they go to on_publish first, and reading them here costs no round trip.
 _WRITE_NOTIFY = _WRITE_SQL.format(
     notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
 _WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
@@ -214,6 +218,11 @@ def unavailable_reason(exc: BaseException) -> str | None:
     if isinstance(exc, asyncpg.InterfaceError):
         text = str(exc)
         return _LOST if "closed" in text or "closing" in text else None
+    if isinstance(exc, asyncpg.InternalClientError):
+        # a pooled connection the server ended while idle, used before its end was read:
+        # the protocol meets the server's FATAL mid-statement (connections are never
+        # shared here, so nothing else confuses it)
+        return _LOST
     if isinstance(exc, asyncpg.CannotConnectNowError | asyncpg.AdminShutdownError
                   | asyncpg.CrashShutdownError):
         return _STARTING
@@ -393,7 +402,9 @@ class PgStore:
         self._catching_up: asyncio.Task[None] | None = None
         self._catch_up_again = False
         self._writer: GroupWriter | None = None
-        self._batch = (0, 0)  # (seq before, last seq) of the batch just committed
+        # the batch just committed: seq before it, its last seq, and the feed rows between
+        # the seq delivered when it was written and the seq before it (None: not all read)
+        self._batch: tuple[int, int, int, list[Any] | None] = (0, 0, 0, [])
         self._background: list[asyncio.Task[None]] = []
         self._outage: str | None = None
         self._outage_since = 0.0
@@ -424,8 +435,8 @@ class PgStore:
             reason = unavailable_reason(exc)
             if reason is None and isinstance(exc, asyncpg.PostgresError):
                 reason = f"{type(exc).__name__}: {exc}"  # the server's words, no URL in them
-            if reason is None and isinstance(exc, ValueError):
-                reason = "invalid PostgreSQL URL"
+            if reason is None and isinstance(exc, ValueError | OverflowError | TypeError):
+                reason = "invalid PostgreSQL URL"  # its text may quote the URL: not shown
             if reason is None:
                 raise
             raise StoreRefused(f"cannot open PostgreSQL database {self.where}: {reason}"
@@ -510,6 +521,14 @@ class PgStore:
             raise RuntimeError("store is not open")
         try:
             async with asyncio.timeout(self.timeout):
+                try:
+                    async with pool.acquire(timeout=self.timeout) as conn:
+                        return await fn(conn, *args)
+                except Exception as exc:
+                    if unavailable_reason(exc) != _LOST:
+                        raise
+                # the connection was found dead (the server restarted, or ended it):
+                # once more on another, within the same time
                 async with pool.acquire(timeout=self.timeout) as conn:
                     return await fn(conn, *args)
         except StorageUnavailable:
@@ -761,18 +780,33 @@ class PgStore:
                   ) -> Awaitable[None] | None:
         """After this node's commit: its changes go to on_publish after every earlier seq
         (committed by another node, not yet delivered here), then on_commit."""
-        prev, last = self._batch
-        if prev == self.last_seq and not self._feed_lock.locked():
+        prev, last, after, gap = self._batch
+        if not self._feed_lock.locked() and self._fill_gap(prev, after, gap):
             self._publish_local(outcomes, last)
             self._committed(outcomes, seconds)
             return None
-        return self._published_in_order(outcomes, seconds, prev, last)
+        return self._published_in_order(outcomes, seconds, prev, last, after, gap)
+
+    def _fill_gap(self, prev: int, after: int, gap: list[Any] | None) -> bool:
+        """Deliver the changes committed before this batch (seq up to `prev`) from the rows
+        the write statement returned; False if they do not cover them (read the feed)."""
+        delivered = self.last_seq
+        if prev <= delivered:
+            return True
+        if gap is None or delivered < after:
+            return False
+        rows = [row for row in gap if row[0] > delivered]
+        if not rows or rows[0][0] != delivered + 1 or rows[-1][0] != prev:
+            return False
+        self.last_seq = prev
+        self._hand_over([_feed_outcome(*row) for row in rows], False)
+        return True
 
     async def _published_in_order(self, outcomes: list[Outcome], seconds: float, prev: int,
-                                  last: int) -> None:
+                                  last: int, after: int, gap: list[Any] | None) -> None:
         async with self._feed_lock:
             try:
-                if prev > self.last_seq:
+                if not self._fill_gap(prev, after, gap):
                     await self._catch_up_locked(upto=prev)
             except StorageUnavailable:
                 pass  # this batch waits for the gap: a catch-up delivers both, in order
@@ -827,8 +861,10 @@ class PgStore:
                         prev = int(await conn.fetchval(
                             "SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE"))
                         outcomes, last, view = await self._apply(conn, ops, prev)
+                        after, gap = prev, []
                         if last > prev:
-                            await self._write(conn, view, last)
+                            after = self.last_seq
+                            gap = await self._write(conn, view, last, after, prev)
                             committing = True
                             await txn.commit()
                         else:  # nothing to write: let the counter go at once
@@ -851,7 +887,7 @@ class PgStore:
                 await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
             raise error from exc
         self._recovered()
-        self._batch = (prev, last)
+        self._batch = (prev, last, after, gap)
         return outcomes
 
     async def _apply(self, conn: asyncpg.Connection, ops: list[Operation], prev: int
@@ -924,14 +960,20 @@ class PgStore:
                 f" AND status IN {_ACTIVE_SQL} GROUP BY user_id", wanted):
             counts[user_id] = count
 
-    async def _write(self, conn: asyncpg.Connection, view: _Txn, last: int) -> None:
+    async def _write(self, conn: asyncpg.Connection, view: _Txn, last: int, after: int,
+                     prev: int) -> list[Any] | None:
+        """Write the batch; returns the feed rows in (after, prev] (None: more than a
+        page of them, so not all)."""
         if view.purged:  # deleted tasks (and their history) go before any row is written
             purged = list(view.purged)
             await conn.execute("DELETE FROM events WHERE task_id = ANY($1::text[])", purged)
             await conn.execute("DELETE FROM tasks WHERE task_id = ANY($1::text[])", purged)
         events, inserts, updates = view.rows()
-        await conn.fetchval(_WRITE_NOTIFY if self.notify else _WRITE_QUIET, events, inserts,
-                            updates, view.tombstones, view.feed, last, self.node)
+        rows = await conn.fetch(_WRITE_NOTIFY if self.notify else _WRITE_QUIET, events,
+                                inserts, updates, view.tombstones, view.feed, last, self.node,
+                                after, prev, FEED_PAGE)
+        gap = [tuple(row) for row in rows if row[0] is not None]
+        return None if len(gap) == FEED_PAGE else gap
 
     # ---- settings ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -24,6 +25,7 @@ from tests.conftest import (
     PRODUCER,
     auth,
     event,
+    expect_close,
     handshake,
     recv_until,
     register,
@@ -155,9 +157,7 @@ async def test_a_resume_on_a_node_behind_the_seq_it_was_sent_is_not_a_resync(mak
     ws = await ws_connect(a, 6)
     connected, _ = await handshake(ws)
     store_b = b.app[keys.STORE]
-    for task in store_b._background:  # B hears of nothing by itself from now on
-        task.cancel()
-    await store_b._listen.remove_listener("taskpush", store_b._notified)
+    await deafen(store_b)  # B hears of nothing by itself from now on
     await register(a, "ahead", 6)
     sent = (await recv_until(ws, lambda m: m.get("task_id") == "ahead"))[-1]["seq"]
     assert store_b.last_seq < sent
@@ -328,6 +328,15 @@ async def listening(pg_server: Any, pg_url: str, node: str) -> bool:
     return await backends(pg_server, pg_url, f"taskpush {node} listen") == 1
 
 
+async def deafen(store: Any) -> None:
+    """The node stops reading the feed by itself (no timer, no wake-ups): only what the
+    test asks for (`catch_up`) reaches its sockets."""
+    for task in store._background:
+        task.cancel()
+    async with store._listen_lock:
+        await store._listen.remove_listener("taskpush", store._notified)
+
+
 async def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
     """Wait for `condition()` (sync or async) to be true; fail after `timeout` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -459,3 +468,49 @@ async def test_the_database_password_is_never_logged_nor_shown(make_node, pg_ser
     everything = "\n".join([*bodies, caplog.text, message])
     assert pg_server.password not in everything
     assert "not-the-password-0123" not in everything
+
+
+async def test_a_node_that_lost_part_of_the_feed_closes_its_sockets_to_resume(make_node,
+                                                                               pg_url):
+    """Changes a node can no longer read (away longer than the feed is kept) are not
+    skipped silently: its sockets are closed with 1013, and clients resume by seq."""
+    a, b = await two_nodes(make_node)
+    store_b = b.app[keys.STORE]
+    await deafen(store_b)  # B reads nothing by itself from now on
+    ws = await ws_connect(b, 13)
+    await handshake(ws)
+    for i in range(3):
+        last = await register(a, f"lost-{i}", 13)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("DELETE FROM feed WHERE seq < $1", last["seq"])
+    finally:
+        await conn.close()
+    await store_b.catch_up(last["seq"])
+    code, _ = await expect_close(ws)
+    assert code == 1013
+    assert store_b.last_seq == last["seq"]
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def test_cluster_settings_are_flags_and_environment_variables() -> None:
+    import socket
+
+    from server.config import ConfigError, parse_config
+
+    args = ["--jwt-secret", "x" * 20]
+    config = parse_config([*args, "--node-timeout", "12.5", "--node-name", "eu-1"], {})
+    assert (config.node_timeout, config.node_name, config.node) == (12.5, "eu-1", "eu-1")
+    config = parse_config(args, {"TASKPUSH_NODE_NAME": "eu-2", "TASKPUSH_NODE_TIMEOUT": "3"})
+    assert (config.node_timeout, config.node) == (3.0, "eu-2")
+    config = parse_config([*args, "--port", "8123"], {})
+    assert (config.node_timeout, config.node) == (30.0, f"{socket.gethostname()}:8123")
+    for bad in (["--node-timeout", "0"], ["--node-timeout", "-1"], ["--node-name", "a\nb"],
+                ["--node-name", "x" * 201]):
+        with pytest.raises(ConfigError) as refused:
+            parse_config([*args, *bad], {})
+        assert bad[0] in str(refused.value)
+    shown = repr(parse_config([*args, "--db", "postgresql://u:hunter2hunter2@db/x"], {}))
+    assert "hunter2" not in shown and "postgresql://u:***@db/x" in shown

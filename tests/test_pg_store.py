@@ -194,6 +194,30 @@ async def test_writers_on_several_nodes_share_one_gapless_seq(pg_url: str) -> No
         await asyncio.gather(*(n.close() for n in nodes))
 
 
+async def test_a_commit_is_handed_over_after_every_earlier_seq_of_other_nodes(
+        pg_url: str) -> None:
+    """B hears of nothing by itself (no timer, no wake-ups); when it commits, what A
+    committed before goes to B's listeners first, as remote changes, then B's own."""
+    a, b = PgStore(pg_url, node_name="a"), PgStore(pg_url, node_name="b")
+    await a.open()
+    await b.open()
+    try:
+        for task in b._background:
+            task.cancel()
+        async with b._listen_lock:
+            await b._listen.remove_listener("taskpush", b._notified)
+        seen: list[tuple[int | None, bool]] = []
+        b.on_publish = lambda outcomes, local: seen.extend((o.seq, local) for o in outcomes)
+        for n in range(3):
+            await ok(a, Register(f"from-a-{n}", 1, "job"))
+        mine = await ok(b, Register("from-b", 1, "job"))
+        assert seen == [(1, False), (2, False), (3, False), (mine.seq, True)]
+        assert b.last_seq == mine.seq == 4
+    finally:
+        await a.close()
+        await b.close()
+
+
 # ---- the writer: one transaction per batch, each operation on its own ------------------
 
 
@@ -285,6 +309,23 @@ async def test_a_batch_that_loses_its_connection_is_tried_again(store: PgStore,
     assert outcome.ok and outcome.task is not None and outcome.task["status"] == "running"
     await holder
     assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'lost'") == [(2,)]
+
+
+async def test_connections_the_server_ended_are_replaced_unnoticed(store: PgStore,
+                                                                   pg_server: Any,
+                                                                   pg_url: str) -> None:
+    """The server ends the pooled connections while they are idle (a restart, an admin);
+    the next read and write, sent before the store has even read that news (psql runs on
+    the loop's thread here), are served by new connections."""
+    await ok(store, Register("ended", 1, "job"))
+    await store.get_task("ended")
+    database = pg_url.rsplit("/", 1)[1]
+    killed = pg_server.sql(TERMINATE.format(database=database, application="taskpush n1"))
+    assert int(killed) >= 1
+    task = await store.get_task("ended")
+    assert task is not None and task["status"] == "pending"
+    assert (await ok(store, Change("ended", "running"))).task["status"] == "running"
+    assert store.unavailable() is None
 
 
 async def test_a_write_past_the_timeout_is_answered_503(pg_url: str, pg_server: Any) -> None:
@@ -567,6 +608,8 @@ async def sessions(pg_server: Any, database: str, where: str, what: str = "count
         f" datname = '{database}' AND {where}"))
 
 
+TERMINATE = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+             " WHERE datname = '{database}' AND application_name = '{application}'")
 HOLDING = "application_name = 'psql' AND query LIKE '%pg_sleep%' AND state = 'active'"
 
 
