@@ -13,6 +13,7 @@ Skipped on a developer machine without the proxy, PostgreSQL or Chromium; a fail
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,6 +33,7 @@ from tests.cluster_support import (
     TIMEOUT,
     TOKEN_FLAGS,
     Watcher,
+    bearer,
     event,
     eventually,
     post,
@@ -155,6 +158,64 @@ async def holder(session: aiohttp.ClientSession, nodes: list[ServerProcess]
     found = await eventually(counts, 10, "one node holds the socket")
     k = found.index(1)
     return nodes[k], nodes[1 - k]
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> Any:
+    """(event, data) of a text/event-stream, as they arrive."""
+    kind, data = None, None
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif not line and kind is not None:
+            yield kind, data
+            kind, data = None, None
+
+
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])
+async def test_through_the_proxy_sse_and_long_polls_flow_unbuffered(
+        servers: Servers, pg_url: str, proxies: list[Proxy], tmp_path: Path,
+        kind: str) -> None:
+    """A Server-Sent Events stream and a long poll through the proxy, each released by a
+    change made through a node (any node: the proxy picked theirs): the documented
+    configuration does not buffer them."""
+    nodes = servers.cluster(pg_url, *TOKEN_FLAGS, *QUIET)
+    for node in nodes:
+        await asyncio.to_thread(node.start)
+    proxy = Proxy(kind, tmp_path, nodes)
+    proxies.append(proxy)
+    await asyncio.to_thread(proxy.start)
+    token = user_token(1)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        task = await register(session, proxy.url, "streamed")
+        async with session.get(f"{proxy.url}/api/task/stream?token={token}") as stream:
+            assert stream.status == 200
+            events = sse_events(stream)
+            assert (await asyncio.wait_for(anext(events), 10))[0] == "connected"
+            for node in nodes:  # a change through each node, each pushed at once
+                done = await event(session, node.url, "streamed", status="progress",
+                                   progress=10 + nodes.index(node))
+                while True:
+                    name, data = await asyncio.wait_for(anext(events), 10)
+                    if name == "task_status" and data["seq"] == done["seq"]:
+                        break
+
+        etag = f'"{done["seq"]}"'
+        held = {**bearer(token), "If-None-Match": etag}
+        url = f"{proxy.url}/api/task/task/streamed/status"
+        async with session.get(url + "?wait=1", headers=held) as resp:
+            assert resp.status == 304  # held for its second by a node, through the proxy
+        poll = asyncio.create_task(session.get(url + "?wait=30", headers=held))
+        async with session.get(proxy.url + "/healthz") as resp:  # a round trip meanwhile
+            assert resp.status == 200
+        assert not poll.done()
+        changed = await event(session, nodes[0].url, "streamed", status="completed")
+        async with await asyncio.wait_for(poll, 20) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["data"]["seq"] == changed["seq"]
+        assert changed["seq"] > task["seq"]
 
 
 @pytest.mark.parametrize("kind", ["nginx", "haproxy"])
