@@ -4,7 +4,8 @@
 -- Times of tasks are ISO-8601 UTC text, as in schema.sql (the API shows them verbatim);
 -- times the cluster itself keeps (nodes, feed) are the database's own clock.
 
--- One row per task: its current state and the seq of its latest change.
+-- One row per task: its current state and the seq of its latest change. The columns are
+-- model.Task's fields in their order (rows are read and written whole), then `node`.
 CREATE TABLE IF NOT EXISTS tasks (
     task_id          text PRIMARY KEY,
     user_id          bigint NOT NULL,
@@ -17,13 +18,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     error            text,
     error_type       text,
     metadata         text,               -- JSON
-    origin           text NOT NULL,      -- 'inprocess' | 'http'
-    node             text,               -- the node running an in-process task
-    cancel_requested boolean NOT NULL DEFAULT false,
     created_at       text NOT NULL,
     updated_at       text NOT NULL,
+    seq              bigint NOT NULL,    -- seq of the latest change
+    cancel_requested boolean NOT NULL DEFAULT false,
+    origin           text NOT NULL,      -- 'inprocess' | 'http'
     created_seq      bigint NOT NULL,    -- seq of the registration; stable paging cursor
-    seq              bigint NOT NULL     -- seq of the latest change
+    node             text                -- the node running an in-process task
 );
 
 -- One row per change of a task: the full history, seq is the global event number.

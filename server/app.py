@@ -192,8 +192,8 @@ async def end_gone_nodes_tasks(app: web.Application) -> int:
     gone = await store.gone_nodes_tasks()
     if not gone:
         return 0
-    ops = [Change(t["task_id"], "failed", error="the node running this task is gone",
-                  error_type=INTERRUPTED, expect_seq=t["seq"]) for t in gone]
+    ops = [Change(t.task_id, "failed", error="the node running this task is gone",
+                  error_type=INTERRUPTED, expect_seq=t.seq) for t in gone]
     ended = sum(1 for o in await app[keys.TASKS].apply_many(ops) if o.ok)
     if ended:
         log.warning("marked %d in-process task(s) of gone node(s) as interrupted", ended)

@@ -33,7 +33,7 @@ def update_for(outcome: Outcome) -> protocol.Update | None:
     if not outcome.news or task is None or outcome.seq is None:
         return None  # refused, or an idempotent retry: nothing new
     if outcome.kind is Kind.DELETED:
-        return protocol.deleted_update(task["task_id"], task["user_id"], outcome.seq)
+        return protocol.deleted_update(task.task_id, task.user_id, outcome.seq)
     return protocol.status_update(task)
 
 

@@ -12,8 +12,12 @@ import enum
 import math
 import secrets
 import time
+import typing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
+
+import msgspec
+from msgspec.structs import asdict
 
 from .errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
 
@@ -21,26 +25,63 @@ STATUSES = ("pending", "running", "progress", "completed", "failed", "cancelled"
 ACTIVE = frozenset({"pending", "running", "progress"})
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
-# Public fields of a task, in the order they are documented (SPEC `<task>`).
-TASK_FIELDS = (
-    "task_id",
-    "user_id",
-    "task_type",
-    "status",
-    "progress",
-    "message",
-    "step",
-    "result",
-    "error",
-    "error_type",
-    "metadata",
-    "created_at",
-    "updated_at",
-    "seq",
-    "cancel_requested",
-)
+_T = TypeVar("_T")
+INTERNAL = "internal"  # a column clients never see
+FIXED = "fixed"  # set at registration, never moved by a change
+Internal = Annotated[_T, INTERNAL]
+Fixed = Annotated[_T, FIXED]
 
-Task = dict[str, Any]
+
+class Task(msgspec.Struct):
+    """A task: the one declaration of its fields. The public JSON (`public`, the pushed
+    `task_status`, REST answers, the OpenAPI schema) is its fields in this order, minus
+    the `Internal` ones; each engine's columns are all of them, and the UPDATE of a change
+    sets those not `Fixed`. A field typed `Any` is stored as JSON text, `bool` as 0/1.
+
+    A msgspec Struct rather than a dataclass: built from a row, or copied for a change, in
+    C, and `public` is one C call (docs/performance.md)."""
+
+    task_id: Fixed[str]
+    user_id: Fixed[int]
+    task_type: Fixed[str]
+    status: str
+    progress: float
+    message: str | None
+    step: str | None
+    result: Any
+    error: str | None
+    error_type: str | None
+    metadata: Fixed[Any]
+    created_at: Fixed[str]
+    updated_at: str
+    seq: int
+    cancel_requested: bool
+    origin: Internal[Fixed[str]] = "http"  # 'http' | 'inprocess'
+    created_seq: Internal[Fixed[int]] = 0  # seq of the registration: a stable paging cursor
+
+
+def _marked(hint: Any, mark: str) -> bool:
+    while typing.get_origin(hint) is Annotated:
+        if mark in hint.__metadata__:
+            return True
+        hint = hint.__origin__
+    return False
+
+
+def _unmarked(hint: Any) -> Any:
+    while typing.get_origin(hint) is Annotated:
+        hint = hint.__origin__
+    return hint
+
+
+_HINTS = typing.get_type_hints(Task, include_extras=True)
+TASK_TYPES: dict[str, Any] = {name: _unmarked(hint) for name, hint in _HINTS.items()}
+TASK_COLUMNS = tuple(_HINTS)  # every field, in declaration order
+# Public fields of a task, in the order they are documented (SPEC `<task>`).
+TASK_FIELDS = tuple(name for name, hint in _HINTS.items() if not _marked(hint, INTERNAL))
+INTERNAL_FIELDS = tuple(name for name in TASK_COLUMNS if name not in TASK_FIELDS)
+CHANGING_FIELDS = tuple(name for name, hint in _HINTS.items() if not _marked(hint, FIXED))
+TaskJSON = dict[str, Any]  # a task as clients see it (`public`)
 _UNSET: Any = object()
 
 
@@ -157,61 +198,50 @@ class Outcome:
 
 def same_registration(task: Task, op: Register) -> bool:
     return (
-        task["user_id"] == op.user_id
-        and task["task_type"] == op.task_type
-        and task["metadata"] == op.metadata
+        task.user_id == op.user_id
+        and task.task_type == op.task_type
+        and task.metadata == op.metadata
     )
 
 
 def next_state(task: Task, change: Change, seq: int, now: str) -> Task:
     """The task after `change`, or TaskFinal if it already reached a terminal state."""
-    if task["status"] in TERMINAL:
-        extra = {"cancel_requested": True} if task.get("cancel_requested") else {}
-        raise TaskFinal(f"task {task['task_id']} is already {task['status']}", **extra)
-    new = dict(task)
-    new["status"] = change.status
+    if task.status in TERMINAL:
+        extra = {"cancel_requested": True} if task.cancel_requested else {}
+        raise TaskFinal(f"task {task.task_id} is already {task.status}", **extra)
+    new = task.__copy__()
+    new.status = change.status
     if change.progress is not None:
-        new["progress"] = change.progress
+        new.progress = change.progress
     elif change.status == "completed":
-        new["progress"] = 100
+        new.progress = 100
     for name in ("message", "step", "error", "error_type"):
         value = getattr(change, name)
         if value is not None:
-            new[name] = value
+            setattr(new, name, value)
     if change.result is not _UNSET:
-        new["result"] = change.result
+        new.result = change.result
     if change.cancel_requested:
-        new["cancel_requested"] = True
-    new["updated_at"] = now
-    new["seq"] = seq
+        new.cancel_requested = True
+    new.updated_at = now
+    new.seq = seq
     return new
 
 
 def new_task(op: Register, task_id: str, seq: int, now: str) -> Task:
-    return {
-        "task_id": task_id,
-        "user_id": op.user_id,
-        "task_type": op.task_type,
-        "status": "pending",
-        "progress": 0,
-        "message": None,
-        "step": None,
-        "result": None,
-        "error": None,
-        "error_type": None,
-        "metadata": op.metadata,
-        "created_at": now,
-        "updated_at": now,
-        "seq": seq,
-        "cancel_requested": False,
-        "origin": op.origin,
-        "created_seq": seq,
-    }
+    return Task(task_id=task_id, user_id=op.user_id, task_type=op.task_type,
+                status="pending", progress=0, message=None, step=None, result=None,
+                error=None, error_type=None, metadata=op.metadata, created_at=now,
+                updated_at=now, seq=seq, cancel_requested=False, origin=op.origin,
+                created_seq=seq)
 
 
-def public(task: Task) -> Task:
+def public(task: Task) -> TaskJSON:
     """The task as clients see it (drops internal columns)."""
-    return {name: task[name] for name in TASK_FIELDS}
+    out = asdict(task)
+    for name in INTERNAL_FIELDS:
+        del out[name]
+    return out
 
 
 class TxnView(Protocol):
@@ -244,14 +274,14 @@ def apply_op(view: TxnView, op: Operation, seq: int, now: str) -> tuple[Outcome,
     try:
         if isinstance(op, Change):  # the hot path, inline
             task = view.load(op.task_id)
-            if task is None or (op.owner is not None and task["user_id"] != op.owner):
+            if task is None or (op.owner is not None and task.user_id != op.owner):
                 raise NotFound(f"task {op.task_id} not found")
             if op.idem_key is not None:
                 done = view.applied_with_key(op.task_id, op.idem_key)
                 if done is not None:
                     outcome.task, outcome.seq, outcome.kind = task, done, Kind.UNCHANGED
                     return outcome, seq
-            if op.expect_seq is not None and task["seq"] != op.expect_seq:
+            if op.expect_seq is not None and task.seq != op.expect_seq:
                 outcome.refuse()  # the task moved since the caller looked: not applied
                 outcome.task = task
                 return outcome, seq
@@ -274,7 +304,7 @@ def _register(view: TxnView, op: Register, seq: int, now: str, outcome: Outcome)
         if existing is not None:
             if not same_registration(existing, op):
                 raise Conflict(f"task {op.task_id} already exists with a different body")
-            outcome.task, outcome.seq = existing, existing["seq"]
+            outcome.task, outcome.seq = existing, existing.seq
             outcome.kind = Kind.UNCHANGED
             return seq
     if op.max_active is not None:
@@ -293,10 +323,10 @@ def _register(view: TxnView, op: Register, seq: int, now: str, outcome: Outcome)
 
 def _delete(view: TxnView, op: Delete, seq: int, now: str, outcome: Outcome) -> int:
     task = view.load(op.task_id)
-    if task is None or (op.owner is not None and task["user_id"] != op.owner):
+    if task is None or (op.owner is not None and task.user_id != op.owner):
         raise NotFound(f"task {op.task_id} not found")
-    if task["status"] in ACTIVE and not op.allow_active:
-        raise TaskActive(f"task {op.task_id} is {task['status']}; cancel it first")
+    if task.status in ACTIVE and not op.allow_active:
+        raise TaskActive(f"task {op.task_id} is {task.status}; cancel it first")
     seq += 1  # the tombstone's seq is above every deleted event's: seq never goes back
     view.deleted(task, seq, now)
     outcome.task, outcome.seq, outcome.kind = task, seq, Kind.DELETED

@@ -25,7 +25,8 @@ from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from .errors import BadRequest, NotFound, StorageUnavailable, TaskFinal
-from .model import Task, public
+from .model import TaskJSON as Task
+from .model import public
 from .tasks import TaskService
 from .validate import event_body, register_body
 

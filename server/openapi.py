@@ -10,6 +10,8 @@ every routed path appears here.
 
 from __future__ import annotations
 
+import types as types_
+import typing
 from typing import Any
 
 import msgspec
@@ -17,7 +19,7 @@ import msgspec
 from . import contract
 from .config import Config
 from .contract import IntQuery
-from .model import STATUSES
+from .model import STATUSES, TASK_FIELDS, TASK_TYPES
 
 VERSION = "0.1.0"
 JSON = "application/json"
@@ -155,32 +157,56 @@ STATUS_ENUM = {"type": "string", "enum": list(STATUSES)}
 SEQ = {"type": "integer", "format": "int64", "minimum": 0}
 
 
-def schemas(config: Config) -> dict[str, Schema]:
-    task = {
-        "type": "object",
-        "required": ["task_id", "user_id", "task_type", "status", "progress", "created_at",
-                     "updated_at", "seq", "cancel_requested"],
-        "properties": {
-            "task_id": {"type": "string", "maxLength": contract.LIMITS.task_id},
-            "user_id": {"type": "integer", "format": "int64", "minimum": 0},
-            "task_type": {"type": "string", "maxLength": contract.LIMITS.task_type},
-            "status": STATUS_ENUM,
-            "progress": {"type": "number", "minimum": 0, "maximum": 100},
-            "message": nullable({"type": "string"}),
-            "step": nullable({"type": "string"}),
-            "result": _any("Any JSON value the producer reported on completion"),
-            "error": nullable({"type": "string"}),
-            "error_type": nullable({"type": "string", "description":
-                                    "e.g. 'stale' (no change for --stale-after seconds), "
-                                    "'interrupted' (in-process job ended by a restart)"}),
-            "metadata": _any("Any JSON value given at registration"),
-            "created_at": {"type": "string", "format": "date-time"},
-            "updated_at": {"type": "string", "format": "date-time"},
-            "seq": {**SEQ, "description": "Global event number of the task's latest change"},
-            "cancel_requested": {"type": "boolean",
-                                 "description": "The user cancelled this task"},
-        },
+def _field_schema(hint: Any) -> Schema:
+    """A Task field's JSON Schema from its declared type."""
+    if hint is Any:
+        return {"nullable": True}
+    types = typing.get_args(hint) if isinstance(hint, types_.UnionType) else (hint,)
+    schema: Schema = {}
+    for kind in types:
+        if kind is type(None):
+            schema["nullable"] = True
+        else:
+            schema.update(_JSON_TYPES[kind])
+    return schema
+
+
+_JSON_TYPES: dict[Any, Schema] = {
+    str: {"type": "string"}, int: {"type": "integer", "format": "int64"},
+    float: {"type": "number"}, bool: {"type": "boolean"},
+}
+
+
+def task_schema() -> Schema:
+    """The Task: model.Task's public fields in their declared order, each typed from its
+    declaration (required unless it may be null), with the bounds and prose written here."""
+    details: dict[str, Schema] = {
+        "task_id": {"maxLength": contract.LIMITS.task_id},
+        "user_id": {"minimum": 0},
+        "task_type": {"maxLength": contract.LIMITS.task_type},
+        "status": STATUS_ENUM,
+        "progress": {"minimum": 0, "maximum": 100},
+        "result": _any("Any JSON value the producer reported on completion"),
+        "error_type": {"description": "e.g. 'stale' (no change for --stale-after seconds), "
+                                      "'interrupted' (in-process job ended by a restart)"},
+        "metadata": _any("Any JSON value given at registration"),
+        "created_at": {"format": "date-time"},
+        "updated_at": {"format": "date-time"},
+        "seq": {**SEQ, "description": "Global event number of the task's latest change"},
+        "cancel_requested": {"description": "The user cancelled this task"},
     }
+    properties: dict[str, Schema] = {}
+    for name in TASK_FIELDS:
+        properties[name] = {**_field_schema(TASK_TYPES[name]), **details.get(name, {})}
+    return {
+        "type": "object",
+        "required": [name for name in TASK_FIELDS if not properties[name].get("nullable")],
+        "properties": properties,
+    }
+
+
+def schemas(config: Config) -> dict[str, Schema]:
+    task = task_schema()
     return {
         "Task": task,
         "Envelope": {

@@ -41,11 +41,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from msgspec.structs import asdict, astuple
 
 from . import jsonutil
 from .errors import StorageUnavailable
 from .model import (
     ACTIVE,
+    TASK_COLUMNS,
+    TASK_TYPES,
     Change,
     Delete,
     Kind,
@@ -82,13 +85,12 @@ RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0  # the listening connection's backoff
 RETRY_PAUSE = 0.1  # seconds before a batch that lost its connection is tried again
 PAGE_LIMIT = 1000  # task rows one page read fetches at most
 PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
+MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
 _SCHEMA_LOCK = 0x7461736B70757368  # 'taskpush': the advisory lock around schema creation
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
-_TASK_COLUMNS = (
-    "task_id, user_id, task_type, status, progress, message, step, result, error, "
-    "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
-)
+# the tasks table's columns are model.Task's fields, in order, then `node`
+_TASK_COLUMNS = ", ".join(TASK_COLUMNS)
 
 # The one write statement of a batch: rows passed as arrays of the tables' own row types.
 _WRITE_SQL = """
@@ -118,6 +120,38 @@ SELECT f.seq, f.kind, f.task FROM (SELECT {notify}) n LEFT JOIN LATERAL (
 _WRITE_NOTIFY = _WRITE_SQL.format(
     notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
 _WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
+
+# A page of a snapshot: rows in order until about a byte budget is reached (at least one),
+# cut by the server, so a page of large tasks never crosses the wire, nor sits in memory,
+# whole; `more` says whether a row follows the last one.
+_ROW_BYTES = ("200 + coalesce(length(message), 0) + coalesce(length(step), 0)"
+              " + coalesce(length(result), 0) + coalesce(length(error), 0)"
+              " + coalesce(length(error_type), 0) + coalesce(length(metadata), 0)")
+_SEQ = TASK_COLUMNS.index("seq")
+
+
+def _page_sql(where: str, order: str, budget: str) -> str:
+    return (
+        f"SELECT {_TASK_COLUMNS}, more FROM ("
+        f"SELECT {_TASK_COLUMNS}, sum(size) OVER w - size AS before,"
+        f" lead(true, 1, false) OVER w AS more FROM ("
+        f"SELECT {_TASK_COLUMNS}, {_ROW_BYTES} AS size FROM tasks WHERE {where}"
+        f" ORDER BY {order} LIMIT {PAGE_LIMIT + 1}) s"
+        f" WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) t"
+        f" WHERE before < {budget} ORDER BY {order}")
+
+
+_ACTIVE_PAGE_SQL = _page_sql(f"user_id = $1 AND status IN {_ACTIVE_SQL} AND created_seq > $2",
+                             "created_seq", "$3")
+_CHANGES_PAGE_SQL = _page_sql("user_id = $1 AND seq > $2 AND seq <= $3", "seq", "$4")
+
+
+def _page(rows: list[Any]) -> tuple[list[Any], bool]:
+    """A page's task rows (without the flag), and whether more follow."""
+    if len(rows) > PAGE_LIMIT:
+        return [row[:-1] for row in rows[:PAGE_LIMIT]], True
+    return [row[:-1] for row in rows], bool(rows) and rows[-1][-1]
+
 
 # ---- text the database cannot hold -------------------------------------------------------
 # PostgreSQL text cannot hold U+0000, which a message may carry: stored escaped (U+FFFF as
@@ -156,42 +190,40 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+# column value -> field value, by the field's declared type (3.0 is the progress 3)
+_FROM_COLUMN = {Any: _loads, float: _number}
+_READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
+              if TASK_TYPES[name] in _FROM_COLUMN)
+_JSON = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
+# free text (not ids, which are printable): may hold a NUL, stored escaped
+_FREE = tuple(TASK_COLUMNS.index(name) for name in ("message", "step", "error", "error_type"))
+_PROGRESS = TASK_COLUMNS.index("progress")
+
+
 def _row_to_task(row: Any) -> Task:
-    (task_id, user_id, task_type, status, progress, message, step, result, error, error_type,
-     metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq) = row
-    return {
-        "task_id": task_id,
-        "user_id": user_id,
-        "task_type": task_type,
-        "status": status,
-        "progress": _number(progress),
-        "message": _get(message),
-        "step": _get(step),
-        "result": _loads(result),
-        "error": _get(error),
-        "error_type": _get(error_type),
-        "metadata": _loads(metadata),
-        "created_at": created_at,
-        "updated_at": updated_at,
-        "seq": seq,
-        "cancel_requested": bool(cancel_requested),
-        "origin": origin,
-        "created_seq": created_seq,
-    }
-
-
-def _row_bytes(row: Any) -> int:
-    """About what a task row weighs once serialized (its text fields dominate)."""
-    return 200 + sum(len(v) for v in row[4:11] if isinstance(v, str))
+    values = list(row[:len(TASK_COLUMNS)])
+    for i, convert in _READ:
+        values[i] = convert(values[i])
+    for i in _FREE:
+        values[i] = _get(values[i])
+    return Task(*values)
 
 
 def _task_row(task: Task, node: str | None) -> tuple[Any, ...]:
-    """A `tasks` row (the table's column order) for a task."""
-    return (task["task_id"], task["user_id"], task["task_type"], task["status"],
-            float(task["progress"]), _put(task["message"]), _put(task["step"]),
-            _dumps(task["result"]), _put(task["error"]), _put(task["error_type"]),
-            _dumps(task["metadata"]), task["origin"], node, bool(task["cancel_requested"]),
-            task["created_at"], task["updated_at"], task["created_seq"], task["seq"])
+    """A `tasks` row (model.Task's fields in order, then the node) for a task."""
+    values = list(astuple(task))
+    for i in _JSON:
+        values[i] = _dumps(values[i])
+    for i in _FREE:
+        values[i] = _put(values[i])
+    values[_PROGRESS] = float(values[_PROGRESS])
+    values.append(node)
+    return tuple(values)
+
+
+def _task_json(task: Task) -> str:
+    """The task as a feed row carries it (every field, internal ones too)."""
+    return jsonutil.dumps(asdict(task))
 
 
 # ---- failures -----------------------------------------------------------------------------
@@ -321,38 +353,38 @@ class _Txn:
             self.user_delta[user_id] = self.user_delta.get(user_id, 0) + delta
 
     def changed(self, task: Task, now: str, key: str | None) -> None:
-        task_id, seq = task["task_id"], task["seq"]
+        task_id, seq = task.task_id, task.seq
         before = self.load(task_id)
-        self._moved(task["user_id"], before["status"] if before else None, task["status"])
+        self._moved(task.user_id, before.status if before else None, task.status)
         self.overlay[task_id] = task
         self.events.setdefault(task_id, []).append((
-            seq, task_id, task["status"], float(task["progress"]), _put(task["message"]),
-            _put(task["step"]), _dumps(task["result"]), _put(task["error"]),
-            _put(task["error_type"]), now, key))
-        self.feed.append((seq, "changed", jsonutil.dumps(task), None))
+            seq, task_id, task.status, float(task.progress), _put(task.message),
+            _put(task.step), _dumps(task.result), _put(task.error), _put(task.error_type),
+            now, key))
+        self.feed.append((seq, "changed", _task_json(task), None))
         if key is not None:
             self.keys[(task_id, key)] = seq
 
     def created(self, task: Task, now: str) -> None:
-        task_id, seq = task["task_id"], task["seq"]
-        self._moved(task["user_id"], None, task["status"])
+        task_id, seq = task.task_id, task.seq
+        self._moved(task.user_id, None, task.status)
         self.overlay[task_id] = task
         self.inserted.add(task_id)
         self.events.setdefault(task_id, []).append((
             seq, task_id, "pending", 0.0, None, None, None, None, None, now, None))
-        self.feed.append((seq, "created", jsonutil.dumps(task), None))
+        self.feed.append((seq, "created", _task_json(task), None))
 
     def deleted(self, task: Task, seq: int, now: str) -> None:
-        task_id = task["task_id"]
-        self._moved(task["user_id"], task["status"], None)
+        task_id = task.task_id
+        self._moved(task.user_id, task.status, None)
         self.overlay[task_id] = None
         self.events.pop(task_id, None)  # the history goes with the task
         if task_id in self.inserted:
             self.inserted.discard(task_id)
         if self.stored.get(task_id) is not None:
             self.purged.add(task_id)
-        self.tombstones.append((seq, task_id, task["user_id"], now))
-        self.feed.append((seq, "deleted", jsonutil.dumps(task), None))
+        self.tombstones.append((seq, task_id, task.user_id, now))
+        self.feed.append((seq, "deleted", _task_json(task), None))
 
     def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]],
                             list[tuple[Any, ...]]]:
@@ -362,7 +394,7 @@ class _Txn:
         for task_id, task in self.overlay.items():
             if task is None:
                 continue
-            node = self.node if task["origin"] == "inprocess" else None
+            node = self.node if task.origin == "inprocess" else None
             if task_id in self.inserted or task_id in self.purged:
                 inserts.append(_task_row(task, node))
             else:
@@ -471,6 +503,12 @@ class PgStore:
                         f"PostgreSQL database {self.where} has schema version {version},"
                         f" newer than this taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
             await conn.execute(schema)
+            columns = tuple(await conn.fetchval(
+                "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
+                " WHERE attrelid = 'tasks'::regclass AND attnum > 0 AND NOT attisdropped"))
+            if columns != (*TASK_COLUMNS, "node"):  # rows are written whole, in that order
+                raise StoreRefused(f"PostgreSQL database {self.where}: the tasks table's"
+                                   f" columns are not this taskpush's: {', '.join(columns)}")
             await conn.execute("INSERT INTO settings VALUES ('epoch', $1)"
                                " ON CONFLICT (key) DO NOTHING", uuid.uuid4().hex)
             settings = dict(await conn.fetch("SELECT key, value FROM settings"
@@ -896,14 +934,13 @@ class PgStore:
         ids: set[str] = set()
         keys: list[tuple[str, str]] = []
         users: set[int] = set()
-        predicted: set[str] = set()
+        generated: dict[str, int] = {}  # task type -> the last op that names one of it
         for index, op in enumerate(ops):
             if isinstance(op, Register):
                 if op.task_id is not None:
                     ids.add(op.task_id)
-                elif len(predicted) < PREDICT_IDS:  # the id it would get: type_seq
-                    predicted.update(f"{op.task_type}_{s}"
-                                     for s in range(prev + 1, prev + index + 2))
+                else:
+                    generated[op.task_type] = index
                 if op.max_active is not None:
                     users.add(op.user_id)
             else:
@@ -911,6 +948,12 @@ class PgStore:
                 if (isinstance(op, Change) and op.idem_key is not None
                         and _storable(op.task_id) and _storable(op.idem_key)):
                     keys.append((op.task_id, op.idem_key))
+        # the names generated ids may get (type_seq, seq at most one per op so far)
+        predicted: set[str] = set()
+        for task_type, index in generated.items():
+            if len(predicted) + index >= PREDICT_IDS:
+                break  # the rest is read if asked for (a miss)
+            predicted.update(f"{task_type}_{s}" for s in range(prev + 1, prev + index + 2))
         stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
         known_keys: dict[tuple[str, str], int] = {}
         counts: dict[int, int] = {}
@@ -924,7 +967,7 @@ class PgStore:
                 known_keys[(task_id, key)] = seq
         if users:
             await self._count(conn, users, counts)
-        while True:
+        for _ in range(MAX_PASSES):
             view = _Txn(stored, known_keys, counts, self.node)
             now = utc_now()
             seq = prev
@@ -940,6 +983,7 @@ class PgStore:
             await self._load(conn, missed_ids, stored)
             if missed_users:
                 await self._count(conn, missed_users, counts)
+        raise RuntimeError(f"the rules still asked for unread rows after {MAX_PASSES} passes")
 
     @staticmethod
     async def _load(conn: asyncpg.Connection, ids: list[str],
@@ -1069,34 +1113,17 @@ class PgStore:
             changes.extend(items)
         return Snapshot(seq, active, changes)
 
-    @staticmethod
-    def _fill(rows: Iterable[Any], max_bytes: int) -> list[Any]:
-        """Rows until about `max_bytes` are taken (at least one row)."""
-        taken: list[Any] = []
-        total = 0
-        for row in rows:
-            taken.append(row)
-            total += _row_bytes(row)
-            if total >= max_bytes:
-                break
-        return taken
-
     async def active_page(self, user_id: int, after: int, max_bytes: int
                           ) -> tuple[list[Task], int | None]:
         """The user's active tasks with created_seq above `after`, in created_seq order, as
         many as fit in about `max_bytes` (at least one); the cursor for the next page, None
         at the end."""
         async def read(conn: asyncpg.Connection) -> list[Any]:
-            return await conn.fetch(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1"
-                f" AND status IN {_ACTIVE_SQL} AND created_seq > $2 ORDER BY created_seq"
-                " LIMIT $3", user_id, after, PAGE_LIMIT + 1)
+            return await conn.fetch(_ACTIVE_PAGE_SQL, user_id, after, max_bytes)
 
-        rows = await self._run(read)
-        taken = self._fill(rows, max_bytes)
-        more = len(rows) > len(taken)
-        tasks = [_row_to_task(row) for row in taken]
-        return tasks, (tasks[-1]["created_seq"] if more else None)
+        rows, more = _page(await self._run(read))
+        tasks = [_row_to_task(row) for row in rows]
+        return tasks, (tasks[-1].created_seq if more else None)
 
     async def changes_page(self, user_id: int, after: int, upto: int, max_bytes: int
                            ) -> tuple[list[Task | tuple[str, int]], int | None] | None:
@@ -1111,13 +1138,9 @@ class PgStore:
                 self.horizon = max(self.horizon, horizon)
                 if after < horizon:
                     return None
-                rows = await conn.fetch(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
-                    " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after, upto,
-                    PAGE_LIMIT + 1)
-                taken = self._fill(rows, max_bytes)
-                more = len(rows) > len(taken)
-                top = taken[-1][-1] if more else upto
+                taken, more = _page(await conn.fetch(_CHANGES_PAGE_SQL, user_id, after, upto,
+                                                     max_bytes))
+                top = taken[-1][_SEQ] if more else upto
                 deleted = await conn.fetch(
                     "SELECT task_id, seq FROM tombstones WHERE user_id = $1 AND seq > $2"
                     " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after, top, PAGE_ROWS)
@@ -1129,12 +1152,12 @@ class PgStore:
         rows, more, top, deleted = got
         if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
             top = deleted[-1][1]
-            rows = [row for row in rows if row[-1] <= top]
+            rows = [row for row in rows if row[_SEQ] <= top]
             more = True
         changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
         if deleted:
             changed.extend((row[0], row[1]) for row in deleted)
-            changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
+            changed.sort(key=lambda item: item.seq if isinstance(item, Task) else item[1])
         return changed, (top if more else None)
 
     async def history_page(self, task_id: str, after: int, limit: int
@@ -1218,14 +1241,13 @@ _KINDS = {"created": Kind.CREATED, "changed": Kind.CHANGED, "deleted": Kind.DELE
 
 def _feed_outcome(seq: int, kind: str, text: str) -> Outcome:
     """A change another node committed, as the outcome its own node handed over."""
-    task = jsonutil.loads(text)
-    task_id = task["task_id"]
+    task = Task(**jsonutil.loads(text))
     op: Operation
     if kind == "deleted":
-        op = Delete(task_id)
+        op = Delete(task.task_id)
     elif kind == "created":
-        op = Register(task_id, task["user_id"], task["task_type"], task["metadata"],
-                      origin=task.get("origin", "http"))
+        op = Register(task.task_id, task.user_id, task.task_type, task.metadata,
+                      origin=task.origin)
     else:
-        op = Change(task_id, task["status"])
+        op = Change(task.task_id, task.status)
     return Outcome(op, task=task, kind=_KINDS[kind], seq=seq)

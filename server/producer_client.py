@@ -32,7 +32,8 @@ import aiohttp
 
 from . import notify
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TaskPushError, TooLarge, TooMany
-from .model import TERMINAL, Task
+from .model import TERMINAL
+from .model import TaskJSON as Task
 
 log = logging.getLogger(__name__)
 

@@ -184,8 +184,7 @@ class Update:
 
 def status_update(task: Task) -> Update:
     """A task's current state as pushed (serialized once, shared by every socket)."""
-    return Update(task["task_id"], task["user_id"], task["seq"], task["status"],
-                  task_status(task))
+    return Update(task.task_id, task.user_id, task.seq, task.status, task_status(task))
 
 
 def deleted_update(task_id: str, user_id: int, seq: int) -> Update:

@@ -51,7 +51,7 @@ async def read_object(request: web.Request) -> dict[str, Any]:
 
 
 def _etag(task: Task) -> str:
-    return f'"{task["seq"]}"'
+    return f'"{task.seq}"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -68,7 +68,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 async def _own_task(request: web.Request, identity: Identity, task_id: str) -> Task:
     task = await request.app[keys.STORE].get_task(task_id)
-    if task is None or task["user_id"] != identity.user_id:
+    if task is None or task.user_id != identity.user_id:
         raise NotFound(f"task {task_id} not found")
     return task
 
@@ -111,7 +111,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     before = query_int(query.get("before"), limits.cursor("before"))
     seq = store.last_seq  # read first: a poller resuming from it misses nothing
     tasks = await store.list_tasks(identity.user_id, status=status, limit=limit, before=before)
-    next_before = tasks[-1]["created_seq"] if len(tasks) == limit else None
+    next_before = tasks[-1].created_seq if len(tasks) == limit else None
     return ok({"tasks": [public(t) for t in tasks], "count": len(tasks),
                "next_before": next_before, "seq": seq, "epoch": store.epoch})
 

@@ -208,7 +208,7 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
         first, last = True, False
         while not last:
             tasks, last = await active.next()
-            tasks = [task for task in tasks if mark_sent(task["task_id"], task["seq"])]
+            tasks = [task for task in tasks if mark_sent(task.task_id, task.seq)]
             if last and resume.since is not None:
                 # every active page is read: the replay's first page may be read now
                 changes = _Pages(read_changes, resume.since, ahead=ahead)
@@ -225,9 +225,9 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
             assert changes is not None
             items, last = await changes.next()
             for item in items:
-                if isinstance(item, dict):
-                    if mark_sent(item["task_id"], item["seq"]):
-                        out.message(protocol.task_status(item), item["seq"])
+                if not isinstance(item, tuple):  # a task (a tuple is a tombstone)
+                    if mark_sent(item.task_id, item.seq):
+                        out.message(protocol.task_status(item), item.seq)
                 else:
                     task_id, deleted_seq = item
                     if mark_sent(task_id, deleted_seq):

@@ -38,14 +38,26 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from operator import attrgetter
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import aiosqlite
+from msgspec.structs import astuple
 
 from . import jsonutil
 from .errors import StorageUnavailable
-from .model import Delete, Operation, Outcome, Task, apply_op, utc_now
+from .model import (
+    CHANGING_FIELDS,
+    TASK_COLUMNS,
+    TASK_TYPES,
+    Delete,
+    Operation,
+    Outcome,
+    Task,
+    apply_op,
+    utc_now,
+)
 from .store import (
     PAGE_BYTES,
     PAGE_ROWS,
@@ -76,10 +88,25 @@ PROBE_BYTES = 8192  # a probe writes (then deletes) this much: it needs fresh pa
 TASK_CACHE_SIZE = 20_000  # tasks as last committed by the writer, most recent kept
 _ACTIVE_SQL = "('pending', 'running', 'progress')"
 _TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
-_TASK_COLUMNS = (
-    "task_id, user_id, task_type, status, progress, message, step, result, error, "
-    "error_type, metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq"
-)
+# the tasks table's columns are model.Task's fields: rows are read and written in that order
+_TASK_COLUMNS = ", ".join(TASK_COLUMNS)
+_SEQ = TASK_COLUMNS.index("seq")
+_JSON_COLUMNS = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
+_TEXT = slice(TASK_COLUMNS.index("message"), TASK_COLUMNS.index("metadata") + 1)
+# What a change writes: the fields a change moves, the plain ones read in one C call, then
+# `result`, the one JSON field a change moves (status first: a change that keeps it leaves
+# it out of the UPDATE, sparing the status indexes).
+_CHANGING_PLAIN = tuple(name for name in CHANGING_FIELDS if TASK_TYPES[name] is not Any)
+assert _CHANGING_PLAIN[0] == "status"
+assert tuple(name for name in CHANGING_FIELDS if TASK_TYPES[name] is Any) == ("result",)
+_changing_plain = attrgetter(*_CHANGING_PLAIN)
+_UPDATE_SQL = ("UPDATE tasks SET " + ", ".join(f"{name} = ?" for name in _CHANGING_PLAIN)
+               + ", result = ? WHERE task_id = ?")
+_UPDATE_SAME_STATUS_SQL = ("UPDATE tasks SET "
+                           + ", ".join(f"{name} = ?" for name in _CHANGING_PLAIN[1:])
+                           + ", result = ? WHERE task_id = ?")
+_INSERT_SQL = (f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
+               f" ({', '.join('?' for _ in TASK_COLUMNS)})")
 
 
 def _schema_version(schema: str) -> int:
@@ -127,32 +154,29 @@ def _number(value: float) -> float | int:
 
 
 def _row_bytes(row: tuple[Any, ...]) -> int:
-    """About what a task row weighs once serialized (its text fields dominate)."""
-    return 200 + sum(len(v) for v in row[4:11] if isinstance(v, str))
+    """About what a task row weighs once serialized (its free-text fields dominate)."""
+    return 200 + sum(len(v) for v in row[_TEXT] if isinstance(v, str))
+
+
+# column value -> field value, by the field's declared type (REAL 3.0 is the integer 3)
+_FROM_COLUMN = {Any: _loads, bool: bool, float: _number}
+_READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
+              if TASK_TYPES[name] in _FROM_COLUMN)
 
 
 def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
-    (task_id, user_id, task_type, status, progress, message, step, result, error, error_type,
-     metadata, origin, cancel_requested, created_at, updated_at, created_seq, seq) = row
-    return {
-        "task_id": task_id,
-        "user_id": user_id,
-        "task_type": task_type,
-        "status": status,
-        "progress": _number(progress),
-        "message": message,
-        "step": step,
-        "result": _loads(result),
-        "error": error,
-        "error_type": error_type,
-        "metadata": _loads(metadata),
-        "created_at": created_at,
-        "updated_at": updated_at,
-        "seq": seq,
-        "cancel_requested": bool(cancel_requested),
-        "origin": origin,
-        "created_seq": created_seq,
-    }
+    values = list(row)
+    for i, convert in _READ:
+        values[i] = convert(values[i])
+    return Task(*values)
+
+
+def _task_row(task: Task) -> list[Any]:
+    """The task's column values (JSON fields as text; sqlite3 stores a bool as 0/1)."""
+    values = list(astuple(task))
+    for i in _JSON_COLUMNS:
+        values[i] = _dumps(values[i])
+    return values
 
 
 def _connect_sync(conn: sqlite3.Connection, busy_ms: int = int(DB_TIMEOUT * 1000)) -> None:
@@ -242,7 +266,7 @@ class _Txn:
             task = _select_task(self.conn, task_id)
         self.overlay[task_id] = task
         if task is not None:
-            self.stored_status.setdefault(task_id, task["status"])
+            self.stored_status.setdefault(task_id, task.status)
         return task
 
     def applied_with_key(self, task_id: str, key: str) -> int | None:
@@ -255,14 +279,11 @@ class _Txn:
         return None if row is None else int(row[0])
 
     def changed(self, task: Task, now: str, key: str | None) -> None:
-        task_id, seq, result = task["task_id"], task["seq"], _dumps(task["result"])
+        task_id, seq, result = task.task_id, task.seq, _dumps(task.result)
         self.overlay[task_id] = task
-        self.events.append((seq, task_id, task["status"], task["progress"], task["message"],
-                            task["step"], result, task["error"], task["error_type"], now,
-                            key))
-        self.updates[task_id] = (task["status"], task["progress"], task["message"],
-                                 task["step"], result, task["error"], task["error_type"],
-                                 int(task["cancel_requested"]), now, seq, task_id)
+        self.events.append((seq, task_id, task.status, task.progress, task.message,
+                            task.step, result, task.error, task.error_type, now, key))
+        self.updates[task_id] = (*_changing_plain(task), result, task_id)
         if key is not None:
             self.keys[(task_id, key)] = seq
 
@@ -275,28 +296,23 @@ class _Txn:
         return int(count)
 
     def created(self, task: Task, now: str) -> None:
-        task_id, seq = task["task_id"], task["seq"]
+        task_id, seq = task.task_id, task.seq
         self.flush()  # the INSERT lands after every row of the batch so far
-        self.conn.execute(
-            f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
-            " (?, ?, ?, 'pending', 0, NULL, NULL, NULL, NULL, NULL, ?, ?, 0, ?, ?, ?, ?)",
-            (task_id, task["user_id"], task["task_type"], _dumps(task["metadata"]),
-             task["origin"], now, now, task["created_seq"], seq),
-        )
+        self.conn.execute(_INSERT_SQL, _task_row(task))
         self.overlay[task_id] = task
         self.stored_status[task_id] = "pending"
         self.events.append((seq, task_id, "pending", 0, None, None, None, None, None, now,
                             None))
 
     def deleted(self, task: Task, seq: int, now: str) -> None:
-        task_id = task["task_id"]
+        task_id = task.task_id
         self.flush()  # no pending row of this task may land after its deletion
         conn = self.conn
         conn.execute("DELETE FROM events WHERE task_id = ?", (task_id,))
         conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
         conn.execute(
             "INSERT INTO tombstones (seq, task_id, user_id, deleted_at) VALUES (?, ?, ?, ?)",
-            (seq, task_id, task["user_id"], now),
+            (seq, task_id, task.user_id, now),
         )
         self.overlay[task_id] = None
 
@@ -313,15 +329,9 @@ class _Txn:
                 (same if row[0] == self.stored_status.get(task_id) else other).append(row)
                 self.stored_status[task_id] = row[0]
             if other:
-                self.conn.executemany(
-                    "UPDATE tasks SET status = ?, progress = ?, message = ?, step = ?,"
-                    " result = ?, error = ?, error_type = ?, cancel_requested = ?,"
-                    " updated_at = ?, seq = ? WHERE task_id = ?", other)
+                self.conn.executemany(_UPDATE_SQL, other)
             if same:  # status unchanged: leaving it out of SET spares the status indexes
-                self.conn.executemany(
-                    "UPDATE tasks SET progress = ?, message = ?, step = ?, result = ?,"
-                    " error = ?, error_type = ?, cancel_requested = ?, updated_at = ?,"
-                    " seq = ? WHERE task_id = ?", [row[1:] for row in same])
+                self.conn.executemany(_UPDATE_SAME_STATUS_SQL, [row[1:] for row in same])
             self.updates = {}
 
     def publish_to_cache(self) -> None:
@@ -891,7 +901,7 @@ class SqliteStore:
         finally:
             cursor.close()
         tasks = [_row_to_task(row) for row in rows]
-        return tasks, (tasks[-1]["created_seq"] if more else None)
+        return tasks, (tasks[-1].created_seq if more else None)
 
     def _changes_page(self, conn: sqlite3.Connection, user_id: int, after: int, upto: int,
                       max_bytes: int) -> tuple[list[Task | tuple[str, int]], int | None] | None:
@@ -908,7 +918,7 @@ class SqliteStore:
         finally:
             cursor.close()
         # the tombstones up to the last task row read (all of them when that was the end)
-        top = rows[-1][-1] if more else upto
+        top = rows[-1][_SEQ] if more else upto
         deleted = conn.execute(
             "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ? AND seq <= ?"
             " ORDER BY seq LIMIT ?",
@@ -916,12 +926,12 @@ class SqliteStore:
         ).fetchall()
         if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
             top = deleted[-1][1]
-            rows = [row for row in rows if row[-1] <= top]
+            rows = [row for row in rows if row[_SEQ] <= top]
             more = True
         changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
         if deleted:
             changed.extend(tuple(row) for row in deleted)
-            changed.sort(key=lambda item: item["seq"] if isinstance(item, dict) else item[1])
+            changed.sort(key=lambda item: item.seq if isinstance(item, Task) else item[1])
         return changed, (top if more else None)
 
     async def history_page(self, task_id: str, after: int, limit: int

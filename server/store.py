@@ -10,7 +10,7 @@ a write, and `unavailable()` says so for /healthz without waiting on anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,7 +67,7 @@ class Store(Protocol):
 
     async def submit(self, op: Operation) -> Outcome: ...
 
-    async def submit_many(self, ops: Any) -> list[Outcome]: ...
+    async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]: ...
 
     def unavailable(self) -> str | None:
         """Why writes are refused now ("storage unavailable: ..."), or None; never waits."""

@@ -29,14 +29,14 @@ async def sweep_once(app: web.Application) -> tuple[int, int]:
     now = time.time()
     stale = await store.active_before(utc_iso(now - config.stale_after))
     ops = [
-        Change(t["task_id"], "failed", error=f"no update for {config.stale_after:g} seconds",
-               error_type=STALE, expect_seq=t["seq"])
+        Change(t.task_id, "failed", error=f"no update for {config.stale_after:g} seconds",
+               error_type=STALE, expect_seq=t.seq)
         for t in stale
     ]
     marked = sum(1 for o in await tasks.apply_many(ops) if o.ok) if ops else 0
     cutoff = utc_iso(now - config.retention_days * 86400)
     old = await store.finished_before(cutoff)
-    deletes = [Delete(t["task_id"]) for t in old]
+    deletes = [Delete(t.task_id) for t in old]
     deleted = sum(1 for o in await tasks.apply_many(deletes) if o.ok) if deletes else 0
     await store.purge_tombstones(cutoff)
     if marked or deleted:

@@ -41,7 +41,7 @@ class TaskService:
     async def change(self, op: Change) -> Task:
         outcome = await self._one(op)
         assert outcome.task is not None
-        if outcome.task["status"] in TERMINAL:
+        if outcome.task.status in TERMINAL:
             self._runners.pop(op.task_id, None)  # nothing left to interrupt
         return outcome.task
 
@@ -81,10 +81,9 @@ class TaskService:
         in-process coroutine runs here interrupts it, as a cancel through this node does."""
         for outcome in outcomes:
             task = outcome.task
-            if (task is None or task["status"] != "cancelled"
-                    or not task.get("cancel_requested")):
+            if task is None or task.status != "cancelled" or not task.cancel_requested:
                 continue
-            runner = self._runners.pop(task["task_id"], None)
+            runner = self._runners.pop(task.task_id, None)
             if (runner is not None and not runner.done()
                     and runner is not asyncio.current_task()):
                 runner.cancel()
@@ -97,14 +96,14 @@ class TaskService:
         """
         tasks = await self.store.active_by_origin("inprocess")
         ops = [
-            Change(t["task_id"], "failed", error=reason, error_type=INTERRUPTED)
+            Change(t.task_id, "failed", error=reason, error_type=INTERRUPTED)
             for t in tasks
         ]
         outcomes = await self.apply_many(ops) if ops else []
         # Only the coroutines of the tasks just interrupted: a runner may be a long-lived
         # task that merely called the API (a handler, a program's main task), possibly the
         # very task running this shutdown; cancelling it would abort the shutdown itself.
-        interrupted = {t["task_id"] for t in tasks}
+        interrupted = {t.task_id for t in tasks}
         current = asyncio.current_task()
         runners = {r for task_id, r in self._runners.items()
                    if task_id in interrupted and r is not current and not r.done()}

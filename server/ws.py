@@ -492,7 +492,7 @@ async def _subscribe(conn: Connection, task_id: str, request: web.Request) -> No
     try:
         task: Task | None = await app[keys.STORE].get_task(task_id)
         allowed = conn.identity.is_admin or (
-            task is not None and task["user_id"] == conn.user_id)
+            task is not None and task.user_id == conn.user_id)
     except StorageUnavailable:
         # an `error` the client can retry; the socket stays open (SPEC "Storage unavailable")
         raise protocol.ProtocolError("unavailable",

@@ -31,10 +31,10 @@ class Recorder:
 
 
 def task(task_id: str, user_id: int, seq: int, status: str = "progress", **kw: Any) -> Task:
-    t: Task = {name: None for name in TASK_FIELDS}
-    t.update(task_id=task_id, user_id=user_id, task_type="x", status=status, progress=0,
-             seq=seq, cancel_requested=False, created_at="c", updated_at="u", **kw)
-    return t
+    fields: dict[str, Any] = {name: None for name in TASK_FIELDS}
+    fields.update(task_id=task_id, user_id=user_id, task_type="x", status=status, progress=0,
+                  seq=seq, cancel_requested=False, created_at="c", updated_at="u", **kw)
+    return Task(**fields)
 
 
 def changed(task_id: str, user_id: int, seq: int, status: str = "progress") -> Outcome:

@@ -76,21 +76,21 @@ class DictView:
         from server.model import ACTIVE
 
         return sum(1 for t in self.tasks.values()
-                   if t["user_id"] == user_id and t["status"] in ACTIVE)
+                   if t.user_id == user_id and t.status in ACTIVE)
 
     def changed(self, task: Any, now: str, key: str | None) -> None:
-        self.tasks[task["task_id"]] = task
+        self.tasks[task.task_id] = task
         if key is not None:
-            self.keys[(task["task_id"], key)] = task["seq"]
-        self.writes.append(("changed", task["task_id"], task["seq"]))
+            self.keys[(task.task_id, key)] = task.seq
+        self.writes.append(("changed", task.task_id, task.seq))
 
     def created(self, task: Any, now: str) -> None:
-        self.tasks[task["task_id"]] = task
-        self.writes.append(("created", task["task_id"], task["seq"]))
+        self.tasks[task.task_id] = task
+        self.writes.append(("created", task.task_id, task.seq))
 
     def deleted(self, task: Any, seq: int, now: str) -> None:
-        del self.tasks[task["task_id"]]
-        self.writes.append(("deleted", task["task_id"], seq))
+        del self.tasks[task.task_id]
+        self.writes.append(("deleted", task.task_id, seq))
 
 
 NOW = "2026-01-01T00:00:00.000Z"
@@ -124,8 +124,8 @@ def test_apply_register_creates_a_pending_task_with_the_next_seq() -> None:
     outcome, seq = _apply(view, Register("t", 7, "job", {"k": 1}, origin="inprocess"), 41)
     assert (outcome.kind, outcome.seq, seq) == (Kind.CREATED, 42, 42)
     task = view.tasks["t"]
-    assert (task["status"], task["user_id"], task["metadata"], task["origin"],
-            task["created_seq"], task["created_at"]) == ("pending", 7, {"k": 1}, "inprocess",
+    assert (task.status, task.user_id, task.metadata, task.origin,
+            task.created_seq, task.created_at) == ("pending", 7, {"k": 1}, "inprocess",
                                                          42, NOW)
     assert view.writes == [("created", "t", 42)]
 
@@ -147,9 +147,9 @@ def test_apply_register_names_a_task_after_its_type_and_seq_avoiding_a_taken_id(
 
     view, seq = _view_with(("job_3", 1, "pending"))  # the id generated at seq 3, taken
     outcome, seq = _apply(view, Register(None, 1, "job"), seq)
-    assert outcome.task["task_id"] == "job_2"
+    assert outcome.task.task_id == "job_2"
     outcome, seq = _apply(view, Register(None, 1, "job"), seq)
-    taken = outcome.task["task_id"]
+    taken = outcome.task.task_id
     assert taken.startswith("job_3_") and taken != "job_3" and len(view.tasks) == 3
 
 
@@ -175,7 +175,7 @@ def test_apply_change_of_another_users_or_a_missing_task_is_not_found() -> None:
         outcome, after = _apply(view, op, seq)
         assert isinstance(outcome.error, NotFound) and after == seq
     outcome, _ = _apply(view, Change("t", "progress", progress=5, owner=1), seq)
-    assert outcome.ok and outcome.task["progress"] == 5
+    assert outcome.ok and outcome.task.progress == 5
 
 
 def test_apply_change_with_an_applied_idempotency_key_changes_nothing() -> None:
@@ -185,7 +185,7 @@ def test_apply_change_with_an_applied_idempotency_key_changes_nothing() -> None:
     first, seq = _apply(view, Change("t", "progress", progress=5, idem_key="k1"), seq)
     again, after = _apply(view, Change("t", "progress", progress=9, idem_key="k1"), seq)
     assert (again.kind, again.seq, after) == (Kind.UNCHANGED, first.seq, seq)
-    assert view.tasks["t"]["progress"] == 5 and len(view.writes) == 1
+    assert view.tasks["t"].progress == 5 and len(view.writes) == 1
     other, after = _apply(view, Change("t", "progress", progress=9, idem_key="k2"), seq)
     assert other.kind is Kind.CHANGED and after == seq + 1
 
@@ -196,7 +196,7 @@ def test_apply_change_with_a_stale_expect_seq_is_refused_without_error() -> None
     view, seq = _view_with(("t", 1, "running"))
     outcome, after = _apply(view, Change("t", "failed", expect_seq=seq - 1), seq)
     assert (outcome.kind, outcome.error, after) == (Kind.REFUSED, None, seq)
-    assert outcome.task["status"] == "running" and view.writes == []
+    assert outcome.task.status == "running" and view.writes == []
     outcome, after = _apply(view, Change("t", "failed", expect_seq=seq), seq)
     assert outcome.kind is Kind.CHANGED and after == seq + 1
 
@@ -225,3 +225,28 @@ def test_apply_delete_needs_a_finished_task_of_the_owner() -> None:
     outcome, after = _apply(view, Delete("run", allow_active=True), after)
     assert outcome.kind is Kind.DELETED and view.tasks == {}
     assert view.writes == [("deleted", "done", seq + 1), ("deleted", "run", seq + 2)]
+
+
+def test_a_task_is_declared_once_and_its_public_json_drops_internal_fields() -> None:
+    """Task's fields give the public JSON (in order), the columns and what a change moves."""
+    from server.model import (
+        CHANGING_FIELDS,
+        INTERNAL_FIELDS,
+        TASK_COLUMNS,
+        TASK_FIELDS,
+        Register,
+        Task,
+        new_task,
+        public,
+    )
+
+    assert Task.__struct_fields__ == TASK_COLUMNS
+    assert TASK_FIELDS + INTERNAL_FIELDS == TASK_COLUMNS
+    assert INTERNAL_FIELDS == ("origin", "created_seq")
+    assert set(CHANGING_FIELDS) == {"status", "progress", "message", "step", "result",
+                                    "error", "error_type", "updated_at", "seq",
+                                    "cancel_requested"}
+    task = new_task(Register("t", 1, "job", {"m": 1}, origin="inprocess"), "t", 3, NOW)
+    shown = public(task)
+    assert tuple(shown) == TASK_FIELDS and shown["metadata"] == {"m": 1}
+    assert (task.origin, task.created_seq) == ("inprocess", 3)

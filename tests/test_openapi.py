@@ -166,3 +166,16 @@ async def test_docs_page_is_served_and_self_contained(client: Any) -> None:
     # no CDN, no external stylesheet or script
     assert not re.search(r"<(script|link)[^>]+(src|href)=", html)
     assert "http://" not in html and "https://" not in html
+
+
+def test_the_task_schema_is_model_tasks_public_fields(config: Config) -> None:
+    """Declared once: the schema's properties are model.Task's public fields in their
+    order, typed from the declaration; internal columns never show."""
+    from server.model import INTERNAL_FIELDS
+
+    task = openapi_document(config)["components"]["schemas"]["Task"]
+    assert tuple(task["properties"]) == TASK_FIELDS
+    assert not set(INTERNAL_FIELDS) & set(task["properties"])
+    assert task["properties"]["progress"]["type"] == "number"
+    assert task["properties"]["message"] == {"type": "string", "nullable": True}
+    assert "message" not in task["required"] and "seq" in task["required"]

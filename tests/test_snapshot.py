@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from server import keys, protocol, snapshot
-from server.model import Change, Delete, Register
+from server.model import Change, Delete, Register, Task
 from server.snapshot import ByteBudget
 from tests.conftest import (
     API_KEY,
@@ -98,12 +98,11 @@ def holds_the_whole_budget(app: Any) -> Any:
 # ---- sans I/O --------------------------------------------------------------------------
 
 
-def _task(n: int) -> dict[str, Any]:
-    return {"task_id": f"t{n}", "user_id": 1, "task_type": "x", "status": "running",
-            "progress": n, "message": None, "step": None, "result": None, "error": None,
-            "error_type": None, "metadata": {"n": n, "s": "é\u2028"}, "created_at": "c",
-            "updated_at": "u", "seq": n, "cancel_requested": False, "origin": "http",
-            "created_seq": n}
+def _task(n: int) -> Task:
+    return Task(task_id=f"t{n}", user_id=1, task_type="x", status="running", progress=n,
+                message=None, step=None, result=None, error=None, error_type=None,
+                metadata={"n": n, "s": "é\u2028"}, created_at="c", updated_at="u", seq=n,
+                cancel_requested=False, origin="http", created_seq=n)
 
 
 @pytest.mark.parametrize("pages", [[], [[0]], [[0, 1], [2], [3, 4, 5]]])

@@ -72,7 +72,7 @@ async def test_schema_is_applied_idempotently(store: Store, db_path: Path) -> No
     store = await reopen(store)  # schema.sql runs again on an existing database
     try:
         task = await store.get_task("t1")
-        assert task is not None and task["metadata"] == {"k": "v"}
+        assert task is not None and task.metadata == {"k": "v"}
         tables = {r[0] for r in rows(db_path, "SELECT name FROM sqlite_master"
                                               " WHERE type = 'table'")}
         assert {"tasks", "events", "tombstones", "settings"} <= tables
@@ -228,7 +228,7 @@ async def test_terminal_state_is_final(store: Store, db_path: Path) -> None:
         assert outcome.error.status == 409
     task = await store.get_task("t")
     assert task is not None
-    assert (task["status"], task["progress"], task["message"], task["result"], task["seq"]) \
+    assert (task.status, task.progress, task.message, task.result, task.seq) \
         == ("completed", 100, None, {"n": 1}, done.seq)
     assert rows(db_path, "SELECT count(*) FROM events WHERE task_id = 't'") == [(2,)]
 
@@ -245,7 +245,7 @@ async def test_register_is_idempotent_and_conflicts_on_a_different_body(
         store: Store, db_path: Path) -> None:
     first = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
     assert first.kind is Kind.CREATED
-    assert first.task is not None and first.task["status"] == "pending"
+    assert first.task is not None and first.task.status == "pending"
     seq = store.last_seq
     again = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
     assert again.kind is not Kind.CREATED and again.seq == first.seq and store.last_seq == seq
@@ -262,9 +262,9 @@ async def test_register_is_idempotent_and_conflicts_on_a_different_body(
 async def test_register_without_id_names_the_task_after_its_type(store: Store) -> None:
     outcome = await ok(store, Register(None, 1, "export"))
     assert outcome.task is not None
-    assert outcome.task["task_id"] == f"export_{outcome.seq}"
+    assert outcome.task.task_id == f"export_{outcome.seq}"
     other = await ok(store, Register(None, 1, "export"))
-    assert other.task is not None and other.task["task_id"] != outcome.task["task_id"]
+    assert other.task is not None and other.task.task_id != outcome.task.task_id
 
 
 async def test_active_task_limit(store: Store) -> None:
@@ -286,7 +286,7 @@ async def test_conditional_change_is_skipped_when_the_task_moved(store: Store) -
     assert outcome.kind is Kind.REFUSED and not outcome.ok and outcome.error is None
     assert store.last_seq == seq
     task = await store.get_task("s")
-    assert task is not None and task["status"] == "progress"
+    assert task is not None and task.status == "progress"
 
 
 async def test_each_operation_reports_the_kind_of_what_it_did(store: Store) -> None:
@@ -333,9 +333,9 @@ async def test_snapshot_reports_deletions_after_since_in_seq_order(store: Store)
 
     snap = await store.snapshot(1, since)
     assert snap.seq == store.last_seq
-    assert [t["task_id"] for t in snap.active] == ["live"]
+    assert [t.task_id for t in snap.active] == ["live"]
     assert snap.changes is not None
-    assert [c if isinstance(c, tuple) else (c["task_id"], c["seq"]) for c in snap.changes] \
+    assert [c if isinstance(c, tuple) else (c.task_id, c.seq) for c in snap.changes] \
         == [("old", gone.seq), ("live", store.last_seq - 1)]
     assert (await store.snapshot(1, None)).changes is None
 
@@ -525,7 +525,7 @@ async def test_a_sweep_and_a_large_batch_share_the_writer_safely(store: Store) -
         store.submit(Change("t", "progress", progress=7)),
     )
     assert all(o.error is None for o in results[0]) and results[2].error is None
-    assert (await store.get_task("t"))["seq"] == store.last_seq
+    assert (await store.get_task("t")).seq == store.last_seq
 
 
 async def test_a_cancelled_worker_write_keeps_the_writer_to_itself(store: Store) -> None:

@@ -191,7 +191,7 @@ async def test_a_task_that_moves_between_the_sweeps_read_and_write_stays_alive(
 
     async def read_then_producer_moves(updated_before: str, limit: int = 500) -> list[Any]:
         rows = await read_active_before(updated_before, limit)
-        read.extend(row["task_id"] for row in rows)
+        read.extend(row.task_id for row in rows)
         await event(client, "racing", "progress", progress=60, message="still here")
         return rows
 
@@ -207,3 +207,37 @@ async def test_a_task_that_moves_between_the_sweeps_read_and_write_stays_alive(
     assert statuses["racing"]["progress"] == 60 and statuses["racing"]["error_type"] is None
     assert statuses["quiet"]["status"] == "failed"
     assert statuses["quiet"]["error_type"] == "stale"
+
+
+async def test_the_periodic_sweep_runs_only_while_the_store_says_this_node_leads(
+        make_client: MakeClient, monkeypatch: Any) -> None:
+    """Cluster mode runs the sweeps on one node (`store.lead("sweep")`); a node that does
+    not lead skips its passes and takes over when it does."""
+    client = await make_client(stale_after=0.2, sweep_interval=0.05)
+    store = app_of(client)[keys.STORE]
+    asked: list[str] = []
+    leads = False
+
+    async def lead(name: str) -> bool:
+        asked.append(name)
+        return leads
+
+    monkeypatch.setattr(store, "lead", lead)
+    await register(client, "quiet", 1)
+    loop = asyncio.get_running_loop()
+    stale_from = loop.time() + 0.2
+
+    async def status() -> str:
+        task = await store.get_task("quiet")
+        return task.status
+
+    deadline = loop.time() + 10
+    while loop.time() < stale_from or len(asked) < 3:  # passes due while the task is stale
+        assert loop.time() < deadline, "the sweep loop stopped asking"
+        await asyncio.sleep(0.02)
+    assert set(asked) == {"sweep"}
+    assert await status() == "pending"  # not this node's job
+    leads = True
+    while await status() != "failed":
+        assert loop.time() < deadline, "the leading node never swept"
+        await asyncio.sleep(0.02)

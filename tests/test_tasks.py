@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+
 from server import keys
 from server.notify import task_notification_service
 
@@ -28,7 +30,8 @@ async def test_runner_entries_do_not_pile_up(client: Any) -> None:
 
 async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
         client: Any) -> None:
-    """Cluster mode: the store hands changes committed elsewhere to the service; a cancel
+    """Cluster mode: the store hands changes another node committed to its `on_publish`
+    listener (local=False), which the app wires to the service; a cancel
     (status cancelled with cancel_requested) of a task whose coroutine runs here stops it,
     a worker's own report of 'cancelled' (no cancel requested) does not."""
     from server.model import Change, Outcome
@@ -48,12 +51,13 @@ async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
         await asyncio.wait_for(event.wait(), 10)
 
     async def elsewhere(task_id: str, cancel_requested: bool) -> Outcome:
-        task = dict(await client.app[keys.STORE].get_task(task_id), status="cancelled",
-                    cancel_requested=cancel_requested)
+        task = msgspec.structs.replace(await client.app[keys.STORE].get_task(task_id),
+                                       status="cancelled", cancel_requested=cancel_requested)
         return Outcome(Change(task_id, "cancelled"), task=task)
 
     tasks.changes_committed_elsewhere([await elsewhere("b", False)])
-    tasks.changes_committed_elsewhere([await elsewhere("a", True)])
+    store = client.app[keys.STORE]
+    store.on_publish([await elsewhere("a", True)], False)  # as the app wired it
     await asyncio.wait_for(asyncio.wait([runners["a"]]), 10)
     assert runners["a"].cancelled()
     assert not runners["b"].done()

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import msgspec
 import pytest
 
 from server import model, validate
@@ -239,25 +241,24 @@ def test_status_param() -> None:
 
 # ---- model: next_state and friends -----------------------------------------------------
 
-def a_task(status: str = "pending", **fields: object) -> dict:
+def a_task(status: str = "pending", **fields: Any) -> model.Task:
     task = new_task(Register("t", 1, "report", {"m": 1}), "t", 5, "2024-01-01T00:00:00.000Z")
-    task.update(status=status, **fields)
-    return task
+    return msgspec.structs.replace(task, status=status, **fields)
 
 
 def test_new_task_is_pending_with_every_public_field() -> None:
     task = a_task()
-    assert set(model.TASK_FIELDS) <= set(task)
-    assert task["status"] == "pending" and task["progress"] == 0
-    assert task["seq"] == 5 and task["created_at"] == task["updated_at"]
-    assert task["cancel_requested"] is False and task["metadata"] == {"m": 1}
+    assert set(model.TASK_FIELDS) <= set(task.__struct_fields__)
+    assert task.status == "pending" and task.progress == 0
+    assert task.seq == 5 and task.created_at == task.updated_at
+    assert task.cancel_requested is False and task.metadata == {"m": 1}
 
 
 @pytest.mark.parametrize("status", sorted(model.TERMINAL))
 @pytest.mark.parametrize("target", model.STATUSES)
 def test_terminal_states_are_final(status: str, target: str) -> None:
     task = a_task(status)
-    before = dict(task)
+    before = msgspec.structs.replace(task)
     with pytest.raises(TaskFinal, match=status) as info:
         next_state(task, Change("t", target, progress=10), 6, "now")
     assert task == before
@@ -276,38 +277,38 @@ def test_refusal_after_user_cancel_tells_the_producer() -> None:
 @pytest.mark.parametrize("target", model.STATUSES)
 def test_active_states_move_anywhere(status: str, target: str) -> None:
     new = next_state(a_task(status), Change("t", target), 6, "later")
-    assert new["status"] == target and new["seq"] == 6 and new["updated_at"] == "later"
+    assert new.status == target and new.seq == 6 and new.updated_at == "later"
 
 
 def test_next_state_keeps_unset_fields_and_does_not_mutate() -> None:
     task = a_task("progress", progress=30, message="m1", step="s1", result={"r": 1})
-    before = dict(task)
+    before = msgspec.structs.replace(task)
     new = next_state(task, Change("t", "progress", progress=60), 9, "t9")
     assert task == before
-    assert new["progress"] == 60
-    assert (new["message"], new["step"], new["result"]) == ("m1", "s1", {"r": 1})
-    assert new["created_at"] == task["created_at"]
+    assert new.progress == 60
+    assert (new.message, new.step, new.result) == ("m1", "s1", {"r": 1})
+    assert new.created_at == task.created_at
     cleared = next_state(task, Change("t", "progress", result=None), 10, "t10")
-    assert cleared["result"] is None and cleared["progress"] == 30
+    assert cleared.result is None and cleared.progress == 30
 
 
 def test_completed_defaults_progress_to_100() -> None:
     done = next_state(a_task("progress", progress=30), Change("t", "completed", result=[1]),
                       7, "t")
-    assert done["progress"] == 100 and done["result"] == [1]
+    assert done.progress == 100 and done.result == [1]
     partial = next_state(a_task("progress", progress=30),
                          Change("t", "completed", progress=80), 7, "t")
-    assert partial["progress"] == 80
+    assert partial.progress == 80
     failed = next_state(a_task("progress", progress=30),
                         Change("t", "failed", error="e", error_type="X"), 7, "t")
-    assert failed["progress"] == 30 and (failed["error"], failed["error_type"]) == ("e", "X")
+    assert failed.progress == 30 and (failed.error, failed.error_type) == ("e", "X")
 
 
 def test_cancel_sets_cancel_requested() -> None:
     new = next_state(a_task("running"), Change("t", "cancelled", cancel_requested=True), 7, "t")
-    assert new["cancel_requested"] is True
-    assert next_state(a_task("running"), Change("t", "cancelled"), 7, "t")[
-        "cancel_requested"] is False
+    assert new.cancel_requested is True
+    assert next_state(a_task("running"), Change("t", "cancelled"), 7, "t"
+                      ).cancel_requested is False
 
 
 def test_same_registration() -> None:
@@ -319,7 +320,7 @@ def test_same_registration() -> None:
 
 
 def test_public_drops_internal_columns_in_documented_order() -> None:
-    task = {**a_task(), "origin": "http", "created_seq": 5}
+    task = a_task(origin="http", created_seq=5)
     shown = public(task)
     assert tuple(shown) == model.TASK_FIELDS
     assert "origin" not in shown and "created_seq" not in shown
