@@ -35,19 +35,13 @@ from tests.conftest import (
     recv_until,
     ws_connect,
 )
-from tests.engines import Engine, engine_fixture
+from tests.engines import ENGINES, Engine, engine_fixture
 from tests.procs import ServerProcess, servers_fixture
 from tests.test_flood import raw_socket
 from tests.test_slow_consumer import rss_kb, stuck_client
 
 servers = pytest.fixture(servers_fixture, name="servers")
-# On PostgreSQL a snapshot page is fetched whole (up to 1000 rows) before it is cut to
-# its byte budget, so concurrent connects hold far more than a few pages: RSS grows past
-# the bound (pg_store.active_page / changes_page; found by running this test there).
-engine = pytest.fixture(engine_fixture, name="engine", params=[
-    "sqlite", pytest.param("postgresql", marks=pytest.mark.xfail(
-        strict=True, reason="pg_store reads a snapshot page's rows whole before cutting it "
-        "to its byte budget"))])
+engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
 
 
 async def fill_with_large_active_tasks(store: Any) -> None:
