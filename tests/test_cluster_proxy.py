@@ -194,6 +194,8 @@ async def test_through_the_proxy_sse_and_long_polls_flow_unbuffered(
             assert stream.status == 200
             events = sse_events(stream)
             assert (await asyncio.wait_for(anext(events), 10))[0] == "connected"
+            # a change committed before the snapshot is read comes in it, not after it
+            assert (await asyncio.wait_for(anext(events), 10))[0] == "active_tasks"
             for node in nodes:  # a change through each node, each pushed at once
                 done = await event(session, node.url, "streamed", status="progress",
                                    progress=10 + nodes.index(node))
