@@ -234,6 +234,12 @@ async def test_through_the_proxy_a_change_via_the_other_node_and_a_node_killed(
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         for task_id in ("via_other", "while_down", "after"):
             await register(session, proxy.url, task_id)
+        # a producer batch of about 200 KB goes through too
+        batch = [{"task_id": "via_other", "status": "progress", "progress": k % 40,
+                  "message": "m" * 600} for k in range(300)]
+        results = (await post(session, f"{proxy.url}/api/task/events", {"events": batch},
+                              PRODUCER))["results"]
+        assert all(r["ok"] for r in results)
         client = Watcher(session, 1, token)
         await client.connect(proxy.ws_url)
         held, other = await holder(session, nodes)
