@@ -13,7 +13,7 @@ the `BatchCommitter`. A batch is one transaction that first locks the one row of
 seq follows commit order and every statement after the lock sees every earlier commit
 (the rules' reads, `model.apply_op` over `_Txn`, are race-free). The batch's tasks are read
 in one statement, its rows written in one more (arrays of table rows, unnested), together
-with one `feed` row per seq and a NOTIFY carrying the last seq.
+with one `feed` row per seq and a NOTIFY carrying the last seq and the node's name.
 
 The feed is how changes reach every node's sockets: after a commit, or on a NOTIFY (only a
 wake-up, never the data), on start, after the listening connection comes back and every
@@ -47,6 +47,7 @@ from . import jsonutil
 from .errors import StorageUnavailable
 from .model import (
     ACTIVE,
+    CHANGING_FIELDS,
     TASK_COLUMNS,
     TASK_TYPES,
     Change,
@@ -99,10 +100,7 @@ WITH ev AS (
 ), ins AS (
     INSERT INTO tasks SELECT * FROM unnest($2::tasks[])
 ), upd AS (
-    UPDATE tasks t SET status = u.status, progress = u.progress, message = u.message,
-        step = u.step, result = u.result, error = u.error, error_type = u.error_type,
-        cancel_requested = u.cancel_requested, updated_at = u.updated_at, seq = u.seq
-    FROM unnest($3::tasks[]) u WHERE t.task_id = u.task_id
+    UPDATE tasks t SET {changing} FROM unnest($3::tasks[]) u WHERE t.task_id = u.task_id
 ), tomb AS (
     INSERT INTO tombstones SELECT * FROM unnest($4::tombstones[])
 ), fd AS (
@@ -117,9 +115,10 @@ SELECT f.seq, f.kind, f.task FROM (SELECT {notify}) n LEFT JOIN LATERAL (
 # the wake-up's payload: "<last seq> <node>" (a node ignores its own). The statement also
 # returns the feed rows other nodes committed between what this node delivered ($8) and
 # this batch ($9): they go to on_publish first, and reading them here costs no round trip.
+_CHANGING = ", ".join(f"{name} = u.{name}" for name in CHANGING_FIELDS)  # what a change moves
 _WRITE_NOTIFY = _WRITE_SQL.format(
-    notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
-_WRITE_QUIET = _WRITE_SQL.format(notify="$6::bigint, $7::text")
+    changing=_CHANGING, notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
+_WRITE_QUIET = _WRITE_SQL.format(changing=_CHANGING, notify="$6::bigint, $7::text")
 
 # A page of a snapshot: rows in order until about a byte budget is reached (at least one),
 # cut by the server, so a page of large tasks never crosses the wire, nor sits in memory,
@@ -195,8 +194,8 @@ _FROM_COLUMN = {Any: _loads, float: _number}
 _READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
               if TASK_TYPES[name] in _FROM_COLUMN)
 _JSON = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
-# free text (not ids, which are printable): may hold a NUL, stored escaped
-_FREE = tuple(TASK_COLUMNS.index(name) for name in ("message", "step", "error", "error_type"))
+# free text (optional strings; ids and types are printable): may hold a NUL, stored escaped
+_FREE = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] == str | None)
 _PROGRESS = TASK_COLUMNS.index("progress")
 
 
@@ -453,7 +452,7 @@ class PgStore:
             self._pool = await asyncio.wait_for(self._create_pool(), self.timeout)
             async with self._pool.acquire() as conn:
                 await asyncio.wait_for(self._apply_schema(conn), self.timeout * 4)
-            await self._connect_listener()
+            await self._connect_listener(starting=True)
             await self._heartbeat()
         except StoreRefused:
             await self.close()
@@ -650,19 +649,41 @@ class PgStore:
 
     # ---- the listening connection --------------------------------------------------------
 
-    async def _connect_listener(self) -> None:
+    async def _connect_listener(self, *, starting: bool = False) -> None:
+        """The dedicated connection: LISTEN, and the lock on this node's name (held while it
+        lives: two live nodes with one name would end each other's in-process tasks)."""
         conn = await asyncpg.connect(
             self.url, timeout=self.timeout, command_timeout=self.timeout,
             server_settings={"application_name": f"taskpush {self.node} listen"[:63]})
         try:
             await conn.add_listener(CHANNEL, self._notified)
+            named = await self._lock_name(conn, wait=self.timeout if starting else 0.0)
         except BaseException:
             conn.terminate()
             raise
+        if not named and starting:
+            conn.terminate()
+            raise StoreRefused(f"node name {self.node!r} is in use by a running node on"
+                               f" {self.where}: give each node its own --node-name")
+        if not named:  # listening still works; the name is another node's now
+            log.error("node name %r was taken by another node while this one reconnected;"
+                      " give each node its own --node-name", self.node)
         conn.add_termination_listener(self._listener_closed)
         self._leads.clear()  # session locks died with the previous connection
         self._listen = conn
         self._listen_lost.clear()
+
+    async def _lock_name(self, conn: asyncpg.Connection, wait: float) -> bool:
+        """Take this node's name lock, waiting up to `wait` s (the previous run of this
+        node, killed a moment ago, may not have been noticed gone by the server yet)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        key = lock_key(f"node:{self.node}")
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     def _listener_closed(self, conn: asyncpg.Connection) -> None:
         if conn is self._listen:

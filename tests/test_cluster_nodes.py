@@ -71,6 +71,11 @@ async def test_a_socket_on_b_receives_a_change_made_through_a_over_http(make_nod
     got = await recv_until(ws, lambda m: m.get("progress") == 40)
     assert got[-1]["message"] == "through A"
     assert got[-1]["seq"] > created[-1]["seq"]
+    await event(a, "cross-1", "completed")
+    resp = await a.delete("/api/task/task/cross-1", headers=auth(1))
+    assert resp.status == 200
+    gone = await recv_until(ws, lambda m: m["type"] == "task_deleted")
+    assert gone[-1] == {"type": "task_deleted", "task_id": "cross-1"}
     await ws.close()
 
 
@@ -85,6 +90,26 @@ async def test_a_socket_on_b_receives_an_in_process_change_made_on_a(make_node):
     assert got[-1]["message"] == "on A, in-process"
     assert ("inproc-1", "pending") in statuses(got)
     await ws.close()
+
+
+async def test_an_event_stream_on_b_gets_changes_through_a_and_resumes_on_a(make_node):
+    from tests.test_sse import events_until, stream
+
+    a, b = await two_nodes(make_node)
+    resp = await stream(b, 14)
+    connected = (await events_until(resp, "active_tasks"))[0]["data"]
+    await register(a, "sse-1", 14)
+    got = await events_until(resp, "task_status")
+    assert got[-1]["data"]["task_id"] == "sse-1"
+    last_id = got[-1]["id"]
+    assert last_id == f"{connected['epoch']}:{got[-1]['data']['seq']}"
+    resp.close()
+    changed = await event(b, "sse-1", "running")
+    again = await stream(a, 14, Last_Event_ID=last_id)
+    replay = await events_until(again, "task_status")
+    assert (replay[-1]["data"]["seq"], replay[-1]["data"]["status"]) == (changed["seq"],
+                                                                         "running")
+    again.close()
 
 
 async def test_concurrent_producers_on_both_nodes_give_one_gapless_seq_stream(make_node):
@@ -280,6 +305,11 @@ async def test_a_gone_nodes_in_process_tasks_end_failed_interrupted(make_node, p
     assert got[-1]["error_type"] == "interrupted"
     store_b = b.app[keys.STORE]
     assert await store_b.gone_nodes_tasks() == []
+    conn = await asyncpg.connect(pg_url)
+    try:  # the gone node, left with nothing to end, is forgotten; B is not
+        assert [r[0] for r in await conn.fetch("SELECT name FROM nodes")] == ["node-b"]
+    finally:
+        await conn.close()
     await ws.close()
 
 
@@ -294,6 +324,17 @@ async def test_a_restarted_node_ends_its_own_in_process_tasks_at_once(make_node,
     resp = await a.get("/api/task/task/mine/status", headers=auth(8))
     task = (await resp.json())["data"]
     assert (task["status"], task["error_type"]) == ("failed", "interrupted")
+
+
+async def test_a_second_live_node_with_the_same_name_is_refused(make_node, pg_url):
+    """Two live nodes sharing a name would end each other's in-process tasks at start."""
+    from server.pg_store import PgStore
+
+    await make_node("node-a")
+    twin = PgStore(pg_url, node_name="node-a", timeout=0.5)
+    with pytest.raises(StoreRefused, match=r"node-a.*in use") as refused:
+        await twin.open()
+    assert "\n" not in str(refused.value)
 
 
 async def test_a_live_nodes_in_process_tasks_are_left_alone(make_node):

@@ -637,6 +637,70 @@ async def test_in_process_tasks_belong_to_their_node(store: PgStore, pg_url: str
         await other.close()
 
 
+# ---- every per-user and per-task statement is answered from an index ------------------------
+
+
+async def _scans(url: str) -> dict[str, int]:
+    """Sequential scans of the big tables so far, once the store's sessions have ended
+    (a session's counts are flushed as it ends)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await rows(url, "SELECT count(*) FROM pg_stat_activity WHERE application_name"
+                      " LIKE 'taskpush %' AND datname = current_database()"))[0][0]:
+        assert asyncio.get_running_loop().time() < deadline, "the store's sessions live on"
+        await asyncio.sleep(0.02)
+    return {name: count for name, count in await rows(
+        url, "SELECT relname, seq_scan FROM pg_stat_user_tables"
+        " WHERE relname IN ('tasks', 'events', 'tombstones', 'feed')")}
+
+
+async def test_per_user_and_per_task_statements_use_an_index(store: PgStore,
+                                                             pg_url: str) -> None:
+    """With sequential scans priced out (`enable_seqscan = off` for the database), a
+    statement that has no index to use still scans, and PostgreSQL counts it: what users,
+    producers, the sweeps and the cluster feed do leaves the counts of the big tables as
+    they were. (A backend's counts are flushed when it ends: the store is closed first.)"""
+    for n in range(3):
+        await finished(store, f"f{n}", user_id=n + 1)
+        await ok(store, Register(f"a{n}", n + 1, "job", origin="inprocess"))
+    await ok(store, Delete("f0"))
+    database = pg_url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f'ALTER DATABASE "{database}" SET enable_seqscan = off')
+    finally:
+        await conn.close()
+    await store.close()
+    before = await _scans(pg_url)
+    store = PgStore(pg_url, node_name="n1")
+    await store.open()
+    try:
+        # users and producers
+        await ok(store, Change("a1", "progress", progress=5, idem_key="k1"))
+        await store.submit(Change("a1", "progress", progress=5, idem_key="k1"))
+        await ok(store, Register(None, 2, "gen", max_active=10))
+        await ok(store, Register("a9", 2, "job", max_active=10))
+        await ok(store, Change("a9", "completed"))
+        await ok(store, Delete("a9", owner=2))
+        await store.get_task("a1")
+        await store.list_tasks(2, status=None, limit=10, before=None)
+        await store.list_tasks(2, status="progress", limit=10, before=5)
+        await store.changed_since(2, 1, 10)
+        await store.snapshot(2, 1)
+        await store.history("a1")
+        # sweeps and the cluster
+        await store.active_before("9999-12-31T00:00:00.000Z")
+        await store.finished_before("9999-12-31T00:00:00.000Z")
+        await store.active_by_origin("inprocess")
+        await store.active_by_origin("http")
+        await store.gone_nodes_tasks()
+        await store.catch_up(store.last_seq + 5)
+        store.last_seq = 0
+        await store.catch_up(5)
+    finally:
+        await store.close()
+    assert await _scans(pg_url) == before
+
+
 # ---- helpers ------------------------------------------------------------------------------
 
 
