@@ -83,7 +83,7 @@ class Server:
     """A server under test, started as a subprocess pinned to the server CPUs."""
 
     def __init__(self, kind: str, env: Env, label: str, port: int,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, db: str | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown server {kind!r}")
         self.kind = kind
@@ -91,6 +91,8 @@ class Server:
         self.env = env
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
+        self.ws_base = self.base  # where the scenarios open sockets (a cluster: another node)
+        self.db = db  # taskpush: a PostgreSQL URL instead of a fresh SQLite file
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix=f"{label}-{kind}-", dir=env.tmp)  # a fresh db
         self.log_path = os.path.join(self.dir, "server.log")
@@ -107,7 +109,7 @@ class Server:
                     "--db", os.path.join(self.dir, "naive.db"), "--api-key", e.api_key,
                     "--jwt-secret", e.secret]
         return [sys.executable, "run.py", "--host", "127.0.0.1", "--port", str(self.port),
-                "--db", os.path.join(self.dir, "bench.db"), "--jwt-secret", e.secret,
+                "--db", self.db or os.path.join(self.dir, "bench.db"), "--jwt-secret", e.secret,
                 "--api-key", e.api_key, *e.taskpush_args, *self.extra_args]
 
     async def start(self) -> None:

@@ -3,6 +3,7 @@
     python -m bench            # full run (about 5 minutes, up to 10 on a busy machine)
     python -m bench --quick    # about 1-2 minutes
     python -m bench --target relay --baseline relay   # self-check without taskpush
+    python -m bench --cluster  # PostgreSQL, 1 and 2 nodes, next to a SQLite node
 
 The baselines are bench/relay.py (no database) and bench/naive.py (aiohttp + aiosqlite,
 one commit per event). See bench/README.md for what each scenario measures.
@@ -36,6 +37,10 @@ from bench.scenarios.base import GEN_LIMIT, Ctx
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes")
+    ap.add_argument("--cluster", action="store_true",
+                    help="cluster mode (bench/cluster.py): taskpush on PostgreSQL with 1 and 2 "
+                    "nodes (producers on one node, sockets on the other) next to a SQLite node; "
+                    "scenarios latency, rate, storm; needs PostgreSQL (tests/pg.py)")
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results.json"))
     ap.add_argument("--target", default="taskpush",
                     help="the server measured: taskpush, relay or naive (see --baseline)")
@@ -280,6 +285,13 @@ def main(argv=None) -> None:
     apply_defaults(args)
     if not args.no_uvloop:
         install_uvloop()
+    if args.cluster:
+        from bench import cluster
+
+        args.out = cluster.default_out(args.out)
+        if args.scenarios == ",".join(SCENARIOS):
+            args.scenarios = ",".join(cluster.SCENARIOS)
+        sys.exit(asyncio.run(cluster.amain(args)))
     sys.exit(asyncio.run(amain(args)))
 
 

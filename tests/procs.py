@@ -1,5 +1,11 @@
 """Real server processes for tests: `python run.py ...` on a free port and a tmp database.
 
+The database is a SQLite file (the default: `<tmp>/taskpush.db`) or a PostgreSQL URL
+(`db="postgresql://..."`, tests/pg.py): any number of processes may share one URL, each a
+node of one cluster. A node on PostgreSQL is started with `--node-name <its name>` unless
+the test passes one, so a restarted node is the same node (it finds its own in-process
+tasks) whatever port it gets.
+
 `ServerProcess.start()` waits for /healthz with a bounded poll (and fails fast, with the
 server's stderr, if the process exits first); `stop()` sends SIGTERM and escalates to
 SIGKILL; stdout and stderr go to files the test can read afterwards. `Servers` remembers every
@@ -46,12 +52,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def is_postgres_url(db: Path | str) -> bool:
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
 class ServerProcess:
-    def __init__(self, workdir: Path, args: Sequence[str] = (), *, db: Path | None = None,
-                 env: dict[str, str] | None = None, name: str = "server") -> None:
+    def __init__(self, workdir: Path, args: Sequence[str] = (), *,
+                 db: Path | str | None = None, env: dict[str, str] | None = None,
+                 name: str = "server") -> None:
         self.workdir = workdir
         self.args = list(args)
-        self.db = db if db is not None else workdir / "taskpush.db"
+        self.db: Path | str = db if db is not None else workdir / "taskpush.db"
         self.env = env
         self.name = name
         self.port = 0
@@ -60,6 +71,19 @@ class ServerProcess:
         self.stderr_path = workdir / f"{name}.stderr"
         self._files: list[IO[bytes]] = []
         self.starts = 0
+
+    @property
+    def engine(self) -> str:
+        """`sqlite` or `postgresql`: which engine `--db` selects."""
+        return "postgresql" if is_postgres_url(self.db) else "sqlite"
+
+    @property
+    def node_args(self) -> list[str]:
+        """`--node-name NAME` for a PostgreSQL node the test did not name itself."""
+        if self.engine != "postgresql" or any(
+                a == "--node-name" or a.startswith("--node-name=") for a in self.args):
+            return []
+        return ["--node-name", self.name]
 
     @property
     def url(self) -> str:
@@ -83,7 +107,7 @@ class ServerProcess:
         err = open(self.stderr_path, "ab")  # noqa: SIM115
         self._files = [out, err]
         cmd = [sys.executable, str(RUN_PY), "--host", "127.0.0.1", "--port", str(self.port),
-               "--db", str(self.db), *self.args]
+               "--db", str(self.db), *self.node_args, *self.args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(self.env), stdout=out,
                                      stderr=err, stdin=subprocess.DEVNULL)
         self._wait_healthy(timeout)
@@ -167,12 +191,20 @@ class Servers:
         self.tmp_path = tmp_path
         self.made: list[ServerProcess] = []
 
-    def __call__(self, *args: str, db: Path | None = None, env: dict[str, str] | None = None,
-                 name: str | None = None) -> ServerProcess:
+    def __call__(self, *args: str, db: Path | str | None = None,
+                 env: dict[str, str] | None = None, name: str | None = None) -> ServerProcess:
         server = ServerProcess(self.tmp_path, args, db=db, env=env,
                                name=name or f"server{len(self.made)}")
         self.made.append(server)
         return server
+
+    def cluster(self, db: str, *args: str, nodes: int = 2,
+                env: dict[str, str] | None = None) -> list[ServerProcess]:
+        """`nodes` processes (not started) on one PostgreSQL database, the same flags each:
+        one service. Named node0, node1, ... (their --node-name)."""
+        assert is_postgres_url(db), "a cluster needs a PostgreSQL URL"
+        first = len(self.made)
+        return [self(*args, db=db, env=env, name=f"node{first + k}") for k in range(nodes)]
 
     def close(self) -> None:
         for server in self.made:

@@ -99,3 +99,41 @@ def test_no_test_asserts_speed() -> None:
                 if names & SPEED_WORDS:
                     offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+CLUSTER_FIGURES = ["max rate, p99 < 100 ms (ev/s), 1 node",
+                   "max rate, p99 < 100 ms (ev/s), 2 nodes",
+                   "cross-node publish->receive p50", "cross-node publish->receive p99",
+                   "events per server CPU-s, 1 node", "events per server CPU-s, 2 nodes",
+                   "reconnect storm onto 2 nodes: all ready",
+                   "reconnect storm onto 2 nodes: server CPU"]
+
+
+def test_the_cluster_benchmark_reports_every_figure(tmp_path: Path, pg_server: object) -> None:
+    """`python -m bench --cluster` in its quickest form: PostgreSQL with 1 and 2 nodes next
+    to a SQLite node, every issue-9 figure present with its ratio (no timing asserted).
+    `pg_server` only makes the test skip (or fail in CI) where PostgreSQL is missing; the
+    bench starts servers of its own."""
+    out = tmp_path / "cluster.json"
+    small = ["--cluster", "--quick", "--users", "20", "--duration", "1", "--ramp", "200",
+             "--ramp-step-s", "1", "--storm-clients", "20", "--out", str(out),
+             "--tmpdir", str(tmp_path)]
+    run = subprocess.run([sys.executable, "-m", "bench", *small], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "pg2/sqlite" in run.stdout and "summary (issue 9)" in run.stdout
+    results = json.loads(out.read_text())
+    assert results["servers"] == ["sqlite", "pg1", "pg2"]
+    assert {row["scenario"] for row in results["comparison"]} == {"latency", "rate", "storm"}
+    for row in results["comparison"]:
+        assert set(row["ratios"]) == {"pg1", "pg2"}, row
+    figures = results["figures"]
+    for wanted in CLUSTER_FIGURES:
+        (row,) = [f for f in figures if f["figure"].startswith(wanted)]
+        assert row["value"] is not None and row["sqlite"] is not None, row
+        assert row["ratio"] is not None, row
+    per = results["results"]
+    for system in ("sqlite", "pg1", "pg2"):
+        assert per["latency"][system]["step"]["delivered_ratio"] == 1.0, system
+        assert per["storm"][system]["ready_ok"] == 20, system
+    assert "***@" in json.dumps(results["commands"])  # the database password is not kept

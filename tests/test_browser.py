@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.engines import ENGINES, Engine, engine_fixture
 from tests.jsenv import chromium
 from tests.procs import ROOT, ServerProcess, Servers, servers_fixture
 
@@ -59,6 +60,11 @@ RECORD_PROGRESS = """() => {
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[Servers]:
     yield from servers_fixture(tmp_path)
+
+
+# kill -9 / restart run on both engines; a 2-node cluster behind nginx:
+# tests/test_cluster_proxy.py
+engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
 
 
 @pytest.fixture
@@ -133,8 +139,8 @@ async def open_demo(browser: Any, server: ServerProcess, shots: Path, *, user_id
     return demo
 
 
-async def start_server(servers: Servers, *args: str) -> ServerProcess:
-    server = servers("--demo-task-seconds", "3", "--access-log", "false", *args)
+async def start_server(servers: Servers, *args: str, db: str | None = None) -> ServerProcess:
+    server = servers("--demo-task-seconds", "3", "--access-log", "false", *args, db=db)
     await asyncio.to_thread(server.start)
     return server
 
@@ -221,8 +227,9 @@ async def test_failed_task_shows_its_error(browser: Any, servers: Servers,
 
 
 async def test_kill_9_and_restart_resumes_without_reload(
-        browser: Any, servers: Servers, http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    server = await start_server(servers, "--api-key", API_KEY)
+        browser: Any, servers: Servers, http: aiohttp.ClientSession, tmp_path: Path,
+        engine: Engine) -> None:
+    server = await start_server(servers, "--api-key", API_KEY, db=engine.database())
     demo = await open_demo(browser, server, tmp_path)
     # An HTTP-producer task (outlives the server: its producer goes on) ...
     await produce(http, server, "/api/task/tasks",
@@ -257,8 +264,9 @@ async def test_kill_9_and_restart_resumes_without_reload(
 
 
 async def test_recovers_a_task_completed_while_its_server_was_down(
-        browser: Any, servers: Servers, http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    server = await start_server(servers, "--api-key", API_KEY)
+        browser: Any, servers: Servers, http: aiohttp.ClientSession, tmp_path: Path,
+        engine: Engine) -> None:
+    server = await start_server(servers, "--api-key", API_KEY, db=engine.database())
     demo = await open_demo(browser, server, tmp_path)
     await produce(http, server, "/api/task/tasks",
                   {"task_id": "report_7", "user_id": 1, "task_type": "report_export"}, 201)

@@ -4,12 +4,13 @@ Restart keeps every task, the epoch and the seq counter; SIGTERM exits 0, closes
 with 1001 and ends running in-process jobs as failed/interrupted (HTTP-producer tasks are
 left as they were); kill -9 in the middle of a stream of writes loses no acknowledged
 event and leaves a sound database; the demo secret (and so a demo token) survives.
+Each runs on SQLite and on PostgreSQL (one node; tests/engines.py); what spans nodes is in
+tests/test_cluster_process.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import aiohttp
 import jwt
 import pytest
 
+from tests.engines import ENGINES, Engine, engine_fixture
 from tests.procs import ServerProcess, Servers, servers_fixture
 
 SECRET = "process-secret-0123456789-abcdefghijklmnop"
@@ -28,21 +30,12 @@ ACTIVE = {"pending", "running", "progress"}
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
+engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
+
+
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[Servers]:
     yield from servers_fixture(tmp_path)
-
-
-def db_row(path: Path, task_id: str) -> tuple[str, str | None]:
-    """(status, error_type) read straight from the file, read-only, no server running."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        row = conn.execute("SELECT status, error_type FROM tasks WHERE task_id = ?",
-                           (task_id,)).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, task_id
-    return row
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -121,8 +114,9 @@ async def start_demo_task(session: aiohttp.ClientSession, server: ServerProcess,
     return task["task_id"]
 
 
-async def test_restart_keeps_tasks_epoch_and_seq(servers: Servers) -> None:
-    server = servers("--jwt-secret", SECRET, "--api-key", API_KEY).start()
+async def test_restart_keeps_tasks_epoch_and_seq(servers: Servers, engine: Engine) -> None:
+    server = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
+                     db=engine.database()).start()
     token = user_token(1)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         await register(session, server, "a_pending", metadata={"n": 1})
@@ -162,9 +156,11 @@ async def test_restart_keeps_tasks_epoch_and_seq(servers: Servers) -> None:
     assert server.stop(timeout=10) == 0
 
 
-async def test_sigterm_closes_sockets_and_interrupts_inprocess_jobs(servers: Servers) -> None:
+async def test_sigterm_closes_sockets_and_interrupts_inprocess_jobs(servers: Servers,
+                                                                    engine: Engine) -> None:
     """Demo mode, a long demo job running and an HTTP-producer task active at SIGTERM."""
-    server = servers("--api-key", API_KEY, "--demo-task-seconds", "60").start()
+    server = servers("--api-key", API_KEY, "--demo-task-seconds", "60",
+                     db=engine.database()).start()
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         token = await demo_login(session, server, 1)
         ws, _, _ = await open_socket(session, server, 1, token)
@@ -182,8 +178,8 @@ async def test_sigterm_closes_sockets_and_interrupts_inprocess_jobs(servers: Ser
         assert ws.close_code == 1001
         assert await asyncio.to_thread(server.wait, 10.0) == 0
     # ended by the shutdown itself, before any restart could recover it
-    assert db_row(server.db, demo_id) == ("failed", "interrupted")
-    assert db_row(server.db, "http_job") == ("progress", None)
+    assert engine.task_row(server.db, demo_id) == ("failed", "interrupted")
+    assert engine.task_row(server.db, "http_job") == ("progress", None)
 
     server.start()
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
@@ -197,8 +193,9 @@ async def test_sigterm_closes_sockets_and_interrupts_inprocess_jobs(servers: Ser
     assert server.stop(timeout=10) == 0
 
 
-async def test_kill9_loses_no_acknowledged_event(servers: Servers) -> None:
-    server = servers("--api-key", API_KEY, "--demo-task-seconds", "60").start()
+async def test_kill9_loses_no_acknowledged_event(servers: Servers, engine: Engine) -> None:
+    server = servers("--api-key", API_KEY, "--demo-task-seconds", "60",
+                     db=engine.database()).start()
     acked: list[tuple[str, int]] = []
     enough = asyncio.Event()
     http_tasks = ["stream_a", "stream_b", "stream_c", "stream_batch"]
@@ -248,7 +245,7 @@ async def test_kill9_loses_no_acknowledged_event(servers: Servers) -> None:
     assert await asyncio.to_thread(server.wait, 10.0) == -9
     assert len(acked) >= 300
     # nothing ran at kill -9: the job still looks active until the next start recovers it
-    assert db_row(server.db, demo_id)[0] in ACTIVE
+    assert engine.task_row(server.db, demo_id)[0] in ACTIVE
 
     server.start()
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
@@ -261,11 +258,7 @@ async def test_kill9_loses_no_acknowledged_event(servers: Servers) -> None:
         assert demo["status"] == "failed" and demo["error_type"] == "interrupted"
     assert server.stop(timeout=10) == 0
 
-    conn = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        stored = set(conn.execute("SELECT task_id, seq FROM events").fetchall())
-    finally:
-        conn.close()
+    engine.check_integrity(server.db)
+    stored = engine.stored_events(server.db)
     missing = [pair for pair in acked if pair not in stored]
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {missing[:5]}"

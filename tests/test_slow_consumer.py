@@ -2,7 +2,9 @@
 
 Real server process (so its RSS can be read), a raw TCP WebSocket client that completes the
 handshake and then never reads, 10,000 updates of ~2.5 KB each for its user (25 MB if they
-were buffered), and a second user's normal client that must still be served.
+were buffered), and a second user's normal client that must still be served. The
+process-level tests run on SQLite and on PostgreSQL (tests/engines.py); across nodes:
+tests/test_cluster_process.py.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import aiohttp
 import pytest
 
 from tests.conftest import API_KEY, SECRET, make_token
+from tests.engines import ENGINES, Engine, engine_fixture
 from tests.procs import ServerProcess, servers_fixture
 
 servers = pytest.fixture(servers_fixture, name="servers")
+engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
 
 UPDATES = 10_000
 TASKS = 50
@@ -60,10 +64,11 @@ async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def test_stuck_client_is_cut_off_others_served_memory_bounded(servers: Any) -> None:
+async def test_stuck_client_is_cut_off_others_served_memory_bounded(servers: Any,
+                                                                    engine: Engine) -> None:
     server: ServerProcess = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
                                     "--send-timeout", "2", "--log-level", "warning",
-                                    "--access-log", "false")
+                                    "--access-log", "false", db=engine.database())
     server.start()
     producer = {"X-API-Key": API_KEY}
     async with aiohttp.ClientSession() as http:
@@ -116,10 +121,11 @@ async def test_stuck_client_is_cut_off_others_served_memory_bounded(servers: Any
     assert server.stop() == 0
 
 
-async def test_sigterm_with_a_stuck_client_exits_promptly(servers: Any) -> None:
+async def test_sigterm_with_a_stuck_client_exits_promptly(servers: Any, engine: Engine) -> None:
     """Shutdown must not wait forever on a peer that does not read (exit 0 within 10 s)."""
     server: ServerProcess = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
-                                    "--log-level", "warning", "--access-log", "false")
+                                    "--log-level", "warning", "--access-log", "false",
+                                    db=engine.database())
     server.start()
     producer = {"X-API-Key": API_KEY}
     async with aiohttp.ClientSession() as http:

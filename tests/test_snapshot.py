@@ -35,11 +35,13 @@ from tests.conftest import (
     recv_until,
     ws_connect,
 )
+from tests.engines import ENGINES, Engine, engine_fixture
 from tests.procs import ServerProcess, servers_fixture
 from tests.test_flood import raw_socket
 from tests.test_slow_consumer import rss_kb, stuck_client
 
 servers = pytest.fixture(servers_fixture, name="servers")
+engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
 
 
 async def fill_with_large_active_tasks(store: Any) -> None:
@@ -485,14 +487,15 @@ def _fail_page_reads(monkeypatch: Any, store: Any, after: int) -> None:
 # ---- a real process: memory -------------------------------------------------------------
 
 
-async def test_large_snapshots_to_sockets_that_never_read_stay_bounded(servers: Any) -> None:
+async def test_large_snapshots_to_sockets_that_never_read_stay_bounded(servers: Any,
+                                                                      engine: Engine) -> None:
     """150 active tasks of ~60 KB for one user and 150 finished ones for another: 8 silent
     sockets each asking the full snapshot, 8 the since=0 replay (~9 MB each, 140 MB if
     held whole). The server's RSS stays within a few pages per socket; a third user is
     served meanwhile; the silent sockets are cut off (4408)."""
     server: ServerProcess = servers("--jwt-secret", SECRET, "--api-key", API_KEY,
                                     "--send-timeout", "2", "--log-level", "warning",
-                                    "--access-log", "false")
+                                    "--access-log", "false", db=engine.database())
     server.start()
     blob = "m" * 60_000
     loop = asyncio.get_running_loop()

@@ -27,6 +27,7 @@ from tests.conftest import (
     register,
     ws_connect,
 )
+from tests.engines import ENGINES, Engine, engine_fixture
 from tests.procs import servers_fixture
 from tests.test_snapshot import (
     fill_with_large_active_tasks,
@@ -36,6 +37,7 @@ from tests.test_snapshot import (
 )
 
 servers = pytest.fixture(servers_fixture, name="servers")
+engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
 
 
 async def stream(client: Client, user: int = 1, query: str = "", token: str | None = None,
@@ -291,8 +293,9 @@ async def test_slow_consumer_stream_is_cut_off(make_client: MakeClient) -> None:
         sock.close()
 
 
-async def test_shutdown_ends_the_stream_with_1001(servers: Any) -> None:
-    server = servers("--jwt-secret", SECRET, "--api-key", API_KEY, "--access-log", "false")
+async def test_shutdown_ends_the_stream_with_1001(servers: Any, engine: Engine) -> None:
+    server = servers("--jwt-secret", SECRET, "--api-key", API_KEY, "--access-log", "false",
+                     db=engine.database())
     await asyncio.to_thread(server.start)
     async with aiohttp.ClientSession() as http:
         resp = await http.get(f"{server.url}/api/task/stream?token={make_token(1)}")

@@ -1,10 +1,12 @@
 """storm: ``--storm-clients`` users, each with ``--storm-tasks`` tasks registered and set
 ``running`` beforehand, all connect at once (``--storm-concurrency N``: N at a time) with
 bench/wsclient.py's light client. Reports the time until every client has ``active_tasks``
-with the right count, per-client latencies, server CPU per client and kernel SYN drops."""
+with the right count, per-client latencies, server CPU per client and kernel SYN drops.
+A cluster target (bench/cluster.py) spreads the clients over its nodes (``ws_bases``)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import orjson
@@ -13,7 +15,7 @@ from bench.common import listen_overflows, make_token, ns_to_ms, pct, self_cpu_s
 from bench.launcher import Server, log
 from bench.scenarios.base import Ctx, GenLoad, Noise, Window
 from bench.scenarios.stream import producer_session, register_tasks
-from bench.wsclient import Stats, close_all, connect_many
+from bench.wsclient import Connected, Stats, close_all, connect_many
 
 
 @dataclass
@@ -51,6 +53,25 @@ async def set_running(ctx: Ctx, srv: Server, task_ids: list[str]) -> dict[str, i
     return counts
 
 
+async def connect_spread(bases: list[str], tokens: dict[int, str], stats: Stats,
+                         concurrency: int, timeout: float) -> Connected:
+    """All at once, client k on node k mod N (what a proxy without stickiness does)."""
+    if len(bases) == 1:
+        return await connect_many(bases[0], tokens, stats, concurrency, timeout)
+    items = list(tokens.items())
+    parts = await asyncio.gather(*(
+        connect_many(base, dict(items[k::len(bases)]), stats, concurrency, timeout)
+        for k, base in enumerate(bases)))
+    t0 = min(p.t0 for p in parts)
+    end = max(p.t0 + p.wall_s * 1e9 for p in parts)
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    return Connected(t0, (end - t0) / 1e9, [c for p in parts for c in p.clients],
+                     [c for p in parts for c in p.ok], sum(p.timed_out for p in parts), errors)
+
+
 async def run(ctx: Ctx, srv: Server) -> StormResult:
     a = ctx.args
     c, k = a.storm_clients, a.storm_tasks
@@ -64,7 +85,8 @@ async def run(ctx: Ctx, srv: Server) -> StormResult:
     stats = Stats()
     ov0 = listen_overflows()
     cpu0, me0, window = srv.cpu(), self_cpu_s(), Window(ctx.env.server_cpus)
-    r = await connect_many(srv.base, tokens, stats, a.storm_concurrency, a.storm_timeout)
+    r = await connect_spread(getattr(srv, "ws_bases", [srv.base]), tokens, stats,
+                             a.storm_concurrency, a.storm_timeout)
     cpu1, me1 = srv.cpu(), self_cpu_s()
     noise = window.noise(cpu1 - cpu0)
     ov1 = listen_overflows()

@@ -139,7 +139,7 @@ async def setup(ctx: Ctx, lanes: list[Lane]) -> None:
     for ln in lanes:
         ln.tasks = [f"bench-{u}" for u in uids]
         reg = await register_tasks(ctx, ln.srv, list(zip(ln.tasks, uids, strict=True)))
-        r = await connect_many(ln.srv.base, tokens, ln.stats, a.connect_concurrency, 90)
+        r = await connect_many(ln.srv.ws_base, tokens, ln.stats, a.connect_concurrency, 90)
         ln.clients = r.clients
         ln.ws_ready = len(r.ok)
         ln.setup_errors = r.errors
