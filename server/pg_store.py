@@ -377,7 +377,11 @@ class _Txn:
         task_id = task.task_id
         self._moved(task.user_id, task.status, None)
         self.overlay[task_id] = None
-        self.events.pop(task_id, None)  # the history goes with the task
+        self.events.pop(task_id, None)  # the history goes with the task, and its keys
+        if self.keys:
+            self.keys = {k: v for k, v in self.keys.items() if k[0] != task_id}
+        if self.known_keys:
+            self.known_keys = {k: v for k, v in self.known_keys.items() if k[0] != task_id}
         if task_id in self.inserted:
             self.inserted.discard(task_id)
         if self.stored.get(task_id) is not None:

@@ -306,6 +306,8 @@ class _Txn:
 
     def deleted(self, task: Task, seq: int, now: str) -> None:
         task_id = task.task_id
+        if self.keys:  # its keys go with its history: a task registered again starts afresh
+            self.keys = {k: v for k, v in self.keys.items() if k[0] != task_id}
         self.flush()  # no pending row of this task may land after its deletion
         conn = self.conn
         conn.execute("DELETE FROM events WHERE task_id = ?", (task_id,))

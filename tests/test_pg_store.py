@@ -723,3 +723,17 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
     while not await condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never became true"
         await asyncio.sleep(0.02)
+
+
+async def test_an_idempotency_key_is_forgotten_with_its_deleted_task_within_one_batch(
+        store: Store) -> None:
+    """As on SQLite: deleted and registered again in one batch, a task starts afresh, also
+    when the key was committed by an earlier batch (read from the database)."""
+    await store.submit_many([Register("again", 1, "t"), Change("again", "running",
+                                                               idem_key="old")])
+    outcomes = await store.submit_many([
+        Change("again", "progress", idem_key="k"), Delete("again", allow_active=True),
+        Register("again", 1, "t"), Change("again", "running", idem_key="k"),
+        Change("again", "progress", idem_key="old")])
+    assert [o.kind for o in outcomes[-2:]] == [Kind.CHANGED, Kind.CHANGED]
+    assert (await store.get_task("again")).status == "progress"

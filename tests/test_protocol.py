@@ -632,3 +632,21 @@ def test_session_is_closed_once() -> None:
     assert s.deliver(upd("t1", 1)) and s.next_item() is None  # closing: nothing queued
     assert s.send(protocol.pong()) is None and s.control is None
     assert s.clock(100.0, backed_up=True, send_timeout=1, ping_timeout=1, ping=True) is None
+
+
+def test_session_a_subscribe_read_older_than_a_push_meanwhile_is_not_sent_after_it() -> None:
+    """The subscribe's read of the task returns after a newer commit was pushed: the state
+    read is dropped, so the client never sees the task's seq go back."""
+    s = session(user_id=1, admin=True)
+    s.subscribe("t9")
+    s.deliver(protocol.status_update(task("t9", 2, seq=3)))  # pushed while reading...
+    assert s.outbox.pop().seq == 3  # ... and already written to the socket
+    _, current = s.subscribe_read("t9", task("t9", 2, seq=2))  # the read saw seq 2
+    assert current is not None
+    s.deliver_current(current)
+    assert s.outbox.pop() is None
+    # a later subscribe of the same task, with no push meanwhile, sends its state again
+    s.subscribe("t9")
+    _, current = s.subscribe_read("t9", task("t9", 2, seq=3))
+    assert current is not None and s.deliver_current(current)
+    assert [s.outbox.pop().seq] == [3]

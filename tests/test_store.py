@@ -662,3 +662,16 @@ def test_the_db_setting_picks_the_engine(tmp_path: Path) -> None:
         with pytest.raises(StoreRefused, match="PostgreSQL support not built") as refused:
             make_store("postgresql://u:hunter2@db.example/taskpush")
         assert "hunter2" not in str(refused.value)
+
+
+async def test_an_idempotency_key_is_forgotten_with_its_deleted_task_within_one_batch(
+        store: Store) -> None:
+    """Deleted and registered again in one batch, a task starts afresh: a change with a key
+    the deleted task had used is applied, as it would be in a batch of its own."""
+    outcomes = await store.submit_many([
+        Register("again", 1, "t"), Change("again", "running", idem_key="k"),
+        Delete("again", allow_active=True), Register("again", 1, "t"),
+        Change("again", "running", idem_key="k")])
+    assert outcomes[-1].kind is Kind.CHANGED
+    assert outcomes[-1].seq == outcomes[-2].seq + 1
+    assert (await store.get_task("again")).status == "running"
