@@ -7,7 +7,6 @@ interface, `Snapshot`, the refusals): `store` importing them back would be a cyc
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from .sqlite_store import DB_TIMEOUT, SqliteStore
@@ -25,9 +24,10 @@ def make_store(db: str, *, timeout: float = DB_TIMEOUT, **options: Any) -> Store
     PostgreSQL node's name and timeout); SQLite takes none."""
     if not is_postgres(db):
         return SqliteStore(db, timeout=timeout)
-    if importlib.util.find_spec(f"{__package__}.pg_store") is None:
-        raise StoreRefused("PostgreSQL support not built: this taskpush serves only SQLite"
-                           " files (--db is a postgresql:// URL)")
-    from . import pg_store
+    try:
+        from . import pg_store  # imported only when asked for: SQLite needs no asyncpg
+    except ImportError as exc:
+        raise StoreRefused(f"--db is a PostgreSQL URL but {exc.name or 'asyncpg'} cannot be"
+                           " imported: pip install asyncpg") from None
 
     return pg_store.PgStore(db, timeout=timeout, **options)
