@@ -12,6 +12,8 @@ from urllib.parse import unquote_plus
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from .config import redact_db
+
 _SECRET_KEYS = frozenset({"token", "access_token", "api_key"})
 _PARAM = re.compile(r"((?:^|[&;])([^=&;#\s]*)=)[^&;#\s]*")
 
@@ -61,8 +63,6 @@ _HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|x-api-key|(?:set-)?cookie
                      r"(['\"]?\s*[:=]\s*['\"]?)[^\r\n'\"]*")
 # A JWT (or its header alone): base64url JSON always begins `eyJ` (`{"`).
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){0,2}")
-# user:password@ in a URL (a PostgreSQL --db, a proxy setting).
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
 # In exception text only: a long opaque run, such as the tail of a token whose start was in
 # an earlier read of the request (aiohttp quotes only the line's part in that read).
 _OPAQUE = re.compile(r"[A-Za-z0-9_-]{32,}")
@@ -79,11 +79,6 @@ def _unredacted_param(text: str, low: str) -> bool:
         return True
     return any(word in low and low.count(word) != low.count(word + REDACTED)
                for word in _PARAM_WORDS)
-
-
-def redact_url(url: str) -> str:
-    """`postgresql://user:pass@host/db` -> `postgresql://user:***@host/db`."""
-    return _URL_PASSWORD.sub(r"\1***@", url)
 
 
 def _param_anywhere(match: re.Match[str]) -> str:
@@ -116,8 +111,7 @@ class SecretFilter(logging.Filter):
             text = _PARAM_ANYWHERE.sub(_param_anywhere, text)
         if "eyJ" in text:
             text = _JWT.sub(REDACTED, text)
-        if "://" in text and "@" in text:
-            text = _URL_PASSWORD.sub(r"\1***@", text)
+        text = redact_db(text)  # URL passwords (user info or `?password=`)
         if opaque:
             text = _OPAQUE.sub(REDACTED, text)
         return text

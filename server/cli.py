@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from .accesslog import RedactingAccessLogger, redact_url, setup_logging
+from .accesslog import RedactingAccessLogger, setup_logging
 from .auth import TokenVerifier
-from .config import ConfigError, parse_config
+from .config import ConfigError, parse_config, redact_db
 from .engines import make_store
 from .errors import StorageUnavailable
 from .store import StoreRefused
@@ -83,7 +83,7 @@ def _start_error(exc: OSError, host: str, port: int) -> str:
     """Say what failed: a file (the database, its lock) names itself in the error, and
     only an error without one comes from listening on the address."""
     if exc.filename is not None:
-        return f"cannot open {redact_url(str(exc.filename))}: {exc.strerror}"
+        return f"cannot open {redact_db(str(exc.filename))}: {exc.strerror}"
     return f"cannot serve on {host}:{port}: {exc.strerror or exc}"
 
 
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mode = "demo mode (generated secret)" if config.demo_mode else "token auth"
     log.info("taskpush on http://%s:%d, database %s, %s, %s loop", config.host, config.port,
-             redact_url(config.db), mode, type(loop).__module__.split(".")[0])
+             redact_db(config.db), mode, type(loop).__module__.split(".")[0])
     try:
         app = create_app(config)
     except StoreRefused as exc:  # an engine this build does not have
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
-        print(f"taskpush: error: cannot open the database {redact_url(config.db)}: {exc}",
+        print(f"taskpush: error: cannot open the database {redact_db(config.db)}: {exc}",
               file=sys.stderr)
         return 1
     return 0

@@ -166,12 +166,21 @@ class Config:
         return self.node_name or f"{socket.gethostname()}:{self.port}"
 
 
-_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+# user:PASSWORD@ in a URL (anywhere in a text), and a password given as a query parameter
+# (libpq and asyncpg take `?password=` and `?sslpassword=` too)
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#\s]*")
 
 
-def redact_db(db: str) -> str:
-    """--db as it may be shown: a URL's password replaced by `***`."""
-    return _URL_PASSWORD.sub(r"\1***@", db)
+def redact_db(text: str) -> str:
+    """A URL (or a text holding URLs) as it may be shown: its passwords replaced by `***`,
+    in the user info and in the query. The one rule for --db in `repr(Config)`, start-up
+    lines, errors and the log filter."""
+    if "://" in text and "@" in text:
+        text = _URL_PASSWORD.sub(r"\1***@", text)
+    if "password=" in text.lower():
+        text = _QUERY_PASSWORD.sub(r"\1***", text)
+    return text
 
 
 def _env_name(f: dataclasses.Field[Any]) -> str:

@@ -102,6 +102,8 @@ async def list_tasks(request: web.Request) -> web.Response:
     since = query_int(query.get("since"), limits.cursor("since"))
     limit = query_int(query.get("limit"), limits.list_page) or limits.list_default
     if since is not None:
+        if since > store.last_seq:  # a cluster node behind the one that answered last
+            await store.catch_up(since)
         seq = store.last_seq
         tasks = await store.changed_since(identity.user_id, since, limit)
         data = {"tasks": [public(t) for t in tasks], "count": len(tasks), "seq": seq,

@@ -204,6 +204,22 @@ async def test_a_resume_on_a_node_behind_the_seq_it_was_sent_is_not_a_resync(mak
 # ---- long polls, cancels ------------------------------------------------------------------
 
 
+async def test_polling_since_on_a_node_behind_is_not_a_resync(make_node):
+    """The polling fallback behind a proxy without stickiness: a poll answered by A, the
+    next by B that has not yet read A's change from the feed. B catches up to the seq the
+    client has (as a socket's `since` does), it does not answer `resync`."""
+    a, b = await two_nodes(make_node)
+    await deafen(b.app[keys.STORE])  # B hears of nothing by itself
+    created = await register(a, "poll-1", 21)
+    data = (await (await a.get("/api/task/tasks?since=0", headers=auth(21))).json())["data"]
+    assert data["seq"] >= created["seq"] and not data["resync"]
+    changed = await event(a, "poll-1", "running")
+    resp = await b.get(f"/api/task/tasks?since={data['seq']}", headers=auth(21))
+    again = (await resp.json())["data"]
+    assert again["resync"] is False, again
+    assert [(t["task_id"], t["seq"]) for t in again["tasks"]] == [("poll-1", changed["seq"])]
+
+
 async def test_a_long_poll_on_a_is_released_by_a_change_through_b(make_node):
     a, b = await two_nodes(make_node)
     created = await register(a, "lp-1", 1)

@@ -24,9 +24,9 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from server.accesslog import RedactingAccessLogger, SecretFilter, redact, redact_url
+from server.accesslog import RedactingAccessLogger, SecretFilter, redact
 from server.app import create_app
-from server.config import Config, Secret, parse_config
+from server.config import Config, Secret, parse_config, redact_db
 from tests.conftest import API_KEY, SECRET, make_token
 from tests.procs import Servers, free_port, run_cli, servers_fixture
 
@@ -458,9 +458,27 @@ def test_the_filter_scrubs_message_arguments_and_exception_text() -> None:
     ("postgresql://user:pa:ss@db.example:5432/tp", "postgresql://user:***@db.example:5432/tp"),
     ("postgresql://user@db/tp", "postgresql://user@db/tp"),
     ("./taskpush.db", "./taskpush.db"),
+    ("postgresql://db.example/tp?user=u&password=hunter2-secret&sslmode=require",
+     "postgresql://db.example/tp?user=u&password=***&sslmode=require"),
+    ("postgres://db/tp?sslpassword=k3y-pass", "postgres://db/tp?sslpassword=***"),
+    ("connect postgresql://u:p4ss@h/d?Password=p4ss failed",
+     "connect postgresql://u:***@h/d?Password=*** failed"),
 ])
 def test_redact_url(url: str, shown: str) -> None:
-    assert redact_url(url) == shown
+    assert redact_db(url) == shown
+
+
+def test_a_password_given_as_a_url_parameter_is_never_shown(caplog) -> None:
+    """`--db postgresql://host/db?password=...` (libpq's other spelling): not in repr(config),
+    nor in any log record that passes the filter."""
+    from server.config import Config
+
+    url = "postgresql://u@127.0.0.1:1/tp?password=query-pass-0123456789"
+    assert "query-pass-0123456789" not in repr(Config(db=url))
+    record = logging.LogRecord("taskpush", logging.INFO, __file__, 1, "opening %s", (url,),
+                               None)
+    assert SecretFilter().filter(record)
+    assert "query-pass-0123456789" not in record.getMessage()
 
 
 @pytest.mark.parametrize(("args", "env", "says"), [
