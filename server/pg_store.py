@@ -35,7 +35,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -295,6 +295,18 @@ def lock_key(name: str) -> int:
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Pooled connections never LISTEN, SET or hold session locks: nothing to reset (the
     default reset is one more round trip per use)."""
+
+
+@contextlib.contextmanager
+def _abandoned_on_timeout(conn: asyncpg.Connection) -> Iterator[None]:
+    """A statement cut short by the deadline ends its connection: released as it is,
+    asyncpg would first wait for the server to confirm the cancel, which a hung server
+    never does (the caller would get its 503 long after --db-timeout)."""
+    try:
+        yield
+    except (asyncio.CancelledError, TimeoutError):
+        conn.terminate()
+        raise
 
 
 # ---- the transaction's view -----------------------------------------------------------------
@@ -564,14 +576,16 @@ class PgStore:
             async with asyncio.timeout(self.timeout):
                 try:
                     async with pool.acquire(timeout=self.timeout) as conn:
-                        return await fn(conn, *args)
+                        with _abandoned_on_timeout(conn):
+                            return await fn(conn, *args)
                 except Exception as exc:
                     if unavailable_reason(exc) != _LOST:
                         raise
                 # the connection was found dead (the server restarted, or ended it):
                 # once more on another, within the same time
                 async with pool.acquire(timeout=self.timeout) as conn:
-                    return await fn(conn, *args)
+                    with _abandoned_on_timeout(conn):
+                        return await fn(conn, *args)
         except StorageUnavailable:
             raise
         except Exception as exc:
@@ -932,6 +946,9 @@ class PgStore:
                             await txn.commit()
                         else:  # nothing to write: let the counter go at once
                             await txn.rollback()
+                    except (asyncio.CancelledError, TimeoutError):
+                        conn.terminate()  # see _abandoned_on_timeout
+                        raise
                     except BaseException:
                         if not committing and not conn.is_closed():
                             with contextlib.suppress(Exception):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -491,6 +494,51 @@ async def test_a_postgresql_restart(make_node, pg_server, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     everything = "\n".join([*answers, caplog.text])
     assert pg_server.password not in everything
+
+
+def postgres_processes(pg_server: Any) -> list[int]:
+    """The PostgreSQL server's processes: the postmaster and its children."""
+    master = int(Path(pg_server.data, "postmaster.pid").read_text().split()[0])
+    pids = [master]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path("/proc", entry, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                pids.append(int(entry))
+    return pids
+
+
+async def test_a_hung_database_is_answered_503_within_db_timeout(make_node, pg_server):
+    """SPEC: a database that does not answer within --db-timeout gets a 503 within
+    --db-timeout (reads, writes and /healthz), also on a pooled connection whose statement
+    the server never confirms cancelled."""
+    db_timeout, margin = 1.0, 0.5
+    a = await make_node("node-a", db_timeout=db_timeout)
+    await register(a, "h-1", 5)
+    await a.get("/api/task/task/h-1/status", headers=auth(5))  # a pooled connection
+    pids = postgres_processes(pg_server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        calls = [
+            lambda: a.get("/api/task/task/h-1/status", headers=auth(5)),
+            lambda: a.post("/api/task/task/h-1/events", headers=PRODUCER,
+                           json={"status": "progress", "progress": 5}),
+            lambda: a.get("/api/task/tasks", headers=auth(5)),
+            lambda: a.get("/healthz"),
+            lambda: a.post("/api/task/task/h-1/events", headers=PRODUCER,
+                           json={"status": "progress", "progress": 6}),
+        ]
+        for call in calls:
+            resp = await asyncio.wait_for(call(), db_timeout + margin)
+            assert resp.status == 503
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    await until(lambda: healthy(a), timeout=20)
 
 
 async def healthy(node: Node) -> bool:
