@@ -812,7 +812,7 @@ class PgStore:
                 return
             first = rows[0][0]
             if first != after + 1 or rows[-1][0] != first + len(rows) - 1:
-                self._feed_lost(after, rows)
+                self._feed_lost(after, first)
             outcomes = [_feed_outcome(seq, kind, task) for seq, kind, task in rows]
             self.last_seq = rows[-1][0]
             self._hand_over(outcomes, False)
@@ -835,11 +835,11 @@ class PgStore:
             async with asyncio.timeout(self.timeout), self._feed_lock:
                 await self._catch_up_locked(upto=seq)
 
-    def _feed_lost(self, after: int, rows: list[Any]) -> None:
+    def _feed_lost(self, after: int, kept: int) -> None:
         """The feed no longer holds changes this node has not delivered (it was away for
         longer than the feed is kept): its sockets must resume from the database."""
         log.error("cluster feed: changes after seq %d are no longer kept (next kept: %d);"
-                  " sockets are closed so that clients resume", after, rows[0][0])
+                  " sockets are closed so that clients resume", after, kept)
         if self.on_feed_lost is not None:
             try:
                 self.on_feed_lost()
@@ -885,6 +885,9 @@ class PgStore:
             try:
                 if not self._fill_gap(prev, after, gap):
                     await self._catch_up_locked(upto=prev)
+                    if self.last_seq < prev:  # committed before this batch, yet not kept
+                        self._feed_lost(self.last_seq, prev + 1)
+                        self.last_seq = prev
             except StorageUnavailable:
                 pass  # this batch waits for the gap: a catch-up delivers both, in order
             else:

@@ -588,6 +588,31 @@ async def test_a_node_that_lost_part_of_the_feed_closes_its_sockets_to_resume(ma
     assert store_b.last_seq == last["seq"]
 
 
+async def test_a_node_whose_missed_feed_was_purged_entirely_closes_its_sockets(make_node,
+                                                                              pg_url):
+    """Every feed row B missed is gone and nothing was written since: B's own next change
+    must not reach its sockets as if nothing came before it (a client that sees seq N has
+    not missed N-1): they are closed with 1013 first, and clients resume by seq."""
+    a, b = await two_nodes(make_node)
+    store_b = b.app[keys.STORE]
+    await deafen(store_b)
+    ws = await ws_connect(b, 23)
+    await handshake(ws)
+    before = store_b.last_seq
+    for i in range(3):
+        await register(a, f"purged-{i}", 23)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("DELETE FROM feed")  # the sweep leader's purge of old rows
+    finally:
+        await conn.close()
+    mine = await register(b, "after-purge", 23)
+    assert mine["seq"] == before + 4
+    code, _ = await expect_close(ws)
+    assert code == 1013
+    assert store_b.last_seq == mine["seq"]
+
+
 # ---- configuration -----------------------------------------------------------------------------
 
 
