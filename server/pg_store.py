@@ -237,13 +237,16 @@ _READ_ONLY = "database is read-only (a standby?)"
 _AUTH = "the database refuses our credentials"
 # a batch that failed for one of these before COMMIT was sent never reached the database:
 # a caller with time left is tried again (the server may be back within it)
-_RETRYABLE = frozenset({_LOST, _UNREACHABLE, _STARTING, _FULL})
+_CONFLICT = "a transaction conflict (deadlock or serialization failure)"
+_RETRYABLE = frozenset({_LOST, _UNREACHABLE, _STARTING, _FULL, _CONFLICT})
 
 
 def unavailable_reason(exc: BaseException) -> str | None:
     """Why the database cannot serve us, if `exc` says it cannot (not a bug); else None."""
     if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
         return _SLOW
+    if isinstance(exc, asyncpg.TransactionRollbackError):  # SQLSTATE class 40
+        return _CONFLICT
     if isinstance(exc, asyncpg.PostgresConnectionError):  # SQLSTATE class 08
         return _LOST
     if isinstance(exc, asyncpg.InterfaceError):
@@ -510,14 +513,21 @@ class PgStore:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
             exists = await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL")
+            version = None
             if exists:
                 version = await conn.fetchval(
                     "SELECT value FROM settings WHERE key = 'schema_version'")
+                if version is not None and not str(version).isdecimal():
+                    raise StoreRefused(f"PostgreSQL database {self.where}: its schema_version"
+                                       " setting is not a number")
                 if version is not None and int(version) > SCHEMA_VERSION:
                     raise StoreRefused(
                         f"PostgreSQL database {self.where} has schema version {version},"
                         f" newer than this taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
-            await conn.execute(schema)
+            if version is None or int(version) < SCHEMA_VERSION:
+                # DDL takes table locks: only when the schema is new or older, never while
+                # other nodes write to a current one
+                await conn.execute(schema)
             columns = tuple(await conn.fetchval(
                 "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
                 " WHERE attrelid = 'tasks'::regclass AND attnum > 0 AND NOT attisdropped"))
@@ -595,6 +605,10 @@ class PgStore:
             raise self._outage_began(reason) from exc
 
     def _outage_began(self, reason: str) -> StorageUnavailable:
+        if reason == _CONFLICT:  # one transaction lost a race, the database is fine
+            exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
+            exc.retry_until_deadline = True
+            return exc
         if self._outage is None:
             log.warning("storage unavailable: %s (%s); writes answer 503 until it recovers",
                         reason, self.where)

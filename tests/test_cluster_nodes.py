@@ -613,6 +613,56 @@ async def test_a_node_whose_missed_feed_was_purged_entirely_closes_its_sockets(m
     assert store_b.last_seq == mine["seq"]
 
 
+async def _waiting(conn: asyncpg.Connection, application: str) -> bool:
+    """Whether a session of `application` waits for a lock."""
+    return bool(await conn.fetchval(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid"
+        " WHERE NOT l.granted AND s.application_name = $1", application))
+
+
+async def test_a_node_starting_while_another_writes_does_not_deadlock_it(make_node, pg_url):
+    """A node starting on a current schema takes no table lock: a third session holding
+    ROW EXCLUSIVE on `tasks` (as any writer might) delays neither B's start nor A's write
+    into a deadlock (B applying the DDL again would take SHARE on tasks then events while
+    A's batch holds events and waits for tasks)."""
+    a = await make_node("node-a")
+    x = await asyncpg.connect(pg_url)
+    try:
+        async with x.transaction():
+            await x.execute("LOCK TABLE tasks IN ROW EXCLUSIVE MODE")
+            b = await make_node("node-b")
+            created = await register(a, "dl-1", 82)
+    finally:
+        await x.close()
+    assert created["task_id"] == "dl-1"
+    assert await healthy(b)
+
+
+async def test_a_batch_chosen_as_a_deadlock_victim_is_retried_not_a_500(make_node, pg_url):
+    """Another session's transaction and A's batch wait for each other: PostgreSQL ends
+    A's (it waited first). A tries the batch again within the caller's deadline: the
+    caller gets its answer, never a 500."""
+    a = await make_node("node-a")
+    await register(a, "dv-1", 83)
+    x = await asyncpg.connect(pg_url)
+    watch = await asyncpg.connect(pg_url)
+    try:
+        tr = x.transaction()
+        await tr.start()
+        await x.execute("UPDATE tasks SET message = message WHERE task_id = 'dv-1'")
+        writing = asyncio.create_task(a.post(
+            "/api/task/task/dv-1/events", headers=PRODUCER,
+            json={"status": "progress", "progress": 10}))
+        await until(lambda: _waiting(watch, "taskpush node-a"))  # A waits for the row
+        await x.fetchval("SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE")
+        await tr.commit()
+        resp = await writing
+    finally:
+        await x.close()
+        await watch.close()
+    assert resp.status == 200, await resp.text()
+
+
 # ---- configuration -----------------------------------------------------------------------------
 
 
