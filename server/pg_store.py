@@ -447,6 +447,8 @@ class PgStore:
         self._listen: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()  # one statement at a time on that connection
         self._listen_lost = asyncio.Event()
+        self._listen_pid: int | None = None  # its server process: ended on a reconnect
+        self._named = False  # whether the listening connection holds the name lock
         self._leads: set[str] = set()
         self._feed_lock = asyncio.Lock()
         self._catching_up: asyncio.Task[None] | None = None
@@ -678,18 +680,35 @@ class PgStore:
             if now >= next_catch_up:
                 next_catch_up = now + CATCH_UP_EVERY
                 self._request_catch_up()
+                if not self._named and self._outage is None:
+                    await self._retake_name()
 
     # ---- the listening connection --------------------------------------------------------
 
     async def _connect_listener(self, *, starting: bool = False) -> None:
         """The dedicated connection: LISTEN, and the lock on this node's name (held while it
         lives: two live nodes with one name would end each other's in-process tasks)."""
+        # the server's keepalives end this session if this node's host goes silent (its
+        # locks with it); a stuck session this node gave up on is ended below
+        keepalive = str(max(1, math.ceil(self.timeout)))
+        application = f"taskpush {self.node} listen"[:63]
         conn = await asyncpg.connect(
             self.url, timeout=self.timeout, command_timeout=self.timeout,
-            server_settings={"application_name": f"taskpush {self.node} listen"[:63]})
+            server_settings={"application_name": application,
+                             "tcp_keepalives_idle": keepalive,
+                             "tcp_keepalives_interval": keepalive,
+                             "tcp_keepalives_count": "3"})
         try:
             await conn.add_listener(CHANNEL, self._notified)
-            named = await self._lock_name(conn, wait=self.timeout if starting else 0.0)
+            if self._listen_pid is not None:
+                # the previous session may live on server-side (stuck, or its TCP
+                # connection half-open) and keep the name and job locks: end it
+                with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE pid = $1 AND application_name = $2",
+                        self._listen_pid, application)
+            named = await self._lock_name(conn, wait=self.timeout)
         except BaseException:
             conn.terminate()
             raise
@@ -697,13 +716,32 @@ class PgStore:
             conn.terminate()
             raise StoreRefused(f"node name {self.node!r} is in use by a running node on"
                                f" {self.where}: give each node its own --node-name")
-        if not named:  # listening still works; the name is another node's now
-            log.error("node name %r was taken by another node while this one reconnected;"
-                      " give each node its own --node-name", self.node)
+        if not named:  # listening still works; the name is taken again by the tick
+            log.warning("node name %r is still locked by an ended session of this node;"
+                        " taking it again when it is released", self.node)
         conn.add_termination_listener(self._listener_closed)
         self._leads.clear()  # session locks died with the previous connection
+        self._named = named
         self._listen = conn
+        self._listen_pid = conn.get_server_pid()
         self._listen_lost.clear()
+
+    async def _retake_name(self) -> None:
+        """Lock this node's name again once the session that held it is gone."""
+        conn = self._listen
+        if conn is None or conn.is_closed():
+            return
+        try:
+            async with asyncio.timeout(self.timeout), self._listen_lock:
+                self._named = await self._lock_name(conn, wait=0.0)
+        except Exception as exc:
+            if unavailable_reason(exc) is None:
+                log.warning("the listening connection failed (%s): replacing it",
+                            type(exc).__name__)
+            self._drop_listener()
+            return
+        if self._named:
+            log.info("node name %r is locked again", self.node)
 
     async def _lock_name(self, conn: asyncpg.Connection, wait: float) -> bool:
         """Take this node's name lock, waiting up to `wait` s (the previous run of this

@@ -8,6 +8,7 @@ settings and the cluster-wide jobs, gone nodes, and the database failing under t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -661,6 +662,70 @@ async def test_a_batch_chosen_as_a_deadlock_victim_is_retried_not_a_500(make_nod
         await x.close()
         await watch.close()
     assert resp.status == 200, await resp.text()
+
+
+async def stick(store: Any, pg_url: str) -> tuple[asyncpg.Connection, asyncio.Task[Any]]:
+    """The node's listening backend stops answering without its session ending (as a stuck
+    backend, or a half-open TCP connection, until keepalive ends it): it waits for an
+    advisory lock a test session holds. Returns that session and the stuck statement."""
+    holder = await asyncpg.connect(pg_url)
+    await holder.execute("SELECT pg_advisory_lock(4242)")
+    conn = store._listen
+
+    async def stuck() -> Any:
+        async with store._listen_lock:
+            return await conn.execute("SELECT pg_advisory_lock(4242)", timeout=60)
+
+    task = asyncio.create_task(stuck())
+    await until(lambda: _waiting(holder, f"taskpush {store.node} listen"))
+    return holder, task
+
+
+async def unstick(holder: asyncpg.Connection, task: asyncio.Task[Any]) -> None:
+    await holder.close()
+    with contextlib.suppress(Exception):
+        await task
+
+
+async def test_a_stuck_listening_backend_does_not_stop_the_cluster_jobs(make_node, pg_url):
+    """A gives up on its stuck listening connection and replaces it: the stuck session
+    (and the job lock it holds) is ended server-side, so some node leads the sweep again."""
+    a, b = await two_nodes(make_node, db_timeout=1.0)
+    store_a, store_b = a.app[keys.STORE], b.app[keys.STORE]
+    assert await store_a.lead("sweep") is True
+    holder, task = await stick(store_a, pg_url)
+    try:
+        assert await store_a.lead("sweep") is False  # times out: A replaces its connection
+
+        async def someone_leads() -> bool:
+            return await store_a.lead("sweep") or await store_b.lead("sweep")
+
+        await until(someone_leads, timeout=15)
+    finally:
+        await unstick(holder, task)
+
+
+async def test_after_a_stuck_listener_the_node_name_stays_locked(make_node, pg_server, pg_url):
+    """Same start: once A listens again, its name is locked again (else a second live
+    node-a starts, and each ends the other's in-process tasks)."""
+    a = await make_node("node-a", db_timeout=1.0)
+    store_a = a.app[keys.STORE]
+    first = store_a._listen
+    holder, task = await stick(store_a, pg_url)
+    try:
+        assert await store_a.lead("sweep") is False
+        await until(lambda: store_a._listen not in (None, first))  # A listens again
+        await until(lambda: listening(pg_server, pg_url, "node-a"))  # the stuck one ended
+    finally:
+        await unstick(holder, task)
+    await a.app[keys.TASKS].register(Register("ip-a", 61, "long", origin="inprocess"))
+    from server.pg_store import PgStore
+
+    twin = PgStore(pg_url, node_name="node-a", timeout=1.0)
+    with pytest.raises(StoreRefused, match=r"node-a.*in use"):
+        await twin.open()
+    resp = await a.get("/api/task/task/ip-a/status", headers=auth(61))
+    assert (await resp.json())["data"]["status"] == "pending"
 
 
 # ---- configuration -----------------------------------------------------------------------------
