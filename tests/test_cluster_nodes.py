@@ -728,6 +728,63 @@ async def test_after_a_stuck_listener_the_node_name_stays_locked(make_node, pg_s
     assert (await resp.json())["data"]["status"] == "pending"
 
 
+async def test_a_change_in_active_tasks_is_not_sent_again_live_by_a_lagging_node(make_node):
+    """B has not read A's change from the feed when a socket connects to it: the change
+    is in `active_tasks` (read from the database); when B reads it later, the socket does
+    not get it a second time (SPEC: live updates with no gap and no duplicate)."""
+    a, b = await two_nodes(make_node)
+    store_b = b.app[keys.STORE]
+    await deafen(store_b)
+    created = await register(a, "dup-1", 71)
+    ws = await ws_connect(b, 71)
+    connected, active = await handshake(ws)
+    assert [(t["task_id"], t["seq"]) for t in active["tasks"]] == [("dup-1", created["seq"])]
+    assert connected["seq"] < created["seq"]
+    await store_b.catch_up(created["seq"])  # B reads the feed (its timer would, later)
+    marker = await register(b, "marker", 71)
+    seen = await recv_until(ws, lambda m: m.get("task_id") == "marker")
+    assert [m for m in seen if m.get("task_id") == "dup-1"] == []
+    assert seen[-1]["seq"] == marker["seq"]
+    await ws.close()
+
+
+async def test_a_socket_on_a_node_starting_while_another_writes_sees_each_change_once(
+        make_node):
+    """B starts and a socket connects to it while A commits continuously: every change
+    after the socket's `connected` seq reaches it exactly once, in `active_tasks` or live,
+    live ones in seq order."""
+    a = await make_node("node-a", max_active_tasks=10**6)
+    stop = asyncio.Event()
+    acked: list[int] = []
+
+    async def produce(prefix: str) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            acked.append((await register(a, f"{prefix}-{i}", 51))["seq"])
+
+    producers = [asyncio.create_task(produce(p)) for p in ("sa", "sb", "sc")]
+    try:
+        await until(lambda: len(acked) >= 20)
+        b = await make_node("node-b", max_active_tasks=10**6)
+        ws = await ws_connect(b, 51)
+        connected, active = await handshake(ws)
+        enough = len(acked) + 100
+        await until(lambda: len(acked) >= enough, timeout=30)
+    finally:
+        stop.set()
+        await asyncio.gather(*producers)
+    top = max(acked)
+    seen = await collect_until(ws, lambda s: s[-1].get("seq") == top)
+    live = [m["seq"] for m in seen if m["type"] == "task_status"]
+    assert live == sorted(set(live)), live
+    start = connected["seq"]
+    in_snapshot = {t["seq"] for t in active["tasks"] if t["seq"] > start}
+    assert not in_snapshot & set(live)
+    assert sorted(in_snapshot | set(live)) == list(range(start + 1, top + 1))
+    await ws.close()
+
+
 # ---- configuration -----------------------------------------------------------------------------
 
 
