@@ -20,7 +20,8 @@ wake-up, never the data), on start, after the listening connection comes back an
 second, a node reads the feed after the last seq it delivered (`last_seq`) and hands the
 changes to `on_publish` in seq order. seqs are contiguous, and rows of a later seq are
 never visible before those of an earlier one, so a node never skips a change; a lost
-notification only delays it.
+notification only delays it. The sweep leader's purge of tombstones notifies
+`horizon <seq>`: every node then answers a `since` below it with resync.
 """
 
 from __future__ import annotations
@@ -709,6 +710,10 @@ class PgStore:
                         " WHERE pid = $1 AND application_name = $2",
                         self._listen_pid, application)
             named = await self._lock_name(conn, wait=self.timeout)
+            if not starting:  # a purge announced while this node was not listening
+                self.horizon = max(self.horizon, int(await conn.fetchval(
+                    "SELECT coalesce((SELECT value FROM settings WHERE key = 'horizon'),"
+                    " '0')")))
         except BaseException:
             conn.terminate()
             raise
@@ -761,9 +766,14 @@ class PgStore:
             self._listen_lost.set()
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        """A wake-up: another node committed up to that seq. Our own commits are ours to
-        deliver (`published`): reading them back here would cost a read per commit."""
+        """A wake-up: another node committed up to that seq (or purged tombstones up to
+        the new horizon). Our own commits are ours to deliver (`published`): reading them
+        back here would cost a read per commit."""
         seq, _, node = payload.partition(" ")
+        if seq == "horizon":  # another node's sweep forgot tombstones up to that seq
+            with contextlib.suppress(ValueError):
+                self.horizon = max(self.horizon, int(node))
+            return
         if node == self.node:
             return
         try:
@@ -1325,6 +1335,8 @@ class PgStore:
                     "INSERT INTO settings VALUES ('horizon', $1) ON CONFLICT (key) DO UPDATE"
                     " SET value = greatest(settings.value::bigint,"
                     " excluded.value::bigint)::text", str(top))
+                # every node judges `since` against it: tell them (on commit)
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"horizon {top}")
             self.horizon = max(self.horizon, int(top))
             return int(status.split()[-1])
 

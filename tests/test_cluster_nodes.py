@@ -785,6 +785,27 @@ async def test_a_socket_on_a_node_starting_while_another_writes_sees_each_change
     await ws.close()
 
 
+async def test_a_since_older_than_another_nodes_purge_is_a_resync_on_every_node(make_node):
+    """The sweep leader (A) forgot tombstones: a `since` before them gets `resync` on B as
+    on A (SPEC: a since older than the kept tombstones gets resync), on a socket and on a
+    poll, once B has heard of the purge (a NOTIFY; else on its next feed read)."""
+    a, b = await two_nodes(make_node)
+    await register(a, "swept", 41)
+    await event(a, "swept", "completed")
+    resp = await a.delete("/api/task/task/swept", headers=auth(41))
+    assert resp.status == 200
+    store_a, store_b = a.app[keys.STORE], b.app[keys.STORE]
+    assert await store_a.purge_tombstones("9999-12-31T00:00:00Z") == 1
+    await until(lambda: store_b.horizon == store_a.horizon)
+    for node in (a, b):
+        resp = await node.get("/api/task/tasks?since=1", headers=auth(41))
+        assert (await resp.json())["data"]["resync"] is True
+        ws = await ws_connect(node, 41, query="since=1")
+        seen = await recv_until(ws, lambda m: m["type"] == "active_tasks")
+        assert [m["type"] for m in seen] == ["connected", "resync", "active_tasks"]
+        await ws.close()
+
+
 # ---- configuration -----------------------------------------------------------------------------
 
 
