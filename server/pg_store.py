@@ -707,7 +707,8 @@ class PgStore:
                 with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
                     await conn.fetchval(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                        " WHERE pid = $1 AND application_name = $2",
+                        " WHERE pid = $1 AND application_name = $2"
+                        " AND pid <> pg_backend_pid()",
                         self._listen_pid, application)
             named = await self._lock_name(conn, wait=self.timeout)
             if not starting:  # a purge announced while this node was not listening
