@@ -639,6 +639,33 @@ async def test_a_node_starting_while_another_writes_does_not_deadlock_it(make_no
     assert await healthy(b)
 
 
+async def test_nodes_starting_while_another_writes_cause_no_500(make_node):
+    """Nodes start one after another while A's producers write: every write is answered
+    201 and every node starts."""
+    a = await make_node("node-a", max_active_tasks=10**6)
+    stop = asyncio.Event()
+    statuses: list[int] = []
+
+    async def produce(prefix: str) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            resp = await a.post("/api/task/tasks", headers=PRODUCER,
+                                json={"task_id": f"{prefix}-{i}", "user_id": 81,
+                                      "task_type": "x"})
+            statuses.append(resp.status)
+
+    producers = [asyncio.create_task(produce(p)) for p in ("da", "db", "dc", "dd")]
+    try:
+        await until(lambda: len(statuses) >= 10)
+        for n in range(12):
+            await make_node(f"node-{n}", max_active_tasks=10**6)
+    finally:
+        stop.set()
+        await asyncio.gather(*producers)
+    assert set(statuses) == {201}, sorted(set(statuses))
+
+
 async def test_a_batch_chosen_as_a_deadlock_victim_is_retried_not_a_500(make_node, pg_url):
     """Another session's transaction and A's batch wait for each other: PostgreSQL ends
     A's (it waited first). A tries the batch again within the caller's deadline: the
