@@ -449,7 +449,7 @@ class PgStore:
         self._listen_lock = asyncio.Lock()  # one statement at a time on that connection
         self._listen_lost = asyncio.Event()
         self._listen_pid: int | None = None  # its server process: ended on a reconnect
-        self._named = False  # whether the listening connection holds the name lock
+        self._name_holder: asyncio.Task[None] | None = None  # see _hold_name
         self._leads: set[str] = set()
         self._feed_lock = asyncio.Lock()
         self._catching_up: asyncio.Task[None] | None = None
@@ -553,6 +553,8 @@ class PgStore:
             await self._writer.close()
             self._writer = None
         tasks = [*self._background]
+        if self._name_holder is not None:
+            tasks.append(self._name_holder)
         if self._catching_up is not None:
             tasks.append(self._catching_up)
         for task in tasks:
@@ -681,8 +683,6 @@ class PgStore:
             if now >= next_catch_up:
                 next_catch_up = now + CATCH_UP_EVERY
                 self._request_catch_up()
-                if not self._named and self._outage is None:
-                    await self._retake_name()
 
     # ---- the listening connection --------------------------------------------------------
 
@@ -710,7 +710,9 @@ class PgStore:
                         " WHERE pid = $1 AND application_name = $2"
                         " AND pid <> pg_backend_pid()",
                         self._listen_pid, application)
-            named = await self._lock_name(conn, wait=self.timeout)
+            # (a name held by a connection of its own stays there)
+            named = self._name_holder is not None or await self._lock_name(
+                conn, wait=self.timeout)
             if not starting:  # a purge announced while this node was not listening
                 self.horizon = max(self.horizon, int(await conn.fetchval(
                     "SELECT coalesce((SELECT value FROM settings WHERE key = 'horizon'),"
@@ -722,32 +724,44 @@ class PgStore:
             conn.terminate()
             raise StoreRefused(f"node name {self.node!r} is in use by a running node on"
                                f" {self.where}: give each node its own --node-name")
-        if not named:  # listening still works; the name is taken again by the tick
+        if not named and self._name_holder is None:  # listening still works meanwhile
             log.warning("node name %r is still locked by an ended session of this node;"
                         " taking it again when it is released", self.node)
+            self._name_holder = asyncio.get_running_loop().create_task(
+                self._hold_name(), name="taskpush-pg-name")
         conn.add_termination_listener(self._listener_closed)
         self._leads.clear()  # session locks died with the previous connection
-        self._named = named
         self._listen = conn
         self._listen_pid = conn.get_server_pid()
         self._listen_lost.clear()
 
-    async def _retake_name(self) -> None:
-        """Lock this node's name again once the session that held it is gone."""
-        conn = self._listen
-        if conn is None or conn.is_closed():
-            return
-        try:
-            async with asyncio.timeout(self.timeout), self._listen_lock:
-                self._named = await self._lock_name(conn, wait=0.0)
-        except Exception as exc:
-            if unavailable_reason(exc) is None:
-                log.warning("the listening connection failed (%s): replacing it",
-                            type(exc).__name__)
-            self._drop_listener()
-            return
-        if self._named:
-            log.info("node name %r is locked again", self.node)
+    async def _hold_name(self) -> None:
+        """Lock this node's name on a connection of its own, held while the node runs: it
+        waits in the lock's queue, so it is first to get the name when the ended session
+        that held it goes (a node started meanwhile with the same name is refused)."""
+        key = lock_key(f"node:{self.node}")
+        keepalive = str(max(1, math.ceil(self.timeout)))
+        while not self._closing:
+            try:
+                conn = await asyncpg.connect(
+                    self.url, timeout=self.timeout,
+                    server_settings={"application_name": f"taskpush {self.node} name"[:63],
+                                     "tcp_keepalives_idle": keepalive,
+                                     "tcp_keepalives_interval": keepalive,
+                                     "tcp_keepalives_count": "3"})
+            except Exception:
+                await asyncio.sleep(RECONNECT_MAX)
+                continue
+            try:
+                ended = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, ended=ended: ended.set())
+                await conn.execute("SELECT pg_advisory_lock($1)", key, timeout=None)
+                log.info("node name %r is locked again", self.node)
+                await ended.wait()
+            except Exception:
+                await asyncio.sleep(RECONNECT_MAX)
+            finally:
+                conn.terminate()
 
     async def _lock_name(self, conn: asyncpg.Connection, wait: float) -> bool:
         """Take this node's name lock, waiting up to `wait` s (the previous run of this

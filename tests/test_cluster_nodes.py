@@ -755,6 +755,36 @@ async def test_after_a_stuck_listener_the_node_name_stays_locked(make_node, pg_s
     assert (await resp.json())["data"]["status"] == "pending"
 
 
+async def test_a_node_name_held_by_a_stopped_backend_goes_back_to_its_node_first(
+        make_node, pg_server, pg_url):
+    """A's listening backend is stopped (SIGSTOP: it cannot even be ended until it runs
+    again) and keeps A's name: A listens again on a new connection and queues for its
+    name, so when the old backend ends, the name is A's again before any other process
+    can take it (a second node-a is refused, and A's in-process task lives on)."""
+    from server.pg_store import PgStore
+
+    a = await make_node("node-a", db_timeout=1.0)
+    store_a = a.app[keys.STORE]
+    first = store_a._listen
+    pid = await backends(pg_server, pg_url, "taskpush node-a listen", "max(pid)")
+    watch = await asyncpg.connect(pg_url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert await store_a.lead("sweep") is False
+        await until(lambda: store_a._listen not in (None, first))  # A listens again
+        await until(lambda: _waiting(watch, "taskpush node-a name"))  # queued for its name
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await until(lambda: not os.path.exists(f"/proc/{pid}"))  # the old backend has ended
+    await watch.close()
+    await a.app[keys.TASKS].register(Register("ip-a", 62, "long", origin="inprocess"))
+    twin = PgStore(pg_url, node_name="node-a", timeout=1.0)
+    with pytest.raises(StoreRefused, match=r"node-a.*in use"):
+        await twin.open()
+    resp = await a.get("/api/task/task/ip-a/status", headers=auth(62))
+    assert (await resp.json())["data"]["status"] == "pending"
+
+
 async def test_a_change_in_active_tasks_is_not_sent_again_live_by_a_lagging_node(make_node):
     """B has not read A's change from the feed when a socket connects to it: the change
     is in `active_tasks` (read from the database); when B reads it later, the socket does
