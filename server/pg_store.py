@@ -20,7 +20,8 @@ wake-up, never the data), on start, after the listening connection comes back an
 second, a node reads the feed after the last seq it delivered (`last_seq`) and hands the
 changes to `on_publish` in seq order. seqs are contiguous, and rows of a later seq are
 never visible before those of an earlier one, so a node never skips a change; a lost
-notification only delays it.
+notification only delays it. The sweep leader's purge of tombstones notifies
+`horizon <seq>`: every node then answers a `since` below it with resync.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -237,13 +238,16 @@ _READ_ONLY = "database is read-only (a standby?)"
 _AUTH = "the database refuses our credentials"
 # a batch that failed for one of these before COMMIT was sent never reached the database:
 # a caller with time left is tried again (the server may be back within it)
-_RETRYABLE = frozenset({_LOST, _UNREACHABLE, _STARTING, _FULL})
+_CONFLICT = "a transaction conflict (deadlock or serialization failure)"
+_RETRYABLE = frozenset({_LOST, _UNREACHABLE, _STARTING, _FULL, _CONFLICT})
 
 
 def unavailable_reason(exc: BaseException) -> str | None:
     """Why the database cannot serve us, if `exc` says it cannot (not a bug); else None."""
     if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
         return _SLOW
+    if isinstance(exc, asyncpg.TransactionRollbackError):  # SQLSTATE class 40
+        return _CONFLICT
     if isinstance(exc, asyncpg.PostgresConnectionError):  # SQLSTATE class 08
         return _LOST
     if isinstance(exc, asyncpg.InterfaceError):
@@ -295,6 +299,18 @@ def lock_key(name: str) -> int:
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Pooled connections never LISTEN, SET or hold session locks: nothing to reset (the
     default reset is one more round trip per use)."""
+
+
+@contextlib.contextmanager
+def _abandoned_on_timeout(conn: asyncpg.Connection) -> Iterator[None]:
+    """A statement cut short by the deadline ends its connection: released as it is,
+    asyncpg would first wait for the server to confirm the cancel, which a hung server
+    never does (the caller would get its 503 long after --db-timeout)."""
+    try:
+        yield
+    except (asyncio.CancelledError, TimeoutError):
+        conn.terminate()
+        raise
 
 
 # ---- the transaction's view -----------------------------------------------------------------
@@ -432,6 +448,8 @@ class PgStore:
         self._listen: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()  # one statement at a time on that connection
         self._listen_lost = asyncio.Event()
+        self._listen_pid: int | None = None  # its server process: ended on a reconnect
+        self._name_holder: asyncio.Task[None] | None = None  # see _hold_name
         self._leads: set[str] = set()
         self._feed_lock = asyncio.Lock()
         self._catching_up: asyncio.Task[None] | None = None
@@ -498,14 +516,21 @@ class PgStore:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
             exists = await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL")
+            version = None
             if exists:
                 version = await conn.fetchval(
                     "SELECT value FROM settings WHERE key = 'schema_version'")
+                if version is not None and not str(version).isdecimal():
+                    raise StoreRefused(f"PostgreSQL database {self.where}: its schema_version"
+                                       " setting is not a number")
                 if version is not None and int(version) > SCHEMA_VERSION:
                     raise StoreRefused(
                         f"PostgreSQL database {self.where} has schema version {version},"
                         f" newer than this taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
-            await conn.execute(schema)
+            if version is None or int(version) < SCHEMA_VERSION:
+                # DDL takes table locks: only when the schema is new or older, never while
+                # other nodes write to a current one
+                await conn.execute(schema)
             columns = tuple(await conn.fetchval(
                 "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
                 " WHERE attrelid = 'tasks'::regclass AND attnum > 0 AND NOT attisdropped"))
@@ -528,6 +553,8 @@ class PgStore:
             await self._writer.close()
             self._writer = None
         tasks = [*self._background]
+        if self._name_holder is not None:
+            tasks.append(self._name_holder)
         if self._catching_up is not None:
             tasks.append(self._catching_up)
         for task in tasks:
@@ -564,14 +591,16 @@ class PgStore:
             async with asyncio.timeout(self.timeout):
                 try:
                     async with pool.acquire(timeout=self.timeout) as conn:
-                        return await fn(conn, *args)
+                        with _abandoned_on_timeout(conn):
+                            return await fn(conn, *args)
                 except Exception as exc:
                     if unavailable_reason(exc) != _LOST:
                         raise
                 # the connection was found dead (the server restarted, or ended it):
                 # once more on another, within the same time
                 async with pool.acquire(timeout=self.timeout) as conn:
-                    return await fn(conn, *args)
+                    with _abandoned_on_timeout(conn):
+                        return await fn(conn, *args)
         except StorageUnavailable:
             raise
         except Exception as exc:
@@ -581,6 +610,10 @@ class PgStore:
             raise self._outage_began(reason) from exc
 
     def _outage_began(self, reason: str) -> StorageUnavailable:
+        if reason == _CONFLICT:  # one transaction lost a race, the database is fine
+            exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
+            exc.retry_until_deadline = True
+            return exc
         if self._outage is None:
             log.warning("storage unavailable: %s (%s); writes answer 503 until it recovers",
                         reason, self.where)
@@ -656,12 +689,34 @@ class PgStore:
     async def _connect_listener(self, *, starting: bool = False) -> None:
         """The dedicated connection: LISTEN, and the lock on this node's name (held while it
         lives: two live nodes with one name would end each other's in-process tasks)."""
+        # the server's keepalives end this session if this node's host goes silent (its
+        # locks with it); a stuck session this node gave up on is ended below
+        keepalive = str(max(1, math.ceil(self.timeout)))
+        application = f"taskpush {self.node} listen"[:63]
         conn = await asyncpg.connect(
             self.url, timeout=self.timeout, command_timeout=self.timeout,
-            server_settings={"application_name": f"taskpush {self.node} listen"[:63]})
+            server_settings={"application_name": application,
+                             "tcp_keepalives_idle": keepalive,
+                             "tcp_keepalives_interval": keepalive,
+                             "tcp_keepalives_count": "3"})
         try:
             await conn.add_listener(CHANNEL, self._notified)
-            named = await self._lock_name(conn, wait=self.timeout if starting else 0.0)
+            if self._listen_pid is not None:
+                # the previous session may live on server-side (stuck, or its TCP
+                # connection half-open) and keep the name and job locks: end it
+                with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE pid = $1 AND application_name = $2"
+                        " AND pid <> pg_backend_pid()",
+                        self._listen_pid, application)
+            # (a name held by a connection of its own stays there)
+            named = self._name_holder is not None or await self._lock_name(
+                conn, wait=self.timeout)
+            if not starting:  # a purge announced while this node was not listening
+                self.horizon = max(self.horizon, int(await conn.fetchval(
+                    "SELECT coalesce((SELECT value FROM settings WHERE key = 'horizon'),"
+                    " '0')")))
         except BaseException:
             conn.terminate()
             raise
@@ -669,13 +724,44 @@ class PgStore:
             conn.terminate()
             raise StoreRefused(f"node name {self.node!r} is in use by a running node on"
                                f" {self.where}: give each node its own --node-name")
-        if not named:  # listening still works; the name is another node's now
-            log.error("node name %r was taken by another node while this one reconnected;"
-                      " give each node its own --node-name", self.node)
+        if not named and self._name_holder is None:  # listening still works meanwhile
+            log.warning("node name %r is still locked by an ended session of this node;"
+                        " taking it again when it is released", self.node)
+            self._name_holder = asyncio.get_running_loop().create_task(
+                self._hold_name(), name="taskpush-pg-name")
         conn.add_termination_listener(self._listener_closed)
         self._leads.clear()  # session locks died with the previous connection
         self._listen = conn
+        self._listen_pid = conn.get_server_pid()
         self._listen_lost.clear()
+
+    async def _hold_name(self) -> None:
+        """Lock this node's name on a connection of its own, held while the node runs: it
+        waits in the lock's queue, so it is first to get the name when the ended session
+        that held it goes (a node started meanwhile with the same name is refused)."""
+        key = lock_key(f"node:{self.node}")
+        keepalive = str(max(1, math.ceil(self.timeout)))
+        while not self._closing:
+            try:
+                conn = await asyncpg.connect(
+                    self.url, timeout=self.timeout,
+                    server_settings={"application_name": f"taskpush {self.node} name"[:63],
+                                     "tcp_keepalives_idle": keepalive,
+                                     "tcp_keepalives_interval": keepalive,
+                                     "tcp_keepalives_count": "3"})
+            except Exception:
+                await asyncio.sleep(RECONNECT_MAX)
+                continue
+            try:
+                ended = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, ended=ended: ended.set())
+                await conn.execute("SELECT pg_advisory_lock($1)", key, timeout=None)
+                log.info("node name %r is locked again", self.node)
+                await ended.wait()
+            except Exception:
+                await asyncio.sleep(RECONNECT_MAX)
+            finally:
+                conn.terminate()
 
     async def _lock_name(self, conn: asyncpg.Connection, wait: float) -> bool:
         """Take this node's name lock, waiting up to `wait` s (the previous run of this
@@ -695,9 +781,14 @@ class PgStore:
             self._listen_lost.set()
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        """A wake-up: another node committed up to that seq. Our own commits are ours to
-        deliver (`published`): reading them back here would cost a read per commit."""
+        """A wake-up: another node committed up to that seq (or purged tombstones up to
+        the new horizon). Our own commits are ours to deliver (`published`): reading them
+        back here would cost a read per commit."""
         seq, _, node = payload.partition(" ")
+        if seq == "horizon":  # another node's sweep forgot tombstones up to that seq
+            with contextlib.suppress(ValueError):
+                self.horizon = max(self.horizon, int(node))
+            return
         if node == self.node:
             return
         try:
@@ -798,7 +889,7 @@ class PgStore:
                 return
             first = rows[0][0]
             if first != after + 1 or rows[-1][0] != first + len(rows) - 1:
-                self._feed_lost(after, rows)
+                self._feed_lost(after, first)
             outcomes = [_feed_outcome(seq, kind, task) for seq, kind, task in rows]
             self.last_seq = rows[-1][0]
             self._hand_over(outcomes, False)
@@ -821,11 +912,11 @@ class PgStore:
             async with asyncio.timeout(self.timeout), self._feed_lock:
                 await self._catch_up_locked(upto=seq)
 
-    def _feed_lost(self, after: int, rows: list[Any]) -> None:
+    def _feed_lost(self, after: int, kept: int) -> None:
         """The feed no longer holds changes this node has not delivered (it was away for
         longer than the feed is kept): its sockets must resume from the database."""
         log.error("cluster feed: changes after seq %d are no longer kept (next kept: %d);"
-                  " sockets are closed so that clients resume", after, rows[0][0])
+                  " sockets are closed so that clients resume", after, kept)
         if self.on_feed_lost is not None:
             try:
                 self.on_feed_lost()
@@ -871,6 +962,9 @@ class PgStore:
             try:
                 if not self._fill_gap(prev, after, gap):
                     await self._catch_up_locked(upto=prev)
+                    if self.last_seq < prev:  # committed before this batch, yet not kept
+                        self._feed_lost(self.last_seq, prev + 1)
+                        self.last_seq = prev
             except StorageUnavailable:
                 pass  # this batch waits for the gap: a catch-up delivers both, in order
             else:
@@ -932,6 +1026,9 @@ class PgStore:
                             await txn.commit()
                         else:  # nothing to write: let the counter go at once
                             await txn.rollback()
+                    except (asyncio.CancelledError, TimeoutError):
+                        conn.terminate()  # see _abandoned_on_timeout
+                        raise
                     except BaseException:
                         if not committing and not conn.is_closed():
                             with contextlib.suppress(Exception):
@@ -1253,6 +1350,8 @@ class PgStore:
                     "INSERT INTO settings VALUES ('horizon', $1) ON CONFLICT (key) DO UPDATE"
                     " SET value = greatest(settings.value::bigint,"
                     " excluded.value::bigint)::text", str(top))
+                # every node judges `since` against it: tell them (on commit)
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"horizon {top}")
             self.horizon = max(self.horizon, int(top))
             return int(status.split()[-1])
 

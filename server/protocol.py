@@ -224,7 +224,8 @@ class Outbox:
     snapshot from the database.
     """
 
-    __slots__ = ("_floor", "_items", "_latest", "_sent", "limit", "merged", "replaying")
+    __slots__ = ("_ahead", "_floor", "_items", "_latest", "_live", "_sent", "limit", "merged",
+                 "replaying")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -232,6 +233,8 @@ class Outbox:
         self._latest: dict[str, int] = {}  # task_id -> seq of its newest queued update
         self._sent: dict[str, int] = {}  # task_id -> seq last sent (active tasks only)
         self._floor: dict[str, int] | None = None  # task_id -> seq already sent out of band
+        self._live = 0  # the highest seq pushed (live updates come in seq order)
+        self._ahead = 0  # the highest seq the snapshot sent that live updates had not reached
         self.merged = 0
         self.replaying = True
 
@@ -256,8 +259,17 @@ class Outbox:
         return True
 
     def end_replay(self) -> None:
-        """The snapshot is sent and live updates overlap it no more: prune finished tasks."""
+        """The snapshot is sent: forget what it sent, except for queued tasks and states
+        live updates have not reached yet (a node behind the database reads its pages
+        ahead of its feed: those updates are still to come, and must not go out again)."""
         self.replaying = False
+        live = self._live
+        self._sent = {t: s for t, s in self._sent.items() if t in self._latest or s > live}
+        self._ahead = max((s for s in self._sent.values() if s > live), default=0)
+
+    def _reached(self) -> None:
+        """Live updates have passed every state the snapshot sent ahead of them."""
+        self._ahead = 0
         self._sent = {t: s for t, s in self._sent.items() if t in self._latest}
 
     def raise_floor(self, task_id: str, seq: int) -> None:
@@ -269,10 +281,16 @@ class Outbox:
         self._floor[task_id] = max(seq, self._floor.get(task_id, seq))
 
     def clear_floor(self, task_id: str) -> None:
+        """The task's next push goes out even if its state was sent before (a subscribe
+        sends the current state again)."""
         if self._floor:
             self._floor.pop(task_id, None)
+        if self._sent and not self.replaying:
+            self._sent.pop(task_id, None)
 
     def push(self, update: Update) -> bool:
+        if update.seq > self._live:
+            self._live = update.seq
         if self._floor:
             floor = self._floor.get(update.task_id)
             if floor is not None:
@@ -281,6 +299,8 @@ class Outbox:
                 del self._floor[update.task_id]
         sent = self._sent.get(update.task_id)
         if sent is not None and update.seq <= sent:
+            if self._ahead and update.seq >= self._ahead and not self.replaying:
+                self._reached()
             return True
         prev_seq = self._latest.get(update.task_id)
         if prev_seq is not None:
@@ -292,6 +312,8 @@ class Outbox:
                 self.merged += 1
         self._items[update.seq] = update
         self._latest[update.task_id] = update.seq
+        if self._ahead and update.seq >= self._ahead and not self.replaying:
+            self._reached()
         return len(self._items) <= self.limit
 
     def pop(self) -> Update | None:

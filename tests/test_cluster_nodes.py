@@ -8,8 +8,12 @@ settings and the cluster-wide jobs, gone nodes, and the database failing under t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -509,6 +513,51 @@ async def test_a_postgresql_restart(make_node, pg_server, caplog):
     assert pg_server.password not in everything
 
 
+def postgres_processes(pg_server: Any) -> list[int]:
+    """The PostgreSQL server's processes: the postmaster and its children."""
+    master = int(Path(pg_server.data, "postmaster.pid").read_text().split()[0])
+    pids = [master]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path("/proc", entry, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                pids.append(int(entry))
+    return pids
+
+
+async def test_a_hung_database_is_answered_503_within_db_timeout(make_node, pg_server):
+    """SPEC: a database that does not answer within --db-timeout gets a 503 within
+    --db-timeout (reads, writes and /healthz), also on a pooled connection whose statement
+    the server never confirms cancelled."""
+    db_timeout, margin = 1.0, 0.5
+    a = await make_node("node-a", db_timeout=db_timeout)
+    await register(a, "h-1", 5)
+    await a.get("/api/task/task/h-1/status", headers=auth(5))  # a pooled connection
+    pids = postgres_processes(pg_server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        calls = [
+            lambda: a.get("/api/task/task/h-1/status", headers=auth(5)),
+            lambda: a.post("/api/task/task/h-1/events", headers=PRODUCER,
+                           json={"status": "progress", "progress": 5}),
+            lambda: a.get("/api/task/tasks", headers=auth(5)),
+            lambda: a.get("/healthz"),
+            lambda: a.post("/api/task/task/h-1/events", headers=PRODUCER,
+                           json={"status": "progress", "progress": 6}),
+        ]
+        for call in calls:
+            resp = await asyncio.wait_for(call(), db_timeout + margin)
+            assert resp.status == 503
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    await until(lambda: healthy(a), timeout=20)
+
+
 async def healthy(node: Node) -> bool:
     resp = await node.get("/healthz")
     return resp.status == 200
@@ -554,6 +603,280 @@ async def test_a_node_that_lost_part_of_the_feed_closes_its_sockets_to_resume(ma
     code, _ = await expect_close(ws)
     assert code == 1013
     assert store_b.last_seq == last["seq"]
+
+
+async def test_a_node_whose_missed_feed_was_purged_entirely_closes_its_sockets(make_node,
+                                                                              pg_url):
+    """Every feed row B missed is gone and nothing was written since: B's own next change
+    must not reach its sockets as if nothing came before it (a client that sees seq N has
+    not missed N-1): they are closed with 1013 first, and clients resume by seq."""
+    a, b = await two_nodes(make_node)
+    store_b = b.app[keys.STORE]
+    await deafen(store_b)
+    ws = await ws_connect(b, 23)
+    await handshake(ws)
+    before = store_b.last_seq
+    for i in range(3):
+        await register(a, f"purged-{i}", 23)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("DELETE FROM feed")  # the sweep leader's purge of old rows
+    finally:
+        await conn.close()
+    mine = await register(b, "after-purge", 23)
+    assert mine["seq"] == before + 4
+    code, _ = await expect_close(ws)
+    assert code == 1013
+    assert store_b.last_seq == mine["seq"]
+
+
+async def _waiting(conn: asyncpg.Connection, application: str) -> bool:
+    """Whether a session of `application` waits for a lock."""
+    return bool(await conn.fetchval(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid"
+        " WHERE NOT l.granted AND s.application_name = $1", application))
+
+
+async def test_a_node_starting_while_another_writes_does_not_deadlock_it(make_node, pg_url):
+    """A node starting on a current schema takes no table lock: a third session holding
+    ROW EXCLUSIVE on `tasks` (as any writer might) delays neither B's start nor A's write
+    into a deadlock (B applying the DDL again would take SHARE on tasks then events while
+    A's batch holds events and waits for tasks)."""
+    a = await make_node("node-a")
+    x = await asyncpg.connect(pg_url)
+    try:
+        async with x.transaction():
+            await x.execute("LOCK TABLE tasks IN ROW EXCLUSIVE MODE")
+            b = await make_node("node-b")
+            created = await register(a, "dl-1", 82)
+    finally:
+        await x.close()
+    assert created["task_id"] == "dl-1"
+    assert await healthy(b)
+
+
+async def test_nodes_starting_while_another_writes_cause_no_500(make_node):
+    """Nodes start one after another while A's producers write: every write is answered
+    201 and every node starts."""
+    a = await make_node("node-a", max_active_tasks=10**6)
+    stop = asyncio.Event()
+    statuses: list[int] = []
+
+    async def produce(prefix: str) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            resp = await a.post("/api/task/tasks", headers=PRODUCER,
+                                json={"task_id": f"{prefix}-{i}", "user_id": 81,
+                                      "task_type": "x"})
+            statuses.append(resp.status)
+
+    producers = [asyncio.create_task(produce(p)) for p in ("da", "db", "dc", "dd")]
+    try:
+        await until(lambda: len(statuses) >= 10)
+        for n in range(12):
+            await make_node(f"node-{n}", max_active_tasks=10**6)
+    finally:
+        stop.set()
+        await asyncio.gather(*producers)
+    assert set(statuses) == {201}, sorted(set(statuses))
+
+
+async def test_a_batch_chosen_as_a_deadlock_victim_is_retried_not_a_500(make_node, pg_url):
+    """Another session's transaction and A's batch wait for each other: PostgreSQL ends
+    A's (it waited first). A tries the batch again within the caller's deadline: the
+    caller gets its answer, never a 500."""
+    a = await make_node("node-a")
+    await register(a, "dv-1", 83)
+    x = await asyncpg.connect(pg_url)
+    watch = await asyncpg.connect(pg_url)
+    try:
+        tr = x.transaction()
+        await tr.start()
+        await x.execute("UPDATE tasks SET message = message WHERE task_id = 'dv-1'")
+        writing = asyncio.create_task(a.post(
+            "/api/task/task/dv-1/events", headers=PRODUCER,
+            json={"status": "progress", "progress": 10}))
+        await until(lambda: _waiting(watch, "taskpush node-a"))  # A waits for the row
+        await x.fetchval("SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE")
+        await tr.commit()
+        resp = await writing
+    finally:
+        await x.close()
+        await watch.close()
+    assert resp.status == 200, await resp.text()
+
+
+async def stick(store: Any, pg_url: str) -> tuple[asyncpg.Connection, asyncio.Task[Any]]:
+    """The node's listening backend stops answering without its session ending (as a stuck
+    backend, or a half-open TCP connection, until keepalive ends it): it waits for an
+    advisory lock a test session holds. Returns that session and the stuck statement."""
+    holder = await asyncpg.connect(pg_url)
+    await holder.execute("SELECT pg_advisory_lock(4242)")
+    conn = store._listen
+
+    async def stuck() -> Any:
+        async with store._listen_lock:
+            return await conn.execute("SELECT pg_advisory_lock(4242)", timeout=60)
+
+    task = asyncio.create_task(stuck())
+    await until(lambda: _waiting(holder, f"taskpush {store.node} listen"))
+    return holder, task
+
+
+async def unstick(holder: asyncpg.Connection, task: asyncio.Task[Any]) -> None:
+    await holder.close()
+    with contextlib.suppress(Exception):
+        await task
+
+
+async def test_a_stuck_listening_backend_does_not_stop_the_cluster_jobs(make_node, pg_url):
+    """A gives up on its stuck listening connection and replaces it: the stuck session
+    (and the job lock it holds) is ended server-side, so some node leads the sweep again."""
+    a, b = await two_nodes(make_node, db_timeout=1.0)
+    store_a, store_b = a.app[keys.STORE], b.app[keys.STORE]
+    assert await store_a.lead("sweep") is True
+    holder, task = await stick(store_a, pg_url)
+    try:
+        assert await store_a.lead("sweep") is False  # times out: A replaces its connection
+
+        async def someone_leads() -> bool:
+            return await store_a.lead("sweep") or await store_b.lead("sweep")
+
+        await until(someone_leads, timeout=15)
+    finally:
+        await unstick(holder, task)
+
+
+async def test_after_a_stuck_listener_the_node_name_stays_locked(make_node, pg_server, pg_url):
+    """Same start: once A listens again, its name is locked again (else a second live
+    node-a starts, and each ends the other's in-process tasks)."""
+    a = await make_node("node-a", db_timeout=1.0)
+    store_a = a.app[keys.STORE]
+    first = store_a._listen
+    holder, task = await stick(store_a, pg_url)
+    try:
+        assert await store_a.lead("sweep") is False
+        await until(lambda: store_a._listen not in (None, first))  # A listens again
+        await until(lambda: listening(pg_server, pg_url, "node-a"))  # the stuck one ended
+    finally:
+        await unstick(holder, task)
+    await a.app[keys.TASKS].register(Register("ip-a", 61, "long", origin="inprocess"))
+    from server.pg_store import PgStore
+
+    twin = PgStore(pg_url, node_name="node-a", timeout=1.0)
+    with pytest.raises(StoreRefused, match=r"node-a.*in use"):
+        await twin.open()
+    resp = await a.get("/api/task/task/ip-a/status", headers=auth(61))
+    assert (await resp.json())["data"]["status"] == "pending"
+
+
+async def test_a_node_name_held_by_a_stopped_backend_goes_back_to_its_node_first(
+        make_node, pg_server, pg_url):
+    """A's listening backend is stopped (SIGSTOP: it cannot even be ended until it runs
+    again) and keeps A's name: A listens again on a new connection and queues for its
+    name, so when the old backend ends, the name is A's again before any other process
+    can take it (a second node-a is refused, and A's in-process task lives on)."""
+    from server.pg_store import PgStore
+
+    a = await make_node("node-a", db_timeout=1.0)
+    store_a = a.app[keys.STORE]
+    first = store_a._listen
+    pid = await backends(pg_server, pg_url, "taskpush node-a listen", "max(pid)")
+    watch = await asyncpg.connect(pg_url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert await store_a.lead("sweep") is False
+        await until(lambda: store_a._listen not in (None, first))  # A listens again
+        await until(lambda: _waiting(watch, "taskpush node-a name"))  # queued for its name
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await until(lambda: not os.path.exists(f"/proc/{pid}"))  # the old backend has ended
+    await watch.close()
+    await a.app[keys.TASKS].register(Register("ip-a", 62, "long", origin="inprocess"))
+    twin = PgStore(pg_url, node_name="node-a", timeout=1.0)
+    with pytest.raises(StoreRefused, match=r"node-a.*in use"):
+        await twin.open()
+    resp = await a.get("/api/task/task/ip-a/status", headers=auth(62))
+    assert (await resp.json())["data"]["status"] == "pending"
+
+
+async def test_a_change_in_active_tasks_is_not_sent_again_live_by_a_lagging_node(make_node):
+    """B has not read A's change from the feed when a socket connects to it: the change
+    is in `active_tasks` (read from the database); when B reads it later, the socket does
+    not get it a second time (SPEC: live updates with no gap and no duplicate)."""
+    a, b = await two_nodes(make_node)
+    store_b = b.app[keys.STORE]
+    await deafen(store_b)
+    created = await register(a, "dup-1", 71)
+    ws = await ws_connect(b, 71)
+    connected, active = await handshake(ws)
+    assert [(t["task_id"], t["seq"]) for t in active["tasks"]] == [("dup-1", created["seq"])]
+    assert connected["seq"] < created["seq"]
+    await store_b.catch_up(created["seq"])  # B reads the feed (its timer would, later)
+    marker = await register(b, "marker", 71)
+    seen = await recv_until(ws, lambda m: m.get("task_id") == "marker")
+    assert [m for m in seen if m.get("task_id") == "dup-1"] == []
+    assert seen[-1]["seq"] == marker["seq"]
+    await ws.close()
+
+
+async def test_a_socket_on_a_node_starting_while_another_writes_sees_each_change_once(
+        make_node):
+    """B starts and a socket connects to it while A commits continuously: every change
+    after the socket's `connected` seq reaches it exactly once, in `active_tasks` or live,
+    live ones in seq order."""
+    a = await make_node("node-a", max_active_tasks=10**6)
+    stop = asyncio.Event()
+    acked: list[int] = []
+
+    async def produce(prefix: str) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            acked.append((await register(a, f"{prefix}-{i}", 51))["seq"])
+
+    producers = [asyncio.create_task(produce(p)) for p in ("sa", "sb", "sc")]
+    try:
+        await until(lambda: len(acked) >= 20)
+        b = await make_node("node-b", max_active_tasks=10**6)
+        ws = await ws_connect(b, 51)
+        connected, active = await handshake(ws)
+        enough = len(acked) + 100
+        await until(lambda: len(acked) >= enough, timeout=30)
+    finally:
+        stop.set()
+        await asyncio.gather(*producers)
+    top = max(acked)
+    seen = await collect_until(ws, lambda s: s[-1].get("seq") == top)
+    live = [m["seq"] for m in seen if m["type"] == "task_status"]
+    assert live == sorted(set(live)), live
+    start = connected["seq"]
+    in_snapshot = {t["seq"] for t in active["tasks"] if t["seq"] > start}
+    assert not in_snapshot & set(live)
+    assert sorted(in_snapshot | set(live)) == list(range(start + 1, top + 1))
+    await ws.close()
+
+
+async def test_a_since_older_than_another_nodes_purge_is_a_resync_on_every_node(make_node):
+    """The sweep leader (A) forgot tombstones: a `since` before them gets `resync` on B as
+    on A (SPEC: a since older than the kept tombstones gets resync), on a socket and on a
+    poll, once B has heard of the purge (a NOTIFY; else on its next feed read)."""
+    a, b = await two_nodes(make_node)
+    await register(a, "swept", 41)
+    await event(a, "swept", "completed")
+    resp = await a.delete("/api/task/task/swept", headers=auth(41))
+    assert resp.status == 200
+    store_a, store_b = a.app[keys.STORE], b.app[keys.STORE]
+    assert await store_a.purge_tombstones("9999-12-31T00:00:00Z") == 1
+    await until(lambda: store_b.horizon == store_a.horizon)
+    for node in (a, b):
+        resp = await node.get("/api/task/tasks?since=1", headers=auth(41))
+        assert (await resp.json())["data"]["resync"] is True
+        ws = await ws_connect(node, 41, query="since=1")
+        seen = await recv_until(ws, lambda m: m["type"] == "active_tasks")
+        assert [m["type"] for m in seen] == ["connected", "resync", "active_tasks"]
+        await ws.close()
 
 
 # ---- configuration -----------------------------------------------------------------------------

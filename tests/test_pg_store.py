@@ -130,6 +130,20 @@ async def test_a_newer_schema_is_refused(store: PgStore, pg_url: str) -> None:
         await conn.close()
 
 
+async def test_a_schema_version_that_is_not_a_number_is_refused_as_such(store: PgStore,
+                                                                        pg_url: str) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("UPDATE settings SET value = 'x1' WHERE key = 'schema_version'")
+        again = PgStore(pg_url, node_name="n2")
+        with pytest.raises(StoreRefused, match="schema_version setting is not a number"):
+            await again.open()
+    finally:
+        await conn.execute("UPDATE settings SET value = $1 WHERE key = 'schema_version'",
+                           str(SCHEMA_VERSION))
+        await conn.close()
+
+
 async def test_an_unreachable_database_is_refused_in_one_line(pg_server: Any) -> None:
     url = f"postgresql://u:pw-not-shown@127.0.0.1:{pg_server.port + 1}/none"
     with pytest.raises(StoreRefused) as refused:

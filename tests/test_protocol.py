@@ -264,7 +264,7 @@ def test_outbox_snapshot_dedupe_during_replay():
 def test_outbox_replay_drops_later_push_at_or_below_sent():
     box = Outbox(100)
     box.mark_sent("a", 7)
-    box.end_replay()  # a is not queued: no longer remembered
+    box.end_replay()
     assert box.push(upd("a", 8))
     assert drain(box) == [("a", 8, "progress")]
     box2 = Outbox(100)
@@ -274,6 +274,23 @@ def test_outbox_replay_drops_later_push_at_or_below_sent():
     assert box2.push(upd("a", 6))
     assert box2.push(upd("a", 7))
     assert drain(box2) == [("a", 9, "progress")]
+
+
+def test_outbox_a_state_the_snapshot_sent_ahead_of_live_updates_is_not_sent_again():
+    """A node behind the database: its snapshot read a@9 and b@11 while its live updates
+    had reached seq 8 only. When they come, they are not sent a second time; once live
+    updates have passed them, nothing more is remembered."""
+    box = Outbox(100)
+    box.push(upd("z", 8))
+    assert box.mark_sent("a", 9) and box.mark_sent("b", 11) and box.mark_sent("c", 3)
+    box.end_replay()
+    assert drain(box) == [("z", 8, "progress")]
+    assert box.push(upd("a", 9))
+    assert box.push(upd("x", 10))
+    assert box.push(upd("b", 11))
+    assert box.push(upd("a", 12))
+    assert drain(box) == [("x", 10, "progress"), ("a", 12, "progress")]
+    assert box._sent == {} and box._ahead == 0
 
 
 def test_outbox_mark_sent_keeps_the_highest_seq_and_refuses_an_older_one():
