@@ -427,8 +427,8 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         # compress=False: permessage-deflate is declined on purpose. An update is framed
         # once and the same bytes go to every socket (`_write_direct`); deflate would need
         # a per-socket compressor (its zlib state alone is many times an idle socket's
-        # memory) and a second framing for the slow path. Updates are small JSON; see
-        # README "Where SPEC is silent".
+        # memory) and a second framing for the slow path. Updates are small JSON; measured
+        # with Chromium in docs/performance.md, "permessage-deflate".
         ws = web.WebSocketResponse(max_msg_size=config.max_frame_bytes + 1, autoping=False,
                                    compress=False)
         await ws.prepare(request)
