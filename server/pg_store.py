@@ -62,12 +62,11 @@ from .model import (
     utc_now,
 )
 from .store import (
-    PAGE_BYTES,
     PAGE_ROWS,
     CommitListener,
     PublishListener,
-    Snapshot,
     StoreRefused,
+    WholeReads,
 )
 from .writer import GroupWriter
 
@@ -424,7 +423,7 @@ class _Txn:
 # ---- the store ------------------------------------------------------------------------------
 
 
-class PgStore:
+class PgStore(WholeReads):
     """The `store.Store` over a PostgreSQL database shared by the nodes of a cluster; also
     the writer's `BatchCommitter`."""
 
@@ -1214,27 +1213,6 @@ class PgStore:
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
             " ORDER BY seq LIMIT $3", user_id, since, limit)
 
-    async def snapshot(self, user_id: int, since: int | None) -> Snapshot:
-        """Active tasks and (with `since`) every change after it, all pages at once: for
-        tools and tests. Sockets read page by page."""
-        seq = self.last_seq
-        active: list[Task] = []
-        after: int | None = 0
-        while after is not None:
-            page, after = await self.active_page(user_id, after, PAGE_BYTES)
-            active.extend(page)
-        if since is None:
-            return Snapshot(seq, active, None)
-        changes: list[Task | tuple[str, int]] = []
-        cursor: int | None = since
-        while cursor is not None:
-            got = await self.changes_page(user_id, cursor, seq, PAGE_BYTES)
-            if got is None:
-                return Snapshot(seq, active, None)
-            items, cursor = got
-            changes.extend(items)
-        return Snapshot(seq, active, changes)
-
     async def active_page(self, user_id: int, after: int, max_bytes: int
                           ) -> tuple[list[Task], int | None]:
         """The user's active tasks with created_seq above `after`, in created_seq order, as
@@ -1302,15 +1280,6 @@ class PgStore:
                   for seq, status, progress, message, step, error, error_type, timestamp
                   in rows[:limit]]
         return events, (events[-1]["seq"] if len(rows) > limit else None)
-
-    async def history(self, task_id: str) -> list[dict[str, Any]]:
-        """Every recorded change of a task (all pages: for tools and tests)."""
-        events: list[dict[str, Any]] = []
-        after: int | None = 0
-        while after is not None:
-            page, after = await self.history_page(task_id, after, 1000)
-            events.extend(page)
-        return events
 
     async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
         """Active tasks whose last change is older than the given time (stale candidates)."""

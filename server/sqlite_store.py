@@ -59,14 +59,13 @@ from .model import (
     utc_now,
 )
 from .store import (
-    PAGE_BYTES,
     PAGE_ROWS,
     CommitListener,
     PublishListener,
-    Snapshot,
     StoreCorrupt,
     StoreLocked,
     StoreRefused,
+    WholeReads,
 )
 from .writer import GroupWriter
 
@@ -348,7 +347,7 @@ class _Txn:
             cache.popitem(last=False)
 
 
-class SqliteStore:
+class SqliteStore(WholeReads):
     """The `store.Store` over one SQLite file; also the writer's `BatchCommitter`."""
 
     def __init__(self, path: str, *, timeout: float = DB_TIMEOUT) -> None:
@@ -808,28 +807,6 @@ class SqliteStore:
             (user_id, since, limit),
         )
 
-    async def snapshot(self, user_id: int, since: int | None) -> Snapshot:
-        """Active tasks and (with `since`) every change after it, all pages at once: for
-        tools and tests. Sockets read page by page (`active_page`, `changes_page`) so that
-        no snapshot is ever held whole."""
-        seq = self.last_seq
-        active: list[Task] = []
-        after: int | None = 0
-        while after is not None:
-            page, after = await self.active_page(user_id, after, PAGE_BYTES)
-            active.extend(page)
-        if since is None:
-            return Snapshot(seq, active, None)
-        changes: list[Task | tuple[str, int]] = []
-        cursor: int | None = since
-        while cursor is not None:
-            got = await self.changes_page(user_id, cursor, seq, PAGE_BYTES)
-            if got is None:
-                return Snapshot(seq, active, None)
-            items, cursor = got
-            changes.extend(items)
-        return Snapshot(seq, active, changes)
-
     async def active_page(self, user_id: int, after: int, max_bytes: int
                           ) -> tuple[list[Task], int | None]:
         """The user's active tasks with created_seq above `after`, in created_seq order
@@ -952,15 +929,6 @@ class SqliteStore:
             return events, (events[-1]["seq"] if len(rows) > limit else None)
 
         return await self._call(read)
-
-    async def history(self, task_id: str) -> list[dict[str, Any]]:
-        """Every recorded change of a task (all pages: for tools and tests)."""
-        events: list[dict[str, Any]] = []
-        after: int | None = 0
-        while after is not None:
-            page, after = await self.history_page(task_id, after, 1000)
-            events.extend(page)
-        return events
 
     async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
         """Active tasks whose last change is older than the given time (stale candidates)."""

@@ -120,3 +120,38 @@ class Store(Protocol):
     async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]: ...
 
     async def purge_tombstones(self, deleted_before: str) -> int: ...
+
+
+class WholeReads:
+    """What every engine derives from its page reads: a whole snapshot and a whole task
+    history, for tools and tests. Sockets read page by page (`active_page`,
+    `changes_page`), so that no snapshot is ever held whole."""
+
+    async def snapshot(self: Store, user_id: int, since: int | None) -> Snapshot:
+        """Active tasks and (with `since`) every change after it, all pages at once."""
+        seq = self.last_seq
+        active: list[Task] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await self.active_page(user_id, after, PAGE_BYTES)
+            active.extend(page)
+        if since is None:
+            return Snapshot(seq, active, None)
+        changes: list[Task | tuple[str, int]] = []
+        cursor: int | None = since
+        while cursor is not None:
+            got = await self.changes_page(user_id, cursor, seq, PAGE_BYTES)
+            if got is None:
+                return Snapshot(seq, active, None)
+            items, cursor = got
+            changes.extend(items)
+        return Snapshot(seq, active, changes)
+
+    async def history(self: Store, task_id: str) -> list[dict[str, Any]]:
+        """Every recorded change of a task (all pages)."""
+        events: list[dict[str, Any]] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await self.history_page(task_id, after, 1000)
+            events.extend(page)
+        return events
