@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 
+from tests import cluster_support
+from tests.cluster_support import bearer, post
 from tests.engines import ENGINES, Engine, engine_fixture
 from tests.procs import ServerProcess, Servers, servers_fixture
 
@@ -38,21 +39,8 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
     yield from servers_fixture(tmp_path)
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 def user_token(user_id: int) -> str:
-    return jwt.encode({"sub": str(user_id), "exp": int(time.time()) + 600}, SECRET,
-                      algorithm="HS256")
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-               headers: dict[str, str], expect: int = 200) -> Any:
-    async with session.post(url, json=body, headers=headers) as resp:
-        payload = await resp.json()
-        assert resp.status == expect, payload
-        return payload["data"]
+    return cluster_support.user_token(user_id, SECRET)
 
 
 async def status_of(session: aiohttp.ClientSession, server: ServerProcess, task_id: str,
