@@ -36,7 +36,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,7 +68,7 @@ from .store import (
     StoreRefused,
     WholeReads,
 )
-from .writer import GroupWriter
+from .writer import GroupWriter, WriterFront
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ class _Txn:
 # ---- the store ------------------------------------------------------------------------------
 
 
-class PgStore(WholeReads):
+class PgStore(WholeReads, WriterFront):
     """The `store.Store` over a PostgreSQL database shared by the nodes of a cluster; also
     the writer's `BatchCommitter`."""
 
@@ -576,10 +576,6 @@ class PgStore(WholeReads):
 
     # ---- calls, failures and outages ---------------------------------------------------
 
-    @property
-    def _retry_after(self) -> int:
-        return max(1, math.ceil(self.timeout))
-
     async def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """`fn(connection, *args)` on a pooled connection, bounded by the timeout; a
         failure of the database raises StorageUnavailable (and begins an outage)."""
@@ -622,9 +618,6 @@ class PgStore(WholeReads):
         exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
         exc.retry_until_deadline = reason in _RETRYABLE
         return exc
-
-    def _refused_so_far(self) -> int:
-        return 0 if self._writer is None else self._writer.refused
 
     def _recovered(self) -> None:
         if self._outage is not None:
@@ -988,18 +981,6 @@ class PgStore(WholeReads):
                 log.exception("commit listener failed")
 
     # ---- writes -----------------------------------------------------------------------------
-
-    async def submit(self, op: Operation) -> Outcome:
-        """Apply one operation durably; returns after its transaction has committed."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit(op)
-
-    async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]:
-        """Apply operations, each on its own, all committed before this returns."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit_many(ops)
 
     async def commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
         """Apply and commit one batch in one transaction (the writer's `BatchCommitter`)."""

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import math
 import os
 import re
 import secrets
@@ -36,7 +35,7 @@ import sqlite3
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 from pathlib import Path
@@ -67,7 +66,7 @@ from .store import (
     StoreRefused,
     WholeReads,
 )
-from .writer import GroupWriter
+from .writer import GroupWriter, WriterFront
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +346,7 @@ class _Txn:
             cache.popitem(last=False)
 
 
-class SqliteStore(WholeReads):
+class SqliteStore(WholeReads, WriterFront):
     """The `store.Store` over one SQLite file; also the writer's `BatchCommitter`."""
 
     def __init__(self, path: str, *, timeout: float = DB_TIMEOUT) -> None:
@@ -520,10 +519,6 @@ class SqliteStore(WholeReads):
 
     # ---- storage outages -------------------------------------------------------------
 
-    @property
-    def _retry_after(self) -> int:
-        return max(1, math.ceil(self.timeout))
-
     def _moved(self) -> bool:
         """The path no longer names the file we opened (deleted, or replaced by another)."""
         if self._identity is None:
@@ -561,9 +556,6 @@ class SqliteStore(WholeReads):
         # the lock may free before a caller's own --db-timeout is up: the writer retries
         exc.retry_until_deadline = reason == _LOCKED
         return exc
-
-    def _refused_so_far(self) -> int:
-        return 0 if self._writer is None else self._writer.refused
 
     def _recovered(self) -> None:
         if self._outage is not None:
@@ -636,18 +628,6 @@ class SqliteStore(WholeReads):
         return await self._call_writer(get_or_create)
 
     # ---- writes ----------------------------------------------------------------------
-
-    async def submit(self, op: Operation) -> Outcome:
-        """Apply one operation durably; returns after its transaction has committed."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit(op)
-
-    async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]:
-        """Apply operations, each on its own, all committed before this returns."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit_many(ops)
 
     async def commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
         """Apply and commit one batch, or raise (rolled back). Small batches on the loop's
