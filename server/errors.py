@@ -51,6 +51,13 @@ class TaskActive(Conflict):
     code = "task_active"
 
 
+class KeyReused(TaskPushError):
+    """An Idempotency-Key already applied to the task with a different event body: not a
+    retry, and not applied (the IETF idempotency-key draft's 422 Unprocessable Content)."""
+
+    status, code = 422, "idempotency_key_reused"
+
+
 class BodyTimeout(TaskPushError):
     """The request body did not arrive within --body-timeout; the connection is closed."""
 

@@ -65,6 +65,9 @@ ERRORS = {
          "is closed",
     409: "Conflict: the task is already finished, still active, or registered differently",
     413: "Body, field or JSON value larger than the configured limit",
+    422: "The Idempotency-Key was already used for this task with a different event "
+         "(status, progress, message, step, result, error or error_type as validated); "
+         "nothing was applied. Use a new key for a new event",
     429: "The user has too many active tasks",
     503: "Storage unavailable: the write was not committed (another process holds the "
          "database lock past --db-timeout, the disk is full, the database file was deleted "
@@ -233,8 +236,10 @@ def schemas(config: Config) -> dict[str, Schema]:
                 "properties": {
                     "task_id": nullable({"type": "string"}),
                     "ok": {"type": "boolean"},
-                    "seq": {**SEQ, "description": "When ok: the event's seq"},
-                    "code": {"type": "integer", "description": "When refused: HTTP status"},
+                    "seq": {**SEQ, "description": "When ok: the event's seq (a replayed "
+                            "`idempotency_key`: the seq of the event it first made)"},
+                    "code": {"type": "integer", "description": "When refused: HTTP status "
+                             "(422: `idempotency_key` already used with a different event)"},
                     "message": {"type": "string", "description": "When refused: why"},
                     "cancel_requested": {"type": "boolean", "description":
                                          "When refused with 409: the user cancelled the task"},
@@ -399,12 +404,13 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "A finished task answers 409 and stays as it was. Send an `Idempotency-Key` "
             "to retry safely after a lost answer.", "producer",
             responses({200: ok("The task after the event", task)},
-                      400, 401, 403, 404, 408, 409, 413, 503),
+                      400, 401, 403, 404, 408, 409, 413, 422, 503),
             security=PRODUCER, body=ref("Event"), operation_id="postEvent",
             parameters=[TASK_ID, {
                 "name": "Idempotency-Key", "in": "header", "required": False,
-                "description": "A retry with the same key is answered with the task and "
-                "changes nothing (also after the task finished)",
+                "description": "A retry with the same key and the same event is answered "
+                "with the task and changes nothing (also after the task finished); the "
+                "same key with a different event answers 422 and changes nothing",
                 "schema": {"type": "string", "minLength": 1,
                            "maxLength": contract.LIMITS.idempotency_key}}])},
         "/api/task/events": {"post": op(
