@@ -22,6 +22,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .model import Change
 from .notify import task_notification_service
 from .openapi import openapi_document
+from .polls import PollSlots
 from .protocol import CLOSE_TRY_AGAIN, SessionLimits
 from .snapshot import ByteBudget
 from .sweeper import sweeper_ctx
@@ -40,8 +41,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TaskPushError as exc:
-        headers = ({"Retry-After": str(exc.retry_after)}
-                   if isinstance(exc, StorageUnavailable) else None)
+        retry_after = getattr(exc, "retry_after", None)  # 503, and 429 of long polls
+        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
         response = web.json_response(error_envelope(exc.status, exc.message, **exc.extra),
                                      status=exc.status, headers=headers)
         if isinstance(exc, BodyTimeout):
@@ -242,6 +243,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.CONFIG] = config
     app[keys.STORE] = store
     app[keys.HUB] = Hub()
+    app[keys.POLLS] = PollSlots(config.max_polls_per_user)
     app[keys.METRICS] = Metrics()
     app[keys.TASKS] = TaskService(store, max_active=config.max_active_tasks)
     sockets: set[Watched] = set()

@@ -72,6 +72,15 @@ class TooMany(TaskPushError):
     status, code = 429, "too_many"
 
 
+class TooManyPolls(TooMany):
+    """A user already holds --max-polls-per-user long polls open (HTTP: 429 with
+    Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class StorageUnavailable(TaskPushError):
     """The store cannot commit a write now: another process holds the database lock past
     --db-timeout, the disk is full, an I/O error, the database file was deleted or replaced.

@@ -68,7 +68,9 @@ ERRORS = {
     422: "The Idempotency-Key was already used for this task with a different event "
          "(status, progress, message, step, result, error or error_type as validated); "
          "nothing was applied. Use a new key for a new event",
-    429: "The user has too many active tasks",
+    429: "Too many: the user has too many active tasks (register), or holds "
+         "--max-polls-per-user long polls open already (status with `wait`: retry after "
+         "`Retry-After` seconds, or follow many tasks with one WebSocket or SSE stream)",
     503: "Storage unavailable: the write was not committed (another process holds the "
          "database lock past --db-timeout, the disk is full, the database file was deleted "
          "or replaced); `message` says why. Retry after `Retry-After` seconds",
@@ -346,10 +348,12 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "Task status", "One of the user's tasks, with an ETag. `If-None-Match` matching the "
             "current ETag (weak comparison: `W/\"N\"`, a list, or `*`) answers 304; with "
             "`wait=S` as well, the request is held until the "
-            "task changes or S seconds pass (long poll).", "tasks",
+            "task changes or S seconds pass (long poll). A user holds at most "
+            "--max-polls-per-user long polls at once: one more answers 429 with "
+            "Retry-After.", "tasks",
             responses({200: ok("The task", task, etag),
                        304: {"description": "Not modified", "headers": etag}},
-                      400, 401, 404),
+                      400, 401, 404, 429),
             security=BEARER, operation_id="getTaskStatus",
             parameters=[TASK_ID,
                         query("wait", "Long-poll seconds (with If-None-Match)",
