@@ -15,7 +15,7 @@ from aiohttp import web
 from . import demo, keys, producer, rest, sse, ws
 from .auth import TokenVerifier
 from .config import Config
-from .engines import make_store
+from .engines import is_postgres, make_store
 from .errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
@@ -254,7 +254,8 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEMO_RUNNERS] = set()
     # what every socket and stream shares, handed to them (they read no app keys)
     services = ws.Services(app[keys.HUB], sockets, deadlines, app[keys.METRICS],
-                           SessionLimits.of(config), config.max_connections_per_user)
+                           SessionLimits.of(config), config.max_connections_per_user,
+                           config.node if is_postgres(config.db) else None)
 
     app.router.add_get("/api/task/ws/task/{user_id}", ws.handler(services))
     app.router.add_get("/api/task/stream", sse.handler(services),

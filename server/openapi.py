@@ -283,7 +283,8 @@ WS_DESCRIPTION = """\
 Upgrade to a WebSocket (`?token=JWT`, optional `&since=SEQ&epoch=E` to resume).
 
 **On connect**, in order: `{"type":"connected","connection_id","message","timestamp",\
-"epoch","seq"}`; with a mismatching `epoch`, `{"type":"resync"}`; \
+"epoch","seq"}` (in cluster mode also `"node"`: the node holding the socket); \
+with a mismatching `epoch`, `{"type":"resync"}`; \
 `{"type":"active_tasks","tasks":[Task...],"count"}`; with `since`, one `task_status` per \
 task changed after SEQ (finished ones included, `task_deleted` for deleted ones), in seq \
 order. Then live `{"type":"task_status", ...Task}` for every change of the user's tasks \
