@@ -39,8 +39,11 @@ CREATE TABLE IF NOT EXISTS events (
     error      text,
     error_type text,
     timestamp  text NOT NULL,
-    idem_key   text                  -- producer's Idempotency-Key: a retry is not a new event
+    idem_key   text,                 -- producer's Idempotency-Key: a retry is not a new event
+    idem_digest text                 -- what that key's event asked for (model.event_digest)
 );
+-- schema version 1 had no idem_digest: its keys replay as they did
+ALTER TABLE events ADD COLUMN IF NOT EXISTS idem_digest text;
 
 -- A deleted task leaves a tombstone so a client resuming with `since` learns of it.
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -101,4 +104,5 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_idem ON events (task_id, idem_key)
 CREATE INDEX IF NOT EXISTS tombstones_user ON tombstones (user_id, seq);
 CREATE INDEX IF NOT EXISTS feed_committed ON feed (committed_at);
 
-INSERT INTO settings VALUES ('schema_version', '1') ON CONFLICT (key) DO NOTHING;
+INSERT INTO settings VALUES ('schema_version', '2')
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

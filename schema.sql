@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS events (
     error      TEXT,
     error_type TEXT,
     timestamp  TEXT NOT NULL,
-    idem_key   TEXT                  -- producer's Idempotency-Key: a retry is not a new event
+    idem_key   TEXT,                 -- producer's Idempotency-Key: a retry is not a new event
+    idem_digest TEXT                 -- what that key's event asked for (model.event_digest)
 );
 
 -- A deleted task leaves a tombstone so a client resuming with `since` learns of it.

@@ -15,13 +15,14 @@ from aiohttp import web
 from . import demo, keys, producer, rest, sse, ws
 from .auth import TokenVerifier
 from .config import Config
-from .engines import make_store
+from .engines import is_postgres, make_store
 from .errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .model import Change
 from .notify import task_notification_service
 from .openapi import openapi_document
+from .polls import PollSlots
 from .protocol import CLOSE_TRY_AGAIN, SessionLimits
 from .snapshot import ByteBudget
 from .sweeper import sweeper_ctx
@@ -40,8 +41,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except TaskPushError as exc:
-        headers = ({"Retry-After": str(exc.retry_after)}
-                   if isinstance(exc, StorageUnavailable) else None)
+        retry_after = getattr(exc, "retry_after", None)  # 503, and 429 of long polls
+        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
         response = web.json_response(error_envelope(exc.status, exc.message, **exc.extra),
                                      status=exc.status, headers=headers)
         if isinstance(exc, BodyTimeout):
@@ -242,6 +243,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.CONFIG] = config
     app[keys.STORE] = store
     app[keys.HUB] = Hub()
+    app[keys.POLLS] = PollSlots(config.max_polls_per_user)
     app[keys.METRICS] = Metrics()
     app[keys.TASKS] = TaskService(store, max_active=config.max_active_tasks)
     sockets: set[Watched] = set()
@@ -252,7 +254,8 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEMO_RUNNERS] = set()
     # what every socket and stream shares, handed to them (they read no app keys)
     services = ws.Services(app[keys.HUB], sockets, deadlines, app[keys.METRICS],
-                           SessionLimits.of(config), config.max_connections_per_user)
+                           SessionLimits.of(config), config.max_connections_per_user,
+                           config.node if is_postgres(config.db) else None)
 
     app.router.add_get("/api/task/ws/task/{user_id}", ws.handler(services))
     app.router.add_get("/api/task/stream", sse.handler(services),

@@ -105,6 +105,10 @@ class Config:
     max_connections_per_user: int = _setting(
         20, "open WebSockets per user; the oldest is closed with 4409 when exceeded"
     )
+    max_polls_per_user: int = _setting(
+        20, "long polls (GET .../status?wait=S) one user may hold open at once; more answer "
+        "429 with Retry-After"
+    )
     max_active_tasks: int = _setting(1000, "active tasks one user may have (429 beyond)")
     send_queue: int = _setting(
         1000, "outgoing messages buffered per socket before it is closed with 4408"
@@ -344,6 +348,7 @@ def validate(config: Config) -> None:
         "flood_strikes",
         "max_subscriptions",
         "max_connections_per_user",
+        "max_polls_per_user",
         "max_active_tasks",
         "send_queue",
         "snapshot_memory",

@@ -51,6 +51,13 @@ class TaskActive(Conflict):
     code = "task_active"
 
 
+class KeyReused(TaskPushError):
+    """An Idempotency-Key already applied to the task with a different event body: not a
+    retry, and not applied (the IETF idempotency-key draft's 422 Unprocessable Content)."""
+
+    status, code = 422, "idempotency_key_reused"
+
+
 class BodyTimeout(TaskPushError):
     """The request body did not arrive within --body-timeout; the connection is closed."""
 
@@ -63,6 +70,15 @@ class TooLarge(TaskPushError):
 
 class TooMany(TaskPushError):
     status, code = 429, "too_many"
+
+
+class TooManyPolls(TooMany):
+    """A user already holds --max-polls-per-user long polls open (HTTP: 429 with
+    Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StorageUnavailable(TaskPushError):

@@ -8,6 +8,7 @@ from .auth import TokenVerifier
 from .config import Config
 from .hub import Hub
 from .metrics import Metrics
+from .polls import PollSlots
 from .snapshot import ByteBudget
 from .store import Store
 from .tasks import TaskService
@@ -16,6 +17,7 @@ from .watch import TokenDeadlines, Watched
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 HUB = web.AppKey("hub", Hub)
+POLLS = web.AppKey("polls", PollSlots)
 TASKS = web.AppKey("tasks", TaskService)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import hashlib
 import math
 import secrets
 import time
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 import msgspec
 from msgspec.structs import asdict
 
-from .errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
+from .errors import Conflict, KeyReused, NotFound, TaskActive, TaskFinal, TooMany
 
 STATUSES = ("pending", "running", "progress", "completed", "failed", "cancelled")
 ACTIVE = frozenset({"pending", "running", "progress"})
@@ -204,6 +205,18 @@ def same_registration(task: Task, op: Register) -> bool:
     )
 
 
+def event_digest(change: Change) -> str:
+    """What a change asks for, as stored with its idempotency key: its event fields as
+    validated (status, progress, message, step, result, error, error_type; a result given
+    as null differs from none given), never the request's bytes, so the same event sent
+    again with other whitespace, key order or `40.0` for `40` is the same event."""
+    given = change.result is not _UNSET
+    fields = [change.status, None if change.progress is None else float(change.progress),
+              change.message, change.step, change.error, change.error_type, given,
+              change.result if given else None]
+    return hashlib.sha256(msgspec.json.encode(fields, order="sorted")).hexdigest()[:32]
+
+
 def next_state(task: Task, change: Change, seq: int, now: str) -> Task:
     """The task after `change`, or TaskFinal if it already reached a terminal state."""
     if task.status in TERMINAL:
@@ -250,15 +263,17 @@ class TxnView(Protocol):
 
     def load(self, task_id: str) -> Task | None: ...
 
-    def applied_with_key(self, task_id: str, key: str) -> int | None:
-        """The seq of the change this idempotency key already made to the task, if any."""
+    def applied_with_key(self, task_id: str, key: str) -> tuple[int, str | None] | None:
+        """The seq and `event_digest` of the change this idempotency key already made to
+        the task, if any (digest None: recorded before digests were kept)."""
         ...
 
     def active_count(self, user_id: int) -> int:
         """The user's active tasks, this batch's changes so far included."""
         ...
 
-    def changed(self, task: Task, now: str, key: str | None) -> None: ...
+    def changed(self, task: Task, now: str, key: str | None, digest: str | None = None
+                ) -> None: ...
 
     def created(self, task: Task, now: str) -> None: ...
 
@@ -276,10 +291,15 @@ def apply_op(view: TxnView, op: Operation, seq: int, now: str) -> tuple[Outcome,
             task = view.load(op.task_id)
             if task is None or (op.owner is not None and task.user_id != op.owner):
                 raise NotFound(f"task {op.task_id} not found")
+            digest = None
             if op.idem_key is not None:
+                digest = event_digest(op)
                 done = view.applied_with_key(op.task_id, op.idem_key)
                 if done is not None:
-                    outcome.task, outcome.seq, outcome.kind = task, done, Kind.UNCHANGED
+                    if done[1] is not None and done[1] != digest:
+                        raise KeyReused(f"Idempotency-Key {op.idem_key!r} was already used"
+                                        f" for task {op.task_id} with a different event")
+                    outcome.task, outcome.seq, outcome.kind = task, done[0], Kind.UNCHANGED
                     return outcome, seq
             if op.expect_seq is not None and task.seq != op.expect_seq:
                 outcome.refuse()  # the task moved since the caller looked: not applied
@@ -287,13 +307,13 @@ def apply_op(view: TxnView, op: Operation, seq: int, now: str) -> tuple[Outcome,
                 return outcome, seq
             new = next_state(task, op, seq + 1, now)
             seq += 1
-            view.changed(new, now, op.idem_key)
+            view.changed(new, now, op.idem_key, digest)
             outcome.task, outcome.seq, outcome.kind = new, seq, Kind.CHANGED
         elif isinstance(op, Register):
             seq = _register(view, op, seq, now, outcome)
         else:
             seq = _delete(view, op, seq, now, outcome)
-    except (NotFound, Conflict, TooMany) as exc:  # nothing allocated: seq as it was
+    except (NotFound, Conflict, TooMany, KeyReused) as exc:  # nothing allocated: seq as it was
         outcome.refuse(exc)
     return outcome, seq
 

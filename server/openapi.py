@@ -65,7 +65,12 @@ ERRORS = {
          "is closed",
     409: "Conflict: the task is already finished, still active, or registered differently",
     413: "Body, field or JSON value larger than the configured limit",
-    429: "The user has too many active tasks",
+    422: "The Idempotency-Key was already used for this task with a different event "
+         "(status, progress, message, step, result, error or error_type as validated); "
+         "nothing was applied. Use a new key for a new event",
+    429: "Too many: the user has too many active tasks (register), or holds "
+         "--max-polls-per-user long polls open already (status with `wait`: retry after "
+         "`Retry-After` seconds, or follow many tasks with one WebSocket or SSE stream)",
     503: "Storage unavailable: the write was not committed (another process holds the "
          "database lock past --db-timeout, the disk is full, the database file was deleted "
          "or replaced); `message` says why. Retry after `Retry-After` seconds",
@@ -233,8 +238,10 @@ def schemas(config: Config) -> dict[str, Schema]:
                 "properties": {
                     "task_id": nullable({"type": "string"}),
                     "ok": {"type": "boolean"},
-                    "seq": {**SEQ, "description": "When ok: the event's seq"},
-                    "code": {"type": "integer", "description": "When refused: HTTP status"},
+                    "seq": {**SEQ, "description": "When ok: the event's seq (a replayed "
+                            "`idempotency_key`: the seq of the event it first made)"},
+                    "code": {"type": "integer", "description": "When refused: HTTP status "
+                             "(422: `idempotency_key` already used with a different event)"},
                     "message": {"type": "string", "description": "When refused: why"},
                     "cancel_requested": {"type": "boolean", "description":
                                          "When refused with 409: the user cancelled the task"},
@@ -276,7 +283,8 @@ WS_DESCRIPTION = """\
 Upgrade to a WebSocket (`?token=JWT`, optional `&since=SEQ&epoch=E` to resume).
 
 **On connect**, in order: `{"type":"connected","connection_id","message","timestamp",\
-"epoch","seq"}`; with a mismatching `epoch`, `{"type":"resync"}`; \
+"epoch","seq"}` (in cluster mode also `"node"`: the node holding the socket); \
+with a mismatching `epoch`, `{"type":"resync"}`; \
 `{"type":"active_tasks","tasks":[Task...],"count"}`; with `since`, one `task_status` per \
 task changed after SEQ (finished ones included, `task_deleted` for deleted ones), in seq \
 order. Then live `{"type":"task_status", ...Task}` for every change of the user's tasks \
@@ -341,10 +349,12 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "Task status", "One of the user's tasks, with an ETag. `If-None-Match` matching the "
             "current ETag (weak comparison: `W/\"N\"`, a list, or `*`) answers 304; with "
             "`wait=S` as well, the request is held until the "
-            "task changes or S seconds pass (long poll).", "tasks",
+            "task changes or S seconds pass (long poll). A user holds at most "
+            "--max-polls-per-user long polls at once: one more answers 429 with "
+            "Retry-After.", "tasks",
             responses({200: ok("The task", task, etag),
                        304: {"description": "Not modified", "headers": etag}},
-                      400, 401, 404),
+                      400, 401, 404, 429),
             security=BEARER, operation_id="getTaskStatus",
             parameters=[TASK_ID,
                         query("wait", "Long-poll seconds (with If-None-Match)",
@@ -399,12 +409,13 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "A finished task answers 409 and stays as it was. Send an `Idempotency-Key` "
             "to retry safely after a lost answer.", "producer",
             responses({200: ok("The task after the event", task)},
-                      400, 401, 403, 404, 408, 409, 413, 503),
+                      400, 401, 403, 404, 408, 409, 413, 422, 503),
             security=PRODUCER, body=ref("Event"), operation_id="postEvent",
             parameters=[TASK_ID, {
                 "name": "Idempotency-Key", "in": "header", "required": False,
-                "description": "A retry with the same key is answered with the task and "
-                "changes nothing (also after the task finished)",
+                "description": "A retry with the same key and the same event is answered "
+                "with the task and changes nothing (also after the task finished); the "
+                "same key with a different event answers 422 and changes nothing",
                 "schema": {"type": "string", "minLength": 1,
                            "maxLength": contract.LIMITS.idempotency_key}}])},
         "/api/task/events": {"post": op(

@@ -73,7 +73,7 @@ from .writer import GroupWriter, WriterFront
 log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.postgres.sql"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_TIMEOUT = 5.0
 NODE_TIMEOUT = 30.0
 CHANNEL = "taskpush"
@@ -327,14 +327,15 @@ class _Txn:
     __slots__ = ("counts", "events", "feed", "inserted", "keys", "known_keys", "misses",
                  "node", "overlay", "purged", "stored", "tombstones", "user_delta")
 
-    def __init__(self, stored: dict[str, Task | None], keys: dict[tuple[str, str], int],
+    def __init__(self, stored: dict[str, Task | None],
+                 keys: dict[tuple[str, str], tuple[int, str | None]],
                  counts: dict[int, int], node: str) -> None:
         self.stored = stored  # task_id -> as committed (None: no such task)
         self.known_keys = keys
         self.counts = counts
         self.node = node
         self.overlay: dict[str, Task | None] = {}
-        self.keys: dict[tuple[str, str], int] = {}
+        self.keys: dict[tuple[str, str], tuple[int, str | None]] = {}
         self.events: dict[str, list[tuple[Any, ...]]] = {}
         self.feed: list[tuple[Any, ...]] = []
         self.tombstones: list[tuple[Any, ...]] = []
@@ -351,9 +352,9 @@ class _Txn:
         self.misses.add(task_id)
         return None
 
-    def applied_with_key(self, task_id: str, key: str) -> int | None:
-        seq = self.keys.get((task_id, key))
-        return seq if seq is not None else self.known_keys.get((task_id, key))
+    def applied_with_key(self, task_id: str, key: str) -> tuple[int, str | None] | None:
+        done = self.keys.get((task_id, key))
+        return done if done is not None else self.known_keys.get((task_id, key))
 
     def active_count(self, user_id: int) -> int:
         if user_id not in self.counts:
@@ -366,7 +367,8 @@ class _Txn:
         if delta:
             self.user_delta[user_id] = self.user_delta.get(user_id, 0) + delta
 
-    def changed(self, task: Task, now: str, key: str | None) -> None:
+    def changed(self, task: Task, now: str, key: str | None, digest: str | None = None
+                ) -> None:
         task_id, seq = task.task_id, task.seq
         before = self.load(task_id)
         self._moved(task.user_id, before.status if before else None, task.status)
@@ -374,10 +376,10 @@ class _Txn:
         self.events.setdefault(task_id, []).append((
             seq, task_id, task.status, float(task.progress), _put(task.message),
             _put(task.step), _dumps(task.result), _put(task.error), _put(task.error_type),
-            now, key))
+            now, key, digest))
         self.feed.append((seq, "changed", _task_json(task), None))
         if key is not None:
-            self.keys[(task_id, key)] = seq
+            self.keys[(task_id, key)] = (seq, digest)
 
     def created(self, task: Task, now: str) -> None:
         task_id, seq = task.task_id, task.seq
@@ -385,7 +387,7 @@ class _Txn:
         self.overlay[task_id] = task
         self.inserted.add(task_id)
         self.events.setdefault(task_id, []).append((
-            seq, task_id, "pending", 0.0, None, None, None, None, None, now, None))
+            seq, task_id, "pending", 0.0, None, None, None, None, None, now, None, None))
         self.feed.append((seq, "created", _task_json(task), None))
 
     def deleted(self, task: Task, seq: int, now: str) -> None:
@@ -1057,16 +1059,16 @@ class PgStore(WholeReads, WriterFront):
                 break  # the rest is read if asked for (a miss)
             predicted.update(f"{task_type}_{s}" for s in range(prev + 1, prev + index + 2))
         stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
-        known_keys: dict[tuple[str, str], int] = {}
+        known_keys: dict[tuple[str, str], tuple[int, str | None]] = {}
         counts: dict[int, int] = {}
         await self._load(conn, list(ids | predicted), stored)
         if keys:
-            for task_id, key, seq in await conn.fetch(
-                    "SELECT e.task_id, e.idem_key, e.seq FROM events e JOIN"
+            for task_id, key, seq, digest in await conn.fetch(
+                    "SELECT e.task_id, e.idem_key, e.seq, e.idem_digest FROM events e JOIN"
                     " unnest($1::text[], $2::text[]) k(task_id, idem_key)"
                     " ON e.task_id = k.task_id AND e.idem_key = k.idem_key",
                     [k[0] for k in keys], [k[1] for k in keys]):
-                known_keys[(task_id, key)] = seq
+                known_keys[(task_id, key)] = (seq, digest)
         if users:
             await self._count(conn, users, counts)
         for _ in range(MAX_PASSES):

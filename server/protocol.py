@@ -95,15 +95,21 @@ def dumps(message: dict[str, Any]) -> str:
     return jsonutil.dumps(message)
 
 
-def connected(connection_id: str, epoch: str, seq: int) -> str:
-    return dumps({
+def connected(connection_id: str, epoch: str, seq: int, *, what: str = "WebSocket connection",
+              node: str | None = None) -> str:
+    """The first message. `what` names the transport ("WebSocket connection", "event
+    stream"); `node` (cluster mode only) is the name of the node that holds it."""
+    message = {
         "type": "connected",
         "connection_id": connection_id,
-        "message": "WebSocket connection established",
+        "message": f"{what} established",
         "timestamp": utc_now(),
         "epoch": epoch,
         "seq": seq,
-    })
+    }
+    if node is not None:
+        message["node"] = node
+    return dumps(message)
 
 
 def active_tasks(tasks: list[Task]) -> str:

@@ -13,6 +13,7 @@ from . import contract, jsonutil, keys
 from .auth import AuthError, Identity
 from .errors import BodyTimeout, NotFound, Unauthorized, envelope
 from .model import Task, public
+from .polls import wait_for_change
 from .validate import json_object, query_int, status_param
 
 
@@ -73,6 +74,11 @@ async def _own_task(request: web.Request, identity: Identity, task_id: str) -> T
     return task
 
 
+def _hung_up(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def task_status(request: web.Request) -> web.Response:
     identity = user_identity(request)
     task_id = request.match_info["task_id"]
@@ -81,12 +87,9 @@ async def task_status(request: web.Request) -> web.Response:
     with request.app[keys.HUB].watching(task_id) as changed:
         task = await _own_task(request, identity, task_id)
         if wait > 0 and etag_matches(if_none_match, _etag(task)):
-            try:
-                await asyncio.wait_for(changed, wait)
-            except TimeoutError:
-                pass
-            else:
-                task = await _own_task(request, identity, task_id)
+            with request.app[keys.POLLS].slot(identity.user_id):
+                if await wait_for_change(changed, wait, lambda: _hung_up(request)):
+                    task = await _own_task(request, identity, task_id)
     etag = _etag(task)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag_matches(if_none_match, etag):

@@ -166,7 +166,8 @@ class HistorySwept(Exception):
 async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *,
                          user_id: int, connection_id: str, resume: Resume,
                          mark_sent: Callable[[str, int], bool],
-                         page_bytes: int | None = None) -> None:
+                         page_bytes: int | None = None, what: str = "WebSocket connection",
+                         node: str | None = None) -> None:
     """Write the connect-time sequence to `out`. `mark_sent(task_id, seq)` is called for
     every task state about to be written; it returns False when that task was already sent
     at a later seq (the older state is then skipped: per task a client never sees seq go
@@ -188,7 +189,7 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
     seq than the one `active_tasks` carried)."""
     page_bytes = page_bytes or PAGE_BYTES
     seq = store.last_seq  # read before any page: the pages hold at least everything up to it
-    out.message(protocol.connected(connection_id, store.epoch, seq))
+    out.message(protocol.connected(connection_id, store.epoch, seq, what=what, node=node))
     if resume.resync:
         out.message(protocol.simple("resync"))
 

@@ -253,7 +253,7 @@ class _Txn:
         self.overlay: dict[str, Task | None] = {}
         self.events: list[tuple[Any, ...]] = []
         self.updates: dict[str, tuple[Any, ...]] = {}
-        self.keys: dict[tuple[str, str], int] = {}
+        self.keys: dict[tuple[str, str], tuple[int, str | None]] = {}
         self.stored_status: dict[str, str] = {}  # status in the file, for the UPDATE's form
 
     def load(self, task_id: str) -> Task | None:
@@ -267,23 +267,26 @@ class _Txn:
             self.stored_status.setdefault(task_id, task.status)
         return task
 
-    def applied_with_key(self, task_id: str, key: str) -> int | None:
-        """The seq of the change this idempotency key already made, if any."""
-        seq = self.keys.get((task_id, key))
-        if seq is not None:
-            return seq
-        row = self.conn.execute("SELECT seq FROM events WHERE task_id = ? AND idem_key = ?",
-                                (task_id, key)).fetchone()
-        return None if row is None else int(row[0])
+    def applied_with_key(self, task_id: str, key: str) -> tuple[int, str | None] | None:
+        """The seq and event digest of the change this idempotency key already made."""
+        done = self.keys.get((task_id, key))
+        if done is not None:
+            return done
+        row = self.conn.execute(
+            "SELECT seq, idem_digest FROM events WHERE task_id = ? AND idem_key = ?",
+            (task_id, key)).fetchone()
+        return None if row is None else (int(row[0]), row[1])
 
-    def changed(self, task: Task, now: str, key: str | None) -> None:
+    def changed(self, task: Task, now: str, key: str | None, digest: str | None = None
+                ) -> None:
         task_id, seq, result = task.task_id, task.seq, _dumps(task.result)
         self.overlay[task_id] = task
         self.events.append((seq, task_id, task.status, task.progress, task.message,
-                            task.step, result, task.error, task.error_type, now, key))
+                            task.step, result, task.error, task.error_type, now, key,
+                            digest))
         self.updates[task_id] = (*_changing_plain(task), result, task_id)
         if key is not None:
-            self.keys[(task_id, key)] = seq
+            self.keys[(task_id, key)] = (seq, digest)
 
     def active_count(self, user_id: int) -> int:
         self.flush()  # the count must see the batch so far
@@ -300,7 +303,7 @@ class _Txn:
         self.overlay[task_id] = task
         self.stored_status[task_id] = "pending"
         self.events.append((seq, task_id, "pending", 0, None, None, None, None, None, now,
-                            None))
+                            None, None))
 
     def deleted(self, task: Task, seq: int, now: str) -> None:
         task_id = task.task_id
@@ -320,7 +323,8 @@ class _Txn:
         if self.events:
             self.conn.executemany(
                 "INSERT INTO events (seq, task_id, status, progress, message, step, result,"
-                " error, error_type, timestamp, idem_key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " error, error_type, timestamp, idem_key, idem_digest)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 self.events)
             self.events = []
         if self.updates:
@@ -597,6 +601,9 @@ class SqliteStore(WholeReads, WriterFront):
             raise StoreRefused(f"{self.path} has schema version {version}, newer than this"
                                f" taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
         conn.executescript(schema)
+        if "idem_digest" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
+            # a file written before digests were kept: its keys replay as they did
+            conn.execute("ALTER TABLE events ADD COLUMN idem_digest TEXT")
         settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
         if "epoch" not in settings:
             settings["epoch"] = uuid.uuid4().hex

@@ -78,6 +78,8 @@ class EventStreamResponse(web.StreamResponse):
 class Stream(Connection):
     """One authenticated event stream, as the hub, watch.py and shutdown see a socket."""
 
+    WHAT = "Server-Sent Events stream"
+
     __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "_unordered",
                  "ended", "in_event")
 

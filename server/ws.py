@@ -69,6 +69,7 @@ class Services:
     metrics: Metrics
     limits: protocol.SessionLimits
     max_connections_per_user: int
+    node: str | None = None  # cluster mode: this node's name, told in `connected`
 
 
 class Connection:
@@ -81,6 +82,8 @@ class Connection:
     for the buffer to drain. Its clocks (token expiry, pings, a stuck send) are kept by
     `watch.py` for all sockets at once.
     """
+
+    WHAT = "WebSocket connection"  # what `connected` says was established
 
     __slots__ = ("__weakref__", "_close_task", "_sender", "services", "session", "transport",
                  "user_id", "ws")
@@ -327,7 +330,7 @@ class Connection:
             await snapshot.write_snapshot(
                 self.snapshot_writer(flow), store, budget, user_id=self.user_id,
                 connection_id=session.id, resume=snapshot.judge_resume(store, since, epoch),
-                mark_sent=session.outbox.mark_sent)
+                mark_sent=session.outbox.mark_sent, what=self.WHAT, node=self.services.node)
         except snapshot.HistorySwept:
             session.snapshot_written()
             self.close(protocol.CLOSE_TOO_SLOW, protocol.TOO_SLOW)

@@ -12,6 +12,8 @@
   const connBox = $('conn');
   const connText = $('conn-state');
   const transportText = $('conn-transport');
+  const nodeText = $('conn-node');
+  let nodeName = null; // cluster mode: the node holding the socket or stream (`connected`)
   const transportPick = $('transport-pick');
   const list = $('tasks');
   const empty = $('empty');
@@ -125,9 +127,10 @@
     // Seed from the client's cache (kept in sessionStorage across reloads).
     Object.values(c.tasks).forEach(upsert);
     c.on('state', renderConn);
-    c.on('connected', () => {
+    c.on('connected', (msg) => {
       if (everConnected) loadList(); // back after a drop: reconcile (e.g. deletions)
       everConnected = true;
+      nodeName = (msg && typeof msg.node === 'string') ? msg.node : null;
       renderConn();
     });
     c.on('active_tasks', (tasks) => tasks.forEach(upsert));
@@ -375,6 +378,10 @@
     const transport = client ? client.transport : null;
     transportText.textContent = transport ? TRANSPORT_NAMES[transport] : 'none';
     transportText.dataset.transport = transport || 'none';
+    // polling is answered by whichever node the proxy picks: no node to show then
+    const node = state === 'connected' && transport !== 'polling' ? nodeName : null;
+    nodeText.hidden = !node;
+    nodeText.textContent = node ? `node ${node}` : '';
   }
 
   // The transport switch: remembered for the tab; a change reconnects with the same cache.

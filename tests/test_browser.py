@@ -376,3 +376,24 @@ async def test_layout_at_desktop_and_phone_widths(browser: Any, servers: Servers
         await demo.page.screenshot(path=str(ROOT / "docs" / "demo.png"), full_page=False)
     demo.assert_no_page_errors()
     phone.assert_no_page_errors()
+
+
+@pytest.mark.slow
+async def test_the_page_names_the_cluster_node_holding_its_socket(
+        browser: Any, servers: Servers, tmp_path: Path, pg_server: Any) -> None:
+    """On a cluster each tab shows which node holds its socket ("kill the node" then shows
+    something); a single server shows none."""
+    db = str(pg_server.create_database())
+    nodes = servers.cluster(db, "--demo-task-seconds", "3", "--access-log", "false")
+    for node in nodes:
+        await asyncio.to_thread(node.start)
+    for node in nodes:
+        demo = await open_demo(browser, node, tmp_path)
+        label = demo.page.get_by_test_id("conn-node")
+        await expect(label).to_be_visible()
+        await expect(label).to_have_text(f"node {node.name}")
+        await demo.shot(f"cluster-{node.name}")
+        demo.assert_no_page_errors()
+    single = await start_server(servers)
+    demo = await open_demo(browser, single, tmp_path)
+    await expect(demo.page.get_by_test_id("conn-node")).to_be_hidden()

@@ -63,13 +63,13 @@ class DictView:
 
     def __init__(self) -> None:
         self.tasks: dict[str, Any] = {}
-        self.keys: dict[tuple[str, str], int] = {}
+        self.keys: dict[tuple[str, str], tuple[int, str | None]] = {}
         self.writes: list[tuple[str, str, int]] = []  # (what, task_id, seq), in order
 
     def load(self, task_id: str) -> Any:
         return self.tasks.get(task_id)
 
-    def applied_with_key(self, task_id: str, key: str) -> int | None:
+    def applied_with_key(self, task_id: str, key: str) -> tuple[int, str | None] | None:
         return self.keys.get((task_id, key))
 
     def active_count(self, user_id: int) -> int:
@@ -78,10 +78,11 @@ class DictView:
         return sum(1 for t in self.tasks.values()
                    if t.user_id == user_id and t.status in ACTIVE)
 
-    def changed(self, task: Any, now: str, key: str | None) -> None:
+    def changed(self, task: Any, now: str, key: str | None, digest: str | None = None
+                ) -> None:
         self.tasks[task.task_id] = task
         if key is not None:
-            self.keys[(task.task_id, key)] = task.seq
+            self.keys[(task.task_id, key)] = (task.seq, digest)
         self.writes.append(("changed", task.task_id, task.seq))
 
     def created(self, task: Any, now: str) -> None:
@@ -179,12 +180,15 @@ def test_apply_change_of_another_users_or_a_missing_task_is_not_found() -> None:
 
 
 def test_apply_change_with_an_applied_idempotency_key_changes_nothing() -> None:
+    from server.errors import KeyReused
     from server.model import Change, Kind
 
     view, seq = _view_with(("t", 1, "running"))
     first, seq = _apply(view, Change("t", "progress", progress=5, idem_key="k1"), seq)
-    again, after = _apply(view, Change("t", "progress", progress=9, idem_key="k1"), seq)
+    again, after = _apply(view, Change("t", "progress", progress=5.0, idem_key="k1"), seq)
     assert (again.kind, again.seq, after) == (Kind.UNCHANGED, first.seq, seq)
+    reused, after = _apply(view, Change("t", "progress", progress=9, idem_key="k1"), seq)
+    assert isinstance(reused.error, KeyReused) and after == seq
     assert view.tasks["t"].progress == 5 and len(view.writes) == 1
     other, after = _apply(view, Change("t", "progress", progress=9, idem_key="k2"), seq)
     assert other.kind is Kind.CHANGED and after == seq + 1
@@ -250,3 +254,25 @@ def test_a_task_is_declared_once_and_its_public_json_drops_internal_fields() -> 
     shown = public(task)
     assert tuple(shown) == TASK_FIELDS and shown["metadata"] == {"m": 1}
     assert (task.origin, task.created_seq) == ("inprocess", 3)
+
+
+def test_event_digest_is_the_validated_fields_not_the_request() -> None:
+    """The same event (another key order, 40.0 for 40) digests alike; any field that the
+    change would apply differently, a result given as null included, does not."""
+    from server.model import Change, event_digest
+
+    base = Change("t", "progress", 40, "m", "s", {"a": 1, "b": [2]}, idem_key="k")
+    assert event_digest(base) == event_digest(
+        Change("t", "progress", 40.0, "m", "s", {"b": [2], "a": 1}, idem_key="other"))
+    variants = [Change("t", "running", 40, "m", "s", {"a": 1, "b": [2]}),
+                Change("t", "progress", 41, "m", "s", {"a": 1, "b": [2]}),
+                Change("t", "progress", None, "m", "s", {"a": 1, "b": [2]}),
+                Change("t", "progress", 40, None, "s", {"a": 1, "b": [2]}),
+                Change("t", "progress", 40, "m", "x", {"a": 1, "b": [2]}),
+                Change("t", "progress", 40, "m", "s", {"a": 1}),
+                Change("t", "progress", 40, "m", "s", None),
+                Change("t", "progress", 40, "m", "s"),
+                Change("t", "progress", 40, "m", "s", {"a": 1, "b": [2]}, error="e"),
+                Change("t", "progress", 40, "m", "s", {"a": 1, "b": [2]}, error_type="e")]
+    digests = {event_digest(change) for change in variants}
+    assert len(digests) == len(variants) and event_digest(base) not in digests

@@ -43,6 +43,8 @@ def test_readme_curl_examples_work(servers: Any, tmp_path: Path) -> None:
     assert len(statuses) == script.count("curl ")
     assert all(s in (200, 201, 304) for s in statuses), (statuses, done.stdout)
     assert 304 in statuses  # the If-None-Match example
+    # the cancel's answer, and the long poll it released (not an answer at once, before it)
+    assert done.stdout.count('"status":"cancelled"') == 2, done.stdout
     token = subprocess.run([sys.executable, "run.py", "token", "--user", "1"], cwd=ROOT,
                            capture_output=True, text=True, check=True,
                            env=child_env({"TASKPUSH_DB": str(server.db)})).stdout.strip()
