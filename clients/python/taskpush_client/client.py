@@ -37,6 +37,7 @@ from .outbox import (
     Ticket,
     batch_body,
     batch_size,
+    malformed,
     read_batch,
     read_register,
     retry_after,
@@ -79,10 +80,15 @@ class Report:
             future: asyncio.Future[None] = loop.create_future()
 
             def wake(_: Ticket) -> None:
-                loop.call_soon_threadsafe(_set_done, future)
+                # The answer may come after this loop was closed (`asyncio.run()` returned
+                # while the report was still queued): nobody is waiting there any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_set_done, future)
 
             self.ticket.add_callback(wake)
-            with contextlib.suppress(TimeoutError):  # still queued: the sender keeps trying
+            # still queued: the sender keeps trying. Before Python 3.11 `wait_for` raises
+            # asyncio.TimeoutError, which is not the builtin TimeoutError.
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                 yield from asyncio.wait_for(asyncio.shield(future), self.timeout).__await__()
         return self._result()
 
@@ -171,6 +177,8 @@ class Client:
         with self._lock:
             if os.getpid() != self._pid:
                 return True
+            if self._outbox:
+                self._start_sender()  # a sender that died would leave them queued for good
             while self._outbox or self._busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -235,8 +243,8 @@ class Client:
                 self._busy = True
             try:
                 self._send(items)
-            except Exception:  # a bug here must not stop reporting for good
-                log.exception("taskpush sender")
+            except Exception:  # a bug here must not stop reporting for good (callbacks
+                log.exception("taskpush sender")  # cannot raise here: Ticket.resolve)
                 for item in items:
                     item.ticket.resolve(None)
             finally:
@@ -295,16 +303,24 @@ class Client:
         """One request for `items`, retried while it is worth it; items past their deadline
         are dropped with a warning. The items still live and the final answer."""
         delay = self.backoff
+        warned = False
         while items:
             status, headers, body = self._post(items)
             wait = retry_after(status, headers)
+            why = f"HTTP {status}" if status else "no answer"
             if wait is None:
-                return items, status, body
+                assert status is not None
+                bad = malformed(items, status, body)
+                if bad is None:
+                    return items, status, body
+                why, wait = bad, 0.0
+                (log.info if warned else log.warning)(
+                    "taskpush answered %s to %s: retrying", bad, items[0].describe())
+                warned = True
             now = time.monotonic()
             for item in items:
                 if item.deadline <= now:
-                    self._drop(item, f"unreachable ({status or 'no answer'}): dropped "
-                               f"{item.describe()}")
+                    self._drop(item, f"unanswered ({why}): dropped {item.describe()}")
             items = [item for item in items if item.deadline > now]
             time.sleep(max(wait, delay))
             delay = min(delay * 2, self.max_backoff)
@@ -339,7 +355,7 @@ class Client:
             outcomes = [read_register(items[0], status, body)]
         else:
             outcomes = read_batch(items, status, body)
-        for item, outcome in zip(items, outcomes, strict=True):
+        for item, outcome in zip(items, outcomes):  # as many as items (read_*)
             self._resolve(item, outcome)
 
     def _resolve(self, item: Item, outcome: Outcome) -> None:
