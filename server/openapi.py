@@ -341,11 +341,13 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "Task status", "One of the user's tasks, with an ETag. `If-None-Match` matching the "
             "current ETag (weak comparison: `W/\"N\"`, a list, or `*`) answers 304; with "
             "`wait=S` as well, the request is held until the "
-            "task changes or S seconds pass (long poll).", "tasks",
+            "task changes or S seconds pass (long poll). A producer (`X-API-Key` instead of "
+            "a bearer token) may read any task the same way: a worker learns of a user's "
+            "cancel while it runs.", "tasks",
             responses({200: ok("The task", task, etag),
                        304: {"description": "Not modified", "headers": etag}},
                       400, 401, 404),
-            security=BEARER, operation_id="getTaskStatus",
+            security=BEARER + PRODUCER, operation_id="getTaskStatus",
             parameters=[TASK_ID,
                         query("wait", "Long-poll seconds (with If-None-Match)",
                               contract.LIMITS.wait),
