@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
     @tp.task_notifier(task_id=tag + "-job", user_id=1, task_type="t", service=svc)
     async def job():
         await tp.progress(50, "half way")
-        out["job_body"] = True
+        out["job_body"] = not tp.is_cancelled()  # the cancel watcher runs here too
         return {"done": True}
 
     out["job"] = asyncio.run(job())
