@@ -96,14 +96,16 @@ class CancelWatcher:
         while True:
             headers = {} if etag is None else {"If-None-Match": etag}
             params = {} if etag is None else {"wait": str(POLL_WAIT)}
+            asked = asyncio.get_running_loop().time()
             try:
                 resp = await http.get(path, headers=headers, params=params)
             except httpx.HTTPError as exc:
                 log.info("taskpush status of %s: %s", task_id, type(exc).__name__)
                 resp = None
             status = None if resp is None else resp.status_code
-            if status == 304:
-                delay = self.backoff
+            # a 304 before the wait ended: something between ignores it; do not spin
+            if status == 304 and asyncio.get_running_loop().time() - asked > POLL_WAIT / 2:
+                delay = self.backoff  # the wait ended with no change: ask again
                 continue
             if resp is not None and status == 200:
                 task = _task(resp)
