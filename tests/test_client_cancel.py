@@ -6,6 +6,7 @@ a real taskpush server subprocess; the user cancels over REST."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import taskpush_client as tp
 
 from tests.conftest import API_KEY
 from tests.procs import ServerProcess
+from tests.test_client_sender import Front
 from tests.workers_support import history, rest, taskpush_server
 
 
@@ -117,3 +119,50 @@ async def test_an_async_job_learns_of_the_cancel_at_once(server: ServerProcess,
         await asyncio.wait_for(running, 30)
     await asyncio.to_thread(client.flush, 10)
     assert rest(server, "GET", "/api/task/task/c3/status")["status"] == "cancelled"
+
+
+def test_a_taskpush_refusing_the_status_read_still_cancels_by_the_next_report(
+        server: ServerProcess, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that refuses the producer key's status read (401, as one older than it
+    does): one warning, the watcher asks no more, and the cancel still arrives as the
+    answer to the task's next report, after which progress() raises."""
+    front = Front(server.url, get_status=401)
+    client = tp.Client(front.url, API_KEY, max_delay=0.0, backoff=0.02)
+    svc = tp.TaskNotificationService(client)
+    warned = _LogSeen("refused the producer key")
+    logging.getLogger("taskpush_client").addHandler(warned)
+    try:
+        svc.register_task("c4", 1, "t")
+        svc.notify_started("c4").wait()
+        with caplog.at_level(logging.WARNING, "taskpush_client"):
+            token = tp.api.set_current("c4", svc)
+            try:
+                assert warned.seen.wait(20)
+                rest(server, "POST", "/api/task/task/c4/cancel")
+                with pytest.raises(tp.TaskCancelled):
+                    for i in range(10_000):
+                        svc.notify_progress("c4", progress=i / 100)
+                        client.flush(10)
+            finally:
+                tp.api.reset_current(token)
+            token = tp.api.set_current("c5", svc)  # not asked: the watcher is off
+            tp.api.reset_current(token)
+            assert client.flush(10)
+    finally:
+        logging.getLogger("taskpush_client").removeHandler(warned)
+        client.close(1)
+        front.close()
+    assert front.gets == 1
+    assert "refused the producer key" in caplog.text and API_KEY not in caplog.text
+
+
+class _LogSeen(logging.Handler):
+    """Sets `seen` when a record containing `text` is logged (from any thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()

@@ -41,11 +41,13 @@ def queued_together(client: tp.Client) -> Iterator[None]:
 class Front:
     """A real aiohttp server on loopback, on a loop of its own thread, in front of a
     taskpush server: the first requests get `bad` answers (one each, in order), the rest
-    are forwarded. While `gate` is clear, forwarded requests wait for it (a slow server)."""
+    are forwarded. While `gate` is clear, forwarded requests wait for it (a slow server).
+    `get_status`: every GET answers it (a taskpush older than a route)."""
 
     def __init__(self, target: str, bad: list[BadAnswer] | None = None,
-                 gate: threading.Event | None = None) -> None:
+                 gate: threading.Event | None = None, get_status: int | None = None) -> None:
         self.target, self.bad, self.gate = target, list(bad or []), gate
+        self.get_status, self.gets = get_status, 0
         self.refused = self.forwarded = 0
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -70,6 +72,10 @@ class Front:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if request.method == "GET" and self.get_status is not None:
+            self.gets += 1
+            return web.json_response({"code": self.get_status, "message": "no",
+                                      "data": None}, status=self.get_status)
         if self.bad:
             self.refused += 1
             return self.bad.pop(0)()
