@@ -351,11 +351,12 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
             "`wait=S` as well, the request is held until the "
             "task changes or S seconds pass (long poll). A user holds at most "
             "--max-polls-per-user long polls at once: one more answers 429 with "
-            "Retry-After.", "tasks",
+            "Retry-After. A producer (`X-API-Key` instead of a bearer token) may read any "
+            "task the same way: a worker learns of a user's cancel while it runs.", "tasks",
             responses({200: ok("The task", task, etag),
                        304: {"description": "Not modified", "headers": etag}},
                       400, 401, 404, 429),
-            security=BEARER, operation_id="getTaskStatus",
+            security=BEARER + PRODUCER, operation_id="getTaskStatus",
             parameters=[TASK_ID,
                         query("wait", "Long-poll seconds (with If-None-Match)",
                               contract.LIMITS.wait),

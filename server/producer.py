@@ -12,19 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from . import keys
-from .auth import api_key_matches
-from .errors import Forbidden, Unauthorized
 from .model import Kind, Operation, public
-from .rest import ok, read_body
+from .rest import ok, read_body, require_producer
 from .validate import Refused, decode_batch, decode_event, decode_register, idempotency_key, task_id
-
-
-def require_producer(request: web.Request) -> None:
-    expected = request.app[keys.CONFIG].api_key
-    if expected is None:
-        raise Forbidden("producer API disabled: start the server with --api-key")
-    if not api_key_matches(expected.reveal(), request.headers.get("X-API-Key")):
-        raise Unauthorized("missing or wrong X-API-Key")
 
 
 async def register(request: web.Request) -> web.Response:

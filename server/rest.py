@@ -1,17 +1,22 @@
 """REST endpoints for users (Bearer JWT): task status with ETag and long poll, the task
 list, cancel and delete. Another user's task answers 404 exactly as a missing one does.
+A producer (X-API-Key) may read any task's status the same way, so a worker learns of a
+user's cancel while it runs, without waiting for its next report.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from aiohttp import web
 
 from . import contract, jsonutil, keys
-from .auth import AuthError, Identity
-from .errors import BodyTimeout, NotFound, Unauthorized, envelope
+from .auth import AuthError, Identity, api_key_matches
+from .errors import BodyTimeout, Forbidden, NotFound, Unauthorized, envelope
 from .model import Task, public
 from .polls import wait_for_change
 from .validate import json_object, query_int, status_param
@@ -32,6 +37,14 @@ def user_identity(request: web.Request) -> Identity:
         return request.app[keys.VERIFIER].verify(token.strip())
     except AuthError as exc:
         raise Unauthorized(f"token {exc.reason}") from None
+
+
+def require_producer(request: web.Request) -> None:
+    expected = request.app[keys.CONFIG].api_key
+    if expected is None:
+        raise Forbidden("producer API disabled: start the server with --api-key")
+    if not api_key_matches(expected.reveal(), request.headers.get("X-API-Key")):
+        raise Unauthorized("missing or wrong X-API-Key")
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -79,17 +92,53 @@ def _hung_up(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+async def _any_task(request: web.Request, task_id: str) -> Task:
+    task = await request.app[keys.STORE].get_task(task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} not found")
+    return task
+
+
+async def task_status_any(request: web.Request) -> web.Response:
+    """The status route: a producer's read when the request carries X-API-Key and no
+    Authorization header, else a user's."""
+    if "X-API-Key" in request.headers and "Authorization" not in request.headers:
+        return await producer_task_status(request)
+    return await task_status(request)
+
+
+async def producer_task_status(request: web.Request) -> web.Response:
+    """Any task's status for a producer (the key reports any task's events already), with
+    the same ETag and long poll as a user's: a worker watches the tasks it runs and stops
+    as soon as one is cancelled. Not a user's request: it holds no user's long-poll share."""
+    require_producer(request)
+    task_id = request.match_info["task_id"]
+    return await _status_answer(request, task_id, lambda: _any_task(request, task_id),
+                                contextlib.nullcontext)
+
+
 async def task_status(request: web.Request) -> web.Response:
     identity = user_identity(request)
     task_id = request.match_info["task_id"]
+    return await _status_answer(request, task_id,
+                                lambda: _own_task(request, identity, task_id),
+                                lambda: request.app[keys.POLLS].slot(identity.user_id))
+
+
+async def _status_answer(request: web.Request, task_id: str,
+                         read: Callable[[], Awaitable[Task]],
+                         slot: Callable[[], AbstractContextManager[object]]) -> web.Response:
+    """The task as `read` finds it, with its ETag: 304 when If-None-Match matches; with
+    `wait`, held until the task changes or the wait ends (long poll), holding `slot()`
+    meanwhile (a user's share of long polls; a producer's reads hold none)."""
     wait = query_int(request.query.get("wait"), contract.LIMITS.wait) or 0
     if_none_match = request.headers.get("If-None-Match")
     with request.app[keys.HUB].watching(task_id) as changed:
-        task = await _own_task(request, identity, task_id)
+        task = await read()
         if wait > 0 and etag_matches(if_none_match, _etag(task)):
-            with request.app[keys.POLLS].slot(identity.user_id):
+            with slot():
                 if await wait_for_change(changed, wait, lambda: _hung_up(request)):
-                    task = await _own_task(request, identity, task_id)
+                    task = await read()
     etag = _etag(task)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag_matches(if_none_match, etag):
@@ -153,7 +202,7 @@ async def history(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     # `[^/]+`: aiohttp's default `{name}` pattern excludes { and }, which task ids may hold
-    app.router.add_get("/api/task/task/{task_id:[^/]+}/status", task_status)
+    app.router.add_get("/api/task/task/{task_id:[^/]+}/status", task_status_any)
     app.router.add_get("/api/task/task/{task_id:[^/]+}/history", history)
     app.router.add_delete("/api/task/task/{task_id:[^/]+}", delete_task)
     app.router.add_post("/api/task/task/{task_id:[^/]+}/cancel", cancel_task)

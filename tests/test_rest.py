@@ -540,6 +540,8 @@ async def test_demo_bad_requests(demo: Any) -> None:
 
 
 async def test_producer_headers_unused_by_user_endpoints(client: Any) -> None:
-    """The producer key is not a user credential."""
+    """The producer key is not a user credential (it may read a task's status: see
+    tests/test_producer_status.py)."""
     await register(client, "t1", 1)
-    await error_of(await client.get(STATUS.format("t1"), headers=PRODUCER), 401)
+    await error_of(await client.get("/api/task/tasks", headers=PRODUCER), 401)
+    await error_of(await client.get("/api/task/task/t1/history", headers=PRODUCER), 401)

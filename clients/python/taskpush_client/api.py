@@ -144,18 +144,48 @@ task_notification_service = TaskNotificationService()
 
 def set_current(task_id: str | None, service: TaskNotificationService | None = None
                 ) -> contextvars.Token[Any]:
-    """Make `progress()` report for `task_id` in this thread/coroutine (integrations)."""
+    """Make `progress()` report for `task_id` in this thread/coroutine, and watch the task
+    for the user's cancel until `reset_current` (integrations, decorator, context)."""
     value = None if task_id is None else (task_id, service or task_notification_service)
+    _watch(value, True)
     return _current.set(value)
 
 
 def reset_current(token: contextvars.Token[Any]) -> None:
+    leaving = _current.get()
     _current.reset(token)
+    _watch(leaving, False)
+
+
+def _watch(value: tuple[str, TaskNotificationService] | None, on: bool) -> None:
+    if value is None:
+        return
+    task_id, service = value
+    try:
+        client = service.client
+        client.watch(task_id) if on else client.unwatch(task_id)
+    except Exception:  # watching is a help; it must never stop a task
+        log.exception("taskpush: watching task %s", task_id)
 
 
 def current_task_id() -> str | None:
     current = _current.get()
     return None if current is None else current[0]
+
+
+def is_cancelled() -> bool:
+    """Whether the user cancelled the task this code runs for (no request: the client
+    watches the tasks its process runs); False outside a tracked task."""
+    current = _current.get()
+    return current is not None and current[1].client.is_cancelled(current[0])
+
+
+def check_cancelled() -> None:
+    """Raise TaskCancelled if the user cancelled the task this code runs for: a check
+    between steps that does not report anything."""
+    current = _current.get()
+    if current is not None and current[1].client.is_cancelled(current[0]):
+        raise TaskCancelled(current[0])
 
 
 def progress(percent: float, message: str | None = None, step: str | None = None) -> Report:

@@ -5,7 +5,10 @@ per process sends the queue in order over one keep-alive `httpx.Client`. Sync co
 `report.wait()`, async code `await report`; both wait for the server's answer up to
 `wait` seconds and then go on (the report keeps being retried in the background). So
 taskpush being slow or down never blocks a task for long and never raises into it: the only
-exception a report raises is `TaskCancelled`, when the user cancelled the task.
+exception a report raises is `TaskCancelled`, when the user cancelled the task. The tasks
+this process runs (`watch`, called through `api.set_current` by the decorator, the context
+and the Celery/RQ/arq integrations) are watched for the user's cancel (`watch.CancelWatcher`),
+so the next report after a cancel raises, and `is_cancelled` says so without reporting.
 
 Configuration: arguments, else the `TASKPUSH_URL` and `TASKPUSH_API_KEY` environment
 variables. A client with neither logs one warning and drops its reports.
@@ -37,10 +40,12 @@ from .outbox import (
     Ticket,
     batch_body,
     batch_size,
+    malformed,
     read_batch,
     read_register,
     retry_after,
 )
+from .watch import CancelWatcher
 
 log = logging.getLogger("taskpush_client")
 
@@ -79,10 +84,15 @@ class Report:
             future: asyncio.Future[None] = loop.create_future()
 
             def wake(_: Ticket) -> None:
-                loop.call_soon_threadsafe(_set_done, future)
+                # The answer may come after this loop was closed (`asyncio.run()` returned
+                # while the report was still queued): nobody is waiting there any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_set_done, future)
 
             self.ticket.add_callback(wake)
-            with contextlib.suppress(TimeoutError):  # still queued: the sender keeps trying
+            # still queued: the sender keeps trying. Before Python 3.11 `wait_for` raises
+            # asyncio.TimeoutError, which is not the builtin TimeoutError.
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                 yield from asyncio.wait_for(asyncio.shield(future), self.timeout).__await__()
         return self._result()
 
@@ -102,13 +112,15 @@ class Client:
     while taskpush is unreachable before it is dropped with a warning (progress:
     `progress_give_up_after`). `max_batch_bytes`: the largest batch of events sent as one
     request (keep it below the server's --max-body-bytes; a batch the server still finds
-    too large is split and resent)."""
+    too large is split and resent). `watch_cancels`: how many of the tasks this process
+    runs are watched at once for the user's cancel (0: none; a task beyond it learns of a
+    cancel from the answer to its next report)."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  max_delay: float = 0.2, wait: float = 5.0, give_up_after: float = 600.0,
                  progress_give_up_after: float = 30.0, timeout: float = 10.0,
                  backoff: float = 0.1, max_backoff: float = 2.0,
-                 max_batch_bytes: int = MAX_BATCH_BYTES,
+                 max_batch_bytes: int = MAX_BATCH_BYTES, watch_cancels: int = 64,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.url = (url or os.environ.get("TASKPUSH_URL") or "").rstrip("/")
         self._api_key = api_key or os.environ.get("TASKPUSH_API_KEY") or ""
@@ -120,6 +132,7 @@ class Client:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_batch_bytes = max_batch_bytes
+        self.watch_cancels = watch_cancels
         self._transport = transport
         self.stats = {"requests": 0, "events": 0, "coalesced": 0, "dropped": 0}
         self._warned_unconfigured = False
@@ -138,6 +151,8 @@ class Client:
         self._lock = threading.Condition()
         self._outbox = Outbox()
         self._cancelled: set[str] = set()
+        self._watched: dict[str, int] = {}  # task id -> how many watch() calls are open
+        self._watcher: CancelWatcher | None = None
         self._thread: threading.Thread | None = None
         self._http: httpx.Client | None = None
         self._busy = False
@@ -161,8 +176,53 @@ class Client:
         return self._queue("event", task_id, body, key)
 
     def is_cancelled(self, task_id: str) -> bool:
+        """Whether the user cancelled `task_id`, as this client learnt it (from the watcher
+        or the answer to a report): no request."""
         with self._lock:
             return task_id in self._cancelled
+
+    def wait_cancelled(self, task_id: str, timeout: float | None) -> bool:
+        """Wait up to `timeout` for the user's cancel of `task_id` (a watched task learns of
+        it as soon as the server records it); whether it was cancelled."""
+        with self._lock:
+            return self._lock.wait_for(lambda: task_id in self._cancelled, timeout)
+
+    def watch(self, task_id: str) -> None:
+        """This process runs `task_id`: watch it for the user's cancel until as many
+        `unwatch(task_id)` calls (`api.set_current` / `reset_current` do both)."""
+        if os.getpid() != self._pid:
+            self._reset()
+        if not self.configured or self.watch_cancels <= 0 or self._transport is not None:
+            return
+        with self._lock:
+            self._watched[task_id] = self._watched.get(task_id, 0) + 1
+            if self._watcher is None:
+                self._watcher = CancelWatcher(
+                    self.url, self._api_key, wanted=self._to_watch,
+                    on_cancel=self._mark_cancelled, limit=self.watch_cancels,
+                    timeout=self.timeout, backoff=self.backoff, max_backoff=self.max_backoff)
+            watcher = self._watcher
+        watcher.changed()
+
+    def unwatch(self, task_id: str) -> None:
+        with self._lock:
+            if os.getpid() != self._pid or task_id not in self._watched:
+                return
+            self._watched[task_id] -= 1
+            if self._watched[task_id] <= 0:
+                del self._watched[task_id]
+            watcher = self._watcher
+        if watcher is not None:
+            watcher.changed()
+
+    def _to_watch(self) -> list[str]:
+        with self._lock:
+            return [task for task in self._watched if task not in self._cancelled]
+
+    def _mark_cancelled(self, task_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(task_id)
+            self._lock.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far was answered or dropped (True), or
@@ -171,6 +231,8 @@ class Client:
         with self._lock:
             if os.getpid() != self._pid:
                 return True
+            if self._outbox:
+                self._start_sender()  # a sender that died would leave them queued for good
             while self._outbox or self._busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -184,6 +246,9 @@ class Client:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None and os.getpid() == self._pid:
+            watcher.stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
@@ -235,8 +300,8 @@ class Client:
                 self._busy = True
             try:
                 self._send(items)
-            except Exception:  # a bug here must not stop reporting for good
-                log.exception("taskpush sender")
+            except Exception:  # a bug here must not stop reporting for good (callbacks
+                log.exception("taskpush sender")  # cannot raise here: Ticket.resolve)
                 for item in items:
                     item.ticket.resolve(None)
             finally:
@@ -295,16 +360,24 @@ class Client:
         """One request for `items`, retried while it is worth it; items past their deadline
         are dropped with a warning. The items still live and the final answer."""
         delay = self.backoff
+        warned = False
         while items:
             status, headers, body = self._post(items)
             wait = retry_after(status, headers)
+            why = f"HTTP {status}" if status else "no answer"
             if wait is None:
-                return items, status, body
+                assert status is not None
+                bad = malformed(items, status, body)
+                if bad is None:
+                    return items, status, body
+                why, wait = bad, 0.0
+                (log.info if warned else log.warning)(
+                    "taskpush answered %s to %s: retrying", bad, items[0].describe())
+                warned = True
             now = time.monotonic()
             for item in items:
                 if item.deadline <= now:
-                    self._drop(item, f"unreachable ({status or 'no answer'}): dropped "
-                               f"{item.describe()}")
+                    self._drop(item, f"unanswered ({why}): dropped {item.describe()}")
             items = [item for item in items if item.deadline > now]
             time.sleep(max(wait, delay))
             delay = min(delay * 2, self.max_backoff)
@@ -339,15 +412,14 @@ class Client:
             outcomes = [read_register(items[0], status, body)]
         else:
             outcomes = read_batch(items, status, body)
-        for item, outcome in zip(items, outcomes, strict=True):
+        for item, outcome in zip(items, outcomes):  # as many as items (read_*)
             self._resolve(item, outcome)
 
     def _resolve(self, item: Item, outcome: Outcome) -> None:
         if outcome.problem:
             log.warning("taskpush: %s", outcome.problem)
         if outcome.cancelled:
-            with self._lock:
-                self._cancelled.add(item.task_id)
+            self._mark_cancelled(item.task_id)
         terminal = item.body.get("status") in TERMINAL
         item.ticket.resolve(outcome.value, cancelled=outcome.cancelled and not terminal)
 

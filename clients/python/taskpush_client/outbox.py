@@ -18,6 +18,8 @@ is worth retrying.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable
@@ -29,6 +31,7 @@ MAX_BATCH_BYTES = 512 * 1024  # half the server's default --max-body-bytes (1 Mi
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 _BATCH_HEAD, _BATCH_TAIL = b'{"events":[', b"]}"
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+log = logging.getLogger("taskpush_client")
 
 
 class Ticket:
@@ -55,8 +58,11 @@ class Ticket:
             self.value, self.cancelled = value, cancelled
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
+        for callback in callbacks:  # run on the sender: a failing one must not stop it
+            try:
+                callback(self)
+            except Exception:
+                log.exception("taskpush: a report's callback failed")
 
     def wait(self, timeout: float | None) -> bool:
         return self._event.wait(timeout)
@@ -192,9 +198,32 @@ def retry_after(status: int | None, headers: dict[str, str] | None = None) -> fl
         return None
     value = (headers or {}).get("retry-after", "")
     try:
-        return min(max(float(value), 0.0), 30.0)
-    except ValueError:
+        seconds = float(value)
+    except ValueError:  # absent, or an HTTP date: our own backoff
         return 0.0
+    if not math.isfinite(seconds):  # nan, inf: a broken proxy, not a number to sleep
+        return 0.0
+    return min(max(seconds, 0.0), 30.0)
+
+
+def malformed(items: list[Item], status: int, body: Any) -> str | None:
+    """Why a success answer is not taskpush's answer to this request (an HTML page from a
+    proxy, results that are not objects, a count that differs), or None when it is one.
+    Such an answer says nothing about the reports: the sender retries them (every event
+    carries its idempotency key, so a retry is never recorded twice)."""
+    if not 200 <= status < 300:
+        return None
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        return f"HTTP {status} without a JSON envelope"
+    if items[0].kind == "register":
+        return None
+    results = data.get("results")
+    if not isinstance(results, list) or len(results) != len(items):
+        return f"HTTP {status} without one result per event"
+    if not all(isinstance(result, dict) for result in results):
+        return f"HTTP {status} with a result that is not an object"
+    return None
 
 
 @dataclass
@@ -219,8 +248,10 @@ def read_batch(items: list[Item], status: int, body: Any) -> list[Outcome]:
         why = f"HTTP {status}: {_message(body)}"
         return [Outcome(None, problem=f"{item.describe()} refused: {why}") for item in items]
     outcomes = []
-    for item, result in zip(items, results, strict=True):
-        if result.get("ok"):
+    for item, result in zip(items, results):  # as many (checked above)
+        if not isinstance(result, dict):
+            outcomes.append(Outcome(None, problem=f"{item.describe()}: malformed answer"))
+        elif result.get("ok"):
             outcomes.append(Outcome(result))
         elif result.get("cancel_requested"):
             outcomes.append(Outcome(result, cancelled=True))
