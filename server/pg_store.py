@@ -83,7 +83,6 @@ CATCH_UP_EVERY = 1.0  # seconds: a node reads the feed this often even without a
 FEED_RETENTION_S = 3600  # feed rows older than this are purged by the sweep leader
 PROBE_INTERVAL = 0.5  # seconds between write probes while the database is unavailable
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0  # the listening connection's backoff
-RETRY_PAUSE = 0.1  # seconds before a batch that lost its connection is tried again
 PAGE_LIMIT = 1000  # task rows one page read fetches at most
 PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
 MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
@@ -1026,8 +1025,6 @@ class PgStore(WholeReads, WriterFront):
             error = self._outage_began(reason)
             if committing:  # it may have committed: never apply it twice
                 error.retry_until_deadline = False
-            elif error.retry_until_deadline:
-                await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
             raise error from exc
         self._recovered()
         self._batch = (prev, last, after, gap)
