@@ -11,7 +11,6 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from server.errors import StorageUnavailable
 from server.model import Change, Register
 from server.pg_store import PgStore
 from tests.conftest import PRODUCER, auth, register
+from tests.test_cluster_nodes import postgres_processes
 
 pytestmark = pytest.mark.slow
 
@@ -30,21 +30,6 @@ DB_TIMEOUT = 1.0
 # what a deadline may overrun by on a loaded two-core machine: far below the 2-3x
 # --db-timeout a hung server used to cost
 MARGIN = 0.6
-
-
-def postgres_processes(pg_server: Any) -> list[int]:
-    """The PostgreSQL server's processes: the postmaster and its children."""
-    master = int(Path(pg_server.data, "postmaster.pid").read_text().split()[0])
-    pids = [master]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path("/proc", entry, "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                pids.append(int(entry))
-    return pids
 
 
 @contextlib.contextmanager
