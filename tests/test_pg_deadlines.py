@@ -22,7 +22,7 @@ from server.errors import StorageUnavailable
 from server.model import Change, Register
 from server.pg_store import PgStore
 from tests.conftest import PRODUCER, auth, register
-from tests.test_cluster_nodes import postgres_processes
+from tests.test_cluster_nodes import postgres_processes, terminate
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +83,8 @@ async def test_a_write_to_a_hung_server_is_refused_within_the_timeout(store: PgS
                                                                         pg_server: Any) -> None:
     """The batch's first statement (BEGIN) is the one never answered: its connection is
     ended at the deadline, not released (which would wait for the server again). Then the
-    same on a pool with no connection to reuse (the handshake is never answered either),
-    for a write and a read."""
+    same on a pool whose connections the server ended (the new connection's handshake is
+    never answered either), for a write and a read."""
     await store.submit(Register("h", 1, "job"))
     await store.get_task("h")
     with hung(pg_server):
@@ -95,8 +95,8 @@ async def test_a_write_to_a_hung_server_is_refused_within_the_timeout(store: PgS
             assert took <= DB_TIMEOUT + MARGIN, took
     await recovered(store)
     assert (await store.submit(Change("h", "running"))).ok
-    assert store._pool is not None
-    await store._pool.expire_connections()
+    # the pooled connections (the listening one is "taskpush n1 listen")
+    assert await terminate(pg_server, store.url, "taskpush n1") >= 1
     with hung(pg_server):
         for call in (lambda: store.submit(Change("h", "progress", progress=3)),
                      lambda: store.get_task("h")):
