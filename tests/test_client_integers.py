@@ -22,7 +22,7 @@ HUGE = "9999999999999999999"  # 19 digits, past 2**63 - 1
 INT64_MAX = str(2**63 - 1)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 async def node(request: pytest.FixtureRequest, aiohttp_client: Any, config: Config) -> Any:
     if request.param == "postgresql":
         config = config.replace(db=request.getfixturevalue("pg_url"), node_name="n1")

@@ -16,7 +16,7 @@ from server.pg_store import PgStore
 from server.sqlite_store import SqliteStore
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     if request.param == "postgresql":
         s: Any = PgStore(request.getfixturevalue("pg_url"), node_name="n1")
