@@ -34,6 +34,16 @@ class IntQuery:
     default: int | None = None
     description: str = ""
 
+    def saturate(self, digits: str) -> int:
+        """Decimal digits (any number of them) as a value in low..high, one past `high`
+        taken as `high`: for a point a client resumes from, where a seq beyond any seq
+        there can be is still one beyond the latest (answered with resync), and must not
+        reach a query as it is (PostgreSQL's bigint cannot hold it)."""
+        significant = digits.lstrip("0")
+        if len(significant) > len(str(self.high)):
+            return self.high
+        return max(self.low, min(int(significant or "0"), self.high))
+
     def schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "integer", "minimum": self.low, "maximum": self.high}
         if self.high == INT64_MAX:

@@ -36,7 +36,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -83,7 +83,6 @@ CATCH_UP_EVERY = 1.0  # seconds: a node reads the feed this often even without a
 FEED_RETENTION_S = 3600  # feed rows older than this are purged by the sweep leader
 PROBE_INTERVAL = 0.5  # seconds between write probes while the database is unavailable
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0  # the listening connection's backoff
-RETRY_PAUSE = 0.1  # seconds before a batch that lost its connection is tried again
 PAGE_LIMIT = 1000  # task rows one page read fetches at most
 PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
 MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
@@ -300,16 +299,22 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     default reset is one more round trip per use)."""
 
 
-@contextlib.contextmanager
-def _abandoned_on_timeout(conn: asyncpg.Connection) -> Iterator[None]:
-    """A statement cut short by the deadline ends its connection: released as it is,
-    asyncpg would first wait for the server to confirm the cancel, which a hung server
-    never does (the caller would get its 503 long after --db-timeout)."""
+@contextlib.asynccontextmanager
+async def _pooled(pool: asyncpg.Pool, wait: float) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for one use, inside the caller's deadline (an enclosing
+    `asyncio.timeout`). Cut short by that deadline (or by a statement's own timeout), the
+    connection is ended, not handed back: handed back, asyncpg would first wait for the
+    server to confirm the cancel and to roll back, which a hung server never does, and the
+    caller would get its 503 long after --db-timeout. Ended, it goes back at once (the
+    pool makes a new one when needed)."""
+    conn = await pool.acquire(timeout=wait)  # for a free connection, at most
     try:
-        yield
+        yield conn
     except (asyncio.CancelledError, TimeoutError):
         conn.terminate()
         raise
+    finally:
+        await pool.release(conn)
 
 
 # ---- the transaction's view -----------------------------------------------------------------
@@ -587,17 +592,15 @@ class PgStore(WholeReads, WriterFront):
         try:
             async with asyncio.timeout(self.timeout):
                 try:
-                    async with pool.acquire(timeout=self.timeout) as conn:
-                        with _abandoned_on_timeout(conn):
-                            return await fn(conn, *args)
+                    async with _pooled(pool, self.timeout) as conn:
+                        return await fn(conn, *args)
                 except Exception as exc:
                     if unavailable_reason(exc) != _LOST:
                         raise
                 # the connection was found dead (the server restarted, or ended it):
                 # once more on another, within the same time
-                async with pool.acquire(timeout=self.timeout) as conn:
-                    with _abandoned_on_timeout(conn):
-                        return await fn(conn, *args)
+                async with _pooled(pool, self.timeout) as conn:
+                    return await fn(conn, *args)
         except StorageUnavailable:
             raise
         except Exception as exc:
@@ -993,10 +996,10 @@ class PgStore(WholeReads, WriterFront):
         committing = False
         try:
             async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
-                async with pool.acquire(timeout=self.timeout) as conn:
+                async with _pooled(pool, self.timeout) as conn:
                     txn = conn.transaction()
-                    await txn.start()
                     try:
+                        await txn.start()
                         prev = int(await conn.fetchval(
                             "SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE"))
                         outcomes, last, view = await self._apply(conn, ops, prev)
@@ -1009,8 +1012,7 @@ class PgStore(WholeReads, WriterFront):
                         else:  # nothing to write: let the counter go at once
                             await txn.rollback()
                     except (asyncio.CancelledError, TimeoutError):
-                        conn.terminate()  # see _abandoned_on_timeout
-                        raise
+                        raise  # the connection is ended (_pooled): nothing to roll back
                     except BaseException:
                         if not committing and not conn.is_closed():
                             with contextlib.suppress(Exception):
@@ -1025,8 +1027,6 @@ class PgStore(WholeReads, WriterFront):
             error = self._outage_began(reason)
             if committing:  # it may have committed: never apply it twice
                 error.retry_until_deadline = False
-            elif error.retry_until_deadline:
-                await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
             raise error from exc
         self._recovered()
         self._batch = (prev, last, after, gap)

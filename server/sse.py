@@ -35,7 +35,7 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 
-from . import jsonutil, keys, protocol
+from . import contract, jsonutil, keys, protocol
 from .auth import AuthError
 from .errors import BadRequest, Unauthorized
 from .snapshot import MessageWriter
@@ -241,9 +241,9 @@ def _last_event_id(raw: str | None) -> tuple[int | str | None, str | None] | Non
     if raw is None or raw == "":
         return None
     epoch, sep, seq = raw.rpartition(":")
-    if not sep or not (seq.isascii() and seq.isdigit() and len(seq) <= 19):
+    if not sep or not (seq.isascii() and seq.isdigit()):
         return "invalid", None
-    return int(seq), epoch or None
+    return contract.Limits.cursor("Last-Event-ID").saturate(seq), epoch or None
 
 
 def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

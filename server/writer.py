@@ -7,9 +7,14 @@ and only then answers each caller. So a write is durable before it is acknowledg
 pushed, and a burst of callers costs one commit.
 
 A batch the engine cannot commit was rolled back; its callers get `StorageUnavailable`
-(503), except, when the engine marks the failure `retry_until_deadline` (a lock held
-elsewhere, a lost connection), the callers whose own deadline (`timeout` after they asked)
-is not up yet: they are tried again in the next batch.
+(503), except, when the engine marks the failure `retry_until_deadline`, the callers whose
+own deadline (`timeout` after they asked) is not up yet: they are tried again in the next
+batch, after a pause (`RETRY_PAUSE`, less if a deadline comes sooner) in which the loop
+serves everything else (health checks, reads, sockets) and the cause may go away. The
+engine decides what is worth retrying: what may end by itself within seconds (a lock held
+elsewhere, a lost or refused connection, a transaction conflict), not what will not (a
+full disk, an I/O error, a file deleted or replaced, a read-only database): those are
+answered 503 at once, long before --db-timeout.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # operations in one transaction, at most (a caller's batch is never split)
 RETRY_MARGIN = 0.01  # seconds: a caller with less time left than this is answered at once
+RETRY_PAUSE = 0.1  # seconds between tries of callers the engine said to retry, at most
 
 # one caller's ops, its future, and the loop time by which it is answered
 _Submission = tuple[Sequence[Operation], "asyncio.Future[list[Outcome]]", float]
@@ -116,6 +122,9 @@ class GroupWriter:
                     if not item[1].done():
                         item[1].set_exception(exc)
                     queue.task_done()
+                if waiting:  # the loop's turn (an engine may fail without awaiting)
+                    soonest = min(item[2] for item in waiting) - loop.time() - RETRY_MARGIN
+                    await asyncio.sleep(max(0.0, min(RETRY_PAUSE, soonest)))
                 continue
             except Exception as exc:  # a bug: the whole transaction rolled back
                 log.exception("write transaction failed (%d operations)", len(ops))
