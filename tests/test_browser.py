@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.jsenv import chromium
-from tests.procs import ROOT, ServerProcess, Servers, servers_fixture
+from tests.engines import Engine
+from tests.procs import ROOT, ServerProcess, Servers
 
 pw = pytest.importorskip("playwright.async_api",
                          reason="the playwright package is not installed (pip install playwright)")
@@ -57,22 +56,8 @@ RECORD_PROGRESS = """() => {
 }"""
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
-
-
-# kill -9 / restart run on both engines; a 2-node cluster behind nginx:
+# kill -9 / restart run on both engines (conftest's `engine`); a 2-node cluster behind nginx:
 # tests/test_cluster_proxy.py
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    """A headless system Chromium with a fresh temporary profile (tests/jsenv.py: skipped on
-    a developer machine without it, a failure in CI)."""
-    async for launched in chromium():
-        yield launched
 
 
 @pytest.fixture

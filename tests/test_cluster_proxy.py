@@ -40,16 +40,11 @@ from tests.cluster_support import (
     register,
     user_token,
 )
-from tests.procs import ROOT, ServerProcess, Servers, free_port, servers_fixture
+from tests.procs import ROOT, ServerProcess, Servers, free_port
 
 EXAMPLES = ROOT / "examples" / "cluster"
 DOC = ROOT / "docs" / "cluster.md"
 QUIET = ("--access-log", "false", "--log-level", "warning")
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
 
 
 def binary(name: str) -> str:

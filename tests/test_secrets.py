@@ -28,7 +28,7 @@ from server.accesslog import RedactingAccessLogger, SecretFilter, redact
 from server.app import create_app
 from server.config import Config, Secret, parse_config, redact_db
 from tests.conftest import API_KEY, SECRET, make_token
-from tests.procs import Servers, free_port, run_cli, servers_fixture
+from tests.procs import Servers, free_port, run_cli
 
 ACCESS_LOGGER = "taskpush.access"
 OTHER_SECRET = "some-other-secret-that-signs-forged-tokens-0123"
@@ -283,11 +283,6 @@ def test_config_repr_never_shows_secrets() -> None:
 
 
 # ---- a real server: bytes aiohttp's parser refuses, secrets from files, start-up lines ------
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
 
 
 def secret_files(tmp_path: Path) -> tuple[Path, Path]:

@@ -17,14 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.conftest import API_KEY, SECRET, make_token
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.procs import ServerProcess, servers_fixture
-
-servers = pytest.fixture(servers_fixture, name="servers")
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
+from tests.engines import Engine
+from tests.procs import ServerProcess
 
 UPDATES = 10_000
 TASKS = 50

@@ -35,13 +35,10 @@ from tests.conftest import (
     recv_until,
     ws_connect,
 )
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.procs import ServerProcess, servers_fixture
+from tests.engines import Engine
+from tests.procs import ServerProcess
 from tests.test_flood import raw_socket
 from tests.test_slow_consumer import rss_kb, stuck_client
-
-servers = pytest.fixture(servers_fixture, name="servers")
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
 
 
 async def fill_with_large_active_tasks(store: Any) -> None:

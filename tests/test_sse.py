@@ -11,7 +11,6 @@ import socket
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import ClientResponse
 
 from server import keys, snapshot, sse
@@ -27,17 +26,13 @@ from tests.conftest import (
     register,
     ws_connect,
 )
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.procs import servers_fixture
+from tests.engines import Engine
 from tests.test_snapshot import (
     fill_with_large_active_tasks,
     holds_the_whole_budget,
     only_socket_once,
     replay_history,
 )
-
-servers = pytest.fixture(servers_fixture, name="servers")
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
 
 
 async def stream(client: Client, user: int = 1, query: str = "", token: str | None = None,
