@@ -262,8 +262,8 @@ async def test_through_the_proxy_a_change_via_the_other_node_and_a_node_killed(
 
 async def test_demo_page_through_nginx_keeps_working_while_a_node_is_killed(
         servers: Servers, pg_url: str, proxies: list[Proxy], tmp_path: Path) -> None:
+    from tests.browser_support import expect, open_demo
     from tests.jsenv import chromium
-    from tests.test_browser import expect, open_demo
 
     nodes = servers.cluster(pg_url, "--api-key", "browser-producer-key-0123456789",
                             "--demo-task-seconds", "3", *QUIET)

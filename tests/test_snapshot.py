@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from server import keys, protocol, snapshot
-from server.model import Change, Delete, Register, Task
+from server.model import Change, Register, Task
 from server.snapshot import ByteBudget
 from tests.conftest import (
     API_KEY,
@@ -37,54 +37,18 @@ from tests.conftest import (
 )
 from tests.engines import Engine
 from tests.procs import ServerProcess
-from tests.test_flood import raw_socket
-from tests.test_slow_consumer import rss_kb, stuck_client
-
-
-async def fill_with_large_active_tasks(store: Any) -> None:
-    """~6 MB of user 1's active tasks (more than the kernel's buffers take from a silent
-    peer) and one small task of user 2."""
-    for n in range(100):
-        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
-    await store.submit(Register("small", 2, "job"))
-
-
-async def replay_history(store: Any) -> tuple[int, dict[str, str]]:
-    """A task `busy` to change live, then 40 finished tasks (every fourth deleted) after the
-    returned `since`: what a resume must replay, task by task, with its final state."""
-    await store.submit(Register("busy", 1, "job"))
-    since = store.last_seq
-    expected: dict[str, str] = {}
-    for n in range(40):
-        task_id = f"f{n}"
-        await store.submit(Register(task_id, 1, "job", metadata={"pad": "m" * 400}))
-        await store.submit(Change(task_id, "completed", result={"n": n}))
-        expected[task_id] = "completed"
-        if n % 4 == 0:
-            await store.submit(Delete(task_id))
-            expected[task_id] = "deleted"
-    return since, expected
-
-
-async def only_socket_once(app: Any, ready: Any, what: str) -> Any:
-    """The app's one socket, once it is attached and `ready(socket)` holds (10 s at most)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not app[keys.SOCKETS]:
-        assert loop.time() < deadline, f"{what} never attached"
-        await asyncio.sleep(0.01)
-    (holder,) = app[keys.SOCKETS]
-    while not ready(holder):
-        assert loop.time() < deadline, f"{what} never got there"
-        await asyncio.sleep(0.01)
-    return holder
-
-
-def holds_the_whole_budget(app: Any) -> Any:
-    """Stuck on a page, waiting for its peer to take it, with the whole budget."""
-    budget = app[keys.SNAPSHOT_BUDGET]
-    return lambda conn: conn.session.send_started and budget.used == budget.total
-
+from tests.support import (
+    ended,
+    events_until,
+    fill_with_large_active_tasks,
+    holds_the_whole_budget,
+    only_socket_once,
+    raw_socket,
+    replay_history,
+    rss_kb,
+    stream,
+    stuck_client,
+)
 
 # ---- sans I/O --------------------------------------------------------------------------
 
@@ -445,7 +409,6 @@ async def test_a_storage_failure_during_the_snapshot_closes_1013_without_a_trace
 
 async def test_a_storage_failure_during_a_streams_replay_ends_it_with_1013(
         make_client: MakeClient, monkeypatch: Any, caplog: Any) -> None:
-    from tests.test_sse import ended, events_until, stream
 
     monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)
     client = await make_client()

@@ -5,13 +5,11 @@ sockets (aiohttp's test server, a raw TCP client like `curl -N`, and a real `run
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 from typing import Any
 
 import aiohttp
-from aiohttp import ClientResponse
 
 from server import keys, snapshot, sse
 from server.model import Change, Register
@@ -27,68 +25,16 @@ from tests.conftest import (
     ws_connect,
 )
 from tests.engines import Engine
-from tests.test_snapshot import (
+from tests.support import (
+    ended,
+    events_until,
     fill_with_large_active_tasks,
     holds_the_whole_budget,
+    next_event,
     only_socket_once,
     replay_history,
+    stream,
 )
-
-
-async def stream(client: Client, user: int = 1, query: str = "", token: str | None = None,
-                 **headers: str) -> ClientResponse:
-    token = make_token(user) if token is None else token
-    resp = await client.get(f"/api/task/stream?token={token}{query}",
-                            headers={k.replace("_", "-"): v for k, v in headers.items()})
-    return resp
-
-
-async def next_event(resp: ClientResponse, timeout: float = 5.0,
-                     comments: bool = False) -> dict[str, Any]:
-    """The next event as {event, id, data} ({comment} for a comment line when asked)."""
-    fields: dict[str, Any] = {}
-
-    async def read() -> dict[str, Any]:
-        while True:
-            raw = await resp.content.readline()
-            assert raw, f"the stream ended; partial event {fields}"
-            line = raw.decode().rstrip("\n")
-            if line == "":
-                if fields:
-                    return fields
-                continue
-            if line.startswith(":"):
-                if comments:
-                    return {"comment": line[1:].strip()}
-                continue
-            name, _, value = line.partition(": ")
-            fields[name] = json.loads(value) if name == "data" else value
-
-    return await asyncio.wait_for(read(), timeout)
-
-
-async def events_until(resp: ClientResponse, kind: str, timeout: float = 5.0
-                       ) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-    while not seen or seen[-1]["event"] != kind:
-        seen.append(await next_event(resp, timeout))
-    return seen
-
-
-async def ended(resp: ClientResponse, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every event left until the stream ends (fails if it does not)."""
-    seen = []
-
-    async def read() -> None:
-        while True:
-            try:
-                seen.append(await next_event(resp, timeout))
-            except AssertionError:
-                return
-
-    with contextlib.suppress(aiohttp.ClientPayloadError):  # cut off mid-body: ended too
-        await asyncio.wait_for(read(), timeout)
-    return seen
 
 
 async def test_raw_framing_like_curl(make_client: MakeClient) -> None:

@@ -37,6 +37,7 @@ from tests.conftest import (
     register,
     ws_connect,
 )
+from tests.support import until
 
 HANG = 15.0  # bound that only catches a hang; nothing here asserts a speed
 LOCKED = "storage unavailable: database is locked by another process"
@@ -73,14 +74,6 @@ def outage_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]
     began = [m for m in messages if m.startswith("storage unavailable")]
     ended = [m for m in messages if m.startswith("storage available again")]
     return began, ended
-
-
-async def until(predicate: Any, what: str) -> None:
-    """Poll an async predicate until it holds (bounded: a hang fails the test)."""
-    deadline = asyncio.get_running_loop().time() + HANG
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.02)
 
 
 async def health(client: Any) -> tuple[int, dict[str, Any]]:
