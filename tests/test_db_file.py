@@ -1,4 +1,4 @@
-"""The database file under a real server process: issue 14 item 6.
+"""The database file under a real server process: deleted, replaced or corrupt.
 
 Deleted or replaced while the server runs: the server notices that the path no longer names
 the file it opened, stops acknowledging writes (503, saying why), /healthz answers 503, and

@@ -1,4 +1,4 @@
-"""Floods of WebSocket control frames (issue 14, item 1): a ping or an unsolicited pong
+"""Floods of WebSocket control frames: a ping or an unsolicited pong
 counts against the socket's message budget like a text message, so a client sending them
 in a tight loop is closed with 1008 after a bounded number of answers; the pong that
 answers the server's own keepalive ping is free, so keepalive works under any limit."""

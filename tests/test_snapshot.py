@@ -1,4 +1,4 @@
-"""The connect-time snapshot and the history under memory bounds (issue 14, item 2).
+"""The connect-time snapshot and the history under memory bounds.
 
 - `active_tasks` is still ONE message, written by pages as a fragmented WebSocket message;
 - the `since` replay is read and written by pages and still carries every change once;

@@ -1,4 +1,5 @@
-"""Storage failures, on real SQLite files: issue 14 items 4 and 7.
+"""Storage failures, on real SQLite files: a write lock held elsewhere, a full disk, a
+delete of a long history.
 
 Another connection in this process holds `BEGIN IMMEDIATE` on the server's database file,
 exactly as a `sqlite3` shell or another program would; a full disk is SQLite's own
@@ -324,7 +325,7 @@ async def test_the_producer_client_does_not_retry_a_500(aiohttp_client: Any) -> 
 
 async def test_deleting_a_task_with_a_long_history_leaves_the_loop_serving(
         make_client: MakeClient, db_file: Path) -> None:
-    """Issue 14 item 7: the delete runs on the writer's thread. While its DELETE statement
+    """The delete runs on the writer's thread. While its DELETE statement
     is held (a trace callback on the writer connection waits for the test), the loop must
     answer other users' requests; on the loop's thread it would hang until the wait gives
     up, and the test fails."""
