@@ -184,3 +184,17 @@ async def browser() -> AsyncIterator[Any]:
     a developer machine without it, a failure in CI)."""
     async for launched in chromium():
         yield launched
+
+
+# ---- the inner loop: `python -m pytest -m "not slow"` ------------------------------------------
+
+# A test that takes one of these needs a real external server (server processes, PostgreSQL,
+# Chromium): it is `slow` wherever it is. Modules that start other processes on their own
+# (workers, Redis, venv installs, Node) say `pytestmark = pytest.mark.slow`.
+SLOW_FIXTURES = frozenset({"servers", "pg_server", "pg_url", "browser"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark runs servers and load of its own
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {"idle", "latency", "rate", "batch", "storm"}
 SERVERS = ["taskpush", "relay", "naive"]

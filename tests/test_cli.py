@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from server.config import Config
 from tests.procs import Servers, run_cli
 
+pytestmark = pytest.mark.slow  # each test runs run.py as a process
+
 API_KEY = "cli-producer-key-0123456789"
 SECRET = "cli-secret-0123456789-abcdefghijklmnop"
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import struct
 
+import pytest
 from aiohttp import WSMsgType
 
 from tests.conftest import MakeClient, handshake, ws_connect
 from tests.support import raw_socket
+
+pytestmark = pytest.mark.slow  # each flood takes seconds to be judged and closed
 
 LIMITS = {"rate_limit": 5, "rate_burst": 5, "flood_strikes": 10}
 

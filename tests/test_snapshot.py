@@ -239,6 +239,7 @@ async def _progress(store: Any, task_id: str, count: int) -> None:
         await asyncio.sleep(0)
 
 
+@pytest.mark.slow  # takes seconds
 async def test_connects_beyond_the_snapshot_memory_wait_their_turn(
         make_client: MakeClient, monkeypatch: Any) -> None:
     """One socket that never reads holds the whole budget: the next connect gets
@@ -300,6 +301,7 @@ async def test_since_connects_never_deadlock_the_budget_and_give_it_all_back(
     await _budget_returned(app)
 
 
+@pytest.mark.slow  # takes seconds
 async def test_a_grant_goes_back_when_its_connect_is_cancelled_while_waiting(
         make_client: MakeClient, monkeypatch: Any) -> None:
     page = 4096
@@ -359,6 +361,7 @@ async def test_the_replay_never_takes_a_task_back_below_what_active_tasks_sent(
     await ws.close()
 
 
+@pytest.mark.slow  # takes seconds
 async def test_a_live_connect_waiting_its_turn_is_not_dropped_as_dead(
         make_client: MakeClient, monkeypatch: Any) -> None:
     """Pings every 0.2 s, a peer silent 0.3 s after one is dead: a live client that waits

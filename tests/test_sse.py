@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 import aiohttp
+import pytest
 
 from server import keys, snapshot, sse
 from server.model import Change, Register
@@ -189,6 +190,7 @@ async def test_streams_count_in_the_per_user_limit(make_client: MakeClient) -> N
     await ws.close()
 
 
+@pytest.mark.slow  # takes seconds
 async def test_token_expiry_ends_the_stream(make_client: MakeClient) -> None:
     client = await make_client(jwt_leeway=0)
     resp = await stream(client, token=make_token(1, ttl=2))
@@ -504,6 +506,7 @@ async def test_a_close_inside_the_paged_active_tasks_event_cuts_the_stream_off(
 # ---- review fixes: no process-wide cache, no HEAD stream ---------------------------------
 
 
+@pytest.mark.slow  # takes seconds
 async def test_framed_events_live_and_die_with_their_updates(client: Client) -> None:
     """An update's event chunk is built once and shared by every stream, and kept on the
     update itself: once the streams are gone nothing of 300 large updates is retained (a

@@ -104,6 +104,7 @@ async def assert_503(resp: Any, message: str) -> None:
 # ---- another process holds the write lock ----------------------------------------------
 
 
+@pytest.mark.slow  # takes seconds
 async def test_a_held_lock_answers_503_and_everything_else_keeps_serving(
         make_client: MakeClient, lock_holder: sqlite3.Connection, db_file: Path,
         store_log: pytest.LogCaptureFixture) -> None:
