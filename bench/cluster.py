@@ -177,7 +177,7 @@ def table(rows: list[dict], names: list[str]) -> str:
 
 
 def summary(res: ClusterResults) -> list[dict]:
-    """The figures issue 9 asks for, with the ratio to the SQLite node."""
+    """The cluster's figures (docs/cluster.md), with the ratio to the SQLite node."""
     out = []
 
     def add(label: str, per: dict, get, system: str = "pg2") -> None:
@@ -338,7 +338,7 @@ async def amain(args: argparse.Namespace) -> int:
               "included): " + "; ".join(f"{k}: " + ", ".join(f"{p} {v}" for p, v in parts.items())
                                         for k, parts in breakdown.items()))
     if figures:
-        print("\nsummary (issue 9)")
+        print("\nsummary (cluster figures)")
         print(summary_table(figures))
     if errors:
         print("\nerrors:")

@@ -1,5 +1,5 @@
 """The report: every figure of every server side by side, with its ratio to each baseline
-measured in the same invocation, the targets of issue 13 as a compact table, and the JSON.
+measured in the same invocation, the performance targets as a compact table, and the JSON.
 
 A cell marked ``*`` comes from a window where the load generator was near its own limit
 (scenarios/base.GenLoad): it is the generator's figure as much as the server's.
@@ -137,7 +137,7 @@ def table(rows: list[dict], names: list[str]) -> str:
 
 
 def targets(res: Results, names: list[str]) -> list[dict]:
-    """Issue 13's targets, judged where a rule exists (the first name is the target)."""
+    """The performance targets, judged where a rule exists (the first name is the target)."""
     t = names[0]
     relay = "relay" if "relay" in names[1:] else None
     naive = "naive" if "naive" in names[1:] else None
@@ -181,7 +181,7 @@ def targets_table(rows: list[dict]) -> str:
               fmt(r["vs_relay"]) + ("x" if r["vs_relay"] is not None else ""),
               fmt(r["vs_naive"]) + ("x" if r["vs_naive"] is not None else ""),
               {True: "met", False: "NOT met", None: "see doc"}[r["met"]]] for r in rows]
-    return render(["target (issue 13)", "value", "vs relay", "vs naive", "met?"], lines, 1)
+    return render(["target", "value", "vs relay", "vs naive", "met?"], lines, 1)
 
 
 def ramp_table(res: Results, names: list[str]) -> str:

@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              redact_db(config.db), mode, type(loop).__module__.split(".")[0])
     try:
         app = create_app(config)
-    except StoreRefused as exc:  # an engine this build does not have
+    except StoreRefused as exc:  # a PostgreSQL --db whose driver cannot be imported
         print(f"taskpush: error: {exc}", file=sys.stderr)
         return 1
     tune_gc()
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskpush: error: {_start_error(exc, config.host, config.port)}",
               file=sys.stderr)
         return 1
-    except sqlite3.Error as exc:
+    except sqlite3.Error as exc:  # SQLite cannot open the path at all (say, a directory)
         print(f"taskpush: error: cannot open the database {redact_db(config.db)}: {exc}",
               file=sys.stderr)
         return 1

@@ -129,7 +129,7 @@ class Config:
     log_level: str = _setting("info", "debug, info, warning or error")
     access_log: bool = _setting(False, "log every HTTP request (token= redacted); off by "
                                  "default: one line per event costs a tenth of the CPU")
-    # -- secrets from files and the request body's deadline (issue 14) --
+    # -- secrets read from files (kept out of ps), and the request body's deadline --
     jwt_secret_file: str | None = _setting(
         None, "file holding the HS256 secret (instead of --jwt-secret; keeps it out of ps)"
     )
@@ -139,7 +139,7 @@ class Config:
     body_timeout: float = _setting(
         20.0, "seconds a request body may take to arrive in full (408, connection closed)"
     )
-    # -- cluster mode (PostgreSQL, issue 9) --
+    # -- cluster mode (--db postgresql://...; docs/cluster.md) --
     node_timeout: float = _setting(
         30.0, "cluster mode: seconds without a heartbeat after which a node is gone and "
         "another node ends its in-process tasks as failed/interrupted"

@@ -25,9 +25,10 @@ def make_store(db: str, *, timeout: float = DB_TIMEOUT, **options: Any) -> Store
     if not is_postgres(db):
         return SqliteStore(db, timeout=timeout)
     try:
-        from . import pg_store  # imported only when asked for: SQLite needs no asyncpg
-    except ImportError as exc:
+        # imported only when asked for: a SQLite server never loads asyncpg
+        from . import pg_store
+    except ImportError as exc:  # asyncpg is a dependency: only a broken install lacks it
         raise StoreRefused(f"--db is a PostgreSQL URL but {exc.name or 'asyncpg'} cannot be"
-                           " imported: pip install asyncpg") from None
+                           " imported: reinstall taskpush (pip install asyncpg)") from None
 
     return pg_store.PgStore(db, timeout=timeout, **options)

@@ -406,7 +406,7 @@ def paths(config: Config) -> dict[str, dict[str, Any]]:
                           400, 401, 403, 408, 409, 413, 429, 503),
                 security=PRODUCER, body=ref("Register"), operation_id="registerTask")},
         "/api/task/task/{task_id}/events": {"post": op(
-            "Report a task event", "Committed to SQLite before it is answered or pushed. "
+            "Report a task event", "Committed to the database before it is answered or pushed. "
             "A finished task answers 409 and stays as it was. Send an `Idempotency-Key` "
             "to retry safely after a lost answer.", "producer",
             responses({200: ok("The task after the event", task)},
@@ -484,7 +484,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "title": "taskpush",
             "version": VERSION,
             "description": "Durable real-time task status: producers report task events "
-            "over HTTP (or in-process); each change is committed to SQLite, then pushed to "
+            "over HTTP (or in-process); each change is committed to the database, then pushed to "
             "the owner's WebSockets. Every JSON answer is an envelope "
             '`{"code":0,"message":"success","data":...}`; failures carry the HTTP status '
             "as `code` and `data: null`.",

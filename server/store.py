@@ -39,11 +39,15 @@ class StoreCorrupt(StoreRefused):
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What a connecting client is sent: read in one hop, consistent with `seq`."""
+    """A user's whole snapshot (`WholeReads.snapshot`, for tools and tests): the active
+    tasks and, with `since`, every change after it, consistent with `seq`. Sockets read the
+    same by pages (`active_page`, `changes_page`) and never hold it whole."""
 
     seq: int
     active: list[Task]
-    changes: list[Task | tuple[str, int]] | None  # tasks or ("deleted", task_id, seq); None: resync
+    # changed tasks, and (task_id, seq) for a deleted one; None: resync (no `since`, or one
+    # below the horizon)
+    changes: list[Task | tuple[str, int]] | None
 
 
 class Store(Protocol):

@@ -197,7 +197,7 @@ class Watcher:
 
 
 class Writer:
-    """A producer reporting `progress` #1, #2, ... on one task, then `completed`.
+    """A producer reporting `progress` 1, 2, ... on one task, then `completed`.
 
     Each change carries its own Idempotency-Key and is retried (same key, so it is recorded
     once whichever node had committed it) on the node it last used and then the next, until

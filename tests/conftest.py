@@ -1,12 +1,17 @@
 """Shared fixtures: real apps on real SQLite files under tmp_path, real sockets through
-aiohttp's test server. No mocks of the store or the network."""
+aiohttp's test server. No mocks of the store or the network.
+
+Declared once here for every module: `servers` (server processes, tests/procs.py), `engine`
+(each test that takes it runs on SQLite and on PostgreSQL, tests/engines.py; the PostgreSQL
+run is marked `slow`), `browser` (a headless Chromium, tests/jsenv.py), `pg_server` and
+`pg_url` (tests/pg.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,9 @@ from aiohttp.test_utils import TestClient
 
 from server.app import create_app
 from server.config import Config, Secret
+from tests.engines import ENGINES, Engine, engine_fixture
+from tests.jsenv import chromium
+from tests.procs import Servers, servers_fixture
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 API_KEY = "test-producer-key-0123456789"
@@ -153,3 +161,40 @@ def pg_server() -> Any:
 def pg_url(pg_server: Any) -> str:
     """The URL of a fresh, empty database on the shared server."""
     return str(pg_server.create_database())
+
+
+# ---- server processes, both engines, a browser -----------------------------------------------
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    yield from servers_fixture(tmp_path)
+
+
+@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.slow] if name == "postgresql"
+                                     else [])
+                        for name in ENGINES])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """The storage engine a test runs on: every test that takes it runs once per engine."""
+    return engine_fixture(request)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """A headless system Chromium with a fresh temporary profile (tests/jsenv.py: skipped on
+    a developer machine without it, a failure in CI)."""
+    async for launched in chromium():
+        yield launched
+
+
+# ---- the inner loop: `python -m pytest -m "not slow"` ------------------------------------------
+
+# A test that takes one of these needs a real external server (server processes, PostgreSQL,
+# Chromium): it is `slow` wherever it is. Modules that start other processes on their own
+# (workers, Redis, venv installs, Node) say `pytestmark = pytest.mark.slow`.
+SLOW_FIXTURES = frozenset({"servers", "pg_server", "pg_url", "browser"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -1,7 +1,7 @@
 """Run a process-level test on both storage engines: SQLite (a file) and PostgreSQL.
 
-A module declares `engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)`;
-each test then runs once per engine (ids `[sqlite]` and `[postgresql]`). The SQLite run is
+tests/conftest.py declares the `engine` fixture with `engine_fixture`: each test that takes
+it runs once per engine (ids `[sqlite]` and `[postgresql]`). The SQLite run is
 the test as it always was: `engine.database()` is None, so `servers(...)` keeps its default
 file. The PostgreSQL run gets a fresh database on the session's server (tests/conftest.py's
 `pg_server`: skipped on a developer machine without PostgreSQL, a failure in CI), and reads
@@ -83,7 +83,7 @@ class Engine:
 
 
 def engine_fixture(request: pytest.FixtureRequest) -> Engine:
-    """Body of an `engine` fixture parametrized with ENGINES."""
+    """Body of the `engine` fixture (tests/conftest.py), parametrized with ENGINES."""
     if request.param == "postgresql":
         return Engine("postgresql", request.getfixturevalue("pg_server"))
     return Engine("sqlite")

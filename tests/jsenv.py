@@ -67,7 +67,8 @@ def run_node(*args: str, cwd: Path = JS_DIR, timeout: float = 120
 
 
 async def chromium() -> AsyncIterator[Any]:
-    """Body of a `browser` fixture: a headless system Chromium with a fresh profile."""
+    """Body of the `browser` fixture (tests/conftest.py): a headless system Chromium with a
+    fresh profile."""
     try:
         from playwright.async_api import async_playwright
     except ImportError:  # pragma: no cover - the test extra installs it

@@ -212,8 +212,7 @@ class Servers:
 
 
 def servers_fixture(tmp_path: Path) -> Iterator[Servers]:
-    """Body of a `servers` fixture: each test module declares
-    `servers = pytest.fixture(servers_fixture, name="servers")`."""
+    """Body of the `servers` fixture (tests/conftest.py)."""
     made = Servers(tmp_path)
     try:
         yield made

@@ -16,7 +16,6 @@ import json
 import time
 import urllib.request
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.config import Config
-from tests.procs import Servers, run_cli, servers_fixture
+from tests.procs import Servers, run_cli
+
+pytestmark = pytest.mark.slow  # each test runs run.py as a process
 
 API_KEY = "cli-producer-key-0123456789"
 SECRET = "cli-secret-0123456789-abcdefghijklmnop"
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
 
 
 def _flag(name: str) -> str:

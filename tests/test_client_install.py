@@ -19,6 +19,8 @@ from tests.conftest import API_KEY
 from tests.procs import ServerProcess
 from tests.workers_support import CLIENT_DIR, rest, taskpush_server
 
+pytestmark = pytest.mark.slow  # a fresh venv and pip
+
 SERVER_ONLY = {"taskpush", "aiohttp", "aiosqlite", "uvloop", "prometheus-client",
                "prometheus_client", "pyjwt", "orjson"}
 

@@ -21,6 +21,8 @@ from tests.conftest import API_KEY, SECRET
 from tests.procs import ServerProcess
 from tests.workers_support import Browser, assert_browser_order, history, rest, taskpush_server
 
+pytestmark = pytest.mark.slow  # a real server process
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:

@@ -35,6 +35,7 @@ from tests.conftest import (
     register,
     ws_connect,
 )
+from tests.support import events_until, next_event, stream, until
 
 Node = Any  # an aiohttp TestClient
 MakeNode = Callable[..., Awaitable[Node]]
@@ -97,8 +98,6 @@ async def test_a_socket_on_b_receives_an_in_process_change_made_on_a(make_node):
 
 
 async def test_an_event_stream_on_b_gets_changes_through_a_and_resumes_on_a(make_node):
-    from tests.test_sse import events_until, next_event, stream
-
     a, b = await two_nodes(make_node)
     resp = await stream(b, 14)
     connected = (await events_until(resp, "active_tasks"))[0]["data"]
@@ -403,19 +402,6 @@ async def deafen(store: Any) -> None:
         task.cancel()
     async with store._listen_lock:
         await store._listen.remove_listener("taskpush", store._notified)
-
-
-async def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
-    """Wait for `condition()` (sync or async) to be true; fail after `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.05)
 
 
 # ---- the database failing under the nodes ----------------------------------------------------

@@ -46,15 +46,10 @@ from tests.cluster_support import (
     user_token,
 )
 from tests.engines import Engine
-from tests.procs import ServerProcess, Servers, servers_fixture
+from tests.procs import ServerProcess, Servers
 
 ACTIVE = {"pending", "running", "progress"}
 QUIET = ("--access-log", "false", "--log-level", "warning")
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
 
 
 @pytest.fixture

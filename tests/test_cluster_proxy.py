@@ -40,16 +40,11 @@ from tests.cluster_support import (
     register,
     user_token,
 )
-from tests.procs import ROOT, ServerProcess, Servers, free_port, servers_fixture
+from tests.procs import ROOT, ServerProcess, Servers, free_port
 
 EXAMPLES = ROOT / "examples" / "cluster"
 DOC = ROOT / "docs" / "cluster.md"
 QUIET = ("--access-log", "false", "--log-level", "warning")
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
 
 
 def binary(name: str) -> str:
@@ -267,8 +262,8 @@ async def test_through_the_proxy_a_change_via_the_other_node_and_a_node_killed(
 
 async def test_demo_page_through_nginx_keeps_working_while_a_node_is_killed(
         servers: Servers, pg_url: str, proxies: list[Proxy], tmp_path: Path) -> None:
+    from tests.browser_support import expect, open_demo
     from tests.jsenv import chromium
-    from tests.test_browser import expect, open_demo
 
     nodes = servers.cluster(pg_url, "--api-key", "browser-producer-key-0123456789",
                             "--demo-task-seconds", "3", *QUIET)

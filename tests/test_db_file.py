@@ -1,4 +1,4 @@
-"""The database file under a real server process: issue 14 item 6.
+"""The database file under a real server process: deleted, replaced or corrupt.
 
 Deleted or replaced while the server runs: the server notices that the path no longer names
 the file it opened, stops acknowledging writes (503, saying why), /healthz answers 503, and
@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from server.model import Register
 from server.sqlite_store import SqliteStore as Store
-from tests.procs import Servers, free_port, run_cli, servers_fixture
+from tests.procs import Servers, free_port, run_cli
 
 SECRET = "db-file-secret-0123456789-abcdefghijklmnop"
 API_KEY = "db-file-producer-key-0123456789"
 PRODUCER = {"X-API-Key": API_KEY}
 TIMEOUT = aiohttp.ClientTimeout(total=15)  # catches a hang; no speed is asserted
 MOVED = "storage unavailable: database file was deleted or replaced"
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
 
 
 def start(servers: Servers) -> Any:

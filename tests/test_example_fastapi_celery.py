@@ -26,6 +26,8 @@ from tests.workers_support import (
     worker_env,
 )
 
+pytestmark = pytest.mark.slow  # Redis and a Celery worker
+
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[Redis]:

@@ -230,6 +230,7 @@ async def test_cancel_over_rest_interrupts_inprocess_task(client: Client, make_j
 
 # ---- each example also runs on its own ------------------------------------------------
 
+@pytest.mark.slow  # runs each example as a process
 @pytest.mark.parametrize("module", ["decorator", "manual", "progress_context"])
 def test_example_runs_as_a_program(module: str) -> None:
     """`python -m examples.X` starts a real app, runs the example and exits cleanly."""

@@ -1,4 +1,4 @@
-"""Floods of WebSocket control frames (issue 14, item 1): a ping or an unsolicited pong
+"""Floods of WebSocket control frames: a ping or an unsolicited pong
 counts against the socket's message budget like a text message, so a client sending them
 in a tight loop is closed with 1008 after a bounded number of answers; the pong that
 answers the server's own keepalive ping is free, so keepalive works under any limit."""
@@ -6,33 +6,17 @@ answers the server's own keepalive ping is free, so keepalive works under any li
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
 import struct
 
+import pytest
 from aiohttp import WSMsgType
 
-from tests.conftest import MakeClient, handshake, make_token, ws_connect
+from tests.conftest import MakeClient, handshake, ws_connect
+from tests.support import raw_socket
+
+pytestmark = pytest.mark.slow  # each flood takes seconds to be judged and closed
 
 LIMITS = {"rate_limit": 5, "rate_burst": 5, "flood_strikes": 10}
-
-
-def raw_socket(port: int, user: int) -> socket.socket:
-    """A WebSocket handshake by hand; the socket is returned right after the 101."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /api/task/ws/task/{user}?token={make_token(user)} HTTP/1.1\r\n"
-        f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, "closed during the handshake"
-        head += chunk
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    return sock
 
 
 def flood_and_read(port: int, opcode: int, frames: int) -> tuple[dict[int, int], int | None]:

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from aiohttp import ClientWebSocketResponse, WSMsgType
+from aiohttp import ClientWebSocketResponse, WSMsgType, web
 from aiohttp.test_utils import TestClient
 from hypothesis import (
     HealthCheck,
@@ -39,7 +39,10 @@ from hypothesis import (
 from hypothesis import strategies as st
 from yarl import URL
 
+from server.app import create_app
+from server.config import Config
 from tests.conftest import PRODUCER, MakeClient, auth, handshake, make_token, ws_connect
+from tests.engines import Engine
 
 # Hypothesis imports its patch writer (and with it `black` -> mypy_extensions, which warns)
 # only when a test fails; under warnings-as-errors that turns a failure into an INTERNALERROR.
@@ -316,6 +319,30 @@ async def _bystander_unaffected(arena: Arena) -> None:
 
 
 @pytest.fixture
+def make_client(request: pytest.FixtureRequest, aiohttp_client: Any,
+                config: Config) -> MakeClient:
+    """make_client(**config_changes) -> a TestClient on a fresh app: on SQLite, or for a test
+    marked `ON_BOTH_ENGINES`, on each engine in turn (on PostgreSQL, a node of its own
+    database)."""
+    database: dict[str, Any] = {}
+    if "engine" in request.fixturenames:
+        engine: Engine = request.getfixturevalue("engine")
+        if engine.postgres:
+            database = {"db": engine.database(), "node_name": "hostile"}
+
+    async def factory(**changes: Any) -> TestClient:
+        app: web.Application = create_app(config.replace(**database, **changes))
+        return await aiohttp_client(app)
+
+    return factory
+
+
+# the examples that also run with the app on PostgreSQL (SQL injection there:
+# tests/test_pg_hostile.py)
+ON_BOTH_ENGINES = pytest.mark.usefixtures("engine")
+
+
+@pytest.fixture
 async def arena(make_client: MakeClient) -> AsyncIterator[Arena]:
     a = await _open_arena(make_client, demo=False)
     yield a
@@ -423,6 +450,7 @@ async def test_ws_any_frame_gets_an_answer_and_the_socket_stays_open(
                 assert [a["code"] for a in answers] == ["unknown_type"]
 
 
+@ON_BOTH_ENGINES
 @HOSTILE
 @given(message=field_messages())
 async def test_ws_every_field_of_every_message_type(arena: Arena,
@@ -496,6 +524,7 @@ async def test_rest_register_any_body(arena: Arena, body: bytes) -> None:
         assert task["metadata"] == parsed.get("metadata")
 
 
+@ON_BOTH_ENGINES
 @HOSTILE
 @given(task_id=task_ids, body=bodies(with_fields(event_fields, ("status",))))
 async def test_rest_single_event_any_body(arena: Arena, task_id: str, body: bytes) -> None:
@@ -514,6 +543,7 @@ batch_items = st.one_of(
 )
 
 
+@ON_BOTH_ENGINES
 @HOSTILE
 @given(body=bodies(st.one_of(
     st.builds(lambda events: {"events": events}, st.lists(batch_items, max_size=6)),
@@ -541,6 +571,7 @@ printable = st.text(st.characters(categories=("L", "M", "N", "P", "S", "Zs")), m
                     max_size=40).filter(str.isprintable)
 
 
+@ON_BOTH_ENGINES
 @HOSTILE
 @given(task_id=st.one_of(texts, printable), task_type=st.one_of(texts, printable),
        metadata=json_strict)
@@ -574,6 +605,7 @@ async def test_rest_register_hostile_values_round_trip(arena: Arena, task_id: st
     assert envelope["data"]["task_id"] == task_id
 
 
+@ON_BOTH_ENGINES
 @HOSTILE
 @given(message=texts, step=texts, error=texts, error_type=texts, result=json_strict,
        progress=st.one_of(st.integers(-5, 105), st.floats(-1, 101), st.sampled_from(
@@ -608,6 +640,7 @@ async def test_rest_event_hostile_values_round_trip(
 # ---- REST: users ---------------------------------------------------------------------------
 
 
+@ON_BOTH_ENGINES
 @HOSTILE
 @given(task_id=st.one_of(task_ids, st.sampled_from(["%", "%2", "%ZZ", "%FF", "%C0%AF",
                                                     "%00", "..", ".", "a/b", "%2e%2e"])),
@@ -624,6 +657,7 @@ async def test_rest_weird_task_ids(arena: Arena, task_id: str, op: str, raw: boo
     assert status in (404, 405), (status, envelope)
 
 
+@ON_BOTH_ENGINES
 @HOSTILE
 @given(params=st.dictionaries(
     st.sampled_from(["status", "limit", "before", "since", "wait"]),
@@ -709,6 +743,7 @@ async def deepest_parsed(send: Any) -> int:
     return lo
 
 
+@ON_BOTH_ENGINES
 @pytest.mark.parametrize("kind", ["list", "dict"])
 async def test_deeply_nested_values_are_stored_or_refused_cleanly(arena: Arena,
                                                                   kind: str) -> None:

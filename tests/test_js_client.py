@@ -10,9 +10,6 @@ from typing import Any
 
 import pytest
 
-from tests.procs import servers_fixture
-
-servers = pytest.fixture(servers_fixture, name="servers")
 SCRIPT = Path(__file__).parent / "js" / "polling_fallback.js"
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 

@@ -8,8 +8,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.jsenv import JS_DIR, need_node, node_bin, run_node
 from tests.procs import ROOT
+
+pytestmark = pytest.mark.slow  # npm and the TypeScript compiler
 
 PACKAGE = ROOT / "clients" / "js"
 

@@ -1,7 +1,6 @@
-"""Hostile input against a PostgreSQL node: tests/test_hostile.py's REST and WebSocket
-examples run again with the app on PostgreSQL (the same functions, this module's
-`make_client` serves the test's database), and SQL injection attempts through every
-field a client or producer controls are stored verbatim and harmless."""
+"""Hostile input against a PostgreSQL node: SQL injection attempts through every field a
+client or producer controls are stored verbatim and harmless. (tests/test_hostile.py's REST
+and WebSocket examples marked `ON_BOTH_ENGINES` run on PostgreSQL as well.)"""
 
 from __future__ import annotations
 
@@ -15,17 +14,6 @@ from aiohttp import web
 from server.app import create_app
 from server.config import Config
 from tests.conftest import PRODUCER, MakeClient, auth, handshake, recv_until, ws_connect
-from tests.test_hostile import (  # noqa: F401 (fixtures and tests, collected here again)
-    arena,
-    test_deeply_nested_values_are_stored_or_refused_cleanly,
-    test_rest_batch_any_body,
-    test_rest_event_hostile_values_round_trip,
-    test_rest_list_and_status_with_any_query,
-    test_rest_register_hostile_values_round_trip,
-    test_rest_single_event_any_body,
-    test_rest_weird_task_ids,
-    test_ws_every_field_of_every_message_type,
-)
 
 
 @pytest.fixture

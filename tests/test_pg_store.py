@@ -1,11 +1,10 @@
 """server/pg_store.py on its own: a real PostgreSQL database per test, no app, no sockets.
 
-The Store API behaves as tests/test_store.py says it does on SQLite (those tests are
-mirrored here, checked against what another connection sees in the database); what only
-a SQLite file has (WAL, checkpoints, the file lock, the writer's thread) stays there.
-Then what only a shared database has: the schema applied by nodes starting together, one
-seq for every node's writes with no gap, the horizon moved by another node, text
-PostgreSQL cannot hold as is, a batch that loses its connection mid-way."""
+What every engine does is tests/test_store_contract.py, run on SQLite and PostgreSQL alike;
+here is what only a shared database has: the schema applied by nodes starting together, one
+seq for every node's writes with no gap, connections lost and replaced, text PostgreSQL
+cannot hold as is, generated ids in large batches, reads cut by the server, in-process tasks
+per node, and that every statement is answered from an index."""
 
 from __future__ import annotations
 
@@ -16,10 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.errors import Conflict, NotFound, StorageUnavailable, TaskActive, TaskFinal, TooMany
+from server.errors import NotFound, StorageUnavailable
 from server.model import Change, Delete, Kind, Outcome, Register
 from server.pg_store import SCHEMA_VERSION, PgStore
 from server.store import Store, StoreRefused
+from tests.support import until
 
 
 @pytest.fixture
@@ -98,23 +98,6 @@ async def test_nodes_starting_together_all_open(pg_url: str) -> None:
         await asyncio.gather(*(s.close() for s in stores))
 
 
-async def test_epoch_is_stable_across_reopen_and_differs_per_database(
-        store: PgStore, pg_server: Any) -> None:
-    epoch = store.epoch
-    assert len(epoch) >= 16
-    store = await reopen(store)
-    try:
-        assert store.epoch == epoch
-    finally:
-        await store.close()
-    other = PgStore(pg_server.create_database(), node_name="n1")
-    await other.open()
-    try:
-        assert other.epoch != epoch
-    finally:
-        await other.close()
-
-
 async def test_a_newer_schema_is_refused(store: PgStore, pg_url: str) -> None:
     conn = await asyncpg.connect(pg_url)
     try:
@@ -153,41 +136,6 @@ async def test_an_unreachable_database_is_refused_in_one_line(pg_server: Any) ->
 
 
 # ---- seq -------------------------------------------------------------------------------
-
-
-async def test_seq_strictly_increases_across_reopen_and_deletes(store: PgStore) -> None:
-    seqs = [(await ok(store, Register("a", 1, "job"))).seq]
-    seqs.append((await ok(store, Change("a", "progress", progress=10))).seq)
-    seqs.append((await ok(store, Change("a", "completed"))).seq)
-    seqs.append((await ok(store, Delete("a"))).seq)
-    assert seqs == list(range(1, 5))
-    store = await reopen(store)
-    try:
-        assert store.last_seq == seqs[-1]
-        seqs.append((await ok(store, Register("b", 1, "job"))).seq)
-        await store.submit(Change("b", "completed"))
-        seqs.append((await ok(store, Delete("b"))).seq)
-        await store.purge_tombstones("9999-12-31T00:00:00.000Z")
-    finally:
-        await store.close()
-    store = PgStore(store.url, node_name="n1")
-    await store.open()
-    try:
-        assert store.last_seq >= seqs[-1]
-        seqs.append((await ok(store, Register("a", 1, "job"))).seq)  # same id, reused
-        assert seqs == sorted(set(seqs)), seqs
-    finally:
-        await store.close()
-
-
-async def test_seq_per_task_row_is_that_of_its_latest_event(store: PgStore,
-                                                              pg_url: str) -> None:
-    await ok(store, Register("t", 1, "job"))
-    last = await ok(store, Change("t", "progress", progress=50, message="half"))
-    assert await rows(pg_url, "SELECT seq FROM tasks WHERE task_id = 't'") == [(last.seq,)]
-    assert await rows(pg_url, "SELECT max(seq) FROM events WHERE task_id = 't'"
-                      ) == [(last.seq,)]
-    assert [e["status"] for e in await store.history("t")] == ["pending", "progress"]
 
 
 async def test_writers_on_several_nodes_share_one_gapless_seq(pg_url: str) -> None:
@@ -233,73 +181,6 @@ async def test_a_commit_is_handed_over_after_every_earlier_seq_of_other_nodes(
 
 
 # ---- the writer: one transaction per batch, each operation on its own ------------------
-
-
-async def test_batch_is_one_transaction_with_per_operation_refusal(store: PgStore,
-                                                                   pg_url: str) -> None:
-    await ok(store, Register("good1", 1, "job"))
-    await ok(store, Register("good2", 1, "job"))
-    await finished(store, "done")
-    commits: list[list[Outcome]] = []
-    store.on_commit = lambda outcomes, seconds: commits.append(list(outcomes))
-    before = store.last_seq
-    (events_before,) = (await rows(pg_url, "SELECT count(*) FROM events"))[0]
-    ops = [
-        Change("good1", "progress", progress=30),
-        Change("missing", "progress", progress=30),
-        Change("done", "failed", error="late"),
-        Register("good1", 2, "other"),
-        Change("good2", "running", message="go"),
-        Change("good1", "progress", progress=60, owner=2),
-        Delete("good2"),
-    ]
-    outcomes = await store.submit_many(ops)
-    assert len(commits) == 1 and len(commits[0]) == len(ops)
-    assert [o.ok for o in outcomes] == [True, False, False, False, True, False, False]
-    assert isinstance(outcomes[1].error, NotFound)
-    assert isinstance(outcomes[2].error, TaskFinal)
-    assert isinstance(outcomes[3].error, Conflict)
-    assert isinstance(outcomes[5].error, NotFound)
-    assert isinstance(outcomes[6].error, TaskActive)
-    assert outcomes[0].seq == before + 1 and outcomes[4].seq == before + 2
-    assert store.last_seq == before + 2
-    assert await rows(pg_url, "SELECT count(*) FROM events") == [(events_before + 2,)]
-    assert await rows(pg_url, "SELECT status, progress FROM tasks WHERE task_id = 'good1'"
-                      ) == [("progress", 30)]
-    assert await rows(pg_url, "SELECT status, message FROM tasks WHERE task_id = 'good2'"
-                      ) == [("running", "go")]
-    assert await rows(pg_url, "SELECT status, error FROM tasks WHERE task_id = 'done'"
-                      ) == [("completed", None)]
-    assert await rows(pg_url, "SELECT count(*) FROM tasks WHERE task_id = 'missing'") == [(0,)]
-
-
-async def test_concurrent_submits_are_grouped_and_all_durable(store: PgStore,
-                                                              pg_url: str) -> None:
-    await ok(store, Register("g", 1, "job"))
-    commits: list[int] = []
-    store.on_commit = lambda outcomes, seconds: commits.append(len(outcomes))
-    outcomes = await asyncio.gather(*(store.submit(Change("g", "progress", progress=i))
-                                      for i in range(50)))
-    assert all(o.ok for o in outcomes)
-    assert sum(commits) == 50 and len(commits) < 50
-    assert [o.seq for o in outcomes] == sorted(o.seq for o in outcomes)
-    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'g'") == [(51,)]
-
-
-async def test_commit_happens_before_the_listeners_and_the_answer(store: PgStore,
-                                                                  pg_server: Any,
-                                                                  pg_url: str) -> None:
-    await ok(store, Register("c", 1, "job"))
-    database = pg_url.rsplit("/", 1)[1]
-    seen: list[str] = []
-
-    def committed(*_: Any) -> None:  # what another session sees, at that moment
-        seen.append(pg_server.sql("SELECT status FROM tasks WHERE task_id = 'c'", database))
-
-    store.on_publish = committed
-    store.on_commit = committed
-    await ok(store, Change("c", "running"))
-    assert seen == ["running", "running"]
 
 
 async def test_a_batch_that_loses_its_connection_is_tried_again(store: PgStore,
@@ -364,57 +245,6 @@ async def test_a_write_past_the_timeout_is_answered_503(pg_url: str, pg_server: 
 # ---- rules -----------------------------------------------------------------------------
 
 
-async def test_terminal_state_is_final(store: PgStore, pg_url: str) -> None:
-    done = await finished(store, "t")
-    for status in ("progress", "running", "failed", "cancelled", "completed", "pending"):
-        outcome = await store.submit(Change("t", status, progress=5, message="late"))
-        assert isinstance(outcome.error, TaskFinal), status
-    task = await store.get_task("t")
-    assert task is not None
-    assert (task.status, task.progress, task.message, task.result, task.seq) \
-        == ("completed", 100, None, {"n": 1}, done.seq)
-    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 't'") == [(2,)]
-
-
-async def test_cancelled_task_refusal_says_cancel_requested(store: PgStore) -> None:
-    await ok(store, Register("t", 1, "job"))
-    await ok(store, Change("t", "cancelled", owner=1, cancel_requested=True))
-    outcome = await store.submit(Change("t", "progress", progress=50))
-    assert isinstance(outcome.error, TaskFinal)
-    assert outcome.error.extra == {"cancel_requested": True}
-
-
-async def test_register_is_idempotent_and_conflicts_on_a_different_body(
-        store: PgStore, pg_url: str) -> None:
-    first = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
-    assert first.kind is Kind.CREATED
-    seq = store.last_seq
-    again = await ok(store, Register("r", 7, "job", {"a": [1, 2]}))
-    assert again.kind is Kind.UNCHANGED and again.seq == first.seq and store.last_seq == seq
-    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'r'") == [(1,)]
-    for different in (Register("r", 8, "job", {"a": [1, 2]}),
-                      Register("r", 7, "other", {"a": [1, 2]}),
-                      Register("r", 7, "job", {"a": [2, 1]}),
-                      Register("r", 7, "job", None)):
-        outcome = await store.submit(different)
-        assert isinstance(outcome.error, Conflict), different
-    assert store.last_seq == seq
-
-
-async def test_register_without_id_names_the_task_after_its_type(store: PgStore) -> None:
-    outcome = await ok(store, Register(None, 1, "export"))
-    assert outcome.task is not None and outcome.task.task_id == f"export_{outcome.seq}"
-    other = await ok(store, Register(None, 1, "export"))
-    assert other.task is not None and other.task.task_id != outcome.task.task_id
-    # the name it would get is taken: another is made up (the rules ran again, knowing)
-    taken = f"export_{store.last_seq + 2}"
-    await ok(store, Register(taken, 1, "export"))
-    assert store.last_seq + 1 == int(taken.rsplit("_", 1)[1])
-    many = await store.submit_many([Register(None, 1, "export") for _ in range(5)])
-    names = [o.task.task_id for o in many if o.task is not None]
-    assert all(o.ok for o in many) and len(set(names)) == 5 and taken not in names
-
-
 async def test_generated_ids_in_a_large_batch_never_collide(store: PgStore,
                                                              pg_url: str) -> None:
     """2,000 registrations without an id, of three types, in one batch, where the names
@@ -428,61 +258,6 @@ async def test_generated_ids_in_a_large_batch_never_collide(store: PgStore,
     assert {f"c_{n}" for n in range(2101, 4101)}.isdisjoint(names)
     assert sum(1 for n in names if n.count("_") == 2) > 500  # the taken ones, renamed
     assert await rows(pg_url, "SELECT count(*) FROM tasks") == [(4000,)]
-
-
-async def test_active_task_limit(store: PgStore) -> None:
-    await ok(store, Register("a1", 1, "job", max_active=2))
-    await ok(store, Register("a2", 1, "job", max_active=2))
-    refused = await store.submit(Register("a3", 1, "job", max_active=2))
-    assert isinstance(refused.error, TooMany)
-    await ok(store, Register("b1", 2, "job", max_active=2))
-    await ok(store, Change("a1", "completed"))
-    await ok(store, Register("a3", 1, "job", max_active=2))
-    # within one batch too: the count includes the batch so far
-    many = await store.submit_many([Register(f"c{i}", 3, "job", max_active=2)
-                                    for i in range(4)])
-    assert [o.ok for o in many] == [True, True, False, False]
-
-
-async def test_conditional_change_is_skipped_when_the_task_moved(store: PgStore) -> None:
-    registered = await ok(store, Register("s", 1, "job"))
-    await ok(store, Change("s", "progress", progress=10))
-    seq = store.last_seq
-    outcome = await store.submit(Change("s", "failed", error_type="stale",
-                                        expect_seq=registered.seq))
-    assert outcome.kind is Kind.REFUSED and outcome.error is None
-    assert store.last_seq == seq
-    task = await store.get_task("s")
-    assert task is not None and task.status == "progress"
-
-
-async def test_each_operation_reports_the_kind_of_what_it_did(store: PgStore) -> None:
-    assert (await store.submit(Register("k", 1, "job"))).kind is Kind.CREATED
-    assert (await store.submit(Register("k", 1, "job"))).kind is Kind.UNCHANGED
-    assert (await store.submit(Register("k", 2, "job"))).kind is Kind.REFUSED
-    first = await store.submit(Change("k", "progress", progress=5, idem_key="a"))
-    assert first.kind is Kind.CHANGED
-    again = await store.submit(Change("k", "progress", progress=5, idem_key="a"))
-    assert again.kind is Kind.UNCHANGED and again.seq == first.seq
-    assert (await store.submit(Change("k", "failed", expect_seq=1))).kind is Kind.REFUSED
-    assert (await store.submit(Change("nope", "running"))).kind is Kind.REFUSED
-    await store.submit(Change("k", "completed"))
-    assert (await store.submit(Delete("k"))).kind is Kind.DELETED
-
-
-async def test_delete_needs_a_finished_task_of_the_owner(store: PgStore, pg_url: str) -> None:
-    await ok(store, Register("act", 1, "job"))
-    assert isinstance((await store.submit(Delete("act"))).error, TaskActive)
-    assert isinstance((await store.submit(Delete("nope"))).error, NotFound)
-    await finished(store, "fin", user_id=1)
-    assert isinstance((await store.submit(Delete("fin", owner=2))).error, NotFound)
-    deleted = await ok(store, Delete("fin", owner=1))
-    assert deleted.kind is Kind.DELETED and await store.get_task("fin") is None
-    assert await rows(pg_url, "SELECT count(*) FROM events WHERE task_id = 'fin'") == [(0,)]
-    assert await rows(pg_url, "SELECT seq, task_id, user_id FROM tombstones"
-                      ) == [(deleted.seq, "fin", 1)]
-    forced = await ok(store, Delete("act", allow_active=True))
-    assert forced.kind is Kind.DELETED and await store.get_task("act") is None
 
 
 async def test_a_task_deleted_and_registered_again_in_one_batch(store: PgStore,
@@ -584,58 +359,6 @@ async def test_a_page_of_large_tasks_is_cut_by_the_server(store: PgStore) -> Non
     assert seen == [f"big{n}" for n in range(60)]
 
 
-async def test_snapshot_reports_deletions_after_since_in_seq_order(store: PgStore) -> None:
-    await finished(store, "old", user_id=1)
-    since = store.last_seq
-    await ok(store, Register("live", 1, "job"))
-    gone = await ok(store, Delete("old"))
-    await ok(store, Change("live", "progress", progress=20))
-    await ok(store, Register("theirs", 2, "job"))
-    snap = await store.snapshot(1, since)
-    assert snap.seq == store.last_seq
-    assert [t.task_id for t in snap.active] == ["live"]
-    assert snap.changes is not None
-    assert [c if isinstance(c, tuple) else (c.task_id, c.seq) for c in snap.changes] \
-        == [("old", gone.seq), ("live", store.last_seq - 1)]
-    assert (await store.snapshot(1, None)).changes is None
-
-
-async def test_purging_tombstones_moves_the_horizon_for_every_node(store: PgStore,
-                                                                  pg_url: str) -> None:
-    other = PgStore(pg_url, node_name="n2")
-    await other.open()
-    try:
-        await finished(store, "x")
-        first = await ok(store, Delete("x"))
-        assert await store.purge_tombstones("2000-01-01T00:00:00.000Z") == 0
-        assert store.horizon == 0
-        assert await store.purge_tombstones("9999-12-31T00:00:00.000Z") == 1
-        assert store.horizon == first.seq
-        assert await rows(pg_url, "SELECT count(*) FROM tombstones") == [(0,)]
-        await other.catch_up(first.seq)
-        # the node that did not purge knows too: a `since` before it cannot be replayed
-        assert (await other.snapshot(1, first.seq - 1)).changes is None
-        assert (await other.snapshot(1, first.seq)).changes == []
-        assert other.horizon == first.seq
-    finally:
-        await other.close()
-    store = await reopen(store)
-    try:
-        assert store.horizon == first.seq
-    finally:
-        await store.close()
-
-
-async def test_demo_secret_is_created_once(store: PgStore) -> None:
-    secret = await store.demo_secret()
-    assert len(secret) >= 32 and await store.demo_secret() == secret
-    store = await reopen(store)
-    try:
-        assert await store.demo_secret() == secret
-    finally:
-        await store.close()
-
-
 async def test_in_process_tasks_belong_to_their_node(store: PgStore, pg_url: str) -> None:
     other = PgStore(pg_url, node_name="n2")
     await other.open()
@@ -732,22 +455,3 @@ TERMINATE = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
 HOLDING = "application_name = 'psql' AND query LIKE '%pg_sleep%' AND state = 'active'"
 
 
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)
-
-
-async def test_an_idempotency_key_is_forgotten_with_its_deleted_task_within_one_batch(
-        store: Store) -> None:
-    """As on SQLite: deleted and registered again in one batch, a task starts afresh, also
-    when the key was committed by an earlier batch (read from the database)."""
-    await store.submit_many([Register("again", 1, "t"), Change("again", "running",
-                                                               idem_key="old")])
-    outcomes = await store.submit_many([
-        Change("again", "progress", idem_key="k"), Delete("again", allow_active=True),
-        Register("again", 1, "t"), Change("again", "running", idem_key="k"),
-        Change("again", "progress", idem_key="old")])
-    assert [o.kind for o in outcomes[-2:]] == [Kind.CHANGED, Kind.CHANGED]
-    assert (await store.get_task("again")).status == "progress"

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests import cluster_support
 from tests.cluster_support import bearer, post
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.procs import ServerProcess, Servers, servers_fixture
+from tests.engines import Engine
+from tests.procs import ServerProcess, Servers
 
 SECRET = "process-secret-0123456789-abcdefghijklmnop"
 API_KEY = "process-producer-key-0123456789"
@@ -31,12 +28,6 @@ ACTIVE = {"pending", "running", "progress"}
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
 
 
 def user_token(user_id: int) -> str:

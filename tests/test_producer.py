@@ -15,7 +15,7 @@ import pytest
 
 from server.config import Config
 from tests.conftest import API_KEY, PRODUCER, auth, event, register
-from tests.test_rest import STATUS, data_of, error_of, still_serving
+from tests.support import STATUS, data_of, error_of, still_serving
 
 REGISTER = "/api/task/tasks"
 EVENTS = "/api/task/task/{}/events"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +17,11 @@ import aiohttp
 import pytest
 
 from tests.conftest import API_KEY, SECRET, make_token
-from tests.jsenv import JS_DIR, chromium, node_bin, run_node
-from tests.procs import ServerProcess, Servers, servers_fixture
+from tests.jsenv import JS_DIR, node_bin, run_node
+from tests.procs import ServerProcess, Servers
 
 PRODUCER = {"X-API-Key": API_KEY}
 WAIT_MS = 20_000
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    async for launched in chromium():
-        yield launched
 
 
 @pytest.fixture

@@ -11,11 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.procs import ROOT, child_env, servers_fixture
-
-servers = pytest.fixture(servers_fixture, name="servers")
+from tests.procs import ROOT, child_env
 
 
 def readme_shell() -> str:

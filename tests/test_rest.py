@@ -25,33 +25,7 @@ from tests.conftest import (
     register,
     ws_connect,
 )
-
-STATUS = "/api/task/task/{}/status"
-
-
-async def still_serving(client: Any) -> None:
-    resp = await client.get("/healthz")
-    assert resp.status == 200
-    assert (await resp.json())["database"] is True
-
-
-async def error_of(resp: Any, status: int) -> dict[str, Any]:
-    """Assert the failure envelope with this status; return the body."""
-    assert resp.status == status, await resp.text()
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert body["code"] == status and body["data"] is None
-    assert isinstance(body["message"], str) and body["message"]
-    return body
-
-
-async def data_of(resp: Any, status: int = 200) -> Any:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    assert body["code"] == 0 and body["message"] == "success"
-    assert set(body) == {"code", "message", "data"}
-    return body["data"]
-
+from tests.support import STATUS, data_of, error_of, still_serving
 
 # ---- envelope ------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from server.accesslog import RedactingAccessLogger, SecretFilter, redact
 from server.app import create_app
 from server.config import Config, Secret, parse_config, redact_db
 from tests.conftest import API_KEY, SECRET, make_token
-from tests.procs import Servers, free_port, run_cli, servers_fixture
+from tests.procs import Servers, free_port, run_cli
 
 ACCESS_LOGGER = "taskpush.access"
 OTHER_SECRET = "some-other-secret-that-signs-forged-tokens-0123"
@@ -285,11 +285,6 @@ def test_config_repr_never_shows_secrets() -> None:
 # ---- a real server: bytes aiohttp's parser refuses, secrets from files, start-up lines ------
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
-
-
 def secret_files(tmp_path: Path) -> tuple[Path, Path]:
     """The secret and the key as an operator writes them (`echo ... > file`)."""
     secret_file, key_file = tmp_path / "jwt.secret", tmp_path / "api.key"
@@ -361,6 +356,7 @@ def test_a_database_url_is_logged_without_its_password(servers: Servers, tmp_pat
     assert "hunter2-db-password" not in output
 
 
+@pytest.mark.slow  # runs run.py as a process
 def test_start_up_errors_say_what_failed(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir" / "t.db"
     done = run_cli("--db", str(missing), "--port", str(free_port()))
@@ -406,6 +402,7 @@ def test_secret_files_are_read_with_one_trailing_newline_dropped(
         assert expected not in repr(config)
 
 
+@pytest.mark.slow  # runs run.py as a process
 @pytest.mark.parametrize(("args", "env", "says"), [
     (["--jwt-secret-file", "{empty}"], {}, "--jwt-secret-file: {empty} is empty"),
     (["--api-key-file", "{newline}"], {}, "--api-key-file: {newline} is empty"),
@@ -481,6 +478,7 @@ def test_a_password_given_as_a_url_parameter_is_never_shown(caplog) -> None:
     assert "query-pass-0123456789" not in record.getMessage()
 
 
+@pytest.mark.slow  # runs run.py as a process
 @pytest.mark.parametrize(("args", "env", "says"), [
     (["--api-key", "k3y"], {}, "--api-key: must be at least 16 characters (got 3)"),
     (["--jwt-secret", "short-secret"], {},

@@ -8,11 +8,8 @@ import sys
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.procs import ROOT, RUN_PY, ServerProcess, child_env, free_port, servers_fixture
-
-servers = pytest.fixture(servers_fixture, name="servers")
+from tests.procs import ROOT, RUN_PY, ServerProcess, child_env, free_port
 
 
 async def test_second_server_on_same_db_is_refused(servers: Any) -> None:

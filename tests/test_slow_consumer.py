@@ -12,49 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.conftest import API_KEY, SECRET, make_token
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.procs import ServerProcess, servers_fixture
-
-servers = pytest.fixture(servers_fixture, name="servers")
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
+from tests.engines import Engine
+from tests.procs import ServerProcess
+from tests.support import rss_kb, stuck_client
 
 UPDATES = 10_000
 TASKS = 50
 BATCH = 250
-
-
-def rss_kb(pid: int) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", text)
-    assert match
-    return int(match.group(1))
-
-
-def stuck_client(port: int, user: int) -> socket.socket:
-    """Handshake, then never read again (tiny receive buffer so the server backs up)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    token = make_token(user)
-    sock.sendall(
-        f"GET /api/task/ws/task/{user}?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        .encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0]
-    return sock
 
 
 async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:

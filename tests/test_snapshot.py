@@ -1,4 +1,4 @@
-"""The connect-time snapshot and the history under memory bounds (issue 14, item 2).
+"""The connect-time snapshot and the history under memory bounds.
 
 - `active_tasks` is still ONE message, written by pages as a fragmented WebSocket message;
 - the `since` replay is read and written by pages and still carries every change once;
@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from server import keys, protocol, snapshot
-from server.model import Change, Delete, Register, Task
+from server.model import Change, Register, Task
 from server.snapshot import ByteBudget
 from tests.conftest import (
     API_KEY,
@@ -35,59 +35,20 @@ from tests.conftest import (
     recv_until,
     ws_connect,
 )
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.procs import ServerProcess, servers_fixture
-from tests.test_flood import raw_socket
-from tests.test_slow_consumer import rss_kb, stuck_client
-
-servers = pytest.fixture(servers_fixture, name="servers")
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
-
-
-async def fill_with_large_active_tasks(store: Any) -> None:
-    """~6 MB of user 1's active tasks (more than the kernel's buffers take from a silent
-    peer) and one small task of user 2."""
-    for n in range(100):
-        await store.submit(Register(f"big{n}", 1, "job", metadata={"pad": "m" * 60_000}))
-    await store.submit(Register("small", 2, "job"))
-
-
-async def replay_history(store: Any) -> tuple[int, dict[str, str]]:
-    """A task `busy` to change live, then 40 finished tasks (every fourth deleted) after the
-    returned `since`: what a resume must replay, task by task, with its final state."""
-    await store.submit(Register("busy", 1, "job"))
-    since = store.last_seq
-    expected: dict[str, str] = {}
-    for n in range(40):
-        task_id = f"f{n}"
-        await store.submit(Register(task_id, 1, "job", metadata={"pad": "m" * 400}))
-        await store.submit(Change(task_id, "completed", result={"n": n}))
-        expected[task_id] = "completed"
-        if n % 4 == 0:
-            await store.submit(Delete(task_id))
-            expected[task_id] = "deleted"
-    return since, expected
-
-
-async def only_socket_once(app: Any, ready: Any, what: str) -> Any:
-    """The app's one socket, once it is attached and `ready(socket)` holds (10 s at most)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not app[keys.SOCKETS]:
-        assert loop.time() < deadline, f"{what} never attached"
-        await asyncio.sleep(0.01)
-    (holder,) = app[keys.SOCKETS]
-    while not ready(holder):
-        assert loop.time() < deadline, f"{what} never got there"
-        await asyncio.sleep(0.01)
-    return holder
-
-
-def holds_the_whole_budget(app: Any) -> Any:
-    """Stuck on a page, waiting for its peer to take it, with the whole budget."""
-    budget = app[keys.SNAPSHOT_BUDGET]
-    return lambda conn: conn.session.send_started and budget.used == budget.total
-
+from tests.engines import Engine
+from tests.procs import ServerProcess
+from tests.support import (
+    ended,
+    events_until,
+    fill_with_large_active_tasks,
+    holds_the_whole_budget,
+    only_socket_once,
+    raw_socket,
+    replay_history,
+    rss_kb,
+    stream,
+    stuck_client,
+)
 
 # ---- sans I/O --------------------------------------------------------------------------
 
@@ -278,6 +239,7 @@ async def _progress(store: Any, task_id: str, count: int) -> None:
         await asyncio.sleep(0)
 
 
+@pytest.mark.slow  # takes seconds
 async def test_connects_beyond_the_snapshot_memory_wait_their_turn(
         make_client: MakeClient, monkeypatch: Any) -> None:
     """One socket that never reads holds the whole budget: the next connect gets
@@ -339,6 +301,7 @@ async def test_since_connects_never_deadlock_the_budget_and_give_it_all_back(
     await _budget_returned(app)
 
 
+@pytest.mark.slow  # takes seconds
 async def test_a_grant_goes_back_when_its_connect_is_cancelled_while_waiting(
         make_client: MakeClient, monkeypatch: Any) -> None:
     page = 4096
@@ -398,6 +361,7 @@ async def test_the_replay_never_takes_a_task_back_below_what_active_tasks_sent(
     await ws.close()
 
 
+@pytest.mark.slow  # takes seconds
 async def test_a_live_connect_waiting_its_turn_is_not_dropped_as_dead(
         make_client: MakeClient, monkeypatch: Any) -> None:
     """Pings every 0.2 s, a peer silent 0.3 s after one is dead: a live client that waits
@@ -448,7 +412,6 @@ async def test_a_storage_failure_during_the_snapshot_closes_1013_without_a_trace
 
 async def test_a_storage_failure_during_a_streams_replay_ends_it_with_1013(
         make_client: MakeClient, monkeypatch: Any, caplog: Any) -> None:
-    from tests.test_sse import ended, events_until, stream
 
     monkeypatch.setattr(snapshot, "PAGE_BYTES", 1)
     client = await make_client()

@@ -5,14 +5,12 @@ sockets (aiohttp's test server, a raw TCP client like `curl -N`, and a real `run
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import ClientResponse
 
 from server import keys, snapshot, sse
 from server.model import Change, Register
@@ -27,73 +25,17 @@ from tests.conftest import (
     register,
     ws_connect,
 )
-from tests.engines import ENGINES, Engine, engine_fixture
-from tests.procs import servers_fixture
-from tests.test_snapshot import (
+from tests.engines import Engine
+from tests.support import (
+    ended,
+    events_until,
     fill_with_large_active_tasks,
     holds_the_whole_budget,
+    next_event,
     only_socket_once,
     replay_history,
+    stream,
 )
-
-servers = pytest.fixture(servers_fixture, name="servers")
-engine = pytest.fixture(engine_fixture, name="engine", params=ENGINES)
-
-
-async def stream(client: Client, user: int = 1, query: str = "", token: str | None = None,
-                 **headers: str) -> ClientResponse:
-    token = make_token(user) if token is None else token
-    resp = await client.get(f"/api/task/stream?token={token}{query}",
-                            headers={k.replace("_", "-"): v for k, v in headers.items()})
-    return resp
-
-
-async def next_event(resp: ClientResponse, timeout: float = 5.0,
-                     comments: bool = False) -> dict[str, Any]:
-    """The next event as {event, id, data} ({comment} for a comment line when asked)."""
-    fields: dict[str, Any] = {}
-
-    async def read() -> dict[str, Any]:
-        while True:
-            raw = await resp.content.readline()
-            assert raw, f"the stream ended; partial event {fields}"
-            line = raw.decode().rstrip("\n")
-            if line == "":
-                if fields:
-                    return fields
-                continue
-            if line.startswith(":"):
-                if comments:
-                    return {"comment": line[1:].strip()}
-                continue
-            name, _, value = line.partition(": ")
-            fields[name] = json.loads(value) if name == "data" else value
-
-    return await asyncio.wait_for(read(), timeout)
-
-
-async def events_until(resp: ClientResponse, kind: str, timeout: float = 5.0
-                       ) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-    while not seen or seen[-1]["event"] != kind:
-        seen.append(await next_event(resp, timeout))
-    return seen
-
-
-async def ended(resp: ClientResponse, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every event left until the stream ends (fails if it does not)."""
-    seen = []
-
-    async def read() -> None:
-        while True:
-            try:
-                seen.append(await next_event(resp, timeout))
-            except AssertionError:
-                return
-
-    with contextlib.suppress(aiohttp.ClientPayloadError):  # cut off mid-body: ended too
-        await asyncio.wait_for(read(), timeout)
-    return seen
 
 
 async def test_raw_framing_like_curl(make_client: MakeClient) -> None:
@@ -248,6 +190,7 @@ async def test_streams_count_in_the_per_user_limit(make_client: MakeClient) -> N
     await ws.close()
 
 
+@pytest.mark.slow  # takes seconds
 async def test_token_expiry_ends_the_stream(make_client: MakeClient) -> None:
     client = await make_client(jwt_leeway=0)
     resp = await stream(client, token=make_token(1, ttl=2))
@@ -563,6 +506,7 @@ async def test_a_close_inside_the_paged_active_tasks_event_cuts_the_stream_off(
 # ---- review fixes: no process-wide cache, no HEAD stream ---------------------------------
 
 
+@pytest.mark.slow  # takes seconds
 async def test_framed_events_live_and_die_with_their_updates(client: Client) -> None:
     """An update's event chunk is built once and shared by every stream, and kept on the
     update itself: once the streams are gone nothing of 300 large updates is retained (a

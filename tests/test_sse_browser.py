@@ -8,31 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import API_KEY, SECRET, make_token
-from tests.jsenv import chromium
-from tests.procs import ServerProcess, Servers, servers_fixture
+from tests.procs import ServerProcess, Servers
 
 PRODUCER = {"X-API-Key": API_KEY}
 WAIT_MS = 20_000
 BLOCK_WEBSOCKET = """window.WebSocket = function () { throw new Error('blocked by the test'); };"""
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    yield from servers_fixture(tmp_path)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    async for launched in chromium():
-        yield launched
 
 
 @pytest.fixture

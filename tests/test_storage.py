@@ -1,4 +1,5 @@
-"""Storage failures, on real SQLite files: issue 14 items 4 and 7.
+"""Storage failures, on real SQLite files: a write lock held elsewhere, a full disk, a
+delete of a long history.
 
 Another connection in this process holds `BEGIN IMMEDIATE` on the server's database file,
 exactly as a `sqlite3` shell or another program would; a full disk is SQLite's own
@@ -37,6 +38,7 @@ from tests.conftest import (
     register,
     ws_connect,
 )
+from tests.support import until
 
 HANG = 15.0  # bound that only catches a hang; nothing here asserts a speed
 LOCKED = "storage unavailable: database is locked by another process"
@@ -75,14 +77,6 @@ def outage_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]
     return began, ended
 
 
-async def until(predicate: Any, what: str) -> None:
-    """Poll an async predicate until it holds (bounded: a hang fails the test)."""
-    deadline = asyncio.get_running_loop().time() + HANG
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.02)
-
-
 async def health(client: Any) -> tuple[int, dict[str, Any]]:
     resp = await asyncio.wait_for(client.get("/healthz"), HANG)
     return resp.status, await resp.json()
@@ -110,6 +104,7 @@ async def assert_503(resp: Any, message: str) -> None:
 # ---- another process holds the write lock ----------------------------------------------
 
 
+@pytest.mark.slow  # takes seconds
 async def test_a_held_lock_answers_503_and_everything_else_keeps_serving(
         make_client: MakeClient, lock_holder: sqlite3.Connection, db_file: Path,
         store_log: pytest.LogCaptureFixture) -> None:
@@ -331,7 +326,7 @@ async def test_the_producer_client_does_not_retry_a_500(aiohttp_client: Any) -> 
 
 async def test_deleting_a_task_with_a_long_history_leaves_the_loop_serving(
         make_client: MakeClient, db_file: Path) -> None:
-    """Issue 14 item 7: the delete runs on the writer's thread. While its DELETE statement
+    """The delete runs on the writer's thread. While its DELETE statement
     is held (a trace callback on the writer connection waits for the test), the loop must
     answer other users' requests; on the loop's thread it would hang until the wait gives
     up, and the test fails."""

@@ -12,6 +12,7 @@ import asyncio
 import sqlite3
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from server import keys
@@ -124,6 +125,7 @@ async def test_finished_task_past_retention_is_deleted(make_client: MakeClient) 
     await ws.close()
 
 
+@pytest.mark.slow  # takes seconds
 async def test_since_older_than_purged_tombstones_resyncs(make_client: MakeClient) -> None:
     client = await make_client(retention_days=RETENTION_DAYS, stale_after=3600,
                                sweep_interval=3600)

@@ -33,6 +33,8 @@ from tests.workers_support import (
     worker_env,
 )
 
+pytestmark = pytest.mark.slow  # Redis and Celery worker processes
+
 FINAL = ("completed", "failed", "cancelled")
 
 

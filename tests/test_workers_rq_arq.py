@@ -26,6 +26,8 @@ from tests.workers_support import (
     worker_env,
 )
 
+pytestmark = pytest.mark.slow  # Redis and RQ/arq worker processes
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -377,6 +377,7 @@ async def test_a_frame_of_exactly_max_frame_bytes_is_accepted(make_client):
     assert code == 1009
 
 
+@pytest.mark.slow  # takes seconds
 async def test_flood_gets_rate_limited_then_closed_1008(make_client):
     client = await make_client(rate_limit=5, rate_burst=5, flood_strikes=10)
     ws = await ws_connect(client, 1)
@@ -456,6 +457,7 @@ def short_token(user_id: int, seconds: float) -> tuple[str, int]:
     return make_token(user_id, ttl=None, exp=exp), exp
 
 
+@pytest.mark.slow  # takes seconds
 async def test_token_expiring_then_closed_4401(make_client):
     client = await make_client(jwt_leeway=0)
     token, exp = short_token(1, 1.5)
@@ -471,6 +473,7 @@ async def test_token_expiring_then_closed_4401(make_client):
     assert time.time() >= exp - 0.5  # not before exp (whole-second clocks)
 
 
+@pytest.mark.slow  # takes seconds
 async def test_refresh_extends_and_foreign_refresh_does_not(make_client):
     client = await make_client(jwt_leeway=0)
     token, exp = short_token(1, 1.5)
@@ -509,6 +512,7 @@ async def test_long_token_gets_no_expiry_notice(client):
 # ---- protocol-level pings -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # takes seconds
 async def test_dead_peer_dropped_by_protocol_ping(make_client):
     client = await make_client(ping_interval=0.25, ping_timeout=1.0)
     alive = await ws_connect(client, 2)  # autoping, and always reading: answers every ping
