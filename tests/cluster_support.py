@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -328,3 +330,48 @@ class RawSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ---- a PostgreSQL server's sessions and processes, seen from a test --------------------------
+
+
+def database_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+async def backends(pg_server: Any, pg_url: str, application: str,
+                   what: str = "count(*)") -> int:
+    """How many connections of `application` the test's database has (`what`: or what
+    to do with them). psql runs on a thread: the nodes go on serving meanwhile."""
+    return int(await asyncio.to_thread(
+        pg_server.sql,
+        f"SELECT {what} FROM pg_stat_activity WHERE datname = '{database_of(pg_url)}'"  # noqa: S608
+        f" AND application_name = '{application}'"))
+
+
+async def terminate(pg_server: Any, pg_url: str, application: str) -> int:
+    return await backends(pg_server, pg_url, application, "count(pg_terminate_backend(pid))")
+
+
+async def deafen(store: Any) -> None:
+    """The node stops reading the feed by itself (no timer, no wake-ups): only what the
+    test asks for (`catch_up`) reaches its sockets."""
+    for task in store._background:
+        task.cancel()
+    async with store._listen_lock:
+        await store._listen.remove_listener("taskpush", store._notified)
+
+
+def postgres_processes(pg_server: Any) -> list[int]:
+    """The PostgreSQL server's processes: the postmaster and its children."""
+    master = int(Path(pg_server.data, "postmaster.pid").read_text().split()[0])
+    pids = [master]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path("/proc", entry, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                pids.append(int(entry))
+    return pids

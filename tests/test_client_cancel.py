@@ -15,8 +15,8 @@ import pytest
 import taskpush_client as tp
 
 from tests.conftest import API_KEY
+from tests.fake_front import Front
 from tests.procs import ServerProcess
-from tests.test_client_sender import Front
 from tests.workers_support import history, rest, taskpush_server
 
 

@@ -16,7 +16,7 @@ from server import keys
 from server.app import create_app
 from server.config import Config
 from tests.conftest import auth, handshake, recv, register, ws_connect
-from tests.test_sse import events_until, stream
+from tests.support import events_until, stream
 
 HUGE = "9999999999999999999"  # 19 digits, past 2**63 - 1
 INT64_MAX = str(2**63 - 1)

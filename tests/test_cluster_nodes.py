@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -25,6 +24,7 @@ from server.app import create_app, end_gone_nodes_tasks
 from server.config import Config
 from server.model import Change, Register
 from server.store import StoreRefused
+from tests.cluster_support import backends, deafen, postgres_processes, terminate
 from tests.conftest import (
     PRODUCER,
     auth,
@@ -373,35 +373,16 @@ async def test_a_live_nodes_in_process_tasks_are_left_alone(make_node):
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def database_of(url: str) -> str:
-    return url.rsplit("/", 1)[1]
 
 
-async def backends(pg_server: Any, pg_url: str, application: str,
-                   what: str = "count(*)") -> int:
-    """How many connections of `application` the test's database has (`what`: or what
-    to do with them). psql runs on a thread: the nodes go on serving meanwhile."""
-    return int(await asyncio.to_thread(
-        pg_server.sql,
-        f"SELECT {what} FROM pg_stat_activity WHERE datname = '{database_of(pg_url)}'"  # noqa: S608
-        f" AND application_name = '{application}'"))
 
 
-async def terminate(pg_server: Any, pg_url: str, application: str) -> int:
-    return await backends(pg_server, pg_url, application, "count(pg_terminate_backend(pid))")
 
 
 async def listening(pg_server: Any, pg_url: str, node: str) -> bool:
     return await backends(pg_server, pg_url, f"taskpush {node} listen") == 1
 
 
-async def deafen(store: Any) -> None:
-    """The node stops reading the feed by itself (no timer, no wake-ups): only what the
-    test asks for (`catch_up`) reaches its sockets."""
-    for task in store._background:
-        task.cancel()
-    async with store._listen_lock:
-        await store._listen.remove_listener("taskpush", store._notified)
 
 
 # ---- the database failing under the nodes ----------------------------------------------------
@@ -499,19 +480,6 @@ async def test_a_postgresql_restart(make_node, pg_server, caplog):
     assert pg_server.password not in everything
 
 
-def postgres_processes(pg_server: Any) -> list[int]:
-    """The PostgreSQL server's processes: the postmaster and its children."""
-    master = int(Path(pg_server.data, "postmaster.pid").read_text().split()[0])
-    pids = [master]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path("/proc", entry, "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-                pids.append(int(entry))
-    return pids
 
 
 async def test_a_hung_database_is_answered_503_within_db_timeout(make_node, pg_server):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.conftest import MakeClient, handshake, ws_connect
-from tests.test_sse import next_event, stream
+from tests.support import next_event, stream
 
 
 async def connected_of_both(client: Any) -> tuple[dict[str, Any], dict[str, Any]]:

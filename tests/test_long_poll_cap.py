@@ -15,7 +15,7 @@ from server.app import create_app
 from server.config import Config
 from tests.cluster_support import eventually
 from tests.conftest import PRODUCER, MakeClient, auth, event, register
-from tests.test_rest import STATUS, data_of, error_of
+from tests.support import STATUS, data_of, error_of
 
 
 def poll(client: Any, task_id: str, etag: str, user_id: int = 1, wait: int = 30

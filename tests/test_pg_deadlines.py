@@ -21,8 +21,8 @@ from server.config import Config
 from server.errors import StorageUnavailable
 from server.model import Change, Register
 from server.pg_store import PgStore
+from tests.cluster_support import postgres_processes, terminate
 from tests.conftest import PRODUCER, auth, register
-from tests.test_cluster_nodes import postgres_processes, terminate
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from typing import Any
 from server import keys, sse
 from tests.cluster_support import eventually
 from tests.conftest import Client, event, make_token, register
-from tests.test_sse import events_until, next_event, stream
+from tests.support import events_until, next_event, stream
 
 
 async def test_a_subscribed_state_read_ahead_carries_the_streams_point(client: Client

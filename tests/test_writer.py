@@ -17,8 +17,8 @@ from server.errors import StorageUnavailable
 from server.model import Change, Operation, Outcome, Register
 from server.pg_store import FEED_PAGE, PgStore
 from server.writer import GroupWriter
+from tests.cluster_support import deafen
 from tests.conftest import PRODUCER, MakeClient, register
-from tests.test_cluster_nodes import deafen
 
 LONG_TIMEOUT = 30.0  # --db-timeout: a refusal must come long before it
 HANG = 10.0  # a third of it: nothing retried until the deadline answers within this
