@@ -15,10 +15,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,3 +376,20 @@ def postgres_processes(pg_server: Any) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == master:
                 pids.append(int(entry))
     return pids
+
+
+@contextlib.contextmanager
+def hung_postgres(pg_server: Any) -> Iterator[None]:
+    """The whole PostgreSQL server stopped (SIGSTOP: connections open, nothing answered, not
+    even a cancel) for the block, and running again after it whatever happens: a process
+    that ended meanwhile is passed over, never left half-stopped for the next test."""
+    pids = postgres_processes(pg_server)
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

@@ -24,7 +24,7 @@ from server.app import create_app, end_gone_nodes_tasks
 from server.config import Config
 from server.model import Change, Register
 from server.store import StoreRefused
-from tests.cluster_support import backends, deafen, postgres_processes, terminate
+from tests.cluster_support import backends, deafen, hung_postgres, terminate
 from tests.conftest import (
     PRODUCER,
     auth,
@@ -491,10 +491,7 @@ async def test_a_hung_database_is_answered_503_within_db_timeout(make_node, pg_s
     a = await make_node("node-a", db_timeout=db_timeout)
     await register(a, "h-1", 5)
     await a.get("/api/task/task/h-1/status", headers=auth(5))  # a pooled connection
-    pids = postgres_processes(pg_server)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with hung_postgres(pg_server):
         calls = [
             lambda: a.post("/api/task/task/h-1/events", headers=PRODUCER,
                            json={"status": "progress", "progress": 5}),
@@ -507,9 +504,6 @@ async def test_a_hung_database_is_answered_503_within_db_timeout(make_node, pg_s
         for call in calls:
             resp = await asyncio.wait_for(call(), db_timeout + margin)
             assert resp.status == 503
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
     await until(lambda: healthy(a), timeout=20)
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,7 +19,7 @@ from server.config import Config
 from server.errors import StorageUnavailable
 from server.model import Change, Register
 from server.pg_store import PgStore
-from tests.cluster_support import postgres_processes, terminate
+from tests.cluster_support import hung_postgres, terminate
 from tests.conftest import PRODUCER, auth, register
 
 pytestmark = pytest.mark.slow
@@ -30,20 +28,6 @@ DB_TIMEOUT = 1.0
 # what a deadline may overrun by on a loaded two-core machine: far below the 2-3x
 # --db-timeout a hung server used to cost
 MARGIN = 0.6
-
-
-@contextlib.contextmanager
-def hung(pg_server: Any) -> Iterator[None]:
-    """The whole server stopped: connections open, nothing answered, not even a cancel."""
-    pids = postgres_processes(pg_server)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
 
 
 async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
@@ -87,7 +71,7 @@ async def test_a_write_to_a_hung_server_is_refused_within_the_timeout(store: PgS
     never answered either), for a write and a read."""
     await store.submit(Register("h", 1, "job"))
     await store.get_task("h")
-    with hung(pg_server):
+    with hung_postgres(pg_server):
         for progress in (1, 2):  # on the warm pool, then on what the first left of it
             took, got = await timed(lambda p=progress: store.submit(
                 Change("h", "progress", progress=p)))
@@ -97,7 +81,7 @@ async def test_a_write_to_a_hung_server_is_refused_within_the_timeout(store: PgS
     assert (await store.submit(Change("h", "running"))).ok
     # the pooled connections (the listening one is "taskpush n1 listen")
     assert await terminate(pg_server, store.url, "taskpush n1") >= 1
-    with hung(pg_server):
+    with hung_postgres(pg_server):
         for call in (lambda: store.submit(Change("h", "progress", progress=3)),
                      lambda: store.get_task("h")):
             took, got = await timed(call)
@@ -134,7 +118,7 @@ async def test_two_nodes_under_load_answer_503_within_the_timeout(aiohttp_client
     try:
         while len(answers) < 20:  # the load is on: the pools are busy
             await asyncio.sleep(0.05)
-        with hung(pg_server):
+        with hung_postgres(pg_server):
             answers.clear()
             started = time.monotonic()
             while time.monotonic() - started < 2.5 * DB_TIMEOUT:
