@@ -211,3 +211,26 @@ def test_chord_header_and_body_under_one_parent(app: Any, server: ServerProcess)
         seen = browser.until(parent)
     assert seen[-1]["status"] == "completed"
     assert seen[-1]["result"] == {"members": 3, "failed": 0}
+
+
+# Task ids at the bounds the server accepts (200 printable characters, any script): every
+# state change's idempotency key must be one the server takes too.
+BOUND_IDS = ("é" * 200, "任务 " * 66 + "末端", "x" * 200)
+
+
+def test_task_ids_at_the_contract_bounds_report_every_state(app: Any, server: ServerProcess
+                                                            ) -> None:
+    assert all(len(task_id) <= 200 and task_id.isprintable() for task_id in BOUND_IDS)
+    with Browser(server) as browser:
+        done = [app.ok.apply_async((2,), task_id=task_id, headers=for_user(1))
+                for task_id in BOUND_IDS]
+        failed = app.boom.apply_async(task_id="ü" * 199 + "!", headers=for_user(1))
+        seen = [browser.until(result.id) for result in done]
+        bad = browser.until(failed.id)
+    for messages in seen:
+        assert statuses(messages) == ["pending", "running", "progress", "completed"]
+        assert messages[-1]["result"] == {"items": 2}
+        assert_browser_order(messages)
+    assert statuses(bad) == ["pending", "running", "progress", "failed"]
+    assert bad[-1]["error_type"] == "ValueError"
+

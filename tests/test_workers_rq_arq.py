@@ -235,3 +235,52 @@ async def _finished(job: Any) -> Any:
     while (info := await job.result_info()) is None:
         await asyncio.sleep(0.05)
     return info
+
+
+# ---- task ids at the contract's bounds -------------------------------------------------
+# The server takes any printable task id of up to 200 characters; each state change's
+# idempotency key must be one it takes too. RQ allows only [A-Za-z0-9_-] in a job id.
+
+def test_rq_job_ids_at_the_length_bound_report_every_state(rq_queue: Any,
+                                                            server: ServerProcess) -> None:
+    from rq import Retry
+    from taskpush_client.rq import enqueue
+
+    from tests.worker_apps import rq_jobs
+
+    with Browser(server) as browser:
+        done = enqueue(rq_queue, rq_jobs.ok, 2, user_id=1, job_options={"job_id": "a" * 200})
+        failed = enqueue(rq_queue, rq_jobs.boom, user_id=1,
+                         job_options={"job_id": "-_" * 100, "retry": Retry(max=1)})
+        seen = browser.until(done.id)
+        bad = browser.until(failed.id)
+    assert statuses(seen) == ["pending", "running", "progress", "completed"]
+    assert seen[-1]["result"] == {"items": 2}
+    assert bad[-1]["status"] == "failed" and bad[-1]["error_type"] == "ValueError"
+    assert "retry 1" in [m["step"] for m in bad if m["status"] == "running"]
+    assert_browser_order(seen)
+    assert_browser_order(bad)
+
+
+async def test_arq_job_ids_at_the_contract_bounds_report_every_state(
+        arq_worker: Worker, redis: Redis, server: ServerProcess) -> None:
+    import asyncio
+
+    from taskpush_client.arq import enqueue
+
+    ids = ("é" * 200, "任务 " * 66 + "末端", "z" * 200)
+    pool = await _arq_pool(redis)
+    try:
+        with Browser(server) as browser:
+            jobs = [await enqueue(pool, "ok", 2, user_id=1, _job_id=job_id) for job_id in ids]
+            retried = await enqueue(pool, "flaky", "unused", user_id=1, _job_id="ß" * 200)
+            seen = [await asyncio.to_thread(browser.until, job.job_id) for job in jobs]
+            again = await asyncio.to_thread(browser.until, retried.job_id)
+    finally:
+        await pool.aclose()
+    for messages in seen:
+        assert statuses(messages) == ["pending", "running", "progress", "completed"]
+        assert messages[-1]["result"] == {"items": 2}
+        assert_browser_order(messages)
+    assert again[-1]["status"] == "completed"
+    assert "retry 1" in [m["step"] for m in again if m["status"] == "running"]

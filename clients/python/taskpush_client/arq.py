@@ -13,11 +13,14 @@ function report their lifecycle.
 
     await enqueue(redis, "generate", 10, user_id=user.id)   # instead of redis.enqueue_job
 
-enqueue -> pending; the job starts -> running (arq's `job_try` > 1 shows as a retry in
-`step`); returns -> completed with the JSON result; raises -> failed with type and message;
-`arq.worker.Retry` -> running with the retry in `step`; TaskCancelled, an abort
-(`Job.abort()`) or a timeout's cancellation -> cancelled. The user travels in the job's
-keyword argument `taskpush_user_id`, which the wrapper removes before calling the function.
+enqueue -> pending; the job
+starts -> running (arq's `job_try` > 1 shows as a retry in `step`); returns -> completed
+with the JSON result; raises -> failed with type and message; `arq.worker.Retry` ->
+running with the retry in `step`; TaskCancelled, an abort (`Job.abort()`) or a timeout's
+cancellation -> cancelled. State changes carry idempotency keys derived from the job id
+(`keys.event_key`: printable ASCII for any id). The user travels in the job's
+keyword argument `taskpush_user_id`, which the wrapper removes before calling the
+function.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 from .api import TaskNotificationService, reset_current, set_current
 from .client import Client
+from .keys import event_key, task_digest
 
 USER_KWARG = "taskpush_user_id"
 _service: dict[str, TaskNotificationService] = {"default": TaskNotificationService()}
@@ -70,18 +74,18 @@ def tracked(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         token = set_current(task_id, svc)
         try:
             await svc.notify_started(task_id, step=f"retry {retry}" if retry else None,
-                                     key=f"{task_id}:running:{retry}")
+                                     key=event_key(task_id, "running", retry))
             result = await fn(ctx, *args, **kwargs)
         except BaseException as exc:
             if type(exc).__name__ == "Retry" and type(exc).__module__.startswith("arq"):
                 await svc.notify_started(task_id, message="retrying", step=f"retry {retry + 1}",
-                                         key=f"{task_id}:retry:{retry + 1}")
+                                         key=event_key(task_id, "retry", retry + 1))
             else:
-                await _shielded(svc.finish(task_id, exc, key_prefix=task_id))
+                await _shielded(svc.finish(task_id, exc, key_prefix=task_digest(task_id)))
             raise
         finally:
             reset_current(token)
-        await svc.finish(task_id, None, result, key_prefix=task_id)
+        await svc.finish(task_id, None, result, key_prefix=task_digest(task_id))
         return result
 
     return wrapper

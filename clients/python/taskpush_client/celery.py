@@ -17,8 +17,9 @@ reported. Signals: published (before_task_publish) -> pending; task_prerun -> ru
 (retries in `step`); task_success -> completed with the return value when it is JSON;
 task_failure -> failed with the exception's type and message, or cancelled on
 TaskCancelled; task_retry -> running with the retry in `step`; task_revoked -> cancelled.
-State changes carry idempotency keys derived from the task id and the retry count, so a
-redelivered task (acks_late after a worker died) repeats none of them.
+State changes carry idempotency keys derived from the task id and the retry count
+(`keys.event_key`: printable ASCII for any task id), so a redelivered task (acks_late after
+a worker died) repeats none of them.
 
 Groups and chords: `send_tracked(group_or_chord, user_id)` reports each member as its own
 task and one parent task whose progress is the share of finished members (counted from the
@@ -36,6 +37,7 @@ from celery.states import FAILURE, READY_STATES
 
 from .api import TaskNotificationService, reset_current, set_current
 from .client import Client
+from .keys import event_key, task_digest
 
 log = logging.getLogger("taskpush_client.celery")
 
@@ -118,8 +120,8 @@ def _prerun(task_id: str, task: Any, **_: Any) -> None:
     _tokens[task_id] = set_current(task_id, svc)
     parent = _header(request, PARENT_HEADER)
     if parent:
-        svc.client.event(parent, "running", message="started", key=f"{parent}:running")
-    svc.notify_started(task_id, step=step, key=f"{task_id}:running:{retries}").wait()
+        svc.client.event(parent, "running", message="started", key=event_key(parent, "running"))
+    svc.notify_started(task_id, step=step, key=event_key(task_id, "running", retries)).wait()
 
 
 @_guard
@@ -138,7 +140,7 @@ def _success(sender: Any = None, result: Any = None, **_: Any) -> None:
     request = sender.request
     if _header(request, USER_HEADER) is None:
         return
-    _svc().finish(request.id, None, result, key_prefix=request.id).wait()
+    _svc().finish(request.id, None, result, key_prefix=task_digest(request.id)).wait()
 
 
 @_guard
@@ -147,7 +149,8 @@ def _failure(sender: Any = None, task_id: str | None = None, exception: BaseExce
     request = getattr(sender, "request", None)
     if task_id is None or _header(request, USER_HEADER) is None:
         return
-    _svc().finish(task_id, exception or RuntimeError("failed"), key_prefix=task_id).wait()
+    _svc().finish(task_id, exception or RuntimeError("failed"),
+                  key_prefix=task_digest(task_id)).wait()
 
 
 @_guard
@@ -156,14 +159,16 @@ def _retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any
         return
     attempt = (request.retries or 0) + 1
     _svc().notify_started(request.id, message=f"retrying: {reason}"[:500],
-                          step=f"retry {attempt}", key=f"{request.id}:retry:{attempt}").wait()
+                          step=f"retry {attempt}",
+                          key=event_key(request.id, "retry", attempt)).wait()
 
 
 @_guard
 def _revoked(request: Any = None, **_: Any) -> None:
     if request is None or _header(request, USER_HEADER) is None:
         return
-    _svc().notify_cancelled(request.id, message="revoked", key=f"{request.id}:cancelled").wait()
+    _svc().notify_cancelled(request.id, message="revoked",
+                            key=event_key(request.id, "cancelled")).wait()
 
 
 def send_tracked(sig: Any, user_id: int | str, *, task_type: str = "group",
@@ -201,8 +206,10 @@ def _report_parent(parent: str, members: list[str], app: Any) -> None:
     total = len(members)
     client = _svc().client
     client.event(parent, "progress", progress=round(100 * finished / total, 2),
-                 step=f"{finished}/{total} finished", key=f"{parent}:progress:{finished}")
+                 step=f"{finished}/{total} finished",
+                 key=event_key(parent, "progress", finished))
     if finished == total:
         failed = sum(state == FAILURE for state in states)
         client.event(parent, "completed", result={"members": total, "failed": failed},
-                     message="all members finished", key=f"{parent}:completed").wait()
+                     message="all members finished",
+                     key=event_key(parent, "completed")).wait()

@@ -32,8 +32,10 @@ from rq.worker import Worker as _RQWorker
 from .api import TaskNotificationService, reset_current, set_current
 from .client import Client
 from .errors import TaskCancelled
+from .keys import event_key, task_digest
 
 _service: dict[str, TaskNotificationService] = {"default": TaskNotificationService()}
+USER_META = "taskpush_user_id"
 
 
 def use_client(client: Client | None) -> None:
@@ -52,15 +54,15 @@ def enqueue(queue: Any, fn: Callable[..., Any], *args: Any, user_id: int | str,
     id). RQ's own options (`retry`, `job_timeout`, `job_id`, ...) go in `job_options`."""
     options = dict(job_options or {})
     job_id = options.pop("job_id", None) or uuid.uuid4().hex
-    name = task_type or getattr(fn, "__name__", "rq_job")
+    name = task_type or _name(fn)
     _svc().register_task(job_id, user_id, name).wait()
-    meta = {**options.pop("meta", {}), "taskpush_user_id": user_id}
+    meta = {**options.pop("meta", {}), USER_META: user_id}
     return queue.enqueue(run, fn, args, kwargs, job_id=job_id, meta=meta, **options)
 
 
 def cancel(job_id: str, message: str = "stopped") -> None:
     """Report a job stopped from outside (e.g. `send_stop_job_command`) as cancelled."""
-    _svc().notify_cancelled(job_id, message=message, key=f"{job_id}:cancelled").wait()
+    _svc().notify_cancelled(job_id, message=message, key=event_key(job_id, "cancelled")).wait()
 
 
 def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -75,22 +77,27 @@ def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -
     token = set_current(task_id, svc)
     try:
         try:
-            svc.notify_started(task_id, step=step, key=f"{task_id}:running:{attempt}").wait()
+            svc.notify_started(task_id, step=step, key=event_key(task_id, "running", attempt)
+                               ).wait()
             result = fn(*args, **kwargs)
         except BaseException as exc:
             if isinstance(exc, Exception) and not isinstance(exc, TaskCancelled) \
                     and _will_retry(job):
                 svc.notify_started(task_id, message=f"retrying: {exc}"[:500],
                                    step=f"retry {attempt + 1}",
-                                   key=f"{task_id}:retry:{attempt + 1}").wait()
+                                   key=event_key(task_id, "retry", attempt + 1)).wait()
             else:
-                svc.finish(task_id, exc, key_prefix=task_id).wait()
+                svc.finish(task_id, exc, key_prefix=task_digest(task_id)).wait()
             raise
-        svc.finish(task_id, None, result, key_prefix=task_id).wait()
+        svc.finish(task_id, None, result, key_prefix=task_digest(task_id)).wait()
         return result
     finally:
         reset_current(token)
         svc.client.flush(svc.client.wait)  # a forked horse exits right after this
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", "rq_job")
 
 
 def _attempt(job: Any) -> int:
@@ -126,7 +133,7 @@ class Worker(_RQWorker):
 
 def _report_lost(job: Any, ret_val: int) -> None:
     meta = job.get_meta(refresh=True)
-    if meta.get("taskpush_user_id") is None:
+    if meta.get(USER_META) is None:
         return
     svc = _svc()
     attempt = int(meta.get("taskpush_retries_max", job.retries_left or 0)) - int(
@@ -134,7 +141,8 @@ def _report_lost(job: Any, ret_val: int) -> None:
     if _will_retry(job):  # RQ requeues it right after this hook
         svc.notify_started(job.id, message="work horse lost; retrying",
                            step=f"retry {attempt + 1}",
-                           key=f"{job.id}:retry:{attempt + 1}").wait()
+                           key=event_key(job.id, "retry", attempt + 1)).wait()
     else:
         svc.notify_failed(job.id, error=f"work horse terminated (wait status {ret_val})",
-                          error_type="WorkHorseTerminated", key=f"{job.id}:failed").wait()
+                          error_type="WorkHorseTerminated",
+                          key=event_key(job.id, "failed")).wait()
