@@ -16,6 +16,7 @@ from tests.conftest import API_KEY
 from tests.procs import ServerProcess
 from tests.workers_support import (
     Browser,
+    HeldProxy,
     Redis,
     Worker,
     assert_browser_order,
@@ -284,3 +285,63 @@ async def test_arq_job_ids_at_the_contract_bounds_report_every_state(
         assert_browser_order(messages)
     assert again[-1]["status"] == "completed"
     assert "retry 1" in [m["step"] for m in again if m["status"] == "running"]
+
+
+# ---- taskpush hanging while jobs are sent ----------------------------------------------
+
+def test_rq_enqueue_never_waits_for_taskpush(rq_queue: Any, server: ServerProcess) -> None:
+    """taskpush hangs (a proxy holds every request): `enqueue` returns before any answer
+    exists; the job's wrapper registers the task itself, and the queued registration
+    arrives once taskpush answers (a job nobody runs yet shows `pending`)."""
+    from rq import Queue
+    from taskpush_client.rq import enqueue, use_client
+
+    from tests.worker_apps import rq_jobs
+
+    nobody = Queue("tp_nobody", connection=rq_queue.connection)
+    with HeldProxy(server) as proxy, Browser(server) as browser:
+        sender = taskpush_client.Client(proxy.url, API_KEY, wait=60, backoff=0.05)
+        use_client(sender)
+        try:
+            job = enqueue(rq_queue, rq_jobs.ok, 2, user_id=1, task_type="resume_parsing")
+            assert not proxy.forwarded.is_set(), "enqueue waited for taskpush"
+            waiting = enqueue(nobody, rq_jobs.ok, 2, user_id=1)
+            seen = browser.until(job.id)  # registered by the job's wrapper
+            proxy.release()
+            assert sender.flush(30)
+        finally:
+            use_client(None)
+            sender.close(5)
+    assert statuses(seen) == ["pending", "running", "progress", "completed"]
+    assert seen[0]["task_type"] == "resume_parsing"  # the same registration as enqueue's
+    assert rest(server, "GET", f"/api/task/task/{waiting.id}/status")["status"] == "pending"
+    assert history(server, job.id)[-1]["status"] == "completed"
+
+
+async def test_arq_enqueue_never_waits_for_taskpush(arq_worker: Worker, redis: Redis,
+                                                    server: ServerProcess) -> None:
+    import asyncio
+
+    from taskpush_client.arq import enqueue, use_client
+
+    pool = await _arq_pool(redis)
+    try:
+        with HeldProxy(server) as proxy, Browser(server) as browser:
+            sender = taskpush_client.Client(proxy.url, API_KEY, wait=60, backoff=0.05)
+            use_client(sender)
+            try:
+                job = await enqueue(pool, "ok", 2, user_id=1, task_type="interview_generation")
+                assert not proxy.forwarded.is_set(), "enqueue waited for taskpush"
+                waiting = await enqueue(pool, "ok", 2, user_id=1, _queue_name="tp_nobody")
+                seen = await asyncio.to_thread(browser.until, job.job_id)
+                proxy.release()
+                assert await asyncio.to_thread(sender.flush, 30)
+            finally:
+                use_client(None)
+                await asyncio.to_thread(sender.close, 5)
+    finally:
+        await pool.aclose()
+    assert statuses(seen) == ["pending", "running", "progress", "completed"]
+    assert seen[0]["task_type"] == "interview_generation"  # the same registration
+    status = await asyncio.to_thread(rest, server, "GET", f"/api/task/task/{waiting.job_id}/status")
+    assert status["status"] == "pending"

@@ -8,7 +8,9 @@
 
 RQ has no publish hook and its job callbacks run only after the job (in the work horse,
 which then exits), so the job runs inside `run`, a wrapper the helper enqueues in its place:
-enqueue -> pending; the wrapper starts -> running (a retry in `step`); returns ->
+enqueue -> pending (queued, never waited for: enqueueing does not wait on taskpush; the
+wrapper registers the task again before it starts, from the user and type in the job's
+meta); the wrapper starts -> running (a retry in `step`); returns ->
 completed with the JSON result; raises -> failed, or `running` with the retry in `step`
 when RQ will retry it (`Retry(max=...)` and retries left), or cancelled on TaskCancelled.
 A work horse killed mid-job (kill -9, out of memory) never reports its end: run the
@@ -36,6 +38,7 @@ from .keys import event_key, task_digest
 
 _service: dict[str, TaskNotificationService] = {"default": TaskNotificationService()}
 USER_META = "taskpush_user_id"
+TYPE_META = "taskpush_task_type"
 
 
 def use_client(client: Client | None) -> None:
@@ -55,8 +58,8 @@ def enqueue(queue: Any, fn: Callable[..., Any], *args: Any, user_id: int | str,
     options = dict(job_options or {})
     job_id = options.pop("job_id", None) or uuid.uuid4().hex
     name = task_type or _name(fn)
-    _svc().register_task(job_id, user_id, name).wait()
-    meta = {**options.pop("meta", {}), USER_META: user_id}
+    _svc().register_task(job_id, user_id, name)  # queued: the caller never waits on taskpush
+    meta = {**options.pop("meta", {}), USER_META: user_id, TYPE_META: name}
     return queue.enqueue(run, fn, args, kwargs, job_id=job_id, meta=meta, **options)
 
 
@@ -74,6 +77,9 @@ def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -
     task_id = job.id
     attempt = _attempt(job)
     step = f"retry {attempt}" if attempt else None
+    user = job.meta.get(USER_META)
+    if user is not None:  # enqueue's registration may not have reached taskpush
+        svc.register_task(task_id, user, job.meta.get(TYPE_META) or _name(fn))
     token = set_current(task_id, svc)
     try:
         try:
