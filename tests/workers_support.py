@@ -95,14 +95,15 @@ def worker_env(server: ServerProcess, **extra: str) -> dict[str, str]:
 class Worker:
     """A worker subprocess whose output goes to a file (read it when a test fails)."""
 
-    def __init__(self, workdir: Path, name: str, cmd: list[str], env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, name: str, cmd: list[str], env: dict[str, str],
+                 cwd: Path = ROOT) -> None:
         self.log = workdir / f"{name}.log"
-        self.cmd, self.env = cmd, env
+        self.cmd, self.env, self.cwd = cmd, env, cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=out,
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         return self
