@@ -219,6 +219,7 @@ def test_chord_header_and_body_under_one_parent(app: Any, server: ServerProcess)
 BOUND_IDS = ("é" * 200, "任务 " * 66 + "末端", "x" * 200)
 
 
+@pytest.mark.slow  # a real Redis and worker
 def test_task_ids_at_the_contract_bounds_report_every_state(app: Any, server: ServerProcess
                                                             ) -> None:
     assert all(len(task_id) <= 200 and task_id.isprintable() for task_id in BOUND_IDS)
@@ -236,6 +237,7 @@ def test_task_ids_at_the_contract_bounds_report_every_state(app: Any, server: Se
     assert bad[-1]["error_type"] == "ValueError"
 
 
+@pytest.mark.slow  # a real Redis and worker
 def test_sending_never_waits_for_taskpush(app: Any, server: ServerProcess) -> None:
     """taskpush hangs (a proxy holds every request): `apply_async` and `send_tracked`
     return before any answer exists; the worker registers what it runs, and the queued

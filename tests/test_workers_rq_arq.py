@@ -242,6 +242,7 @@ async def _finished(job: Any) -> Any:
 # The server takes any printable task id of up to 200 characters; each state change's
 # idempotency key must be one it takes too. RQ allows only [A-Za-z0-9_-] in a job id.
 
+@pytest.mark.slow  # a real Redis and worker
 def test_rq_job_ids_at_the_length_bound_report_every_state(rq_queue: Any,
                                                             server: ServerProcess) -> None:
     from rq import Retry
@@ -263,6 +264,7 @@ def test_rq_job_ids_at_the_length_bound_report_every_state(rq_queue: Any,
     assert_browser_order(bad)
 
 
+@pytest.mark.slow  # a real Redis and worker
 async def test_arq_job_ids_at_the_contract_bounds_report_every_state(
         arq_worker: Worker, redis: Redis, server: ServerProcess) -> None:
     import asyncio
@@ -289,6 +291,7 @@ async def test_arq_job_ids_at_the_contract_bounds_report_every_state(
 
 # ---- taskpush hanging while jobs are sent ----------------------------------------------
 
+@pytest.mark.slow  # a real Redis and worker
 def test_rq_enqueue_never_waits_for_taskpush(rq_queue: Any, server: ServerProcess) -> None:
     """taskpush hangs (a proxy holds every request): `enqueue` returns before any answer
     exists; the job's wrapper registers the task itself, and the queued registration
@@ -318,6 +321,7 @@ def test_rq_enqueue_never_waits_for_taskpush(rq_queue: Any, server: ServerProces
     assert history(server, job.id)[-1]["status"] == "completed"
 
 
+@pytest.mark.slow  # a real Redis and worker
 async def test_arq_enqueue_never_waits_for_taskpush(arq_worker: Worker, redis: Redis,
                                                     server: ServerProcess) -> None:
     import asyncio
