@@ -1,4 +1,4 @@
-"""Micro-benchmark of the producer path's body validation (issue 10 item 1).
+"""Micro-benchmark of the producer path's body validation.
 
     python -m bench.decode [--seconds 1.0]
 

@@ -1,4 +1,4 @@
-"""What PostgreSQL's NOTIFY costs the cluster's commits (issue 9).
+"""What PostgreSQL's NOTIFY costs the cluster's commits.
 
     python -m bench.notify_cost [--seconds 3] [--rounds 3] [--fsync]
 
