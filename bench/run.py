@@ -272,7 +272,7 @@ async def amain(args: argparse.Namespace) -> int:
                     for name, r in (await fanout.run(ctx, up, shape)).items():
                         res.fanout.setdefault(name, {})[shape.label] = r
 
-                await with_servers("fanout", servers, body)
+                await with_servers("fanout", fanout.servers_for(servers, shape), body)
         if "workload" in which:
             log("== workload on " + ", ".join(names))
 

@@ -26,6 +26,7 @@ from bench.scenarios.stream import (
 from bench.wsclient import Stats, WsClient, close_all, connect_many
 
 mono = time.monotonic_ns
+TASKPUSH_SOCKETS_PER_USER = 20  # run.py's --max-connections-per-user default
 SUBSCRIBE_SLICE = 30  # below taskpush's default burst of 40 messages per socket
 FIRST_UID = 400_001
 FIRST_ADMIN = 490_001
@@ -66,6 +67,7 @@ class FanoutResult:
     wall_s: float
     gen: GenLoad
     noise: Noise
+    close_codes: dict[str, int]  # sockets the server closed during the shape
 
     @property
     def delivered_ratio(self) -> float | None:
@@ -135,13 +137,23 @@ async def measure(ctx: Ctx, ln: FanLane, shape: Shape, admins: int, step: str
         deliveries_expected=ok * per_update, delivered=len(lat), latency=Latency.of(lat),
         server_cpu_s=round(srv_cpu, 3), server_util=round(srv_cpu / wall, 3),
         deliveries_per_server_cpu_s=round(len(lat) / srv_cpu, 1) if srv_cpu > 0 else None,
-        wall_s=round(wall, 3), gen=gen, noise=noise)
+        wall_s=round(wall, 3), gen=gen, noise=noise, close_codes=dict(ln.stats.close_codes))
     gl = " ".join(f"{k} {v:.2f}" for k, v in gen.procs.items())
     log(f"  {ln.name} fanout {shape.label}: {res.delivered}/{res.deliveries_expected} "
         f"delivered, {res.deliveries_per_server_cpu_s} deliveries/CPU-s, p99 "
         f"{res.latency.p99_ms} ms, server util {res.server_util}, generator [{gl}]"
         f"{' GENERATOR-BOUND' if gen.bound else ''}")
     return res
+
+
+def servers_for(servers: list[tuple[str, str]], shape: Shape) -> list[tuple[str, str]]:
+    """The (name, spec) of every server for this shape: taskpush with room for SOCKETS
+    sockets per user."""
+    if shape.sockets <= TASKPUSH_SOCKETS_PER_USER:
+        return servers
+    flag = f"--max-connections-per-user={shape.sockets}"
+    return [(name, (f"{spec} {flag}" if ":" in spec else f"{spec}:{flag}")
+             if spec.startswith("taskpush") else spec) for name, spec in servers]
 
 
 async def run(ctx: Ctx, up: dict[str, Server], shape: Shape) -> dict[str, FanoutResult]:
