@@ -1,7 +1,7 @@
 """taskpush benchmark: every figure next to two baselines measured in the same run.
 
-    python -m bench            # full run (about 5 minutes, up to 10 on a busy machine)
-    python -m bench --quick    # about 1-2 minutes
+    python -m bench            # full run (about 8 minutes, more on a busy machine)
+    python -m bench --quick    # about 3 minutes
     python -m bench --target relay --baseline relay   # self-check without taskpush
     python -m bench --cluster  # PostgreSQL, 1 and 2 nodes, next to a SQLite node
 
@@ -47,7 +47,7 @@ from bench.scenarios.base import GEN_LIMIT, Ctx
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes")
+    ap.add_argument("--quick", action="store_true", help="small sizes, about 3 minutes")
     ap.add_argument("--cluster", action="store_true",
                     help="cluster mode (bench/cluster.py): taskpush on PostgreSQL with 1 and 2 "
                     "nodes (producers on one node, sockets on the other) next to a SQLite node; "
