@@ -179,3 +179,9 @@ def test_the_cluster_benchmark_reports_every_figure(tmp_path: Path, pg_server: o
         assert per["latency"][system]["step"]["delivered_ratio"] == 1.0, system
         assert per["storm"][system]["ready_ok"] == 20, system
     assert "***@" in json.dumps(results["commands"])  # the database password is not kept
+    # PostgreSQL's rows per event over the latency phase, for each PostgreSQL system
+    assert set(results["pg_rows_per_event"]) == {"pg1", "pg2"}
+    for got in results["pg_rows_per_event"].values():
+        assert got["table_columns"] == ["ins", "upd", "hot_upd", "del"]
+        assert "database" in got["per_event"], got
+    assert "rows per event over the latency phase" in run.stdout
