@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--loadgen-cpus", help="CPU list for the load generator (default: the rest)")
     ap.add_argument("--profile", metavar="PATH",
                     help="sample the target server with py-spy during the stream scenarios "
-                    "(after setup) and write collapsed stacks to PATH")
+                    "(after setup) and write collapsed stacks to PATH (and to "
+                    "PATH.fanout-SHAPE while each fanout shape is measured)")
     ap.add_argument("--tmpdir", default=None, help="where databases and logs go")
     ap.add_argument("--keep-tmp", action="store_true")
     return ap
@@ -269,7 +270,7 @@ async def amain(args: argparse.Namespace) -> int:
                 log(f"== fanout {shape.label} on " + ", ".join(names))
 
                 async def body(up, shape=shape):
-                    for name, r in (await fanout.run(ctx, up, shape)).items():
+                    for name, r in (await fanout.run(ctx, up, shape, profiled)).items():
                         res.fanout.setdefault(name, {})[shape.label] = r
 
                 await with_servers("fanout", fanout.servers_for(servers, shape), body)

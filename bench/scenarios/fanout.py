@@ -8,11 +8,13 @@ update goes to SOCKETS + admins sockets. Reports deliveries per server CPU-secon
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 
 import orjson
 
+from bench import profile
 from bench.common import make_token
 from bench.launcher import Server, log
 from bench.scenarios.base import Ctx, GenLoad, Noise
@@ -156,15 +158,28 @@ def servers_for(servers: list[tuple[str, str]], shape: Shape) -> list[tuple[str,
              if spec.startswith("taskpush") else spec) for name, spec in servers]
 
 
-async def run(ctx: Ctx, up: dict[str, Server], shape: Shape) -> dict[str, FanoutResult]:
-    """Every server of `up` set up with this shape, then measured one after the other."""
+async def run(ctx: Ctx, up: dict[str, Server], shape: Shape, profiled: dict | None = None
+              ) -> dict[str, FanoutResult]:
+    """Every server of `up` set up with this shape, then measured one after the other.
+    With ``--profile PATH`` the first server (the target) is sampled while it is measured
+    (PATH.fanout-SHAPE; its summary goes into `profiled`)."""
     admins = ctx.args.fanout_admins
     lanes = [FanLane(n, s) for n, s in up.items()]
+    out = {}
     try:
         for ln in lanes:
             await setup(ctx, ln, shape, admins)
-        return {ln.name: await measure(ctx, ln, shape, admins, f"fan{k}")
-                for k, ln in enumerate(lanes)}
+        for k, ln in enumerate(lanes):
+            path = f"{ctx.args.profile}.fanout-{shape.label}" if ctx.args.profile else ""
+            prof = await profile.start(ln.srv, os.path.abspath(path)) if path and not k else None
+            try:
+                out[ln.name] = await measure(ctx, ln, shape, admins, f"fan{k}")
+            finally:
+                if prof is not None:
+                    got = await profile.stop(prof, os.path.abspath(path))
+                    if profiled is not None:
+                        profiled[f"fanout {shape.label}"] = got
+        return out
     finally:
         for ln in lanes:
             await close_all(ln.clients)
