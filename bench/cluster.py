@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from bench import report
+from bench import profile, report
 from bench.common import CLK_TCK, free_port, machine_info, raise_nofile, set_affinity
 from bench.launcher import REPO, Env, Server, log
 from bench.scenarios import latency, rate, storm, stream
@@ -177,7 +177,8 @@ def table(rows: list[dict], names: list[str]) -> str:
 
 
 def summary(res: ClusterResults) -> list[dict]:
-    """The cluster's figures (docs/cluster.md), with the ratio to the SQLite node."""
+    """The cluster figures (max rate, cross-node latency, CPU, storm), with the ratio to the
+    SQLite node."""
     out = []
 
     def add(label: str, per: dict, get, system: str = "pg2") -> None:
@@ -211,6 +212,35 @@ def to_json(res: ClusterResults) -> dict:
     return report.to_json(report.Results(latency=res.latency, rate=res.rate, storm=res.storm))
 
 
+PG_COUNTERS = """
+SELECT 'table ' || relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables
+UNION ALL
+SELECT 'database', xact_commit, tup_inserted, tup_updated, blks_hit + blks_read
+  FROM pg_stat_database WHERE datname = current_database()
+"""
+
+
+async def pg_counters(url: str) -> dict[str, list[int]]:
+    """PostgreSQL's cumulative row counters of the database (rows inserted, updated, of
+    which HOT, deleted per table; commits, tuples and blocks touched); two readings'
+    difference divided by the events in between is the rows each event costs. The counters
+    of a backend reach the views when it flushes them (within a second of a commit)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return {r[0]: list(r[1:]) for r in await conn.fetch(PG_COUNTERS)}
+    finally:
+        await conn.close()
+
+
+def per_event(before: dict[str, list[int]], after: dict[str, list[int]], events: int
+              ) -> dict[str, list[float]]:
+    """Each counter's growth per event (events: rows inserted into `events` meanwhile)."""
+    return {k: [round((a - b) / max(events, 1), 3) for a, b in zip(after[k], before.get(
+        k, [0] * len(after[k])), strict=True)] for k in after}
+
+
 async def start_postgres(env: Env) -> tuple[Any, PgProcesses]:
     from tests.pg import PostgresServer
 
@@ -238,6 +268,9 @@ async def amain(args: argparse.Namespace) -> int:
     errors: list[str] = []
     commands: dict[str, list[list[str]]] = {}
     pgs: list[Any] = []
+    urls: dict[str, str] = {}
+    rows_per_event: dict[str, Any] = {}
+    profiled: dict[str, Any] = {}
     up: list[Server] = []
     started = time.monotonic()
     try:
@@ -250,6 +283,7 @@ async def amain(args: argparse.Namespace) -> int:
             pg, procs = await start_postgres(env)
             pgs.append(pg)
             url = await asyncio.to_thread(pg.create_database, "bench")
+            urls[name] = url
             nodes = []
             for k in range(count):
                 node = Server("taskpush", env, f"{name}-{k}", free_port(), db=url)
@@ -267,7 +301,26 @@ async def amain(args: argparse.Namespace) -> int:
                 await stream.setup(ctx, lanes)
                 if "latency" in which:
                     before = {s.name: s.cpu_parts() for s in systems}
-                    res.latency.update(await latency.run(ctx, lanes))
+                    counted = {n: await pg_counters(u) for n, u in urls.items()}
+                    prof = None
+                    if args.profile:  # the one-node PostgreSQL system's node
+                        prof = await profile.start(systems[1].nodes[0],
+                                                   os.path.abspath(args.profile))
+                    try:
+                        res.latency.update(await latency.run(ctx, lanes))
+                    finally:
+                        if prof is not None:
+                            profiled["pg1 latency"] = await profile.stop(prof, args.profile)
+                    await asyncio.sleep(1.5)  # the nodes' backends flush their counters
+                    for n, u in urls.items():
+                        after = await pg_counters(u)
+                        events = (after["table events"][0]
+                                  - counted[n].get("table events", [0])[0])
+                        rows_per_event[n] = {
+                            "events": events,
+                            "table_columns": ["ins", "upd", "hot_upd", "del"],
+                            "database_columns": ["commits", "tup_ins", "tup_upd", "blocks"],
+                            "per_event": per_event(counted[n], after, events)}
                     for system in systems:
                         now = system.cpu_parts()
                         breakdown[system.name] = {
@@ -315,6 +368,8 @@ async def amain(args: argparse.Namespace) -> int:
         "comparison": rows,
         "figures": figures,
         "latency_phase_cpu_s": breakdown,
+        "pg_rows_per_event": rows_per_event,
+        "profile": profiled,
         "results": to_json(res),
         "errors": errors,
     }
@@ -330,6 +385,13 @@ async def amain(args: argparse.Namespace) -> int:
         print("note: with 2 CPUs, the two nodes and PostgreSQL share ONE core: the 2-node "
               "figures are the cost of crossing nodes, not the gain of a second host")
     print(table(rows, names))
+    for name, got in rows_per_event.items():
+        print(f"\n{name}: PostgreSQL rows per event over the latency phase "
+              f"({got['events']} events; table: inserted, updated, of which HOT, deleted; "
+              "database: commits, tuples inserted, updated, blocks touched)")
+        for k, v in got["per_event"].items():
+            if any(v):
+                print(f"  {k}: {' / '.join(f'{x:g}' for x in v)}")
     if res.rate:
         print("\nramp steps")
         print(report.ramp_table(report.Results(rate=res.rate), names))
@@ -338,7 +400,7 @@ async def amain(args: argparse.Namespace) -> int:
               "included): " + "; ".join(f"{k}: " + ", ".join(f"{p} {v}" for p, v in parts.items())
                                         for k, parts in breakdown.items()))
     if figures:
-        print("\nsummary (cluster figures)")
+        print("\nsummary (cluster)")
         print(summary_table(figures))
     if errors:
         print("\nerrors:")

@@ -73,10 +73,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_token(secret: str, user_id: int, ttl: int = 3600) -> str:
+def make_token(secret: str, user_id: int, ttl: int = 3600, admin: bool = False) -> str:
     import jwt
 
     claims = {"sub": str(user_id), "exp": int(time.time()) + ttl}
+    if admin:
+        claims["role"] = "admin"
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the producer path's body validation: each way of decoding a body.
+"""Micro-benchmark of the producer path's body validation.
 
     python -m bench.decode [--seconds 1.0]
 

@@ -1,4 +1,4 @@
-"""Hostile-client measurements (control-frame floods, snapshots): repeatable, printed as JSON.
+"""Hostile-client measurements: repeatable, printed as JSON.
 
     python -m bench.hostile                       # every scenario, ~1-2 minutes
     python -m bench.hostile --scenario pings,snapshot --tasks 200

@@ -31,7 +31,7 @@ from bench.common import (
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
-KINDS = ("taskpush", "relay", "naive")
+KINDS = ("taskpush", "relay", "naive", "naive-json")
 
 
 def log(msg: str) -> None:
@@ -104,10 +104,11 @@ class Server:
             return [sys.executable, "-m", "bench.relay", "--port", str(self.port),
                     "--api-key", e.api_key, "--jwt-secret", e.secret,
                     *([] if e.relay_uvloop else ["--no-uvloop"])]
-        if self.kind == "naive":
+        if self.kind in ("naive", "naive-json"):
             return [sys.executable, "-m", "bench.naive", "--port", str(self.port),
                     "--db", os.path.join(self.dir, "naive.db"), "--api-key", e.api_key,
-                    "--jwt-secret", e.secret]
+                    "--jwt-secret", e.secret,
+                    "--json", "stdlib" if self.kind == "naive-json" else "orjson"]
         return [sys.executable, "run.py", "--host", "127.0.0.1", "--port", str(self.port),
                 "--db", self.db or os.path.join(self.dir, "bench.db"), "--jwt-secret", e.secret,
                 "--api-key", e.api_key, *e.taskpush_args, *self.extra_args]

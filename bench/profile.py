@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
+import sys
 
 from bench.launcher import Server, log
 
 
 async def start(srv: Server, path: str) -> asyncio.subprocess.Process | None:
-    exe = shutil.which("py-spy")
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if not exe:
         log("  --profile: py-spy not found (pip install py-spy); not profiling")
         return None
@@ -49,6 +51,7 @@ def summarize(path: str, top: int = 30) -> dict | None:
     total = 0
     self_c: dict[str, int] = {}
     incl: dict[str, int] = {}
+    by_file: dict[str, int] = {}
     for line in lines:
         stack, _, n_s = line.rpartition(" ")
         if not stack or not n_s.isdigit():
@@ -57,6 +60,8 @@ def summarize(path: str, top: int = 30) -> dict | None:
         total += n
         frames = [fr.rsplit(":", 1)[0] for fr in stack.split(";")]
         self_c[frames[-1]] = self_c.get(frames[-1], 0) + n
+        where = source_file(stack.split(";")[-1])
+        by_file[where] = by_file.get(where, 0) + n
         for fr in set(frames):
             incl[fr] = incl.get(fr, 0) + n
 
@@ -64,4 +69,15 @@ def summarize(path: str, top: int = 30) -> dict | None:
         return [{"function": k, "share": round(v / max(total, 1), 4)}
                 for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
 
-    return {"samples": total, "file": path, "self": pick(self_c), "inclusive": pick(incl)}
+    return {"samples": total, "file": path, "self": pick(self_c), "inclusive": pick(incl),
+            "self_by_file": pick(by_file)}
+
+
+def source_file(frame: str) -> str:
+    """``func (path/to/file.py:12)`` -> ``file.py`` (a package's files keep its folder:
+    ``aiohttp/web_protocol.py``); a frame with no file is kept whole."""
+    inside = frame[frame.rfind("(") + 1:].rsplit(":", 1)[0] if "(" in frame else frame
+    parts = inside.replace("\\", "/").split("/")
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") + 1:][:2])
+    return "/".join(parts[-2:]) if len(parts) > 1 else inside

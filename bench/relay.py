@@ -61,6 +61,7 @@ class Relay:
         self.tasks: dict[str, dict] = {}
         self.by_user: dict[int, dict[str, dict]] = {}
         self.sockets: dict[int, set[web.WebSocketResponse]] = {}
+        self.subscribers: dict[str, set[web.WebSocketResponse]] = {}
         self.seq = 0
         self.counter = 0
         self.epoch = uuid.uuid4().hex
@@ -98,6 +99,9 @@ class Relay:
 
     async def push(self, task: dict) -> None:
         socks = self.sockets.get(task["user_id"])
+        subs = self.subscribers.get(task["task_id"])
+        if subs:
+            socks = (socks or set()) | subs
         if not socks:
             return
         frame = orjson.dumps({"type": "task_status", **task})
@@ -128,6 +132,8 @@ class Relay:
             await ws.close(code=4403, message=b"forbidden")
             return ws
         uid = int(uid_s)
+        admin = claims.get("role") == "admin"
+        mine: set[str] = set()
         active = [t for t in self.by_user.get(uid, {}).values() if t["status"] in ACTIVE]
         hello = orjson.dumps(
             {
@@ -159,6 +165,8 @@ class Relay:
                         await ws.send_frame(
                             orjson.dumps({"type": "pong", "timestamp": now_iso()}), TEXT
                         )
+                    elif isinstance(data, dict) and data.get("type") == "subscribe":
+                        await self.subscribe(ws, uid, admin, data.get("task_id"), mine)
                     else:
                         await ws.send_frame(
                             b'{"type":"error","code":"unknown_type","message":"unsupported"}',
@@ -172,7 +180,21 @@ class Relay:
             socks.discard(ws)
             if not socks and self.sockets.get(uid) is socks:
                 del self.sockets[uid]
+            for tid in mine:
+                self.subscribers.get(tid, set()).discard(ws)
         return ws
+
+    async def subscribe(self, ws: web.WebSocketResponse, uid: int, admin: bool, tid,
+                        mine: set[str]) -> None:
+        task = self.tasks.get(tid) if isinstance(tid, str) else None
+        if task is None or not (admin or task["user_id"] == uid):
+            await ws.send_frame(
+                b'{"type":"error","code":"forbidden","message":"forbidden"}', TEXT)
+            return
+        self.subscribers.setdefault(tid, set()).add(ws)
+        mine.add(tid)
+        await ws.send_frame(orjson.dumps({"type": "subscribed", "task_id": tid}), TEXT)
+        await ws.send_frame(orjson.dumps({"type": "task_status", **task}), TEXT)
 
     # ---- producer REST -------------------------------------------------------------
     async def register(self, request: web.Request) -> web.Response:

@@ -1,12 +1,13 @@
 """taskpush benchmark: every figure next to two baselines measured in the same run.
 
-    python -m bench            # full run (about 5 minutes, up to 10 on a busy machine)
-    python -m bench --quick    # about 1-2 minutes
+    python -m bench            # full run (about 8 minutes, more on a busy machine)
+    python -m bench --quick    # about 3 minutes
     python -m bench --target relay --baseline relay   # self-check without taskpush
     python -m bench --cluster  # PostgreSQL, 1 and 2 nodes, next to a SQLite node
 
-The baselines are bench/relay.py (no database) and bench/naive.py (aiohttp + aiosqlite,
-one commit per event). See bench/README.md for what each scenario measures.
+The baselines are bench/relay.py (no database) and bench/naive.py (aiohttp + aiosqlite +
+orjson, one commit per event; ``naive-json`` is its stdlib-json first draft). See
+bench/README.md for what each scenario measures.
 """
 
 from __future__ import annotations
@@ -30,23 +31,35 @@ import orjson
 from bench import profile, report
 from bench.common import free_port, install_uvloop, machine_info, raise_nofile, set_affinity
 from bench.launcher import BENCH_DIR, KINDS, REPO, Env, Server, log
-from bench.scenarios import SCENARIOS, batch, idle, latency, rate, storm, stream
+from bench.scenarios import (
+    SCENARIOS,
+    batch,
+    fanout,
+    idle,
+    latency,
+    rate,
+    storm,
+    stream,
+    workload,
+)
 from bench.scenarios.base import GEN_LIMIT, Ctx
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes")
+    ap.add_argument("--quick", action="store_true", help="small sizes, about 3 minutes")
     ap.add_argument("--cluster", action="store_true",
                     help="cluster mode (bench/cluster.py): taskpush on PostgreSQL with 1 and 2 "
                     "nodes (producers on one node, sockets on the other) next to a SQLite node; "
                     "scenarios latency, rate, storm; needs PostgreSQL (tests/pg.py)")
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results.json"))
     ap.add_argument("--target", default="taskpush",
-                    help="the server measured: taskpush, relay or naive (see --baseline)")
+                    help="the server measured: taskpush, relay, naive or naive-json "
+                    "(see --baseline)")
     ap.add_argument("--baseline", default="relay,naive",
-                    help="comma list of baselines: relay, naive, taskpush, or taskpush:FLAGS "
-                    "for an A/B run of run.py flags, e.g. 'taskpush:--access-log=false'")
+                    help="comma list of baselines: relay, naive (orjson), naive-json (the "
+                    "stdlib-json first draft), taskpush, or taskpush:FLAGS for an A/B run of "
+                    "run.py flags, e.g. 'taskpush:--access-log=false'")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="comma list of " + ",".join(SCENARIOS) + " (throughput = latency,rate)")
     ap.add_argument("--taskpush-dir", default=REPO, help="directory holding run.py")
@@ -76,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--storm-tasks", type=int, default=5)
     ap.add_argument("--storm-concurrency", type=int, default=0, help="0 = all at once")
     ap.add_argument("--storm-timeout", type=float, default=60.0)
+    ap.add_argument("--fanout", help="fanout shapes USERSxSOCKETS@RATE, comma separated "
+                    "(default 50x20@300,10x200@60; quick 10x5@100)")
+    ap.add_argument("--fanout-admins", type=int, default=2,
+                    help="admin sockets subscribed to every task (each update goes to them too)")
+    ap.add_argument("--fanout-s", type=float, help="seconds per fanout shape (5, quick 2)")
+    ap.add_argument("--workers", type=int, help="workload: workers reporting through "
+                    "taskpush-client (default 32, quick 8)")
+    ap.add_argument("--workload-rate", type=float, default=10.0,
+                    help="workload: progress calls per second per worker")
+    ap.add_argument("--workload-task-s", type=float, default=3.0,
+                    help="workload: seconds of progress per task")
+    ap.add_argument("--workload-s", type=float, help="workload seconds (10, quick 4)")
     ap.add_argument("--pub-conns", type=int, default=16,
                     help="keep-alive connections per publisher process")
     ap.add_argument("--pub-procs", type=int, default=2, help="publisher processes")
@@ -85,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--loadgen-cpus", help="CPU list for the load generator (default: the rest)")
     ap.add_argument("--profile", metavar="PATH",
                     help="sample the target server with py-spy during the stream scenarios "
-                    "(after setup) and write collapsed stacks to PATH")
+                    "(after setup) and write collapsed stacks to PATH (and to "
+                    "PATH.fanout-SHAPE while each fanout shape is measured)")
     ap.add_argument("--tmpdir", default=None, help="where databases and logs go")
     ap.add_argument("--keep-tmp", action="store_true")
     return ap
@@ -103,11 +129,16 @@ def apply_defaults(a: argparse.Namespace) -> None:
         "batch_s": 2.0 if q else 5.0,
         "storm_clients": 300 if q else 2000,
         "ramp_retries": 0 if q else 1,
+        "fanout": "10x5@100" if q else "50x20@300,10x200@60",
+        "fanout_s": 2.0 if q else 5.0,
+        "workers": 8 if q else 32,
+        "workload_s": 4.0 if q else 10.0,
     }
     for k, v in dflt.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.ramp = [float(x) for x in str(a.ramp).split(",") if x]
+    a.fanout_shapes = [fanout.Shape.parse(x) for x in str(a.fanout).split(",") if x.strip()]
     a.settle_s = 0.5 if q else 1.0
     a.drain_s = 1.0 if q else 2.0
     if q:
@@ -153,7 +184,8 @@ async def amain(args: argparse.Namespace) -> int:
     ctx = Ctx(env, args)
     nofile = raise_nofile()
     set_affinity(env.loadgen_cpus)
-    need = max(args.idle, args.storm_clients, args.users) * len(servers) + 200
+    fan = max((s.users * s.sockets for s in args.fanout_shapes), default=0)
+    need = max(args.idle, args.storm_clients, args.users, fan) * len(servers) + 200
     if nofile[0] < need:
         log(f"warning: RLIMIT_NOFILE {nofile[0]} < {need}: connections may fail")
     log(f"servers pinned to CPUs {env.server_cpus or 'any'}, load generator to "
@@ -233,6 +265,22 @@ async def amain(args: argparse.Namespace) -> int:
                     res.storm[name] = await storm.run(ctx, up[name])
 
                 await with_servers("storm", [(name, kind)], body)
+        if "fanout" in which:
+            for shape in args.fanout_shapes:
+                log(f"== fanout {shape.label} on " + ", ".join(names))
+
+                async def body(up, shape=shape):
+                    for name, r in (await fanout.run(ctx, up, shape, profiled)).items():
+                        res.fanout.setdefault(name, {})[shape.label] = r
+
+                await with_servers("fanout", fanout.servers_for(servers, shape), body)
+        if "workload" in which:
+            log("== workload on " + ", ".join(names))
+
+            async def body(up):
+                res.workload.update(await workload.run(ctx, up))
+
+            await with_servers("workload", servers, body)
     finally:
         if not args.keep_tmp:
             shutil.rmtree(env.tmp, ignore_errors=True)

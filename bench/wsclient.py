@@ -33,6 +33,7 @@ class Stats:
         self.lat: dict[str, list[int]] = defaultdict(list)
         self.last_recv: dict[str, int] = {}
         self.status_msgs = 0
+        self.subscribed = 0
         self.seq_regressions = 0
         self.other_msgs: dict[str, int] = defaultdict(int)
         self.close_codes: dict[str, int] = defaultdict(int)
@@ -133,6 +134,8 @@ class WsClient(asyncio.Protocol):
             self.t_ready = mono()
             if not self.ready.done():
                 self.ready.set_result(True)
+        elif typ == "subscribed":
+            st.subscribed += 1
         elif typ != "connected":
             st.other_msgs[str(typ)] += 1
 
@@ -140,6 +143,13 @@ class WsClient(asyncio.Protocol):
         if not self.ready.done():
             self.error = f"connection lost: {exc!r}"[:200]
             self.ready.set_result(False)
+
+    def send_text(self, payload: bytes) -> None:
+        """One masked text frame (the all-zero mask leaves the payload as it is)."""
+        n = len(payload)
+        head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + n.to_bytes(2, "big")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(head + b"\0\0\0\0" + payload)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 import taskpush_client
-from taskpush_client.celery import for_user, send_tracked
+from taskpush_client.celery import for_user, install, send_tracked
 
 from tests.conftest import API_KEY
 from tests.procs import ServerProcess
 from tests.workers_support import (
     Browser,
+    HeldProxy,
     Redis,
     Worker,
     assert_browser_order,
@@ -213,3 +214,55 @@ def test_chord_header_and_body_under_one_parent(app: Any, server: ServerProcess)
         seen = browser.until(parent)
     assert seen[-1]["status"] == "completed"
     assert seen[-1]["result"] == {"members": 3, "failed": 0}
+
+
+# Task ids at the bounds the server accepts (200 printable characters, any script): every
+# state change's idempotency key must be one the server takes too.
+BOUND_IDS = ("é" * 200, "任务 " * 66 + "末端", "x" * 200)
+
+
+@pytest.mark.slow  # a real Redis and worker
+def test_task_ids_at_the_contract_bounds_report_every_state(app: Any, server: ServerProcess
+                                                            ) -> None:
+    assert all(len(task_id) <= 200 and task_id.isprintable() for task_id in BOUND_IDS)
+    with Browser(server) as browser:
+        done = [app.ok.apply_async((2,), task_id=task_id, headers=for_user(1))
+                for task_id in BOUND_IDS]
+        failed = app.boom.apply_async(task_id="ü" * 199 + "!", headers=for_user(1))
+        seen = [browser.until(result.id) for result in done]
+        bad = browser.until(failed.id)
+    for messages in seen:
+        assert statuses(messages) == ["pending", "running", "progress", "completed"]
+        assert messages[-1]["result"] == {"items": 2}
+        assert_browser_order(messages)
+    assert statuses(bad) == ["pending", "running", "progress", "failed"]
+    assert bad[-1]["error_type"] == "ValueError"
+
+
+@pytest.mark.slow  # a real Redis and worker
+def test_sending_never_waits_for_taskpush(app: Any, server: ServerProcess) -> None:
+    """taskpush hangs (a proxy holds every request): `apply_async` and `send_tracked`
+    return before any answer exists; the worker registers what it runs, and the queued
+    registrations arrive once taskpush answers (a task nobody runs yet shows `pending`)."""
+    from celery import group
+
+    with HeldProxy(server) as proxy, Browser(server) as browser:
+        sender = taskpush_client.Client(proxy.url, API_KEY, wait=60, backoff=0.05)
+        install(app.app, client=sender)
+        try:
+            ran = app.ok.apply_async((2,), headers=for_user(1))
+            assert not proxy.forwarded.is_set(), "apply_async waited for taskpush"
+            waiting = app.ok.apply_async((2,), queue="tp_nobody", headers=for_user(1))
+            members, parent = send_tracked(group(app.member.s(i) for i in (1, 2)), 1)
+            assert not proxy.forwarded.is_set(), "send_tracked waited for taskpush"
+            seen = browser.until(ran.id)  # the worker registered it itself
+            parents = browser.until(parent)
+            proxy.release()
+            assert sender.flush(30)
+        finally:
+            install(app.app)  # back to the default client
+            sender.close(5)
+    assert statuses(seen) == ["pending", "running", "progress", "completed"]
+    assert parents[-1]["result"] == {"members": 2, "failed": 0}
+    assert rest(server, "GET", f"/api/task/task/{waiting.id}/status")["status"] == "pending"
+    assert [r.get(timeout=20) for r in members.results] == [1, 4]

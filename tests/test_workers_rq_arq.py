@@ -16,6 +16,7 @@ from tests.conftest import API_KEY
 from tests.procs import ServerProcess
 from tests.workers_support import (
     Browser,
+    HeldProxy,
     Redis,
     Worker,
     assert_browser_order,
@@ -237,3 +238,116 @@ async def _finished(job: Any) -> Any:
     while (info := await job.result_info()) is None:
         await asyncio.sleep(0.05)
     return info
+
+
+# ---- task ids at the contract's bounds -------------------------------------------------
+# The server takes any printable task id of up to 200 characters; each state change's
+# idempotency key must be one it takes too. RQ allows only [A-Za-z0-9_-] in a job id.
+
+@pytest.mark.slow  # a real Redis and worker
+def test_rq_job_ids_at_the_length_bound_report_every_state(rq_queue: Any,
+                                                            server: ServerProcess) -> None:
+    from rq import Retry
+    from taskpush_client.rq import enqueue
+
+    from tests.worker_apps import rq_jobs
+
+    with Browser(server) as browser:
+        done = enqueue(rq_queue, rq_jobs.ok, 2, user_id=1, job_options={"job_id": "a" * 200})
+        failed = enqueue(rq_queue, rq_jobs.boom, user_id=1,
+                         job_options={"job_id": "-_" * 100, "retry": Retry(max=1)})
+        seen = browser.until(done.id)
+        bad = browser.until(failed.id)
+    assert statuses(seen) == ["pending", "running", "progress", "completed"]
+    assert seen[-1]["result"] == {"items": 2}
+    assert bad[-1]["status"] == "failed" and bad[-1]["error_type"] == "ValueError"
+    assert "retry 1" in [m["step"] for m in bad if m["status"] == "running"]
+    assert_browser_order(seen)
+    assert_browser_order(bad)
+
+
+@pytest.mark.slow  # a real Redis and worker
+async def test_arq_job_ids_at_the_contract_bounds_report_every_state(
+        arq_worker: Worker, redis: Redis, server: ServerProcess) -> None:
+    import asyncio
+
+    from taskpush_client.arq import enqueue
+
+    ids = ("é" * 200, "任务 " * 66 + "末端", "z" * 200)
+    pool = await _arq_pool(redis)
+    try:
+        with Browser(server) as browser:
+            jobs = [await enqueue(pool, "ok", 2, user_id=1, _job_id=job_id) for job_id in ids]
+            retried = await enqueue(pool, "flaky", "unused", user_id=1, _job_id="ß" * 200)
+            seen = [await asyncio.to_thread(browser.until, job.job_id) for job in jobs]
+            again = await asyncio.to_thread(browser.until, retried.job_id)
+    finally:
+        await pool.aclose()
+    for messages in seen:
+        assert statuses(messages) == ["pending", "running", "progress", "completed"]
+        assert messages[-1]["result"] == {"items": 2}
+        assert_browser_order(messages)
+    assert again[-1]["status"] == "completed"
+    assert "retry 1" in [m["step"] for m in again if m["status"] == "running"]
+
+
+# ---- taskpush hanging while jobs are sent ----------------------------------------------
+
+@pytest.mark.slow  # a real Redis and worker
+def test_rq_enqueue_never_waits_for_taskpush(rq_queue: Any, server: ServerProcess) -> None:
+    """taskpush hangs (a proxy holds every request): `enqueue` returns before any answer
+    exists; the job's wrapper registers the task itself, and the queued registration
+    arrives once taskpush answers (a job nobody runs yet shows `pending`)."""
+    from rq import Queue
+    from taskpush_client.rq import enqueue, use_client
+
+    from tests.worker_apps import rq_jobs
+
+    nobody = Queue("tp_nobody", connection=rq_queue.connection)
+    with HeldProxy(server) as proxy, Browser(server) as browser:
+        sender = taskpush_client.Client(proxy.url, API_KEY, wait=60, backoff=0.05)
+        use_client(sender)
+        try:
+            job = enqueue(rq_queue, rq_jobs.ok, 2, user_id=1, task_type="resume_parsing")
+            assert not proxy.forwarded.is_set(), "enqueue waited for taskpush"
+            waiting = enqueue(nobody, rq_jobs.ok, 2, user_id=1)
+            seen = browser.until(job.id)  # registered by the job's wrapper
+            proxy.release()
+            assert sender.flush(30)
+        finally:
+            use_client(None)
+            sender.close(5)
+    assert statuses(seen) == ["pending", "running", "progress", "completed"]
+    assert seen[0]["task_type"] == "resume_parsing"  # the same registration as enqueue's
+    assert rest(server, "GET", f"/api/task/task/{waiting.id}/status")["status"] == "pending"
+    assert history(server, job.id)[-1]["status"] == "completed"
+
+
+@pytest.mark.slow  # a real Redis and worker
+async def test_arq_enqueue_never_waits_for_taskpush(arq_worker: Worker, redis: Redis,
+                                                    server: ServerProcess) -> None:
+    import asyncio
+
+    from taskpush_client.arq import enqueue, use_client
+
+    pool = await _arq_pool(redis)
+    try:
+        with HeldProxy(server) as proxy, Browser(server) as browser:
+            sender = taskpush_client.Client(proxy.url, API_KEY, wait=60, backoff=0.05)
+            use_client(sender)
+            try:
+                job = await enqueue(pool, "ok", 2, user_id=1, task_type="interview_generation")
+                assert not proxy.forwarded.is_set(), "enqueue waited for taskpush"
+                waiting = await enqueue(pool, "ok", 2, user_id=1, _queue_name="tp_nobody")
+                seen = await asyncio.to_thread(browser.until, job.job_id)
+                proxy.release()
+                assert await asyncio.to_thread(sender.flush, 30)
+            finally:
+                use_client(None)
+                await asyncio.to_thread(sender.close, 5)
+    finally:
+        await pool.aclose()
+    assert statuses(seen) == ["pending", "running", "progress", "completed"]
+    assert seen[0]["task_type"] == "interview_generation"  # the same registration
+    status = await asyncio.to_thread(rest, server, "GET", f"/api/task/task/{waiting.job_id}/status")
+    assert status["status"] == "pending"

@@ -10,9 +10,11 @@ skips. `Browser` keeps one WebSocket open on a thread of its own and records eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -93,14 +95,15 @@ def worker_env(server: ServerProcess, **extra: str) -> dict[str, str]:
 class Worker:
     """A worker subprocess whose output goes to a file (read it when a test fails)."""
 
-    def __init__(self, workdir: Path, name: str, cmd: list[str], env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, name: str, cmd: list[str], env: dict[str, str],
+                 cwd: Path = ROOT) -> None:
         self.log = workdir / f"{name}.log"
-        self.cmd, self.env = cmd, env
+        self.cmd, self.env, self.cwd = cmd, env, cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=out,
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         return self
@@ -212,3 +215,69 @@ def assert_browser_order(seen: list[dict[str, Any]]) -> None:
     finals = [i for i, m in enumerate(seen) if m["status"] in ("completed", "failed",
                                                                "cancelled")]
     assert not finals or finals == [len(seen) - 1], [m["status"] for m in seen]
+
+
+class HeldProxy:
+    """A TCP proxy to a taskpush server that holds every connection until `release()`:
+    taskpush seen as hanging by a sender. `forwarded` is set once anything reached the
+    server (so a test can tell that a call returned before any answer could exist); a
+    connection still held after `hold` seconds is let through, so that code which waits
+    for the answer makes its test fail instead of hang."""
+
+    def __init__(self, upstream: ServerProcess, hold: float = 20.0) -> None:
+        self.upstream, self.hold = upstream, hold
+        self.forwarded = threading.Event()
+        self._gate = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def close(self) -> None:
+        self._gate.set()
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def __enter__(self) -> HeldProxy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._sockets.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        self._gate.wait(self.hold)
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream.port), timeout=10)
+        except OSError:
+            return
+        with self._lock:
+            self._sockets.append(upstream)
+        self.forwarded.set()
+        upstream.settimeout(None)
+        back = threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)
+        back.start()
+        _pipe(conn, upstream)
+        back.join()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)

@@ -153,8 +153,9 @@ async def teardown(lanes: list[Lane]) -> None:
 
 
 async def run_publishers(ctx: Ctx, srv: Server, tasks: list[str], cfg: dict, nproc: int,
-                         on_go=None) -> tuple[list[dict], int]:
-    """Start publisher processes, wait until warmed up, start them together, collect results.
+                         on_go=None, module: str = "bench.publisher") -> tuple[list[dict], int]:
+    """Start publisher processes (`module`: bench.publisher, or bench.workers), wait until
+    warmed up, start them together, collect results.
 
     Returns (one result per process, the monotonic ns of the start)."""
     procs = []
@@ -164,7 +165,7 @@ async def run_publishers(ctx: Ctx, srv: Server, tasks: list[str], cfg: dict, npr
         if "rate" in part:
             part["rate"] = cfg["rate"] / nproc
         p = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.publisher", cwd=REPO,
+            sys.executable, "-m", module, cwd=REPO,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": REPO},
         )

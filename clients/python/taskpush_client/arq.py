@@ -13,11 +13,15 @@ function report their lifecycle.
 
     await enqueue(redis, "generate", 10, user_id=user.id)   # instead of redis.enqueue_job
 
-enqueue -> pending; the job starts -> running (arq's `job_try` > 1 shows as a retry in
-`step`); returns -> completed with the JSON result; raises -> failed with type and message;
-`arq.worker.Retry` -> running with the retry in `step`; TaskCancelled, an abort
-(`Job.abort()`) or a timeout's cancellation -> cancelled. The user travels in the job's
-keyword argument `taskpush_user_id`, which the wrapper removes before calling the function.
+enqueue -> pending (queued, never awaited: enqueueing does not wait on taskpush; the
+wrapper registers the task again, with the same type, when the job starts); the job
+starts -> running (arq's `job_try` > 1 shows as a retry in `step`); returns -> completed
+with the JSON result; raises -> failed with type and message; `arq.worker.Retry` ->
+running with the retry in `step`; TaskCancelled, an abort (`Job.abort()`) or a timeout's
+cancellation -> cancelled. State changes carry idempotency keys derived from the job id
+(`keys.event_key`: printable ASCII for any id). The user travels in the job's
+keyword arguments `taskpush_user_id` and `taskpush_task_type`, which the wrapper removes
+before calling the function.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from typing import Any
 
 from .api import TaskNotificationService, reset_current, set_current
 from .client import Client
+from .keys import event_key, task_digest
 
 USER_KWARG = "taskpush_user_id"
+TYPE_KWARG = "taskpush_task_type"
 _service: dict[str, TaskNotificationService] = {"default": TaskNotificationService()}
 
 
@@ -49,9 +55,10 @@ async def enqueue(redis: Any, function: str, *args: Any, user_id: int | str,
     """`redis.enqueue_job(function, *args, **kwargs)` reported to `user_id` (the job id,
     `_job_id` or a fresh one, is the task id)."""
     job_id = kwargs.pop("_job_id", None) or uuid.uuid4().hex
-    await _svc().register_task(job_id, user_id, task_type or function)
+    name = task_type or function
+    _svc().register_task(job_id, user_id, name)  # queued: never waits on taskpush
     return await redis.enqueue_job(function, *args, _job_id=job_id,
-                                   **{USER_KWARG: user_id}, **kwargs)
+                                   **{USER_KWARG: user_id, TYPE_KWARG: name}, **kwargs)
 
 
 def tracked(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -61,27 +68,28 @@ def tracked(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(fn)
     async def wrapper(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         user = kwargs.pop(USER_KWARG, None)
+        task_type = kwargs.pop(TYPE_KWARG, None) or fn.__name__
         if user is None:
             return await fn(ctx, *args, **kwargs)
         svc = _svc()
         task_id = ctx["job_id"]
         retry = max(int(ctx.get("job_try", 1)) - 1, 0)
-        svc.register_task(task_id, user, fn.__name__)  # no-op when enqueue registered it
+        svc.register_task(task_id, user, task_type)  # no-op when enqueue's registration came
         token = set_current(task_id, svc)
         try:
             await svc.notify_started(task_id, step=f"retry {retry}" if retry else None,
-                                     key=f"{task_id}:running:{retry}")
+                                     key=event_key(task_id, "running", retry))
             result = await fn(ctx, *args, **kwargs)
         except BaseException as exc:
             if type(exc).__name__ == "Retry" and type(exc).__module__.startswith("arq"):
                 await svc.notify_started(task_id, message="retrying", step=f"retry {retry + 1}",
-                                         key=f"{task_id}:retry:{retry + 1}")
+                                         key=event_key(task_id, "retry", retry + 1))
             else:
-                await _shielded(svc.finish(task_id, exc, key_prefix=task_id))
+                await _shielded(svc.finish(task_id, exc, key_prefix=task_digest(task_id)))
             raise
         finally:
             reset_current(token)
-        await svc.finish(task_id, None, result, key_prefix=task_id)
+        await svc.finish(task_id, None, result, key_prefix=task_digest(task_id))
         return result
 
     return wrapper

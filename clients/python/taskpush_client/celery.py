@@ -17,8 +17,11 @@ reported. Signals: published (before_task_publish) -> pending; task_prerun -> ru
 (retries in `step`); task_success -> completed with the return value when it is JSON;
 task_failure -> failed with the exception's type and message, or cancelled on
 TaskCancelled; task_retry -> running with the retry in `step`; task_revoked -> cancelled.
-State changes carry idempotency keys derived from the task id and the retry count, so a
-redelivered task (acks_late after a worker died) repeats none of them.
+State changes carry idempotency keys derived from the task id and the retry count
+(`keys.event_key`: printable ASCII for any task id), so a redelivered task (acks_late after
+a worker died) repeats none of them. Sending never waits for taskpush: the registration is
+queued (delivered in the background) and the worker registers the task again when it
+starts it.
 
 Groups and chords: `send_tracked(group_or_chord, user_id)` reports each member as its own
 task and one parent task whose progress is the share of finished members (counted from the
@@ -36,11 +39,13 @@ from celery.states import FAILURE, READY_STATES
 
 from .api import TaskNotificationService, reset_current, set_current
 from .client import Client
+from .keys import event_key, task_digest
 
 log = logging.getLogger("taskpush_client.celery")
 
 USER_HEADER = "taskpush_user_id"
 PARENT_HEADER = "taskpush_parent"
+PARENT_TYPE_HEADER = "taskpush_parent_type"
 MEMBERS_HEADER = "taskpush_members"
 
 _state: dict[str, Any] = {"service": TaskNotificationService(), "app": None}
@@ -102,7 +107,8 @@ def _published(sender: str | None = None, headers: dict[str, Any] | None = None,
     user = headers.get(USER_HEADER)
     if user is None or headers.get("retries"):
         return  # untracked, or a retry being sent (task_retry reports it)
-    _svc().register_task(headers["id"], user, sender or headers.get("task", "task")).wait()
+    # queued, not waited for: a web request sending a task never waits on taskpush
+    _svc().register_task(headers["id"], user, sender or headers.get("task", "task"))
 
 
 @_guard
@@ -118,8 +124,11 @@ def _prerun(task_id: str, task: Any, **_: Any) -> None:
     _tokens[task_id] = set_current(task_id, svc)
     parent = _header(request, PARENT_HEADER)
     if parent:
-        svc.client.event(parent, "running", message="started", key=f"{parent}:running")
-    svc.notify_started(task_id, step=step, key=f"{task_id}:running:{retries}").wait()
+        members = _header(request, MEMBERS_HEADER) or []
+        svc.register_task(parent, user, _header(request, PARENT_TYPE_HEADER) or "group",
+                          {"members": len(members)})  # as send_tracked registered it
+        svc.client.event(parent, "running", message="started", key=event_key(parent, "running"))
+    svc.notify_started(task_id, step=step, key=event_key(task_id, "running", retries)).wait()
 
 
 @_guard
@@ -138,7 +147,7 @@ def _success(sender: Any = None, result: Any = None, **_: Any) -> None:
     request = sender.request
     if _header(request, USER_HEADER) is None:
         return
-    _svc().finish(request.id, None, result, key_prefix=request.id).wait()
+    _svc().finish(request.id, None, result, key_prefix=task_digest(request.id)).wait()
 
 
 @_guard
@@ -147,7 +156,8 @@ def _failure(sender: Any = None, task_id: str | None = None, exception: BaseExce
     request = getattr(sender, "request", None)
     if task_id is None or _header(request, USER_HEADER) is None:
         return
-    _svc().finish(task_id, exception or RuntimeError("failed"), key_prefix=task_id).wait()
+    _svc().finish(task_id, exception or RuntimeError("failed"),
+                  key_prefix=task_digest(task_id)).wait()
 
 
 @_guard
@@ -156,30 +166,35 @@ def _retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any
         return
     attempt = (request.retries or 0) + 1
     _svc().notify_started(request.id, message=f"retrying: {reason}"[:500],
-                          step=f"retry {attempt}", key=f"{request.id}:retry:{attempt}").wait()
+                          step=f"retry {attempt}",
+                          key=event_key(request.id, "retry", attempt)).wait()
 
 
 @_guard
 def _revoked(request: Any = None, **_: Any) -> None:
     if request is None or _header(request, USER_HEADER) is None:
         return
-    _svc().notify_cancelled(request.id, message="revoked", key=f"{request.id}:cancelled").wait()
+    _svc().notify_cancelled(request.id, message="revoked",
+                            key=event_key(request.id, "cancelled")).wait()
 
 
 def send_tracked(sig: Any, user_id: int | str, *, task_type: str = "group",
                  parent_id: str | None = None, **options: Any) -> tuple[Any, str]:
     """Send a group or a chord so that each member is reported as its own task, and a
     parent task (`parent_id`, default `group_<id>`) shows the share of finished members.
-    Returns (Celery's result, the parent task id)."""
+    Returns (Celery's result, the parent task id). Like `apply_async`, it never waits for
+    taskpush: the parent's registration is queued, and each member's worker registers it
+    again (the same body) before reporting to it."""
     result = sig.freeze()
     members = _members(sig)
     parent = parent_id or f"group_{getattr(result, 'id', None) or members[0].id}"
     ids = [member.id for member in members]
     svc = _svc()
-    svc.register_task(parent, user_id, task_type, {"members": len(ids)}).wait()
+    svc.register_task(parent, user_id, task_type, {"members": len(ids)})
     for member in members:
         member.set(headers={**(member.options.get("headers") or {}), USER_HEADER: user_id,
-                            PARENT_HEADER: parent, MEMBERS_HEADER: ids})
+                            PARENT_HEADER: parent, PARENT_TYPE_HEADER: task_type,
+                            MEMBERS_HEADER: ids})
     return sig.apply_async(**options), parent
 
 
@@ -201,8 +216,10 @@ def _report_parent(parent: str, members: list[str], app: Any) -> None:
     total = len(members)
     client = _svc().client
     client.event(parent, "progress", progress=round(100 * finished / total, 2),
-                 step=f"{finished}/{total} finished", key=f"{parent}:progress:{finished}")
+                 step=f"{finished}/{total} finished",
+                 key=event_key(parent, "progress", finished))
     if finished == total:
         failed = sum(state == FAILURE for state in states)
         client.event(parent, "completed", result={"members": total, "failed": failed},
-                     message="all members finished", key=f"{parent}:completed").wait()
+                     message="all members finished",
+                     key=event_key(parent, "completed")).wait()

@@ -8,7 +8,9 @@
 
 RQ has no publish hook and its job callbacks run only after the job (in the work horse,
 which then exits), so the job runs inside `run`, a wrapper the helper enqueues in its place:
-enqueue -> pending; the wrapper starts -> running (a retry in `step`); returns ->
+enqueue -> pending (queued, never waited for: enqueueing does not wait on taskpush; the
+wrapper registers the task again before it starts, from the user and type in the job's
+meta); the wrapper starts -> running (a retry in `step`); returns ->
 completed with the JSON result; raises -> failed, or `running` with the retry in `step`
 when RQ will retry it (`Retry(max=...)` and retries left), or cancelled on TaskCancelled.
 A work horse killed mid-job (kill -9, out of memory) never reports its end: run the
@@ -32,8 +34,11 @@ from rq.worker import Worker as _RQWorker
 from .api import TaskNotificationService, reset_current, set_current
 from .client import Client
 from .errors import TaskCancelled
+from .keys import event_key, task_digest
 
 _service: dict[str, TaskNotificationService] = {"default": TaskNotificationService()}
+USER_META = "taskpush_user_id"
+TYPE_META = "taskpush_task_type"
 
 
 def use_client(client: Client | None) -> None:
@@ -52,15 +57,15 @@ def enqueue(queue: Any, fn: Callable[..., Any], *args: Any, user_id: int | str,
     id). RQ's own options (`retry`, `job_timeout`, `job_id`, ...) go in `job_options`."""
     options = dict(job_options or {})
     job_id = options.pop("job_id", None) or uuid.uuid4().hex
-    name = task_type or getattr(fn, "__name__", "rq_job")
-    _svc().register_task(job_id, user_id, name).wait()
-    meta = {**options.pop("meta", {}), "taskpush_user_id": user_id}
+    name = task_type or _name(fn)
+    _svc().register_task(job_id, user_id, name)  # queued: the caller never waits on taskpush
+    meta = {**options.pop("meta", {}), USER_META: user_id, TYPE_META: name}
     return queue.enqueue(run, fn, args, kwargs, job_id=job_id, meta=meta, **options)
 
 
 def cancel(job_id: str, message: str = "stopped") -> None:
     """Report a job stopped from outside (e.g. `send_stop_job_command`) as cancelled."""
-    _svc().notify_cancelled(job_id, message=message, key=f"{job_id}:cancelled").wait()
+    _svc().notify_cancelled(job_id, message=message, key=event_key(job_id, "cancelled")).wait()
 
 
 def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -72,25 +77,33 @@ def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -
     task_id = job.id
     attempt = _attempt(job)
     step = f"retry {attempt}" if attempt else None
+    user = job.meta.get(USER_META)
+    if user is not None:  # enqueue's registration may not have reached taskpush
+        svc.register_task(task_id, user, job.meta.get(TYPE_META) or _name(fn))
     token = set_current(task_id, svc)
     try:
         try:
-            svc.notify_started(task_id, step=step, key=f"{task_id}:running:{attempt}").wait()
+            svc.notify_started(task_id, step=step, key=event_key(task_id, "running", attempt)
+                               ).wait()
             result = fn(*args, **kwargs)
         except BaseException as exc:
             if isinstance(exc, Exception) and not isinstance(exc, TaskCancelled) \
                     and _will_retry(job):
                 svc.notify_started(task_id, message=f"retrying: {exc}"[:500],
                                    step=f"retry {attempt + 1}",
-                                   key=f"{task_id}:retry:{attempt + 1}").wait()
+                                   key=event_key(task_id, "retry", attempt + 1)).wait()
             else:
-                svc.finish(task_id, exc, key_prefix=task_id).wait()
+                svc.finish(task_id, exc, key_prefix=task_digest(task_id)).wait()
             raise
-        svc.finish(task_id, None, result, key_prefix=task_id).wait()
+        svc.finish(task_id, None, result, key_prefix=task_digest(task_id)).wait()
         return result
     finally:
         reset_current(token)
         svc.client.flush(svc.client.wait)  # a forked horse exits right after this
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", "rq_job")
 
 
 def _attempt(job: Any) -> int:
@@ -126,7 +139,7 @@ class Worker(_RQWorker):
 
 def _report_lost(job: Any, ret_val: int) -> None:
     meta = job.get_meta(refresh=True)
-    if meta.get("taskpush_user_id") is None:
+    if meta.get(USER_META) is None:
         return
     svc = _svc()
     attempt = int(meta.get("taskpush_retries_max", job.retries_left or 0)) - int(
@@ -134,7 +147,8 @@ def _report_lost(job: Any, ret_val: int) -> None:
     if _will_retry(job):  # RQ requeues it right after this hook
         svc.notify_started(job.id, message="work horse lost; retrying",
                            step=f"retry {attempt + 1}",
-                           key=f"{job.id}:retry:{attempt + 1}").wait()
+                           key=event_key(job.id, "retry", attempt + 1)).wait()
     else:
         svc.notify_failed(job.id, error=f"work horse terminated (wait status {ret_val})",
-                          error_type="WorkHorseTerminated", key=f"{job.id}:failed").wait()
+                          error_type="WorkHorseTerminated",
+                          key=event_key(job.id, "failed")).wait()
