@@ -30,15 +30,19 @@ DB_TIMEOUT = 1.0
 MARGIN = 0.6
 
 
-async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
-    """(seconds, result or the exception raised) of one call, cut off well past any
-    deadline so that a hang fails the test instead of stalling it."""
-    started = time.monotonic()
+class Late(Exception):
+    """An answer that did not come within --db-timeout (and the margin)."""
+
+
+async def answer(call: Callable[[], Awaitable[Any]]) -> Any:
+    """The result of one call, or the exception it raised, within the SPEC's bound
+    (--db-timeout plus MARGIN): past it the call is cut off and `Late` is returned."""
     try:
-        result: Any = await asyncio.wait_for(call(), DB_TIMEOUT * 10)
+        return await asyncio.wait_for(call(), DB_TIMEOUT + MARGIN)
+    except TimeoutError:
+        return Late()
     except Exception as exc:
-        result = exc
-    return time.monotonic() - started, result
+        return exc
 
 
 @pytest.fixture
@@ -73,10 +77,9 @@ async def test_a_write_to_a_hung_server_is_refused_within_the_timeout(store: PgS
     await store.get_task("h")
     with hung_postgres(pg_server):
         for progress in (1, 2):  # on the warm pool, then on what the first left of it
-            took, got = await timed(lambda p=progress: store.submit(
+            got = await answer(lambda p=progress: store.submit(
                 Change("h", "progress", progress=p)))
             assert isinstance(got, StorageUnavailable), got
-            assert took <= DB_TIMEOUT + MARGIN, took
     await recovered(store)
     assert (await store.submit(Change("h", "running"))).ok
     # the pooled connections (the listening one is "taskpush n1 listen")
@@ -84,9 +87,8 @@ async def test_a_write_to_a_hung_server_is_refused_within_the_timeout(store: PgS
     with hung_postgres(pg_server):
         for call in (lambda: store.submit(Change("h", "progress", progress=3)),
                      lambda: store.get_task("h")):
-            took, got = await timed(call)
+            got = await answer(call)
             assert isinstance(got, StorageUnavailable), got
-            assert took <= DB_TIMEOUT + MARGIN, took
     await recovered(store)
 
 
@@ -101,17 +103,20 @@ async def test_two_nodes_under_load_answer_503_within_the_timeout(aiohttp_client
     for i, node in enumerate(nodes):
         await register(node, f"load-{i}", 5)
     stop = asyncio.Event()
-    answers: list[tuple[float, int]] = []
+    answers: list[int | Late] = []
 
     async def produce(node: Any, task_id: str) -> None:
         progress = 0
         while not stop.is_set():
             progress = (progress + 1) % 100
-            started = time.monotonic()
-            resp = await node.post(f"/api/task/task/{task_id}/events", headers=PRODUCER,
-                                   json={"status": "progress", "progress": progress})
+            resp = await answer(lambda p=progress: node.post(
+                f"/api/task/task/{task_id}/events", headers=PRODUCER,
+                json={"status": "progress", "progress": p}))
+            if isinstance(resp, Late):
+                answers.append(resp)
+                continue
             await resp.read()
-            answers.append((time.monotonic() - started, resp.status))
+            answers.append(resp.status)
 
     producers = [asyncio.create_task(produce(node, f"load-{i}"))
                  for i, node in enumerate(nodes) for _ in range(3)]
@@ -125,19 +130,17 @@ async def test_two_nodes_under_load_answer_503_within_the_timeout(aiohttp_client
                 for node in nodes:
                     for path, headers in (("/healthz", {}),
                                           ("/api/task/task/load-0/status", auth(5))):
-                        took, resp = await timed(lambda n=node, p=path, h=headers:
-                                                 n.get(p, headers=h))
-                        assert not isinstance(resp, Exception), resp
+                        resp = await answer(lambda n=node, p=path, h=headers:
+                                            n.get(p, headers=h))
+                        assert not isinstance(resp, Exception), (path, resp)
                         assert resp.status in (200, 503), resp.status
-                        assert took <= DB_TIMEOUT + MARGIN, (path, took)
                 await asyncio.sleep(0.2)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*producers), DB_TIMEOUT * 10)
             hung_answers = list(answers)
-        assert hung_answers and all(status in (200, 503) for _, status in hung_answers)
-        slowest = max(took for took, _ in hung_answers)
-        assert slowest <= DB_TIMEOUT + MARGIN, slowest
-        assert any(status == 503 for _, status in hung_answers)
+        assert hung_answers and all(status in (200, 503) for status in hung_answers), \
+            hung_answers  # a Late answer fails here
+        assert 503 in hung_answers
     finally:
         stop.set()
         for task in producers:
