@@ -27,7 +27,7 @@ import argparse
 import asyncio
 import time
 
-from server.model import Change, Register
+from server.core.model import Change, Register
 from server.pg_store import PgStore
 from tests.pg import PostgresServer
 

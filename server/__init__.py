@@ -7,7 +7,7 @@ The in-process producer API is importable from here:
 Its calls raise `StorageUnavailable` when the database cannot take a write (retry later).
 """
 
-from .errors import StorageUnavailable
+from .core.errors import StorageUnavailable
 from .notify import (
            TaskNotificationService,
            TaskProgressContext,

@@ -13,13 +13,13 @@ from pathlib import Path
 from aiohttp import web
 
 from . import demo, keys, producer, rest, sse, ws
-from .auth import TokenVerifier
 from .config import Config
+from .core.auth import TokenVerifier
+from .core.errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
+from .core.model import Change
 from .engines import is_postgres, make_store
-from .errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
-from .model import Change
 from .notify import task_notification_service
 from .openapi import openapi_document
 from .polls import PollSlots

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from .accesslog import RedactingAccessLogger, setup_logging
-from .auth import TokenVerifier
 from .config import ConfigError, parse_config, redact_db
+from .core.auth import TokenVerifier
+from .core.errors import StorageUnavailable
 from .engines import make_store
-from .errors import StorageUnavailable
 from .store import StoreRefused
 
 log = logging.getLogger("taskpush")

@@ -15,9 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from . import keys
-from .auth import parse_user_id
-from .errors import BadRequest
-from .model import utc_iso
+from .core.auth import parse_user_id
+from .core.errors import BadRequest
+from .core.model import utc_iso
 from .notify import TaskProgressContext, task_notification_service
 from .rest import ok, read_object, user_identity
 

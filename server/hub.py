@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from . import protocol
-from .model import Kind, Outcome
+from .core.model import Kind, Outcome
 
 
 class Subscriber(Protocol):

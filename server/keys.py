@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .auth import TokenVerifier
 from .config import Config
+from .core.auth import TokenVerifier
 from .hub import Hub
 from .metrics import Metrics
 from .polls import PollSlots

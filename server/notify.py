@@ -24,11 +24,11 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from .errors import BadRequest, NotFound, StorageUnavailable, TaskFinal
-from .model import TaskJSON as Task
-from .model import public
+from .core.errors import BadRequest, NotFound, StorageUnavailable, TaskFinal
+from .core.model import TaskJSON as Task
+from .core.model import public
+from .core.validate import event_body, register_body
 from .tasks import TaskService
-from .validate import event_body, register_body
 
 log = logging.getLogger(__name__)
 

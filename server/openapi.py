@@ -16,10 +16,10 @@ from typing import Any
 
 import msgspec
 
-from . import contract
 from .config import Config
-from .contract import IntQuery
-from .model import STATUSES, TASK_FIELDS, TASK_TYPES
+from .core import contract
+from .core.contract import IntQuery
+from .core.model import STATUSES, TASK_FIELDS, TASK_TYPES
 
 VERSION = "0.1.0"
 JSON = "application/json"

@@ -44,9 +44,9 @@ from urllib.parse import urlsplit
 import asyncpg
 from msgspec.structs import asdict, astuple
 
-from . import jsonutil
-from .errors import StorageUnavailable
-from .model import (
+from .core import jsonutil
+from .core.errors import StorageUnavailable
+from .core.model import (
     ACTIVE,
     CHANGING_FIELDS,
     TASK_COLUMNS,

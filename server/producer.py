@@ -12,9 +12,16 @@ from typing import Any
 from aiohttp import web
 
 from . import keys
-from .model import Kind, Operation, public
+from .core.model import Kind, Operation, public
+from .core.validate import (
+    Refused,
+    decode_batch,
+    decode_event,
+    decode_register,
+    idempotency_key,
+    task_id,
+)
 from .rest import ok, read_body, require_producer
-from .validate import Refused, decode_batch, decode_event, decode_register, idempotency_key, task_id
 
 
 async def register(request: web.Request) -> web.Response:

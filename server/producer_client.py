@@ -31,9 +31,9 @@ from urllib.parse import quote
 import aiohttp
 
 from . import notify
-from .errors import BadRequest, Conflict, Forbidden, NotFound, TaskPushError, TooLarge, TooMany
-from .model import TERMINAL
-from .model import TaskJSON as Task
+from .core.errors import BadRequest, Conflict, Forbidden, NotFound, TaskPushError, TooLarge, TooMany
+from .core.model import TERMINAL
+from .core.model import TaskJSON as Task
 
 log = logging.getLogger(__name__)
 

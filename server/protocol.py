@@ -17,12 +17,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import contract, jsonutil
-from .model import TERMINAL, Task, public, utc_iso, utc_now
+from .core import contract, jsonutil
+from .core.model import TERMINAL, Task, public, utc_iso, utc_now
 
 if TYPE_CHECKING:
-    from .auth import Identity
     from .config import Config
+    from .core.auth import Identity
 
 # Close codes (SPEC): the reason strings are what clients read.
 CLOSE_GOING_AWAY = 1001

@@ -14,12 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import contract, jsonutil, keys
-from .auth import AuthError, Identity, api_key_matches
-from .errors import BodyTimeout, Forbidden, NotFound, Unauthorized, envelope
-from .model import Task, public
+from . import keys
+from .core import contract, jsonutil
+from .core.auth import AuthError, Identity, api_key_matches
+from .core.errors import BodyTimeout, Forbidden, NotFound, Unauthorized, envelope
+from .core.model import Task, public
+from .core.validate import json_object, query_int, status_param
 from .polls import wait_for_change
-from .validate import json_object, query_int, status_param
 
 
 def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = None

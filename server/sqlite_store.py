@@ -44,9 +44,9 @@ from typing import IO, Any, NoReturn
 import aiosqlite
 from msgspec.structs import astuple
 
-from . import jsonutil
-from .errors import StorageUnavailable
-from .model import (
+from .core import jsonutil
+from .core.errors import StorageUnavailable
+from .core.model import (
     CHANGING_FIELDS,
     TASK_COLUMNS,
     TASK_TYPES,

@@ -35,9 +35,10 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 
-from . import contract, jsonutil, keys, protocol
-from .auth import AuthError
-from .errors import BadRequest, Unauthorized
+from . import keys, protocol
+from .core import contract, jsonutil
+from .core.auth import AuthError
+from .core.errors import BadRequest, Unauthorized
 from .snapshot import MessageWriter
 from .ws import CLOSE_TIMEOUT, Connection, Services, _SnapshotWriter, resume_query
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import keys
-from .errors import StorageUnavailable
-from .model import Change, Delete, utc_iso
+from .core.errors import StorageUnavailable
+from .core.model import Change, Delete, utc_iso
 
 log = logging.getLogger(__name__)
 STALE = "stale"

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from .model import TERMINAL, Change, Delete, Operation, Outcome, Register, Task
+from .core.model import TERMINAL, Change, Delete, Operation, Outcome, Register, Task
 from .store import Store
 
 log = logging.getLogger(__name__)

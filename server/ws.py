@@ -22,9 +22,10 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.base_protocol import BaseProtocol
 
-from . import contract, keys, protocol, snapshot, validate
-from .auth import AuthError, Identity, TokenVerifier, parse_user_id
-from .errors import BadRequest, StorageUnavailable
+from . import keys, protocol, snapshot
+from .core import contract, validate
+from .core.auth import AuthError, Identity, TokenVerifier, parse_user_id
+from .core.errors import BadRequest, StorageUnavailable
 from .hub import Hub
 from .metrics import Metrics
 from .store import Store

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import ClientResponse
 
 from server import keys
-from server.model import Change, Delete, Register
+from server.core.model import Change, Delete, Register
 from tests.cluster_support import eventually
 from tests.conftest import Client, make_token
 

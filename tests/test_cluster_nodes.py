@@ -22,7 +22,7 @@ from aiohttp import web
 from server import keys
 from server.app import create_app, end_gone_nodes_tasks
 from server.config import Config
-from server.model import Change, Register
+from server.core.model import Change, Register
 from server.store import StoreRefused
 from tests.cluster_support import backends, deafen, postgres_processes, terminate
 from tests.conftest import (

@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import contract, protocol, validate
+from server import protocol
+from server.core import contract, validate
 from server.protocol import ProtocolError
 from tests import schema_gen
 from tests.conftest import PRODUCER, auth

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from server.model import Register
+from server.core.model import Register
 from server.sqlite_store import SqliteStore as Store
 from tests.procs import Servers, free_port, run_cli
 

@@ -8,8 +8,8 @@ import json
 from typing import Any
 
 from server import protocol
+from server.core.model import TASK_FIELDS, Change, Delete, Kind, Outcome, Register, Task
 from server.hub import Hub, update_for
-from server.model import TASK_FIELDS, Change, Delete, Kind, Outcome, Register, Task
 
 
 class Recorder:

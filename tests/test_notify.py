@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from server.errors import BadRequest, NotFound
+from server.core.errors import BadRequest, NotFound
 from server.notify import TaskProgressContext, task_notification_service, task_notifier
 from tests.conftest import Client, auth, handshake, recv, recv_until, ws_connect
 

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.model import Register
+from server.core.model import Register
 from server.pg_store import CATCH_UP_EVERY, PgStore
 
 pytestmark = pytest.mark.slow

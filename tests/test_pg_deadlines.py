@@ -18,8 +18,8 @@ import pytest
 from server import keys
 from server.app import create_app
 from server.config import Config
-from server.errors import StorageUnavailable
-from server.model import Change, Register
+from server.core.errors import StorageUnavailable
+from server.core.model import Change, Register
 from server.pg_store import PgStore
 from tests.cluster_support import postgres_processes, terminate
 from tests.conftest import PRODUCER, auth, register

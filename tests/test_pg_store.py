@@ -15,8 +15,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.errors import NotFound, StorageUnavailable
-from server.model import Change, Delete, Kind, Outcome, Register
+from server.core.errors import NotFound, StorageUnavailable
+from server.core.model import Change, Delete, Kind, Outcome, Register
 from server.pg_store import SCHEMA_VERSION, PgStore
 from server.store import Store, StoreRefused
 from tests.support import until

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from server import protocol
-from server.auth import Identity
-from server.model import Task
+from server.core.auth import Identity
+from server.core.model import Task
 from server.protocol import (
     OP_BINARY,
     OP_BROKEN,

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from server import keys, protocol, snapshot
-from server.model import Change, Register, Task
+from server.core.model import Change, Register, Task
 from server.snapshot import ByteBudget
 from tests.conftest import (
     API_KEY,

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from server import keys, snapshot, sse
-from server.model import Change, Register
+from server.core.model import Change, Register
 from tests.conftest import (
     API_KEY,
     SECRET,

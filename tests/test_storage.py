@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 
 from server import keys
-from server.errors import StorageUnavailable, TaskPushError
-from server.model import Change
+from server.core.errors import StorageUnavailable, TaskPushError
+from server.core.model import Change
 from server.notify import TaskProgressContext, task_notification_service
 from server.producer_client import HttpBackend
 from tests.conftest import (

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from server.model import Change, Delete, Outcome, Register
+from server.core.model import Change, Delete, Outcome, Register
 from server.sqlite_store import SCHEMA_PATH
 from server.sqlite_store import SqliteStore as Store
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server.errors import TooMany
-from server.model import Change, Register
+from server.core.errors import TooMany
+from server.core.model import Change, Register
 from server.pg_store import PgStore
 from server.sqlite_store import SqliteStore
 

@@ -34,7 +34,7 @@ async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
     listener (local=False), which the app wires to the service; a cancel
     (status cancelled with cancel_requested) of a task whose coroutine runs here stops it,
     a worker's own report of 'cancelled' (no cancel requested) does not."""
-    from server.model import Change, Outcome
+    from server.core.model import Change, Outcome
 
     tasks = client.app[keys.TASKS]
     started = {name: asyncio.Event() for name in ("a", "b")}

@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from server import model, validate
-from server.errors import BadRequest, TaskFinal, TooLarge
-from server.model import Change, Kind, Outcome, Register, new_task, next_state, public
+from server.core import model, validate
+from server.core.errors import BadRequest, TaskFinal, TooLarge
+from server.core.model import Change, Kind, Outcome, Register, new_task, next_state, public
 
 LIMIT = 1000
 

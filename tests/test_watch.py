@@ -12,7 +12,7 @@ import gc
 import time
 import weakref
 
-from server.auth import Identity as _Identity
+from server.core.auth import Identity as _Identity
 from server.protocol import Session, SessionLimits
 from server.watch import PING_FRAME, TokenDeadlines, check_sockets
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from server import keys
-from server.errors import StorageUnavailable
-from server.model import Change, Operation, Outcome, Register
+from server.core.errors import StorageUnavailable
+from server.core.model import Change, Operation, Outcome, Register
 from server.pg_store import FEED_PAGE, PgStore
 from server.writer import GroupWriter
 from tests.cluster_support import deafen
