@@ -17,7 +17,6 @@ from .config import Config
 from .core.auth import TokenVerifier
 from .core.errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .core.model import Change
-from .engines import is_postgres, make_store
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .notify import task_notification_service
@@ -25,6 +24,7 @@ from .openapi import openapi_document
 from .polls import PollSlots
 from .protocol import CLOSE_TRY_AGAIN, SessionLimits
 from .snapshot import ByteBudget
+from .storage.engines import is_postgres, make_store
 from .sweeper import sweeper_ctx
 from .tasks import INTERRUPTED, TaskService
 from .watch import TokenDeadlines, Watched, socket_watch

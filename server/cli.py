@@ -16,8 +16,8 @@ from .accesslog import RedactingAccessLogger, setup_logging
 from .config import ConfigError, parse_config, redact_db
 from .core.auth import TokenVerifier
 from .core.errors import StorageUnavailable
-from .engines import make_store
-from .store import StoreRefused
+from .storage.api import StoreRefused
+from .storage.engines import make_store
 
 log = logging.getLogger("taskpush")
 

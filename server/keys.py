@@ -10,7 +10,7 @@ from .hub import Hub
 from .metrics import Metrics
 from .polls import PollSlots
 from .snapshot import ByteBudget
-from .store import Store
+from .storage.api import Store
 from .tasks import TaskService
 from .watch import TokenDeadlines, Watched
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import protocol
-from .store import PAGE_BYTES, Store
+from .storage.api import PAGE_BYTES, Store
 
 
 class MessageWriter(Protocol):

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from .core.model import TERMINAL, Change, Delete, Operation, Outcome, Register, Task
-from .store import Store
+from .storage.api import Store
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from .core.auth import AuthError, Identity, TokenVerifier, parse_user_id
 from .core.errors import BadRequest, StorageUnavailable
 from .hub import Hub
 from .metrics import Metrics
-from .store import Store
+from .storage.api import Store
 from .watch import TokenDeadlines, Watched
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from server.core.model import Register
-from server.pg_store import CATCH_UP_EVERY, PgStore
+from server.storage.postgres.store import CATCH_UP_EVERY, PgStore
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from server.app import create_app
 from server.config import Config
 from server.core.errors import StorageUnavailable
 from server.core.model import Change, Register
-from server.pg_store import PgStore
+from server.storage.postgres.store import PgStore
 from tests.cluster_support import postgres_processes, terminate
 from tests.conftest import PRODUCER, auth, register
 

@@ -17,8 +17,8 @@ import pytest
 
 from server.core.errors import NotFound, StorageUnavailable
 from server.core.model import Change, Delete, Kind, Outcome, Register
-from server.pg_store import SCHEMA_VERSION, PgStore
-from server.store import Store, StoreRefused
+from server.storage.api import Store, StoreRefused
+from server.storage.postgres.store import SCHEMA_VERSION, PgStore
 from tests.support import until
 
 
@@ -58,7 +58,7 @@ async def finished(store: PgStore, task_id: str, user_id: int = 1) -> Outcome:
 
 
 def test_the_engine_implements_the_store_interface(pg_url: str) -> None:
-    from server.engines import make_store
+    from server.storage.engines import make_store
 
     made = make_store(pg_url, timeout=1, node_name="x", node_timeout=3)
     assert isinstance(made, PgStore)

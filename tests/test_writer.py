@@ -15,8 +15,8 @@ import pytest
 from server import keys
 from server.core.errors import StorageUnavailable
 from server.core.model import Change, Operation, Outcome, Register
-from server.pg_store import FEED_PAGE, PgStore
-from server.writer import GroupWriter
+from server.storage.postgres.store import FEED_PAGE, PgStore
+from server.storage.writer import GroupWriter
 from tests.cluster_support import deafen
 from tests.conftest import PRODUCER, MakeClient, register
 

@@ -27,8 +27,8 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
-from .core.errors import StorageUnavailable
-from .core.model import Operation, Outcome
+from ..core.errors import StorageUnavailable
+from ..core.model import Operation, Outcome
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .core.model import Operation, Outcome, Task
+from ..core.model import Operation, Outcome, Task
 
 PAGE_BYTES = 256 * 1024  # a page of a snapshot read: about this much task text
 PAGE_ROWS = 2000  # tombstones in one page of a replay

@@ -44,9 +44,9 @@ from typing import IO, Any, NoReturn
 import aiosqlite
 from msgspec.structs import astuple
 
-from .core import jsonutil
-from .core.errors import StorageUnavailable
-from .core.model import (
+from ...core import jsonutil
+from ...core.errors import StorageUnavailable
+from ...core.model import (
     CHANGING_FIELDS,
     TASK_COLUMNS,
     TASK_TYPES,
@@ -57,7 +57,7 @@ from .core.model import (
     apply_op,
     utc_now,
 )
-from .store import (
+from ..api import (
     PAGE_ROWS,
     CommitListener,
     PublishListener,
@@ -66,11 +66,11 @@ from .store import (
     StoreRefused,
     WholeReads,
 )
-from .writer import GroupWriter, WriterFront
+from ..writer import GroupWriter, WriterFront
 
 log = logging.getLogger(__name__)
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "schema.sql"
 INLINE_MAX_OPS = 64  # batches up to this size are written on the loop's thread
 # A WAL checkpoint after CHECKPOINT_EVERY_COMMITS commits or CHECKPOINT_EVERY_OPS operations
 # (each about 30 MB of WAL, from the WAL bytes per commit and per batched event measured in

@@ -44,9 +44,9 @@ from urllib.parse import urlsplit
 import asyncpg
 from msgspec.structs import asdict, astuple
 
-from .core import jsonutil
-from .core.errors import StorageUnavailable
-from .core.model import (
+from ...core import jsonutil
+from ...core.errors import StorageUnavailable
+from ...core.model import (
     ACTIVE,
     CHANGING_FIELDS,
     TASK_COLUMNS,
@@ -61,18 +61,12 @@ from .core.model import (
     apply_op,
     utc_now,
 )
-from .store import (
-    PAGE_ROWS,
-    CommitListener,
-    PublishListener,
-    StoreRefused,
-    WholeReads,
-)
-from .writer import GroupWriter, WriterFront
+from ..api import PAGE_ROWS, CommitListener, PublishListener, StoreRefused, WholeReads
+from ..writer import GroupWriter, WriterFront
 
 log = logging.getLogger(__name__)
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.postgres.sql"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "schema.postgres.sql"
 SCHEMA_VERSION = 2
 DB_TIMEOUT = 5.0
 NODE_TIMEOUT = 30.0

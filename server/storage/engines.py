@@ -1,16 +1,16 @@
 """Which storage engine serves `--db`: a `postgresql://` or `postgres://` URL is PostgreSQL
-(`pg_store`), anything else a SQLite file (`sqlite_store`).
+(`postgres.store`), anything else a SQLite file (`sqlite.store`).
 
-Its own module because it imports the engines, and every engine imports `store` (the
-interface, `Snapshot`, the refusals): `store` importing them back would be a cycle.
+Its own module because it imports the engines, and every engine imports `api` (the
+interface, `Snapshot`, the refusals): `api` importing them back would be a cycle.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .sqlite_store import DB_TIMEOUT, SqliteStore
-from .store import Store, StoreRefused
+from .api import Store, StoreRefused
+from .sqlite.store import DB_TIMEOUT, SqliteStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -26,7 +26,7 @@ def make_store(db: str, *, timeout: float = DB_TIMEOUT, **options: Any) -> Store
         return SqliteStore(db, timeout=timeout)
     try:
         # imported only when asked for: a SQLite server never loads asyncpg
-        from . import pg_store
+        from .postgres import store as pg_store
     except ImportError as exc:  # asyncpg is a dependency: only a broken install lacks it
         raise StoreRefused(f"--db is a PostgreSQL URL but {exc.name or 'asyncpg'} cannot be"
                            " imported: reinstall taskpush (pip install asyncpg)") from None
