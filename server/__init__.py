@@ -8,7 +8,7 @@ Its calls raise `StorageUnavailable` when the database cannot take a write (retr
 """
 
 from .core.errors import StorageUnavailable
-from .notify import (
+from .service.notify import (
            TaskNotificationService,
            TaskProgressContext,
            task_notification_service,

@@ -19,14 +19,14 @@ from .core.errors import BodyTimeout, StorageUnavailable, TaskPushError, error_e
 from .core.model import Change
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
-from .notify import task_notification_service
 from .openapi import openapi_document
 from .polls import PollSlots
 from .protocol import CLOSE_TRY_AGAIN, SessionLimits
+from .service.notify import task_notification_service
+from .service.tasks import INTERRUPTED, TaskService
 from .snapshot import ByteBudget
 from .storage.engines import is_postgres, make_store
 from .sweeper import sweeper_ctx
-from .tasks import INTERRUPTED, TaskService
 from .watch import TokenDeadlines, Watched, socket_watch
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from . import keys
 from .core.auth import parse_user_id
 from .core.errors import BadRequest
 from .core.model import utc_iso
-from .notify import TaskProgressContext, task_notification_service
 from .rest import ok, read_object, user_identity
+from .service.notify import TaskProgressContext, task_notification_service
 
 DEMO_TOKEN_TTL = 24 * 3600
 

@@ -9,9 +9,9 @@ from .core.auth import TokenVerifier
 from .hub import Hub
 from .metrics import Metrics
 from .polls import PollSlots
+from .service.tasks import TaskService
 from .snapshot import ByteBudget
 from .storage.api import Store
-from .tasks import TaskService
 from .watch import TokenDeadlines, Watched
 
 CONFIG = web.AppKey("config", Config)

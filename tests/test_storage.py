@@ -26,8 +26,8 @@ from aiohttp import web
 from server import keys
 from server.core.errors import StorageUnavailable, TaskPushError
 from server.core.model import Change
-from server.notify import TaskProgressContext, task_notification_service
-from server.producer_client import HttpBackend
+from server.service.notify import TaskProgressContext, task_notification_service
+from server.service.producer_client import HttpBackend
 from tests.conftest import (
     API_KEY,
     PRODUCER,

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from server import keys
-from server.notify import task_notification_service
+from server.service.notify import task_notification_service
 
 
 async def test_runner_entries_do_not_pile_up(client: Any) -> None:

@@ -24,10 +24,10 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from .core.errors import BadRequest, NotFound, StorageUnavailable, TaskFinal
-from .core.model import TaskJSON as Task
-from .core.model import public
-from .core.validate import event_body, register_body
+from ..core.errors import BadRequest, NotFound, StorageUnavailable, TaskFinal
+from ..core.model import TaskJSON as Task
+from ..core.model import public
+from ..core.validate import event_body, register_body
 from .tasks import TaskService
 
 log = logging.getLogger(__name__)

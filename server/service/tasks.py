@@ -13,8 +13,8 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from .core.model import TERMINAL, Change, Delete, Operation, Outcome, Register, Task
-from .storage.api import Store
+from ..core.model import TERMINAL, Change, Delete, Operation, Outcome, Register, Task
+from ..storage.api import Store
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,18 @@ from urllib.parse import quote
 
 import aiohttp
 
+from ..core.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    TaskPushError,
+    TooLarge,
+    TooMany,
+)
+from ..core.model import TERMINAL
+from ..core.model import TaskJSON as Task
 from . import notify
-from .core.errors import BadRequest, Conflict, Forbidden, NotFound, TaskPushError, TooLarge, TooMany
-from .core.model import TERMINAL
-from .core.model import TaskJSON as Task
 
 log = logging.getLogger(__name__)
 
