@@ -229,6 +229,12 @@ async def on_shutdown(app: web.Application) -> None:
         log.warning("in-process tasks not marked interrupted at shutdown: %s", exc.message)
 
 
+def session_limits(config: Config) -> SessionLimits:
+    """The per-socket bounds every session of this server shares."""
+    return SessionLimits(config.send_queue, config.rate_limit, config.rate_burst,
+                         config.flood_strikes, config.max_subscriptions)
+
+
 def create_app(config: Config) -> web.Application:
     middlewares = [error_middleware]
     cors_prepare = None
@@ -254,7 +260,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEMO_RUNNERS] = set()
     # what every socket and stream shares, handed to them (they read no app keys)
     services = ws.Services(app[keys.HUB], sockets, deadlines, app[keys.METRICS],
-                           SessionLimits.of(config), config.max_connections_per_user,
+                           session_limits(config), config.max_connections_per_user,
                            config.node if is_postgres(config.db) else None)
 
     app.router.add_get("/api/task/ws/task/{user_id}", ws.handler(services))
@@ -274,8 +280,11 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(sweeper_ctx)
     app.cleanup_ctx.append(cluster_ctx)
-    app.cleanup_ctx.append(socket_watch(config, lambda: sockets, deadlines,
-                                        app[keys.METRICS].slow_closed.inc))
+    app.cleanup_ctx.append(socket_watch(lambda: sockets, deadlines,
+                                        app[keys.METRICS].slow_closed.inc,
+                                        ping_interval=config.ping_interval,
+                                        ping_timeout=config.ping_timeout,
+                                        send_timeout=config.send_timeout))
     app.cleanup_ctx.append(sse.stream_watch(config.sse_heartbeat, lambda: sockets))
     app.on_shutdown.append(on_shutdown)
     return app

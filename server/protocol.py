@@ -21,7 +21,6 @@ from .core import contract, jsonutil
 from .core.model import TERMINAL, Task, public, utc_iso, utc_now
 
 if TYPE_CHECKING:
-    from .config import Config
     from .core.auth import Identity
 
 # Close codes (SPEC): the reason strings are what clients read.
@@ -435,7 +434,8 @@ _CLOSE_EXPIRED = Close(CLOSE_UNAUTHORIZED, "token expired")
 
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
-    """The per-socket bounds (from Config), shared by every session of a server."""
+    """The per-socket bounds (the settings `app.session_limits` reads), shared by every
+    session of a server."""
 
     send_queue: int
     rate: float
@@ -443,11 +443,6 @@ class SessionLimits:
     strikes: int
     max_subscriptions: int
     control: int = CONTROL_LIMIT
-
-    @classmethod
-    def of(cls, config: Config) -> SessionLimits:
-        return cls(config.send_queue, config.rate_limit, config.rate_burst,
-                   config.flood_strikes, config.max_subscriptions)
 
 
 class Session:

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
 
 from . import protocol
-from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +158,15 @@ def check_sockets(conns: Iterable[Connection], now: float, *, send_timeout: floa
     return stuck, dead
 
 
-def socket_watch(config: Config, sockets: Callable[[], Iterable[Watched]],
-                 deadlines: TokenDeadlines, on_stuck: Callable[[int], object]
+def socket_watch(sockets: Callable[[], Iterable[Watched]], deadlines: TokenDeadlines,
+                 on_stuck: Callable[[int], object], *, ping_interval: float,
+                 ping_timeout: float, send_timeout: float
                  ) -> Callable[[object], AsyncIterator[None]]:
     """A cleanup_ctx: the ticking task over `sockets()`, and the token deadlines' timer
-    stopped at the end. Its collaborators are passed in; it reads no app state."""
-    ping_every = config.ping_interval
-    tick = min(1.0, config.send_timeout / 2, ping_every / 2 if ping_every else 1.0)
+    stopped at the end. Its collaborators and settings are passed in; it reads no app
+    state and no configuration."""
+    ping_every = ping_interval
+    tick = min(1.0, send_timeout / 2, ping_every / 2 if ping_every else 1.0)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -177,8 +178,8 @@ def socket_watch(config: Config, sockets: Callable[[], Iterable[Watched]],
             if ping:
                 next_ping = now + ping_every
             stuck, _ = check_sockets(list(sockets()), now,
-                                     send_timeout=config.send_timeout,
-                                     ping_timeout=config.ping_timeout, ping=ping)
+                                     send_timeout=send_timeout,
+                                     ping_timeout=ping_timeout, ping=ping)
             if stuck:
                 on_stuck(stuck)
 
