@@ -17,17 +17,17 @@ from .config import Config
 from .core.auth import TokenVerifier
 from .core.errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .core.model import Change
-from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import openapi_document
-from .polls import PollSlots
-from .protocol import CLOSE_TRY_AGAIN, SessionLimits
+from .push.hub import Hub
+from .push.polls import PollSlots
+from .push.protocol import CLOSE_TRY_AGAIN, SessionLimits
+from .push.snapshot import ByteBudget
+from .push.watch import TokenDeadlines, Watched, socket_watch
 from .service.notify import task_notification_service
 from .service.tasks import INTERRUPTED, TaskService
-from .snapshot import ByteBudget
 from .storage.engines import is_postgres, make_store
 from .sweeper import sweeper_ctx
-from .watch import TokenDeadlines, Watched, socket_watch
 
 log = logging.getLogger(__name__)
 

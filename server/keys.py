@@ -6,13 +6,13 @@ from aiohttp import web
 
 from .config import Config
 from .core.auth import TokenVerifier
-from .hub import Hub
 from .metrics import Metrics
-from .polls import PollSlots
+from .push.hub import Hub
+from .push.polls import PollSlots
+from .push.snapshot import ByteBudget
+from .push.watch import TokenDeadlines, Watched
 from .service.tasks import TaskService
-from .snapshot import ByteBudget
 from .storage.api import Store
-from .watch import TokenDeadlines, Watched
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)

@@ -20,7 +20,7 @@ from .core.auth import AuthError, Identity, api_key_matches
 from .core.errors import BodyTimeout, Forbidden, NotFound, Unauthorized, envelope
 from .core.model import Task, public
 from .core.validate import json_object, query_int, status_param
-from .polls import wait_for_change
+from .push.polls import wait_for_change
 
 
 def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = None

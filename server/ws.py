@@ -22,14 +22,15 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.base_protocol import BaseProtocol
 
-from . import keys, protocol, snapshot
+from . import keys
 from .core import contract, validate
 from .core.auth import AuthError, Identity, TokenVerifier, parse_user_id
 from .core.errors import BadRequest, StorageUnavailable
-from .hub import Hub
 from .metrics import Metrics
+from .push import protocol, snapshot
+from .push.hub import Hub
+from .push.watch import TokenDeadlines, Watched
 from .storage.api import Store
-from .watch import TokenDeadlines, Watched
 
 log = logging.getLogger(__name__)
 

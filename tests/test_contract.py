@@ -19,9 +19,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import protocol
 from server.core import contract, validate
-from server.protocol import ProtocolError
+from server.push import protocol
+from server.push.protocol import ProtocolError
 from tests import schema_gen
 from tests.conftest import PRODUCER, auth
 from tests.schema_gen import Schema

@@ -7,9 +7,9 @@ import asyncio
 import json
 from typing import Any
 
-from server import protocol
 from server.core.model import TASK_FIELDS, Change, Delete, Kind, Outcome, Register, Task
-from server.hub import Hub, update_for
+from server.push import protocol
+from server.push.hub import Hub, update_for
 
 
 class Recorder:

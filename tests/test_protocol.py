@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from server import protocol
 from server.core.auth import Identity
 from server.core.model import Task
-from server.protocol import (
+from server.push import protocol
+from server.push.protocol import (
     OP_BINARY,
     OP_BROKEN,
     OP_PING,

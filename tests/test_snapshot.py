@@ -20,9 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import keys, protocol, snapshot
+from server import keys
 from server.core.model import Change, Register, Task
-from server.snapshot import ByteBudget
+from server.push import protocol, snapshot
+from server.push.snapshot import ByteBudget
 from tests.conftest import (
     API_KEY,
     PRODUCER,

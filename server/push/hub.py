@@ -15,8 +15,8 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
+from ..core.model import Kind, Outcome
 from . import protocol
-from .core.model import Kind, Outcome
 
 
 class Subscriber(Protocol):

@@ -17,11 +17,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .core import contract, jsonutil
-from .core.model import TERMINAL, Task, public, utc_iso, utc_now
+from ..core import contract, jsonutil
+from ..core.model import TERMINAL, Task, public, utc_iso, utc_now
 
 if TYPE_CHECKING:
-    from .core.auth import Identity
+    from ..core.auth import Identity
 
 # Close codes (SPEC): the reason strings are what clients read.
 CLOSE_GOING_AWAY = 1001

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 
-from .core.errors import TooManyPolls
+from ..core.errors import TooManyPolls
 
 HANGUP_CHECK = 1.0  # seconds between looks at a waiting poll's connection
 RETRY_AFTER = 1  # seconds a refused poll is told to wait

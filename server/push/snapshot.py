@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..storage.api import PAGE_BYTES, Store
 from . import protocol
-from .storage.api import PAGE_BYTES, Store
 
 
 class MessageWriter(Protocol):
