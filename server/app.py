@@ -12,13 +12,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import demo, keys, producer, rest, sse, ws
 from .config import Config
 from .core.auth import TokenVerifier
 from .core.errors import BodyTimeout, StorageUnavailable, TaskPushError, error_envelope
 from .core.model import Change
-from .metrics import CONTENT_TYPE, Metrics
-from .openapi import openapi_document
 from .push.hub import Hub
 from .push.polls import PollSlots
 from .push.protocol import CLOSE_TRY_AGAIN, SessionLimits
@@ -27,7 +24,10 @@ from .push.watch import TokenDeadlines, Watched, socket_watch
 from .service.notify import task_notification_service
 from .service.tasks import INTERRUPTED, TaskService
 from .storage.engines import is_postgres, make_store
-from .sweeper import sweeper_ctx
+from .web import demo, keys, producer, rest, sse, ws
+from .web.jobs import sweeper_ctx
+from .web.metrics import CONTENT_TYPE, Metrics
+from .web.openapi import openapi_document
 
 log = logging.getLogger(__name__)
 

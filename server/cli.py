@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from .accesslog import RedactingAccessLogger, setup_logging
 from .config import ConfigError, parse_config, redact_db
 from .core.auth import TokenVerifier
 from .core.errors import StorageUnavailable
 from .storage.api import StoreRefused
 from .storage.engines import make_store
+from .web.accesslog import RedactingAccessLogger, setup_logging
 
 log = logging.getLogger("taskpush")
 

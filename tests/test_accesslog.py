@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.accesslog import redact
+from server.web.accesslog import redact
 
 
 def test_redact_when_the_path_contains_an_equals_sign() -> None:

@@ -196,7 +196,7 @@ def _schemas() -> dict[str, Schema]:
     """The document the server publishes (the default app's; read once, at collection)."""
     if not _DOC:
         from server.config import Config
-        from server.openapi import openapi_document
+        from server.web.openapi import openapi_document
         _DOC.update(json.loads(json.dumps(openapi_document(Config()))))
     return components(_DOC)
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from server.app import create_app
 from server.config import Config
 from server.core.model import TASK_FIELDS
-from server.openapi import openapi_document
+from server.web.openapi import openapi_document
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 

@@ -20,10 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import keys
 from server.core.model import Change, Register, Task
 from server.push import protocol, snapshot
 from server.push.snapshot import ByteBudget
+from server.web import keys
 from tests.conftest import (
     API_KEY,
     PRODUCER,

@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import keys, sse
 from server.core.model import Change, Register
 from server.push import snapshot
+from server.web import keys, sse
 from tests.conftest import (
     API_KEY,
     SECRET,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from server import keys
-from server.sweeper import sweep_once
+from server.web import keys
+from server.web.jobs import sweep_once
 from tests.conftest import (
     MakeClient,
     auth,

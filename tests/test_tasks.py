@@ -8,8 +8,8 @@ from typing import Any
 
 import msgspec
 
-from server import keys
 from server.service.notify import task_notification_service
+from server.web import keys
 
 
 async def test_runner_entries_do_not_pile_up(client: Any) -> None:

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from server import keys
 from server.core.errors import StorageUnavailable
 from server.core.model import Change, Operation, Outcome, Register
 from server.storage.postgres.store import FEED_PAGE, PgStore
 from server.storage.writer import GroupWriter
+from server.web import keys
 from tests.cluster_support import deafen
 from tests.conftest import PRODUCER, MakeClient, register
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-export)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .core.model import Kind, Outcome
+from ..core.model import Kind, Outcome
 
 # the `kind` label of taskpush_events_ingested for each outcome that is news
 EVENT_LABELS = {Kind.CREATED: "register", Kind.CHANGED: "change", Kind.DELETED: "delete"}

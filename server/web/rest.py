@@ -14,13 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
+from ..core import contract, jsonutil
+from ..core.auth import AuthError, Identity, api_key_matches
+from ..core.errors import BodyTimeout, Forbidden, NotFound, Unauthorized, envelope
+from ..core.model import Task, public
+from ..core.validate import json_object, query_int, status_param
+from ..push.polls import wait_for_change
 from . import keys
-from .core import contract, jsonutil
-from .core.auth import AuthError, Identity, api_key_matches
-from .core.errors import BodyTimeout, Forbidden, NotFound, Unauthorized, envelope
-from .core.model import Task, public
-from .core.validate import json_object, query_int, status_param
-from .push.polls import wait_for_change
 
 
 def ok(data: Any = None, status: int = 200, headers: dict[str, str] | None = None

@@ -35,12 +35,12 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 
+from ..core import contract, jsonutil
+from ..core.auth import AuthError
+from ..core.errors import BadRequest, Unauthorized
+from ..push import protocol
+from ..push.snapshot import MessageWriter
 from . import keys
-from .core import contract, jsonutil
-from .core.auth import AuthError
-from .core.errors import BadRequest, Unauthorized
-from .push import protocol
-from .push.snapshot import MessageWriter
 from .ws import CLOSE_TIMEOUT, Connection, Services, _SnapshotWriter, resume_query
 
 HEADERS = {

@@ -22,15 +22,15 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.base_protocol import BaseProtocol
 
+from ..core import contract, validate
+from ..core.auth import AuthError, Identity, TokenVerifier, parse_user_id
+from ..core.errors import BadRequest, StorageUnavailable
+from ..push import protocol, snapshot
+from ..push.hub import Hub
+from ..push.watch import TokenDeadlines, Watched
+from ..storage.api import Store
 from . import keys
-from .core import contract, validate
-from .core.auth import AuthError, Identity, TokenVerifier, parse_user_id
-from .core.errors import BadRequest, StorageUnavailable
 from .metrics import Metrics
-from .push import protocol, snapshot
-from .push.hub import Hub
-from .push.watch import TokenDeadlines, Watched
-from .storage.api import Store
 
 log = logging.getLogger(__name__)
 

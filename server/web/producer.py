@@ -11,9 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import keys
-from .core.model import Kind, Operation, public
-from .core.validate import (
+from ..core.model import Kind, Operation, public
+from ..core.validate import (
     Refused,
     decode_batch,
     decode_event,
@@ -21,6 +20,7 @@ from .core.validate import (
     idempotency_key,
     task_id,
 )
+from . import keys
 from .rest import ok, read_body, require_producer
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import msgspec
 
-from .config import Config
-from .core import contract
-from .core.contract import IntQuery
-from .core.model import STATUSES, TASK_FIELDS, TASK_TYPES
+from ..config import Config
+from ..core import contract
+from ..core.contract import IntQuery
+from ..core.model import STATUSES, TASK_FIELDS, TASK_TYPES
 
 VERSION = "0.1.0"
 JSON = "application/json"

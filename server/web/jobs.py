@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from ..core.errors import StorageUnavailable
+from ..core.model import Change, Delete, utc_iso
 from . import keys
-from .core.errors import StorageUnavailable
-from .core.model import Change, Delete, utc_iso
 
 log = logging.getLogger(__name__)
 STALE = "stale"

@@ -14,12 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ..core.auth import parse_user_id
+from ..core.errors import BadRequest
+from ..core.model import utc_iso
+from ..service.notify import TaskProgressContext, task_notification_service
 from . import keys
-from .core.auth import parse_user_id
-from .core.errors import BadRequest
-from .core.model import utc_iso
 from .rest import ok, read_object, user_identity
-from .service.notify import TaskProgressContext, task_notification_service
 
 DEMO_TOKEN_TTL = 24 * 3600
 

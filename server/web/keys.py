@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .config import Config
-from .core.auth import TokenVerifier
+from ..config import Config
+from ..core.auth import TokenVerifier
+from ..push.hub import Hub
+from ..push.polls import PollSlots
+from ..push.snapshot import ByteBudget
+from ..push.watch import TokenDeadlines, Watched
+from ..service.tasks import TaskService
+from ..storage.api import Store
 from .metrics import Metrics
-from .push.hub import Hub
-from .push.polls import PollSlots
-from .push.snapshot import ByteBudget
-from .push.watch import TokenDeadlines, Watched
-from .service.tasks import TaskService
-from .storage.api import Store
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)

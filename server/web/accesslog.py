@@ -12,7 +12,7 @@ from urllib.parse import unquote_plus
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .config import redact_db
+from ..config import redact_db
 
 _SECRET_KEYS = frozenset({"token", "access_token", "api_key"})
 _PARAM = re.compile(r"((?:^|[&;])([^=&;#\s]*)=)[^&;#\s]*")
