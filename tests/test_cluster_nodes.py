@@ -19,11 +19,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from server.app import create_app, end_gone_nodes_tasks
+from server.app import create_app
 from server.config import Config
 from server.core.model import Change, Register
 from server.storage.api import StoreRefused
 from server.web import keys
+from server.web.jobs import end_gone_nodes_tasks
 from tests.cluster_support import backends, deafen, postgres_processes, terminate
 from tests.conftest import (
     PRODUCER,

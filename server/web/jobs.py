@@ -1,6 +1,7 @@
 """Background upkeep: active tasks with no change for `--stale-after` seconds are failed
 (error_type "stale"), and finished tasks older than `--retention-days` are deleted (their
-deletion is pushed like any other change). Both go through the TaskService path.
+deletion is pushed like any other change); in cluster mode, the in-process tasks of a node
+gone for `--node-timeout` end interrupted. All go through the TaskService path.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from ..core.errors import StorageUnavailable
 from ..core.model import Change, Delete, utc_iso
+from ..service.tasks import INTERRUPTED
 from . import keys
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,44 @@ async def _loop(app: web.Application) -> None:
 
 async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(_loop(app), name="taskpush-sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def end_gone_nodes_tasks(app: web.Application) -> int:
+    """Cluster mode: in-process tasks of a node gone for --node-timeout end failed /
+    interrupted (pushed like any change); one node does it (`lead("nodes")`)."""
+    store = app[keys.STORE]
+    if not await store.lead("nodes"):
+        return 0
+    gone = await store.gone_nodes_tasks()
+    if not gone:
+        return 0
+    ops = [Change(t.task_id, "failed", error="the node running this task is gone",
+                  error_type=INTERRUPTED, expect_seq=t.seq) for t in gone]
+    ended = sum(1 for o in await app[keys.TASKS].apply_many(ops) if o.ok)
+    if ended:
+        log.warning("marked %d in-process task(s) of gone node(s) as interrupted", ended)
+    return ended
+
+
+async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Looks for gone nodes a few times per --node-timeout (SQLite: never any)."""
+    interval = app[keys.CONFIG].node_timeout / 3
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await end_gone_nodes_tasks(app)
+            except StorageUnavailable:
+                pass  # the store logs the outage once; the next round tries again
+            except Exception:
+                log.exception("ending the tasks of gone nodes failed")
+
+    task = asyncio.create_task(loop(), name="taskpush-cluster")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
