@@ -23,7 +23,7 @@ from .push.watch import TokenDeadlines, Watched, socket_watch
 from .service.notify import task_notification_service
 from .service.tasks import TaskService
 from .storage.engines import is_postgres, make_store
-from .web import demo, health, keys, pages, producer, rest, sse, ws
+from .web import connection, demo, health, keys, pages, producer, rest, sse, ws
 from .web.jobs import cluster_ctx, sweeper_ctx
 from .web.metrics import Metrics
 from .web.middlewares import cors_middleware, error_middleware
@@ -72,7 +72,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def on_shutdown(app: web.Application) -> None:
     """Stop serving sockets (1001) and end our in-process jobs as interrupted."""
-    await ws.close_all(app[keys.SOCKETS])
+    await connection.close_all(app[keys.SOCKETS])
     try:
         await app[keys.TASKS].interrupt_inprocess("the server shut down while this task ran")
     except StorageUnavailable as exc:  # the next start marks them (store_ctx)
@@ -109,7 +109,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.DEADLINES] = deadlines
     app[keys.DEMO_RUNNERS] = set()
     # what every socket and stream shares, handed to them (they read no app keys)
-    services = ws.Services(app[keys.HUB], sockets, deadlines, app[keys.METRICS],
+    services = connection.Services(app[keys.HUB], sockets, deadlines, app[keys.METRICS],
                            session_limits(config), config.max_connections_per_user,
                            config.node if is_postgres(config.db) else None)
 

@@ -96,3 +96,16 @@ def test_the_layer_rules_see_an_import_that_goes_up() -> None:
     assert allowed("server.app", "server.storage.engines")
     assert allowed("server.web.rest", "server.config")
 
+
+
+def private_imports() -> list[str]:
+    """`from .x import _name` across modules: a private name is private to its module."""
+    modules = server_modules()
+    return [f"{path.relative_to(ROOT)}:{line} {target}.{name}"
+            for importer, path in modules.items()
+            for target, name, line in imported(path, importer, modules)
+            if within(target, "server") and name.startswith("_") and not name.startswith("__")]
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    assert private_imports() == []

@@ -120,7 +120,7 @@ async def test_a_silent_peer_left_backed_up_by_direct_writes_is_cut_off(make_cli
     review: it was neither pinged nor timed out)."""
     from server.core.model import Change, Register
     from server.web import keys
-    from server.web.ws import DIRECT_WRITE_LIMIT
+    from server.web.connection import DIRECT_WRITE_LIMIT
 
     client = await make_client(send_timeout=0.5)
     app = client.server.app

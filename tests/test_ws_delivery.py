@@ -18,7 +18,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient
 
 from server.push.protocol import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
-from server.web.ws import wait_writable
+from server.web.connection import wait_writable
 from tests.conftest import (
     PRODUCER,
     auth,

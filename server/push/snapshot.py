@@ -13,7 +13,7 @@ interleaving can deadlock).
 
 The framing is the writer's business (`MessageWriter`), so the same sequence serves any
 transport that can write a message, write a message in parts, and wait for its peer: a
-WebSocket (`ws._SnapshotWriter`: a text frame, then continuation frames), or an event
+WebSocket (`connection.FrameWriter`: a text frame, then continuation frames), or an event
 stream (`event: active_tasks` and `data: ` before the first part, the parts as they come,
 a blank line after the last; orjson writes no newline inside JSON).
 """

@@ -1,9 +1,9 @@
 """Server-Sent Events: the WebSocket's messages as a `text/event-stream`, for clients that
 cannot use WebSockets or only listen (`EventSource`, `curl -N`).
 
-One delivery path, two framings: a `Stream` is a `ws.Connection` on the same
+One delivery path, two framings: a `Stream` is a `connection.Connection` on the same
 `protocol.Session` (same hub attachment, Outbox with its coalescing and bound, connect-time
-snapshot, stuck-send and token clocks in watch.py, shutdown in `ws.close_all`, per-user
+snapshot, stuck-send and token clocks in watch.py, shutdown in `connection.close_all`, per-user
 limit) that frames each message as an event instead of a WebSocket frame. What differs:
 
 - `event:` is the message's type, `data:` its JSON; `task_status` and `task_deleted` (and a
@@ -41,7 +41,7 @@ from ..core.errors import BadRequest, Unauthorized
 from ..push import protocol
 from ..push.snapshot import MessageWriter
 from . import keys
-from .ws import CLOSE_TIMEOUT, Connection, Services, _SnapshotWriter, resume_query
+from .connection import CLOSE_TIMEOUT, Connection, FrameWriter, Services, resume_query
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -205,7 +205,7 @@ class Stream(Connection):
         self.ended.set()
 
 
-class _EventWriter(_SnapshotWriter):
+class _EventWriter(FrameWriter):
     """`snapshot.MessageWriter` for a stream (the socket's drain, these framings): a message
     is an event; `active_tasks`, written in parts, is one event whose `data:` line is
     written part by part; a replayed change carries `id: <epoch>:<seq>` (the replay is in
