@@ -16,8 +16,9 @@ from .config import Config
 from .core.auth import TokenVerifier
 from .core.errors import StorageUnavailable
 from .push.hub import Hub
+from .push.messages import CLOSE_TRY_AGAIN
 from .push.polls import PollSlots
-from .push.protocol import CLOSE_TRY_AGAIN, SessionLimits
+from .push.session import SessionLimits
 from .push.snapshot import ByteBudget
 from .push.watch import TokenDeadlines, Watched, socket_watch
 from .service.notify import task_notification_service

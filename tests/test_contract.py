@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.core import contract, validate
-from server.push import protocol
-from server.push.protocol import ProtocolError
+from server.push.messages import ProtocolError, parse_client_message
 from tests import schema_gen
 from tests.conftest import PRODUCER, auth
 from tests.schema_gen import Schema
@@ -170,10 +169,10 @@ async def test_changing_a_limit_changes_document_and_validation(
         assert (resp.status, (await resp.json())["message"]) == (400, message), path
 
     # the WebSocket's subscribe follows the same task-id rule
-    assert protocol.parse_client_message(json.dumps(
+    assert parse_client_message(json.dumps(
         {"type": "subscribe", "task_id": "t" * 12})).task_id == "t" * 12
     with pytest.raises(ProtocolError):
-        protocol.parse_client_message(json.dumps({"type": "subscribe", "task_id": "t" * 13}))
+        parse_client_message(json.dumps({"type": "subscribe", "task_id": "t" * 13}))
 
     # and every other bound of every body, walked from the narrowed document
     await check_boundaries(client)
@@ -184,7 +183,7 @@ def test_task_id_rule_is_one_rule() -> None:
     for value in [".", "..", "a\nb", "x" * (contract.LIMITS.task_id + 1)]:
         assert contract.task_id_problem(value) is not None
         with pytest.raises(ProtocolError):
-            protocol.parse_client_message(json.dumps({"type": "subscribe", "task_id": value}))
+            parse_client_message(json.dumps({"type": "subscribe", "task_id": value}))
 
 
 # ---- bodies generated from the published schema -------------------------------------------

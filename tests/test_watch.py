@@ -13,7 +13,7 @@ import time
 import weakref
 
 from server.core.auth import Identity as _Identity
-from server.push.protocol import Session, SessionLimits
+from server.push.session import Session, SessionLimits
 from server.push.watch import PING_FRAME, TokenDeadlines, check_sockets
 
 LIMITS = SessionLimits(send_queue=100, rate=20.0, burst=40, strikes=3, max_subscriptions=10)

@@ -17,7 +17,7 @@ from aiohttp import WSMsgType
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient
 
-from server.push.protocol import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
+from server.push.session import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
 from server.web.connection import wait_writable
 from tests.conftest import (
     PRODUCER,

@@ -16,25 +16,25 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from ..core.model import Kind, Outcome
-from . import protocol
+from .messages import Update, deleted_update, status_update
 
 
 class Subscriber(Protocol):
     user_id: int
 
-    def deliver(self, update: protocol.Update) -> None: ...
+    def deliver(self, update: Update) -> None: ...
 
     def flush(self) -> None: ...
 
 
-def update_for(outcome: Outcome) -> protocol.Update | None:
+def update_for(outcome: Outcome) -> Update | None:
     """The pushed form of a committed outcome, or None if nothing changed."""
     task = outcome.task
     if not outcome.news or task is None or outcome.seq is None:
         return None  # refused, or an idempotent retry: nothing new
     if outcome.kind is Kind.DELETED:
-        return protocol.deleted_update(task.task_id, task.user_id, outcome.seq)
-    return protocol.status_update(task)
+        return deleted_update(task.task_id, task.user_id, outcome.seq)
+    return status_update(task)
 
 
 class Hub:

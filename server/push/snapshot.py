@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..storage.api import PAGE_BYTES, Store
-from . import protocol
+from .messages import active_tasks_part, connected, error, simple, task_deleted, task_status
 
 
 class MessageWriter(Protocol):
@@ -189,9 +189,9 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
     seq than the one `active_tasks` carried)."""
     page_bytes = page_bytes or PAGE_BYTES
     seq = store.last_seq  # read before any page: the pages hold at least everything up to it
-    out.message(protocol.connected(connection_id, store.epoch, seq, what=what, node=node))
+    out.message(connected(connection_id, store.epoch, seq, what=what, node=node))
     if resume.resync:
-        out.message(protocol.simple("resync"))
+        out.message(simple("resync"))
 
     async def read_changes(after: int) -> _Page:
         got = await store.changes_page(user_id, after, seq, page_bytes)
@@ -214,13 +214,13 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
                 # every active page is read: the replay's first page may be read now
                 changes = _Pages(read_changes, resume.since, ahead=ahead)
             count += len(tasks)
-            out.part(protocol.active_tasks_part(tasks, first=first,
+            out.part(active_tasks_part(tasks, first=first,
                                                 count=count if last else None),
                      first=first, last=last)
             first = False
             await out.drain()
         if resume.bad_since:
-            out.message(protocol.error("invalid_since", "since must be a non-negative integer"))
+            out.message(error("invalid_since", "since must be a non-negative integer"))
         last = changes is None
         while not last:
             assert changes is not None
@@ -228,11 +228,11 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
             for item in items:
                 if not isinstance(item, tuple):  # a task (a tuple is a tombstone)
                     if mark_sent(item.task_id, item.seq):
-                        out.message(protocol.task_status(item), item.seq)
+                        out.message(task_status(item), item.seq)
                 else:
                     task_id, deleted_seq = item
                     if mark_sent(task_id, deleted_seq):
-                        out.message(protocol.task_deleted(task_id), deleted_seq)
+                        out.message(task_deleted(task_id), deleted_seq)
             await out.drain()
     finally:
         if active is not None:

@@ -1,6 +1,6 @@
 """Every socket's clocks served by one task and one timer, none per socket (a timer per
 socket is most of an idle socket's memory: docs/performance.md). Each socket's session
-(`protocol.Session`) keeps its clocks and decides; this module only asks it when:
+(`session.Session`) keeps its clocks and decides; this module only asks it when:
 - token deadlines (`token_expiring`, then close 4401) sit in one heap served by a single
   loop timer; an entry holds a weak reference and is dropped if the socket has gone or its
   token was refreshed since;
@@ -22,7 +22,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
 
-from . import protocol
+from .session import Close, Session, Tick
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Watched(Protocol):
     which keeps the clocks and decides, and the I/O that carries a decision out. Nothing
     of aiohttp."""
 
-    session: protocol.Session
+    session: Session
 
     def backed_up(self) -> bool: ...
 
@@ -86,7 +86,7 @@ class TokenDeadlines:
         heapq.heappush(self._heap, entry)
 
     @staticmethod
-    def _due(entry: _Entry) -> tuple[Connection | None, protocol.Close | protocol.Tick | None]:
+    def _due(entry: _Entry) -> tuple[Connection | None, Close | Tick | None]:
         """The entry's socket and what its session decides (None: the entry lapsed)."""
         conn = entry[2]()
         if conn is None:
@@ -118,7 +118,7 @@ class TokenDeadlines:
             if conn is None or due is None:
                 continue
             try:
-                if isinstance(due, protocol.Close):
+                if isinstance(due, Close):
                     conn.close(due.code, due.reason)
                 else:
                     conn.notice_expiring()
@@ -146,13 +146,13 @@ def check_sockets(conns: Iterable[Connection], now: float, *, send_timeout: floa
                                 ping_timeout=ping_timeout, ping=ping)
         if verdict is None:
             continue
-        if verdict is protocol.Tick.PING:
+        if verdict is Tick.PING:
             if conn.write_control(PING_FRAME):
                 session.pinged(now)
-        elif verdict is protocol.Tick.DEAD:
+        elif verdict is Tick.DEAD:
             conn.abort()  # it answers nothing: a close handshake would only wait
             dead += 1
-        elif isinstance(verdict, protocol.Close):
+        elif isinstance(verdict, Close):
             conn.close(verdict.code, verdict.reason)
             stuck += 1
     return stuck, dead

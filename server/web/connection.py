@@ -25,8 +25,20 @@ from aiohttp.base_protocol import BaseProtocol
 
 from ..core import contract, validate
 from ..core.errors import BadRequest, StorageUnavailable
-from ..push import protocol, snapshot
+from ..push import snapshot
+from ..push.frames import close_frame, data_frame, text_frame
 from ..push.hub import Hub
+from ..push.messages import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    CLOSE_REPLACED,
+    CLOSE_TOO_SLOW,
+    CLOSE_TRY_AGAIN,
+    TOO_SLOW,
+    ProtocolError,
+    Update,
+)
+from ..push.session import Session, SessionLimits
 from ..push.watch import TokenDeadlines, Watched
 from ..storage.api import Store
 from .metrics import Metrics
@@ -68,7 +80,7 @@ class Services:
     sockets: set[Watched]
     deadlines: TokenDeadlines
     metrics: Metrics
-    limits: protocol.SessionLimits
+    limits: SessionLimits
     max_connections_per_user: int
     node: str | None = None  # cluster mode: this node's name, told in `connected`
 
@@ -89,7 +101,7 @@ class Connection:
     __slots__ = ("__weakref__", "_close_task", "_sender", "services", "session", "transport",
                  "user_id", "ws")
 
-    def __init__(self, ws: Any, session: protocol.Session,
+    def __init__(self, ws: Any, session: Session,
                  transport: asyncio.Transport | None, services: Services) -> None:
         self.ws = ws
         self.session = session
@@ -105,7 +117,7 @@ class Connection:
 
     # ---- what the hub calls ----------------------------------------------------------
 
-    def deliver(self, update: protocol.Update) -> None:
+    def deliver(self, update: Update) -> None:
         session = self.session
         outbox = session.outbox
         merged = outbox.merged
@@ -114,7 +126,7 @@ class Connection:
         elif outbox.merged != merged:
             self.services.metrics.updates_merged.inc(outbox.merged - merged)
 
-    def deliver_current(self, update: protocol.Update) -> None:
+    def deliver_current(self, update: Update) -> None:
         """A task's current state read outside the commit order (a subscribe)."""
         outbox = self.session.outbox
         merged = outbox.merged
@@ -125,7 +137,7 @@ class Connection:
 
     def _too_slow(self) -> None:
         self.services.metrics.slow_closed.inc()
-        self.close(protocol.CLOSE_TOO_SLOW, protocol.TOO_SLOW)
+        self.close(CLOSE_TOO_SLOW, TOO_SLOW)
 
     def flush(self) -> None:
         """Send what `deliver` queued (the hub calls it once per commit)."""
@@ -174,7 +186,7 @@ class Connection:
                 if item is None:
                     return True
                 text, frame = item
-                transport.write(frame if frame is not None else protocol.text_frame(text))
+                transport.write(frame if frame is not None else text_frame(text))
                 written += 1
             return False
         finally:
@@ -252,7 +264,7 @@ class Connection:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(protocol.close_frame(code, reason))
+        transport.write(close_frame(code, reason))
         await asyncio.sleep(CLOSE_TIMEOUT)
 
     async def _flush_control(self) -> None:
@@ -262,7 +274,7 @@ class Connection:
                 await self.ws.send_str(text)
 
     async def _close(self, code: int, reason: str) -> None:
-        flood = code == protocol.CLOSE_POLICY
+        flood = code == CLOSE_POLICY
         if flood and self.transport is not None:
             # what a flooder still sends is neither parsed nor answered: awaiting its close
             # frame would mean reading (and paying for) everything queued before it
@@ -270,7 +282,7 @@ class Connection:
         try:
             # answers queued before the close go first (not inside a message written in
             # parts: only a control frame such as the close may come between its frames)
-            if code != protocol.CLOSE_TOO_SLOW and not self.session.snapshotting:
+            if code != CLOSE_TOO_SLOW and not self.session.snapshotting:
                 await asyncio.wait_for(self._flush_control(), CLOSE_TIMEOUT)
             if flood:
                 await self._close_unread(code, reason)
@@ -301,7 +313,7 @@ class Connection:
         mine = services.hub.connections_of(self.user_id)
         for old in mine[: max(0, len(mine) - services.max_connections_per_user)]:
             if isinstance(old, Connection):
-                old.close(protocol.CLOSE_REPLACED, "too many connections for this user")
+                old.close(CLOSE_REPLACED, "too many connections for this user")
 
     async def release(self) -> None:
         """Detach a connection that ended and wait for its sender and its close to finish."""
@@ -334,14 +346,14 @@ class Connection:
                 mark_sent=session.outbox.mark_sent, what=self.WHAT, node=self.services.node)
         except snapshot.HistorySwept:
             session.snapshot_written()
-            self.close(protocol.CLOSE_TOO_SLOW, protocol.TOO_SLOW)
+            self.close(CLOSE_TOO_SLOW, TOO_SLOW)
             return
         except StorageUnavailable as exc:
             # perhaps inside `active_tasks` (a message in parts): it stays `snapshotting`, so
             # nothing but the close frame (a stream: nothing) is written after its last part
             log.warning("snapshot of a connection not read (%s): closed with %d",
-                        exc, protocol.CLOSE_TRY_AGAIN)
-            self.close(protocol.CLOSE_TRY_AGAIN, "storage unavailable: try again later")
+                        exc, CLOSE_TRY_AGAIN)
+            self.close(CLOSE_TRY_AGAIN, "storage unavailable: try again later")
             return
         session.snapshot_written()
         self.kick()
@@ -359,7 +371,7 @@ class Connection:
             except StorageUnavailable:
                 # an `error` the client can retry; the socket stays open (SPEC "Storage
                 # unavailable")
-                raise protocol.ProtocolError(
+                raise ProtocolError(
                     "unavailable", "storage unavailable: try the subscribe again") from None
             answer, current = session.subscribe_read(task_id, task)
         except BaseException:
@@ -405,10 +417,10 @@ class FrameWriter:
             self.conn.services.metrics.messages_sent.inc()
 
     def message(self, text: str, seq: int | None = None) -> None:
-        self._write(protocol.text_frame(text))
+        self._write(text_frame(text))
 
     def part(self, data: bytes, *, first: bool, last: bool) -> None:
-        self._write(protocol.data_frame(data, first=first, last=last), count=last)
+        self._write(data_frame(data, first=first, last=last), count=last)
 
     async def drain(self) -> None:
         session = self.conn.session
@@ -426,7 +438,7 @@ async def close_all(sockets: Iterable[Watched]) -> None:
     """Shutdown: every socket and stream is closed with 1001 (going away)."""
     conns = [c for c in sockets if isinstance(c, Connection)]
     for conn in conns:
-        conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+        conn.close(CLOSE_GOING_AWAY, "server shutting down")
     tasks = [c._close_task for c in conns if c._close_task is not None]
     if tasks:
         await asyncio.wait(tasks, timeout=5.0)

@@ -2,7 +2,7 @@
 cannot use WebSockets or only listen (`EventSource`, `curl -N`).
 
 One delivery path, two framings: a `Stream` is a `connection.Connection` on the same
-`protocol.Session` (same hub attachment, Outbox with its coalescing and bound, connect-time
+`Session` (same hub attachment, Outbox with its coalescing and bound, connect-time
 snapshot, stuck-send and token clocks in watch.py, shutdown in `connection.close_all`, per-user
 limit) that frames each message as an event instead of a WebSocket frame. What differs:
 
@@ -38,7 +38,16 @@ from aiohttp.http import HttpVersion11
 from ..core import contract, jsonutil
 from ..core.auth import AuthError
 from ..core.errors import BadRequest, Unauthorized
-from ..push import protocol
+from ..push.messages import (
+    CLOSE_TOO_SLOW,
+    ProtocolError,
+    Update,
+    error,
+    message_type,
+    simple,
+    task_id_field,
+)
+from ..push.session import Session
 from ..push.snapshot import MessageWriter
 from . import keys
 from .connection import CLOSE_TIMEOUT, Connection, FrameWriter, Services, resume_query
@@ -66,7 +75,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _kind(update: protocol.Update) -> str:
+def _kind(update: Update) -> str:
     return "task_deleted" if update.status == "deleted" else "task_status"
 
 
@@ -85,7 +94,7 @@ class Stream(Connection):
     __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "_unordered",
                  "ended", "in_event")
 
-    def __init__(self, resp: EventStreamResponse, session: protocol.Session,
+    def __init__(self, resp: EventStreamResponse, session: Session,
                  transport: asyncio.Transport | None, services: Services, *, store_epoch: str,
                  since: int | str | None) -> None:
         super().__init__(resp, session, transport, services)
@@ -101,7 +110,7 @@ class Stream(Connection):
     def snapshot_writer(self, flow: BaseProtocol) -> MessageWriter:
         return _EventWriter(self, flow)
 
-    def deliver_current(self, update: protocol.Update) -> None:
+    def deliver_current(self, update: Update) -> None:
         self._unordered.add((update.task_id, update.seq))
         super().deliver_current(update)
 
@@ -110,7 +119,7 @@ class Stream(Connection):
     def _id(self, seq: int) -> str:
         return f"{self._epoch}:{seq}"
 
-    def _frame_update(self, update: protocol.Update) -> bytes:
+    def _frame_update(self, update: Update) -> bytes:
         seq = update.seq
         if self._unordered and (update.task_id, seq) in self._unordered:
             # read out of order: it proves nothing about the rest
@@ -132,7 +141,7 @@ class Stream(Connection):
         return None if self._point is None else self._id(self._point)
 
     def _frame_text(self, text: str) -> bytes:
-        kind = protocol.message_type(text)
+        kind = message_type(text)
         event_id = None
         if kind == "connected":  # resumed: the point is `since` until the replay moves it
             self._connected_seq = jsonutil.loads(text)["seq"]
@@ -176,7 +185,7 @@ class Stream(Connection):
         try:
             await self.stop_sending()
             transport = self.transport
-            if (code == protocol.CLOSE_TOO_SLOW or transport is None or self.in_event
+            if (code == CLOSE_TOO_SLOW or transport is None or self.in_event
                     or self.backed_up()):
                 if transport is not None:
                     transport.abort()
@@ -184,7 +193,7 @@ class Stream(Connection):
             last = []
             while (text := self.session.next_control()) is not None:
                 last.append(self._frame_text(text))
-            text = protocol.simple("close", code=code, reason=reason)
+            text = simple("close", code=code, reason=reason)
             last.append(self._wrap(event_bytes("close", text)))
             if not transport.is_closing():
                 transport.write(b"".join(last))
@@ -220,7 +229,7 @@ class _EventWriter(FrameWriter):
             self._write(stream._frame_text(text))
             return
         stream._point = seq
-        self._write(stream._wrap(event_bytes(protocol.message_type(text), text,
+        self._write(stream._wrap(event_bytes(message_type(text), text,
                                              stream._id(seq))))
 
     def part(self, data: bytes, *, first: bool, last: bool) -> None:
@@ -262,8 +271,8 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         if len(task_ids) > config.max_subscriptions:
             raise BadRequest(f"at most {config.max_subscriptions} task_id per stream")
         try:
-            task_ids = list(dict.fromkeys(protocol.task_id_field(t) for t in task_ids))
-        except protocol.ProtocolError as exc:
+            task_ids = list(dict.fromkeys(task_id_field(t) for t in task_ids))
+        except ProtocolError as exc:
             raise BadRequest(exc.message) from None
         resume = _last_event_id(request.headers.get("Last-Event-ID"))
         # the browser's own resume point wins over the URL it reconnects to
@@ -276,7 +285,7 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         await resp.prepare(request)
         await resp.write(b": taskpush\n\n")  # the headers go out now, not with the first event
         store = app[keys.STORE]
-        stream = Stream(resp, protocol.Session(identity, services.limits), request.transport,
+        stream = Stream(resp, Session(identity, services.limits), request.transport,
                         services, store_epoch=store.epoch, since=since)
         metrics = services.metrics
         stream.admit()  # before the snapshot is read: nothing committed from now on is missed
@@ -293,8 +302,8 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
                     break  # closed during its snapshot (1013, 4408, 4409, 1001)
                 try:
                     await stream.subscribe(task_id, store)
-                except protocol.ProtocolError as exc:
-                    stream.send(protocol.error(exc.code, exc.message))
+                except ProtocolError as exc:
+                    stream.send(error(exc.code, exc.message))
             stream.schedule_expiry()
             await stream.ended.wait()
         finally:

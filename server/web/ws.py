@@ -12,7 +12,17 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiohttp import WSMsgType, web
 
 from ..core.auth import AuthError, Identity, TokenVerifier, parse_user_id
-from ..push import protocol
+from ..push.messages import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, ProtocolError, error
+from ..push.session import (
+    OP_BROKEN,
+    Action,
+    Close,
+    Pong,
+    Refresh,
+    Session,
+    Subscribe,
+    Unsubscribe,
+)
 from ..storage.api import Store
 from . import keys
 from .connection import Connection, Services, resume_query
@@ -42,14 +52,14 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         try:
             identity: Identity = verifier.verify(request.query.get("token"))
         except AuthError as exc:
-            await ws.close(code=protocol.CLOSE_UNAUTHORIZED,
+            await ws.close(code=CLOSE_UNAUTHORIZED,
                            message=f"token {exc.reason}".encode())
             return ws
         if parse_user_id(request.match_info["user_id"]) != identity.user_id:
-            await ws.close(code=protocol.CLOSE_FORBIDDEN, message=b"token is for another user")
+            await ws.close(code=CLOSE_FORBIDDEN, message=b"token is for another user")
             return ws
 
-        conn = Connection(ws, protocol.Session(identity, services.limits), request.transport,
+        conn = Connection(ws, Session(identity, services.limits), request.transport,
                           services)
         metrics = services.metrics
         conn.admit()  # before reading the snapshot: nothing committed from now on is missed
@@ -78,7 +88,7 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
 async def _receive_loop(conn: Connection, store: Store, verifier: TokenVerifier) -> None:
     session = conn.session
     async for msg in conn.ws:
-        kind = protocol.OP_BROKEN if msg.type is WSMsgType.ERROR else msg.type
+        kind = OP_BROKEN if msg.type is WSMsgType.ERROR else msg.type
         if not await perform(conn, session.receive(kind, msg.data), store, verifier):
             break
 
@@ -87,33 +97,33 @@ def refresh(conn: Connection, token: str, verifier: TokenVerifier) -> None:
     try:
         identity = verifier.verify(token)
     except AuthError as exc:
-        raise protocol.ProtocolError("invalid_token", f"refresh refused: token {exc.reason}"
+        raise ProtocolError("invalid_token", f"refresh refused: token {exc.reason}"
                                      ) from None
     answer = conn.session.refreshed(identity)
     conn.schedule_expiry()
     conn.send(answer)
 
 
-async def perform(conn: Connection, actions: Iterable[protocol.Action], store: Store,
+async def perform(conn: Connection, actions: Iterable[Action], store: Store,
                   verifier: TokenVerifier) -> bool:
     """Do what the session asked for one received frame; False: stop reading."""
     for action in actions:
         try:
             if isinstance(action, str):
                 conn.send(action)
-            elif isinstance(action, protocol.Pong):
+            elif isinstance(action, Pong):
                 await conn.ws.pong(action.data)
-            elif isinstance(action, protocol.Subscribe):
+            elif isinstance(action, Subscribe):
                 await conn.subscribe(action.task_id, store)
-            elif isinstance(action, protocol.Unsubscribe):
+            elif isinstance(action, Unsubscribe):
                 conn.services.hub.unsubscribe(conn, action.task_id)
-            elif isinstance(action, protocol.Refresh):
+            elif isinstance(action, Refresh):
                 refresh(conn, action.token, verifier)
-            elif isinstance(action, protocol.Close):
+            elif isinstance(action, Close):
                 conn.close(action.code, action.reason)
                 return False
             else:
-                return False  # protocol.STOP
-        except protocol.ProtocolError as exc:
-            conn.send(protocol.error(exc.code, exc.message))
+                return False  # STOP
+        except ProtocolError as exc:
+            conn.send(error(exc.code, exc.message))
     return True
