@@ -1,4 +1,4 @@
-"""The access log (server/accesslog.py): what it writes must never carry a secret."""
+"""The access log (server/web/accesslog.py): what it writes must never carry a secret."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The HTTP contract is declared once (server/contract.py): the published OpenAPI document
+"""The HTTP contract is declared once (server/core/contract.py): the published OpenAPI document
 and the server's validation cannot drift apart.
 
 - a changed limit changes the document and the server's answer at the boundary together;

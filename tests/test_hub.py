@@ -1,4 +1,4 @@
-"""server/hub.py without sockets: routing of committed outcomes to owners and subscribers,
+"""server/push/hub.py without sockets: routing of committed outcomes to owners and subscribers,
 attach/detach bookkeeping and long-poll waiters. `Recorder` stands in for a socket."""
 
 from __future__ import annotations

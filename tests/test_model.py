@@ -1,4 +1,4 @@
-"""server/model.py helpers not covered through the store: time formatting, outcome kinds."""
+"""server/core/model.py helpers not covered through the store: time formatting, outcome kinds."""
 
 from __future__ import annotations
 

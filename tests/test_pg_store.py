@@ -1,4 +1,5 @@
-"""server/pg_store.py on its own: a real PostgreSQL database per test, no app, no sockets.
+"""server/storage/postgres/store.py on its own: a real PostgreSQL database per test, no
+app, no sockets.
 
 What every engine does is tests/test_store_contract.py, run on SQLite and PostgreSQL alike;
 here is what only a shared database has: the schema applied by nodes starting together, one

@@ -1,6 +1,7 @@
-"""server/protocol.py without sockets: client message parsing, the Outbox rules
-(coalescing, dedupe, bound), the RateLimiter, and the per-socket Session's decisions (rate
-limit and flood, token expiry, pings and dead peers, stuck sends, subscribe rules)."""
+"""server/push/ (messages, frames, outbox, session) without sockets: client message
+parsing, the Outbox rules (coalescing, dedupe, bound), the RateLimiter, and the per-socket
+Session's decisions (rate limit and flood, token expiry, pings and dead peers, stuck sends,
+subscribe rules)."""
 
 from __future__ import annotations
 

@@ -278,7 +278,7 @@ async def test_cors_headers_reach_a_stream(make_client: MakeClient) -> None:
     await events_until(resp, "active_tasks")
 
 
-# ---- the connect-time snapshot: by pages, under --snapshot-memory (server/snapshot.py) ----
+# ---- the connect-time snapshot: by pages, under --snapshot-memory (server/push/snapshot.py) ----
 
 
 def _dechunk(body: bytes) -> list[bytes]:

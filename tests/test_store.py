@@ -1,5 +1,5 @@
-"""The SQLite engine (server/sqlite_store.py) on its own: a real file under tmp_path, no app,
-no sockets.
+"""The SQLite engine (server/storage/sqlite/store.py) on its own: a real file under
+tmp_path, no app, no sockets.
 
 What only a SQLite file has: the schema (idempotent, re-runnable DDL), WAL, the statements it
 actually runs answered from an index, where writes run (the loop's thread or the writer's),

@@ -1,4 +1,4 @@
-"""TaskService (server/tasks.py): the one path of every change, and the in-process
+"""TaskService (server/service/tasks.py): the one path of every change, and the in-process
 coroutines (runners) it keeps so a user's cancel can interrupt them."""
 
 from __future__ import annotations

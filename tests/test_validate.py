@@ -1,5 +1,5 @@
-"""Plain unit tests of body validation (server/validate.py) and the task state rules
-(server/model.py): no server, no database."""
+"""Plain unit tests of body validation (server/core/validate.py) and the task state rules
+(server/core/model.py): no server, no database."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""server/watch.py: the clocks of every socket kept without a timer per socket.
+"""server/push/watch.py: the clocks of every socket kept without a timer per socket.
 
-Unit tests with a stand-in socket: a real sans-I/O `protocol.Session` (which keeps the
+Unit tests with a stand-in socket: a real sans-I/O `session.Session` (which keeps the
 clocks and decides) and the few I/O methods of `watch.Watched`, recorded; the real
 sockets' expiry, ping and stuck-send behaviour is tested end to end in test_ws_delivery.
 """

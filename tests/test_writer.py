@@ -1,4 +1,4 @@
-"""server/writer.py's promises, on both engines: a caller is answered only after its
+"""server/storage/writer.py's promises, on both engines: a caller is answered only after its
 commit was published (pushed) in seq order, also when publishing has to wait; a storage
 failure that will not end by itself (a full disk, a read-only database) is answered 503 at
 once, not retried until --db-timeout, while /healthz keeps answering; between tries of a

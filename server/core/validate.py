@@ -3,7 +3,7 @@
 Pure functions: bytes or dicts in, `Register`/`Change` out, or a BadRequest/TooLarge
 saying exactly which field is wrong. Nothing here trusts a type, a size or a number.
 
-Every limit and body shape comes from server/contract.py. HTTP bodies take the fast path
+Every limit and body shape comes from server/core/contract.py. HTTP bodies take the fast path
 (`decode_*`): msgspec decodes and checks them against the contract's Structs in one pass.
 Whatever it refuses, or a rule a Struct cannot say (printable, '.', nesting depth, size),
 is judged again by the field-by-field functions below (`register_body`, `event_body`,

@@ -1,5 +1,5 @@
 """What the rest of the server sees of storage: the `Store` interface every engine
-implements (SQLite: `sqlite_store.py`; PostgreSQL: `pg_store.py`), the `Snapshot` it reads,
+implements (SQLite: `sqlite/store.py`; PostgreSQL: `postgres/store.py`), the `Snapshot` it reads,
 and the refusals an engine raises when it cannot start. `engines.make_store` picks one.
 
 Every engine keeps the same promises: a change is committed before it is pushed or

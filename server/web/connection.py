@@ -326,13 +326,13 @@ class Connection:
                 await self._close_task
 
     def snapshot_writer(self, flow: BaseProtocol) -> snapshot.MessageWriter:
-        """Where the connect-time messages are written (server/snapshot.py)."""
+        """Where the connect-time messages are written (push/snapshot.py)."""
         return FrameWriter(self, flow)
 
     async def send_snapshot(self, store: Store, budget: snapshot.ByteBudget,
                             since: int | str | None, epoch: str | None,
                             flow: BaseProtocol) -> None:
-        """The connect-time messages, by pages with backpressure (server/snapshot.py),
+        """The connect-time messages, by pages with backpressure (push/snapshot.py),
         framed by this connection's writer (a socket's frames; a stream's events); live
         updates queued meanwhile wait in the outbox, under its bound, and go out after.
         Raises ConnectionError if the peer went away (or was closed) meanwhile."""

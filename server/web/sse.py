@@ -13,7 +13,7 @@ limit) that frames each message as an event instead of a WebSocket frame. What d
   stream's current point, never its own seq, so an id never claims more than was sent.
 - Where the socket gets a close code, the stream sends a last `close` event with the same
   code and reason (`{"type":"close","code":4409,"reason":"..."}`), then ends.
-- The connect-time snapshot is ws.py's (server/snapshot.py: by pages, under
+- The connect-time snapshot is the connection's (push/snapshot.py: by pages, under
   `--snapshot-memory`, drained page by page), written by `_EventWriter`: `active_tasks` is
   ONE event whose `data:` line is written page by page (orjson's JSON has no newline), each
   replayed change an event with its own `id:`. A close that comes inside that line cannot
