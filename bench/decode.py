@@ -29,8 +29,8 @@ from typing import Any
 
 import orjson
 
-from server import contract, validate
-from server.model import Change, Register
+from server.core import contract, validate
+from server.core.model import Change, Register
 
 LIMIT = 65536
 

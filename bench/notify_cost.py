@@ -27,8 +27,8 @@ import argparse
 import asyncio
 import time
 
-from server.model import Change, Register
-from server.pg_store import PgStore
+from server.core.model import Change, Register
+from server.storage.postgres.store import PgStore
 from tests.pg import PostgresServer
 
 SHAPES = ("serial 1 node", "serial 2 nodes", "2 nodes x 32")

@@ -7,8 +7,8 @@ The in-process producer API is importable from here:
 Its calls raise `StorageUnavailable` when the database cannot take a write (retry later).
 """
 
-from .errors import StorageUnavailable
-from .notify import (
+from .core.errors import StorageUnavailable
+from .service.notify import (
            TaskNotificationService,
            TaskProgressContext,
            task_notification_service,

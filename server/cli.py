@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from .accesslog import RedactingAccessLogger, setup_logging
-from .auth import TokenVerifier
 from .config import ConfigError, parse_config, redact_db
-from .engines import make_store
-from .errors import StorageUnavailable
-from .store import StoreRefused
+from .core.auth import TokenVerifier
+from .core.errors import StorageUnavailable
+from .storage.api import StoreRefused
+from .storage.engines import make_store
+from .web.accesslog import RedactingAccessLogger, setup_logging
 
 log = logging.getLogger("taskpush")
 

@@ -1,8 +1,8 @@
-"""The access log (server/accesslog.py): what it writes must never carry a secret."""
+"""The access log (server/web/accesslog.py): what it writes must never carry a secret."""
 
 from __future__ import annotations
 
-from server.accesslog import redact
+from server.web.accesslog import redact
 
 
 def test_redact_when_the_path_contains_an_equals_sign() -> None:

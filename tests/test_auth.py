@@ -7,8 +7,8 @@ import time
 import jwt
 import pytest
 
-from server import auth
-from server.auth import AuthError, TokenVerifier
+from server.core import auth
+from server.core.auth import AuthError, TokenVerifier
 from tests.conftest import SECRET, make_token
 
 

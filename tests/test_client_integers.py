@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from server import keys
 from server.app import create_app
 from server.config import Config
+from server.web import keys
 from tests.conftest import auth, handshake, recv, register, ws_connect
 from tests.support import events_until, stream
 

@@ -19,11 +19,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from server import keys
-from server.app import create_app, end_gone_nodes_tasks
+from server.app import create_app
 from server.config import Config
-from server.model import Change, Register
-from server.store import StoreRefused
+from server.core.model import Change, Register
+from server.storage.api import StoreRefused
+from server.web import keys
+from server.web.jobs import end_gone_nodes_tasks
 from tests.cluster_support import backends, deafen, hung_postgres, terminate
 from tests.conftest import (
     PRODUCER,
@@ -316,7 +317,7 @@ async def test_the_sweeper_runs_on_the_leading_node_only(make_node):
 
 
 async def test_a_gone_nodes_in_process_tasks_end_failed_interrupted(make_node, pg_url):
-    from server.pg_store import PgStore
+    from server.storage.postgres.store import PgStore
 
     b = await make_node("node-b", node_timeout=1.0)
     ws = await ws_connect(b, 8)
@@ -340,7 +341,7 @@ async def test_a_gone_nodes_in_process_tasks_end_failed_interrupted(make_node, p
 
 
 async def test_a_restarted_node_ends_its_own_in_process_tasks_at_once(make_node, pg_url):
-    from server.pg_store import PgStore
+    from server.storage.postgres.store import PgStore
 
     before = PgStore(pg_url, node_name="node-a")
     await before.open()
@@ -354,7 +355,7 @@ async def test_a_restarted_node_ends_its_own_in_process_tasks_at_once(make_node,
 
 async def test_a_second_live_node_with_the_same_name_is_refused(make_node, pg_url):
     """Two live nodes sharing a name would end each other's in-process tasks at start."""
-    from server.pg_store import PgStore
+    from server.storage.postgres.store import PgStore
 
     await make_node("node-a")
     twin = PgStore(pg_url, node_name="node-a", timeout=0.5)
@@ -711,7 +712,7 @@ async def test_after_a_stuck_listener_the_node_name_stays_locked(make_node, pg_s
     finally:
         await unstick(holder, task)
     await a.app[keys.TASKS].register(Register("ip-a", 61, "long", origin="inprocess"))
-    from server.pg_store import PgStore
+    from server.storage.postgres.store import PgStore
 
     twin = PgStore(pg_url, node_name="node-a", timeout=1.0)
     with pytest.raises(StoreRefused, match=r"node-a.*in use"):
@@ -726,7 +727,7 @@ async def test_a_node_name_held_by_a_stopped_backend_goes_back_to_its_node_first
     again) and keeps A's name: A listens again on a new connection and queues for its
     name, so when the old backend ends, the name is A's again before any other process
     can take it (a second node-a is refused, and A's in-process task lives on)."""
-    from server.pg_store import PgStore
+    from server.storage.postgres.store import PgStore
 
     a = await make_node("node-a", db_timeout=1.0)
     store_a = a.app[keys.STORE]

@@ -1,4 +1,4 @@
-"""The HTTP contract is declared once (server/contract.py): the published OpenAPI document
+"""The HTTP contract is declared once (server/core/contract.py): the published OpenAPI document
 and the server's validation cannot drift apart.
 
 - a changed limit changes the document and the server's answer at the boundary together;
@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import contract, protocol, validate
-from server.protocol import ProtocolError
+from server.core import contract, validate
+from server.push.messages import ProtocolError, parse_client_message
 from tests import schema_gen
 from tests.conftest import PRODUCER, auth
 from tests.schema_gen import Schema
@@ -169,10 +169,10 @@ async def test_changing_a_limit_changes_document_and_validation(
         assert (resp.status, (await resp.json())["message"]) == (400, message), path
 
     # the WebSocket's subscribe follows the same task-id rule
-    assert protocol.parse_client_message(json.dumps(
+    assert parse_client_message(json.dumps(
         {"type": "subscribe", "task_id": "t" * 12})).task_id == "t" * 12
     with pytest.raises(ProtocolError):
-        protocol.parse_client_message(json.dumps({"type": "subscribe", "task_id": "t" * 13}))
+        parse_client_message(json.dumps({"type": "subscribe", "task_id": "t" * 13}))
 
     # and every other bound of every body, walked from the narrowed document
     await check_boundaries(client)
@@ -183,7 +183,7 @@ def test_task_id_rule_is_one_rule() -> None:
     for value in [".", "..", "a\nb", "x" * (contract.LIMITS.task_id + 1)]:
         assert contract.task_id_problem(value) is not None
         with pytest.raises(ProtocolError):
-            protocol.parse_client_message(json.dumps({"type": "subscribe", "task_id": value}))
+            parse_client_message(json.dumps({"type": "subscribe", "task_id": value}))
 
 
 # ---- bodies generated from the published schema -------------------------------------------
@@ -195,7 +195,7 @@ def _schemas() -> dict[str, Schema]:
     """The document the server publishes (the default app's; read once, at collection)."""
     if not _DOC:
         from server.config import Config
-        from server.openapi import openapi_document
+        from server.web.openapi import openapi_document
         _DOC.update(json.loads(json.dumps(openapi_document(Config()))))
     return components(_DOC)
 

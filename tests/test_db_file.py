@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from server.model import Register
-from server.sqlite_store import SqliteStore as Store
+from server.core.model import Register
+from server.storage.sqlite.store import SqliteStore as Store
 from tests.procs import Servers, free_port, run_cli
 
 SECRET = "db-file-secret-0123456789-abcdefghijklmnop"

@@ -1,4 +1,4 @@
-"""server/hub.py without sockets: routing of committed outcomes to owners and subscribers,
+"""server/push/hub.py without sockets: routing of committed outcomes to owners and subscribers,
 attach/detach bookkeeping and long-poll waiters. `Recorder` stands in for a socket."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import asyncio
 import json
 from typing import Any
 
-from server import protocol
-from server.hub import Hub, update_for
-from server.model import TASK_FIELDS, Change, Delete, Kind, Outcome, Register, Task
+from server.core.model import TASK_FIELDS, Change, Delete, Kind, Outcome, Register, Task
+from server.push.hub import Hub, update_for
+from server.push.messages import Update, status_update
 
 
 class Recorder:
@@ -17,10 +17,10 @@ class Recorder:
 
     def __init__(self, user_id: int) -> None:
         self.user_id = user_id
-        self.got: list[protocol.Update] = []
+        self.got: list[Update] = []
         self.flushed_after: list[int] = []  # how many updates had arrived at each flush
 
-    def deliver(self, update: protocol.Update) -> None:
+    def deliver(self, update: Update) -> None:
         self.got.append(update)
 
     def flush(self) -> None:
@@ -195,7 +195,7 @@ def test_owner_sockets_served_in_attach_order():
             super().__init__(1)
             self.name = name
 
-        def deliver(self, update: protocol.Update) -> None:
+        def deliver(self, update: Update) -> None:
             order.append(self.name)
 
     for name in "abc":
@@ -209,7 +209,7 @@ def test_delivery_during_publish_may_detach_safely():
     hub = Hub()
 
     class Quitter(Recorder):
-        def deliver(self, update: protocol.Update) -> None:
+        def deliver(self, update: Update) -> None:
             super().deliver(update)
             hub.detach(self, ["t1"])
 
@@ -252,7 +252,7 @@ async def test_several_waiters_on_one_task():
 
 
 def test_status_updates():
-    ups = [protocol.status_update(t) for t in (task("a", 1, 2), task("b", 1, 3, "running"))]
+    ups = [status_update(t) for t in (task("a", 1, 2), task("b", 1, 3, "running"))]
     assert [(u.task_id, u.seq, u.status) for u in ups] == [("a", 2, "progress"),
                                                          ("b", 3, "running")]
     assert json.loads(ups[0].text)["type"] == "task_status"

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from server import keys
 from server.app import create_app
 from server.config import Config
+from server.web import keys
 from tests.cluster_support import eventually
 from tests.conftest import PRODUCER, MakeClient, auth, event, register
 from tests.support import STATUS, data_of, error_of

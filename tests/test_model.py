@@ -1,4 +1,4 @@
-"""server/model.py helpers not covered through the store: time formatting, outcome kinds."""
+"""server/core/model.py helpers not covered through the store: time formatting, outcome kinds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def test_utc_iso_matches_datetime_formatting_at_every_rounding_edge() -> None:
     import datetime as dt
     import random
 
-    from server.model import utc_iso
+    from server.core.model import utc_iso
 
     rng = random.Random(5)
     moments = [0.0, 0.0004999, 0.9999996, 1.9999995, 59.9999999, 1_764_300_000.9995]
@@ -24,7 +24,7 @@ def test_utc_iso_matches_datetime_formatting_at_every_rounding_edge() -> None:
 
 def test_outcome_kind_says_whether_it_is_ok_and_whether_it_is_news() -> None:
     """One table for every reader: hub (push?), metrics (count?), sweeper/tasks (ok?)."""
-    from server.model import Change, Kind, Outcome
+    from server.core.model import Change, Kind, Outcome
 
     op = Change("t", "running")
     table = {
@@ -42,8 +42,8 @@ def test_outcome_kind_says_whether_it_is_ok_and_whether_it_is_news() -> None:
 
 
 def test_an_outcome_with_an_error_is_refused_however_it_was_built() -> None:
-    from server.errors import TaskFinal
-    from server.model import Change, Kind, Outcome
+    from server.core.errors import TaskFinal
+    from server.core.model import Change, Kind, Outcome
 
     op = Change("t", "running")
     built = Outcome(op, error=TaskFinal("x"), kind=Kind.CHANGED)
@@ -73,7 +73,7 @@ class DictView:
         return self.keys.get((task_id, key))
 
     def active_count(self, user_id: int) -> int:
-        from server.model import ACTIVE
+        from server.core.model import ACTIVE
 
         return sum(1 for t in self.tasks.values()
                    if t.user_id == user_id and t.status in ACTIVE)
@@ -98,14 +98,14 @@ NOW = "2026-01-01T00:00:00.000Z"
 
 
 def _apply(view: DictView, op: Any, seq: int) -> tuple[Any, int]:
-    from server.model import apply_op
+    from server.core.model import apply_op
 
     return apply_op(view, op, seq, NOW)
 
 
 def _view_with(*tasks: tuple[str, int, str]) -> tuple[DictView, int]:
     """A view holding tasks (id, user, status), registered then moved; and the last seq."""
-    from server.model import Change, Register
+    from server.core.model import Change, Register
 
     view, seq = DictView(), 0
     for task_id, user_id, status in tasks:
@@ -119,7 +119,7 @@ def _view_with(*tasks: tuple[str, int, str]) -> tuple[DictView, int]:
 
 
 def test_apply_register_creates_a_pending_task_with_the_next_seq() -> None:
-    from server.model import Kind, Register
+    from server.core.model import Kind, Register
 
     view, seq = _view_with()
     outcome, seq = _apply(view, Register("t", 7, "job", {"k": 1}, origin="inprocess"), 41)
@@ -132,8 +132,8 @@ def test_apply_register_creates_a_pending_task_with_the_next_seq() -> None:
 
 
 def test_apply_register_again_is_unchanged_and_a_different_body_conflicts() -> None:
-    from server.errors import Conflict
-    from server.model import Kind, Register
+    from server.core.errors import Conflict
+    from server.core.model import Kind, Register
 
     view, seq = _view_with(("t", 1, "running"))
     outcome, after = _apply(view, Register("t", 1, "job"), seq)
@@ -144,7 +144,7 @@ def test_apply_register_again_is_unchanged_and_a_different_body_conflicts() -> N
 
 
 def test_apply_register_names_a_task_after_its_type_and_seq_avoiding_a_taken_id() -> None:
-    from server.model import Register
+    from server.core.model import Register
 
     view, seq = _view_with(("job_3", 1, "pending"))  # the id generated at seq 3, taken
     outcome, seq = _apply(view, Register(None, 1, "job"), seq)
@@ -155,8 +155,8 @@ def test_apply_register_names_a_task_after_its_type_and_seq_avoiding_a_taken_id(
 
 
 def test_apply_register_over_the_quota_is_refused_counting_the_batch_so_far() -> None:
-    from server.errors import TooMany
-    from server.model import Register
+    from server.core.errors import TooMany
+    from server.core.model import Register
 
     view, seq = _view_with(("a", 1, "running"), ("done", 1, "completed"), ("b", 2, "running"))
     outcome, seq = _apply(view, Register("c", 1, "job", max_active=2), seq)
@@ -168,8 +168,8 @@ def test_apply_register_over_the_quota_is_refused_counting_the_batch_so_far() ->
 
 
 def test_apply_change_of_another_users_or_a_missing_task_is_not_found() -> None:
-    from server.errors import NotFound
-    from server.model import Change
+    from server.core.errors import NotFound
+    from server.core.model import Change
 
     view, seq = _view_with(("t", 1, "running"))
     for op in (Change("t", "progress", progress=5, owner=2), Change("nope", "running")):
@@ -180,8 +180,8 @@ def test_apply_change_of_another_users_or_a_missing_task_is_not_found() -> None:
 
 
 def test_apply_change_with_an_applied_idempotency_key_changes_nothing() -> None:
-    from server.errors import KeyReused
-    from server.model import Change, Kind
+    from server.core.errors import KeyReused
+    from server.core.model import Change, Kind
 
     view, seq = _view_with(("t", 1, "running"))
     first, seq = _apply(view, Change("t", "progress", progress=5, idem_key="k1"), seq)
@@ -195,7 +195,7 @@ def test_apply_change_with_an_applied_idempotency_key_changes_nothing() -> None:
 
 
 def test_apply_change_with_a_stale_expect_seq_is_refused_without_error() -> None:
-    from server.model import Change, Kind
+    from server.core.model import Change, Kind
 
     view, seq = _view_with(("t", 1, "running"))
     outcome, after = _apply(view, Change("t", "failed", expect_seq=seq - 1), seq)
@@ -206,8 +206,8 @@ def test_apply_change_with_a_stale_expect_seq_is_refused_without_error() -> None
 
 
 def test_apply_change_of_a_finished_task_is_refused_and_allocates_no_seq() -> None:
-    from server.errors import TaskFinal
-    from server.model import Change
+    from server.core.errors import TaskFinal
+    from server.core.model import Change
 
     view, seq = _view_with(("t", 1, "completed"))
     outcome, after = _apply(view, Change("t", "running"), seq)
@@ -215,8 +215,8 @@ def test_apply_change_of_a_finished_task_is_refused_and_allocates_no_seq() -> No
 
 
 def test_apply_delete_needs_a_finished_task_of_the_owner() -> None:
-    from server.errors import NotFound, TaskActive
-    from server.model import Delete, Kind
+    from server.core.errors import NotFound, TaskActive
+    from server.core.model import Delete, Kind
 
     view, seq = _view_with(("run", 1, "running"), ("done", 1, "completed"))
     outcome, after = _apply(view, Delete("run"), seq)
@@ -233,7 +233,7 @@ def test_apply_delete_needs_a_finished_task_of_the_owner() -> None:
 
 def test_a_task_is_declared_once_and_its_public_json_drops_internal_fields() -> None:
     """Task's fields give the public JSON (in order), the columns and what a change moves."""
-    from server.model import (
+    from server.core.model import (
         CHANGING_FIELDS,
         INTERNAL_FIELDS,
         TASK_COLUMNS,
@@ -259,7 +259,7 @@ def test_a_task_is_declared_once_and_its_public_json_drops_internal_fields() -> 
 def test_event_digest_is_the_validated_fields_not_the_request() -> None:
     """The same event (another key order, 40.0 for 40) digests alike; any field that the
     change would apply differently, a result given as null included, does not."""
-    from server.model import Change, event_digest
+    from server.core.model import Change, event_digest
 
     base = Change("t", "progress", 40, "m", "s", {"a": 1, "b": [2]}, idem_key="k")
     assert event_digest(base) == event_digest(

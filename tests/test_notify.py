@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from server.errors import BadRequest, NotFound
-from server.notify import TaskProgressContext, task_notification_service, task_notifier
+from server.core.errors import BadRequest, NotFound
+from server.service.notify import TaskProgressContext, task_notification_service, task_notifier
 from tests.conftest import Client, auth, handshake, recv, recv_until, ws_connect
 
 service = task_notification_service

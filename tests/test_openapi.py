@@ -11,8 +11,8 @@ from aiohttp import web
 
 from server.app import create_app
 from server.config import Config
-from server.model import TASK_FIELDS
-from server.openapi import openapi_document
+from server.core.model import TASK_FIELDS
+from server.web.openapi import openapi_document
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -171,7 +171,7 @@ async def test_docs_page_is_served_and_self_contained(client: Any) -> None:
 def test_the_task_schema_is_model_tasks_public_fields(config: Config) -> None:
     """Declared once: the schema's properties are model.Task's public fields in their
     order, typed from the declaration; internal columns never show."""
-    from server.model import INTERNAL_FIELDS
+    from server.core.model import INTERNAL_FIELDS
 
     task = openapi_document(config)["components"]["schemas"]["Task"]
     assert tuple(task["properties"]) == TASK_FIELDS

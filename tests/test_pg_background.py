@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.model import Register
-from server.pg_store import CATCH_UP_EVERY, PgStore
+from server.core.model import Register
+from server.storage.postgres.store import CATCH_UP_EVERY, PgStore
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from server import keys
 from server.app import create_app
 from server.config import Config
-from server.errors import StorageUnavailable
-from server.model import Change, Register
-from server.pg_store import PgStore
+from server.core.errors import StorageUnavailable
+from server.core.model import Change, Register
+from server.storage.postgres.store import PgStore
+from server.web import keys
 from tests.cluster_support import hung_postgres, terminate
 from tests.conftest import PRODUCER, auth, register
 

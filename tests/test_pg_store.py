@@ -1,4 +1,5 @@
-"""server/pg_store.py on its own: a real PostgreSQL database per test, no app, no sockets.
+"""server/storage/postgres/store.py on its own: a real PostgreSQL database per test, no
+app, no sockets.
 
 What every engine does is tests/test_store_contract.py, run on SQLite and PostgreSQL alike;
 here is what only a shared database has: the schema applied by nodes starting together, one
@@ -15,10 +16,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.errors import NotFound, StorageUnavailable
-from server.model import Change, Delete, Kind, Outcome, Register
-from server.pg_store import SCHEMA_VERSION, PgStore
-from server.store import Store, StoreRefused
+from server.core.errors import NotFound, StorageUnavailable
+from server.core.model import Change, Delete, Kind, Outcome, Register
+from server.storage.api import Store, StoreRefused
+from server.storage.postgres.store import SCHEMA_VERSION, PgStore
 from tests.support import until
 
 
@@ -58,7 +59,7 @@ async def finished(store: PgStore, task_id: str, user_id: int = 1) -> Outcome:
 
 
 def test_the_engine_implements_the_store_interface(pg_url: str) -> None:
-    from server.engines import make_store
+    from server.storage.engines import make_store
 
     made = make_store(pg_url, timeout=1, node_name="x", node_timeout=3)
     assert isinstance(made, PgStore)

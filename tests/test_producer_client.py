@@ -16,14 +16,14 @@ import pytest
 from aiohttp import web
 
 from server.app import create_app
-from server.producer_client import (
+from server.service.producer_client import (
     HttpBackend,
     RemoteTaskNotificationService,
     TaskCancelled,
     TaskProgressContext,
     task_notifier,
 )
-from server.producer_client import task_notification_service as remote
+from server.service.producer_client import task_notification_service as remote
 from tests.conftest import API_KEY, auth, handshake, recv_until, ws_connect
 
 

@@ -1,6 +1,7 @@
-"""server/protocol.py without sockets: client message parsing, the Outbox rules
-(coalescing, dedupe, bound), the RateLimiter, and the per-socket Session's decisions (rate
-limit and flood, token expiry, pings and dead peers, stuck sends, subscribe rules)."""
+"""server/push/ (messages, frames, outbox, session) without sockets: client message
+parsing, the Outbox rules (coalescing, dedupe, bound), the RateLimiter, and the per-socket
+Session's decisions (rate limit and flood, token expiry, pings and dead peers, stuck sends,
+subscribe rules)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,34 @@ from typing import Any
 
 import pytest
 
-from server import protocol
-from server.auth import Identity
-from server.model import Task
-from server.protocol import (
+from server.core.auth import Identity
+from server.core.model import Task
+from server.push import messages
+from server.push.frames import text_frame
+from server.push.messages import (
+    TOO_SLOW,
+    ClientMessage,
+    ProtocolError,
+    Update,
+    connected,
+    dumps,
+    error,
+    parse_client_message,
+    pong,
+    status_update,
+    task_deleted,
+)
+from server.push.outbox import Outbox
+from server.push.session import (
+    EXPIRY_NOTICE,
     OP_BINARY,
     OP_BROKEN,
     OP_PING,
     OP_PONG,
     OP_TEXT,
     STOP,
-    ClientMessage,
     Close,
-    Outbox,
     Pong,
-    ProtocolError,
     RateLimiter,
     Refresh,
     Session,
@@ -32,14 +46,12 @@ from server.protocol import (
     Subscribe,
     Tick,
     Unsubscribe,
-    Update,
-    text_frame,
 )
 
 # ---- parse_client_message -----------------------------------------------------------------
 
 def parse(obj: Any) -> ClientMessage:
-    return protocol.parse_client_message(obj if isinstance(obj, str) else json.dumps(obj))
+    return parse_client_message(obj if isinstance(obj, str) else json.dumps(obj))
 
 
 def code_of(obj: Any) -> str:
@@ -85,7 +97,7 @@ def test_bad_json(text):
 @pytest.mark.parametrize("value", [[], [{"type": "ping"}], "ping", 1, 1.5, None, True])
 def test_non_object(value):
     with pytest.raises(ProtocolError) as info:
-        protocol.parse_client_message(json.dumps(value))
+        parse_client_message(json.dumps(value))
     assert info.value.code == "invalid_message"
 
 
@@ -129,25 +141,25 @@ def test_refresh_without_token(token):
 
 def test_connected_message_shape():
     cid = str(uuid.uuid4())
-    msg = json.loads(protocol.connected(cid, "epoch1", 17))
+    msg = json.loads(connected(cid, "epoch1", 17))
     assert msg["type"] == "connected" and msg["connection_id"] == cid
     assert msg["epoch"] == "epoch1" and msg["seq"] == 17
     assert msg["timestamp"].endswith("Z") and msg["message"]
 
 
 def test_error_and_pong_shapes():
-    assert json.loads(protocol.error("bad", "why")) == {"type": "error", "code": "bad",
+    assert json.loads(error("bad", "why")) == {"type": "error", "code": "bad",
                                                         "message": "why"}
-    pong = json.loads(protocol.pong())
+    pong = json.loads(messages.pong())
     assert pong["type"] == "pong" and pong["timestamp"].endswith("Z")
 
 
 def test_task_deleted_shape():
-    assert json.loads(protocol.task_deleted("t1")) == {"type": "task_deleted", "task_id": "t1"}
+    assert json.loads(task_deleted("t1")) == {"type": "task_deleted", "task_id": "t1"}
 
 
 def test_dumps_keeps_unicode_readable():
-    assert protocol.dumps({"m": "正在生成"}) == '{"m":"正在生成"}'
+    assert dumps({"m": "正在生成"}) == '{"m":"正在生成"}'
 
 
 # ---- Outbox --------------------------------------------------------------------------------
@@ -522,12 +534,12 @@ def test_session_a_stuck_send_or_backlog_is_closed_4408() -> None:
     s.send_began(1.0)
     assert s.clock(5.0, backed_up=False, send_timeout=10, ping_timeout=5, ping=True) is None
     assert s.clock(11.5, backed_up=False, send_timeout=10, ping_timeout=5,
-                   ping=True) == Close(4408, protocol.TOO_SLOW)
+                   ping=True) == Close(4408, TOO_SLOW)
     s = session(live=False)  # a snapshot page left unread in the transport
     assert s.clock(10.0, backed_up=True, send_timeout=10, ping_timeout=5, ping=True) is None
     assert s.backed_up_since == 10.0
     assert s.clock(20.5, backed_up=True, send_timeout=10, ping_timeout=5,
-                   ping=True) == Close(4408, protocol.TOO_SLOW)
+                   ping=True) == Close(4408, TOO_SLOW)
     s = session()  # a backlog that drains in time is forgiven
     s.clock(10.0, backed_up=True, send_timeout=10, ping_timeout=5, ping=False)
     s.clock(15.0, backed_up=False, send_timeout=10, ping_timeout=5, ping=False)
@@ -537,7 +549,7 @@ def test_session_a_stuck_send_or_backlog_is_closed_4408() -> None:
 def test_session_token_notice_then_4401_and_a_refresh_lapses_the_old_clock() -> None:
     s = session(expires_at=1000.0)
     generation = s.restart_token_clock()
-    assert s.token_deadlines(leeway=5.0) == (1000.0 - protocol.EXPIRY_NOTICE, 1005.0)
+    assert s.token_deadlines(leeway=5.0) == (1000.0 - EXPIRY_NOTICE, 1005.0)
     assert s.token_due(generation, final=False) is Tick.NOTICE
     notice = json.loads(s.expiry_notice(970.2))
     assert notice == {"type": "token_expiring", "expires_in": 30}
@@ -613,7 +625,7 @@ def test_session_coalesces_progress_and_sends_control_first() -> None:
     s = session()
     for seq in (1, 2, 3):
         assert s.deliver(upd("t1", seq))
-    assert s.send(protocol.pong()) is None
+    assert s.send(pong()) is None
     assert json.loads(s.next_item())["type"] == "pong"  # answers go before updates
     update = s.next_item()
     assert (update.task_id, update.seq) == ("t1", 3) and s.outbox.merged == 2
@@ -624,7 +636,7 @@ def test_session_live_updates_wait_for_the_snapshot() -> None:
     s = session(live=False)
     assert not s.writable
     s.deliver(upd("t1", 5))
-    s.send(protocol.pong())
+    s.send(pong())
     assert json.loads(s.next_item())["type"] == "pong"
     assert s.next_item() is None  # the update waits: no overtaking the snapshot
     s.snapshot_written()
@@ -638,8 +650,8 @@ def test_session_too_slow_when_a_queue_is_over_its_bound() -> None:
     assert not s.deliver(upd("one-too-many", 99, "completed"))  # close with TOO_SLOW
     s = session()
     for _ in range(LIMITS.control):
-        assert s.send(protocol.pong()) is None
-    assert s.send(protocol.pong()) == Close(4408, protocol.TOO_SLOW)
+        assert s.send(pong()) is None
+    assert s.send(pong()) == Close(4408, TOO_SLOW)
 
 
 def test_session_is_closed_once() -> None:
@@ -647,7 +659,7 @@ def test_session_is_closed_once() -> None:
     assert s.close(4408, "x") is True
     assert s.close(1001, "y") is False
     assert s.deliver(upd("t1", 1)) and s.next_item() is None  # closing: nothing queued
-    assert s.send(protocol.pong()) is None and s.control is None
+    assert s.send(pong()) is None and s.control is None
     assert s.clock(100.0, backed_up=True, send_timeout=1, ping_timeout=1, ping=True) is None
 
 
@@ -656,7 +668,7 @@ def test_session_a_subscribe_read_older_than_a_push_meanwhile_is_not_sent_after_
     read is dropped, so the client never sees the task's seq go back."""
     s = session(user_id=1, admin=True)
     s.subscribe("t9")
-    s.deliver(protocol.status_update(task("t9", 2, seq=3)))  # pushed while reading...
+    s.deliver(status_update(task("t9", 2, seq=3)))  # pushed while reading...
     assert s.outbox.pop().seq == 3  # ... and already written to the socket
     _, current = s.subscribe_read("t9", task("t9", 2, seq=2))  # the read saw seq 2
     assert current is not None

@@ -24,9 +24,9 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from server.accesslog import RedactingAccessLogger, SecretFilter, redact
 from server.app import create_app
 from server.config import Config, Secret, parse_config, redact_db
+from server.web.accesslog import RedactingAccessLogger, SecretFilter, redact
 from tests.conftest import API_KEY, SECRET, make_token
 from tests.procs import Servers, free_port, run_cli
 

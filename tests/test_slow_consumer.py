@@ -118,9 +118,9 @@ async def test_a_silent_peer_left_backed_up_by_direct_writes_is_cut_off(make_cli
     """Direct writes fill the transport and leave no sender task: the unread backlog still
     counts as a stuck send, so the socket is closed 4408 after --send-timeout (found in
     review: it was neither pinged nor timed out)."""
-    from server import keys
-    from server.model import Change, Register
-    from server.ws import DIRECT_WRITE_LIMIT
+    from server.core.model import Change, Register
+    from server.web import keys
+    from server.web.connection import DIRECT_WRITE_LIMIT
 
     client = await make_client(send_timeout=0.5)
     app = client.server.app

@@ -20,9 +20,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import keys, protocol, snapshot
-from server.model import Change, Register, Task
-from server.snapshot import ByteBudget
+from server.core.model import Change, Register, Task
+from server.push import snapshot
+from server.push.frames import data_frame, text_frame
+from server.push.messages import CLOSE_TRY_AGAIN, active_tasks, active_tasks_part
+from server.push.snapshot import ByteBudget
+from server.web import keys
 from tests.conftest import (
     API_KEY,
     PRODUCER,
@@ -64,20 +67,20 @@ def _task(n: int) -> Task:
 def test_the_parts_of_active_tasks_join_to_the_one_message(pages: list[list[int]]) -> None:
     tasks = [[_task(n) for n in page] for page in pages] or [[]]
     total = sum(len(page) for page in tasks)
-    parts = [protocol.active_tasks_part(page, first=i == 0,
+    parts = [active_tasks_part(page, first=i == 0,
                                         count=total if i == len(tasks) - 1 else None)
              for i, page in enumerate(tasks)]
-    whole = protocol.active_tasks([t for page in tasks for t in page])
+    whole = active_tasks([t for page in tasks for t in page])
     assert b"".join(parts).decode() == whole
     assert json.loads(whole)["count"] == total
 
 
 def test_a_message_in_parts_is_a_text_frame_then_continuations_the_last_final() -> None:
-    assert protocol.data_frame(b"ab", first=True, last=False)[:2] == b"\x01\x02"
-    assert protocol.data_frame(b"cd", first=False, last=False)[:2] == b"\x00\x02"
-    assert protocol.data_frame(b"ef", first=False, last=True)[:2] == b"\x80\x02"
-    assert protocol.data_frame(b"x" * 70000)[:2] == b"\x81\x7f"
-    assert protocol.text_frame("hi") == b"\x81\x02hi"
+    assert data_frame(b"ab", first=True, last=False)[:2] == b"\x01\x02"
+    assert data_frame(b"cd", first=False, last=False)[:2] == b"\x00\x02"
+    assert data_frame(b"ef", first=False, last=True)[:2] == b"\x80\x02"
+    assert data_frame(b"x" * 70000)[:2] == b"\x81\x7f"
+    assert text_frame("hi") == b"\x81\x02hi"
 
 
 async def test_a_waiter_cancelled_as_the_budget_is_released_stays_cancelled() -> None:
@@ -403,7 +406,7 @@ async def test_a_storage_failure_during_the_snapshot_closes_1013_without_a_trace
     assert (await recv(ws))["type"] == "connected"
     msg = await ws.receive(timeout=5)
     assert msg.type == aiohttp.WSMsgType.CLOSE, (msg.type, msg.data)
-    assert ws.close_code == protocol.CLOSE_TRY_AGAIN == 1013
+    assert ws.close_code == CLOSE_TRY_AGAIN == 1013
     await _budget_returned(app)
     warnings = [r for r in caplog.records if "closed with 1013" in r.getMessage()]
     assert len(warnings) == 1 and "disk I/O error" in warnings[0].getMessage()

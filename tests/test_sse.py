@@ -12,8 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import keys, snapshot, sse
-from server.model import Change, Register
+from server.core.model import Change, Register
+from server.push import snapshot
+from server.web import keys, sse
 from tests.conftest import (
     API_KEY,
     SECRET,
@@ -277,7 +278,7 @@ async def test_cors_headers_reach_a_stream(make_client: MakeClient) -> None:
     await events_until(resp, "active_tasks")
 
 
-# ---- the connect-time snapshot: by pages, under --snapshot-memory (server/snapshot.py) ----
+# ---- the connect-time snapshot: by pages, under --snapshot-memory (server/push/snapshot.py) ----
 
 
 def _dechunk(body: bytes) -> list[bytes]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server import keys, sse
+from server.web import keys, sse
 from tests.cluster_support import eventually
 from tests.conftest import Client, event, make_token, register
 from tests.support import events_until, next_event, stream

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from server import keys
-from server.errors import StorageUnavailable, TaskPushError
-from server.model import Change
-from server.notify import TaskProgressContext, task_notification_service
-from server.producer_client import HttpBackend
+from server.core.errors import StorageUnavailable, TaskPushError
+from server.core.model import Change
+from server.service.notify import TaskProgressContext, task_notification_service
+from server.service.producer_client import HttpBackend
+from server.web import keys
 from tests.conftest import (
     API_KEY,
     PRODUCER,

@@ -10,7 +10,7 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from server.sqlite_store import storage_reason
+from server.storage.sqlite.store import storage_reason
 
 
 def _connect(path: Path) -> sqlite3.Connection:

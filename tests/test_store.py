@@ -1,5 +1,5 @@
-"""The SQLite engine (server/sqlite_store.py) on its own: a real file under tmp_path, no app,
-no sockets.
+"""The SQLite engine (server/storage/sqlite/store.py) on its own: a real file under
+tmp_path, no app, no sockets.
 
 What only a SQLite file has: the schema (idempotent, re-runnable DDL), WAL, the statements it
 actually runs answered from an index, where writes run (the loop's thread or the writer's),
@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from server.model import Change, Delete, Outcome, Register
-from server.sqlite_store import SCHEMA_PATH
-from server.sqlite_store import SqliteStore as Store
+from server.core.model import Change, Delete, Outcome, Register
+from server.storage.sqlite.store import SCHEMA_PATH
+from server.storage.sqlite.store import SqliteStore as Store
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ async def test_small_batches_are_written_on_the_loop_thread_large_ones_on_the_wo
     """A small commit costs less than a thread hop; a large one must not stall the loop."""
     import threading
 
-    from server import sqlite_store as store_module
+    from server.storage.sqlite import store as store_module
 
     await ok(store, Register("t", 1, "job"))
     writers = trace_writer_threads(store)
@@ -208,7 +208,7 @@ async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
         store: Store, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from server import sqlite_store as store_module
+    from server.storage.sqlite import store as store_module
 
     assert store._wconn is not None
     assert store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
@@ -234,7 +234,7 @@ async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
 
 
 async def test_a_sweep_and_a_large_batch_share_the_writer_safely(store: Store) -> None:
-    from server import sqlite_store as store_module
+    from server.storage.sqlite import store as store_module
 
     await ok(store, Register("t", 1, "job"))
     big = [Change("t", "progress", progress=n % 100)
@@ -293,7 +293,7 @@ async def test_the_checkpoint_timer_survives_firing_during_a_checkpoint(
     so no later commit armed another one."""
     import threading
 
-    from server import sqlite_store as store_module
+    from server.storage.sqlite import store as store_module
 
     calls: list[int] = []
     first_running, first_may_end = threading.Event(), threading.Event()
@@ -351,8 +351,8 @@ async def test_a_write_lock_held_by_another_process_does_not_stall_the_loop(
 
 async def test_a_database_of_a_newer_schema_version_is_refused(store: Store,
                                                                db_path: Path) -> None:
-    from server.sqlite_store import SCHEMA_VERSION
-    from server.store import StoreRefused
+    from server.storage.api import StoreRefused
+    from server.storage.sqlite.store import SCHEMA_VERSION
 
     assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     await store.close()
@@ -372,9 +372,9 @@ async def test_a_database_of_a_newer_schema_version_is_refused(store: Store,
 
 
 def test_the_db_setting_picks_the_engine(tmp_path: Path) -> None:
-    from server.engines import make_store
-    from server.pg_store import PgStore
-    from server.sqlite_store import SqliteStore
+    from server.storage.engines import make_store
+    from server.storage.postgres.store import PgStore
+    from server.storage.sqlite.store import SqliteStore
 
     assert isinstance(make_store(str(tmp_path / "x.db"), timeout=1), SqliteStore)
     for url in ("postgresql://u:pw@db.example/taskpush", "POSTGRES://u@db.example/t"):

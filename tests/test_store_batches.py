@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from server.errors import TooMany
-from server.model import Change, Register
-from server.pg_store import PgStore
-from server.sqlite_store import SqliteStore
+from server.core.errors import TooMany
+from server.core.model import Change, Register
+from server.storage.postgres.store import PgStore
+from server.storage.sqlite.store import SqliteStore
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])

@@ -22,11 +22,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
-from server.model import Change, Delete, Kind, Outcome, Register
-from server.pg_store import PgStore
-from server.sqlite_store import SqliteStore
-from server.store import Store
+from server.core.errors import Conflict, NotFound, TaskActive, TaskFinal, TooMany
+from server.core.model import Change, Delete, Kind, Outcome, Register
+from server.storage.api import Store
+from server.storage.postgres.store import PgStore
+from server.storage.sqlite.store import SqliteStore
 from tests.engines import Engine
 
 

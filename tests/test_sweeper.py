@@ -1,4 +1,4 @@
-"""The sweeper (server/sweeper.py) against a running app: stale active tasks are failed with
+"""The sweeper (server/web/jobs.py) against a running app: stale active tasks are failed with
 error_type "stale" and pushed, finished tasks past retention are deleted (pushed as
 task_deleted, history gone), and forgotten tombstones make an old `since` resync.
 
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from server import keys
-from server.sweeper import sweep_once
+from server.web import keys
+from server.web.jobs import sweep_once
 from tests.conftest import (
     MakeClient,
     auth,

@@ -1,4 +1,4 @@
-"""TaskService (server/tasks.py): the one path of every change, and the in-process
+"""TaskService (server/service/tasks.py): the one path of every change, and the in-process
 coroutines (runners) it keeps so a user's cancel can interrupt them."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import msgspec
 
-from server import keys
-from server.notify import task_notification_service
+from server.service.notify import task_notification_service
+from server.web import keys
 
 
 async def test_runner_entries_do_not_pile_up(client: Any) -> None:
@@ -34,7 +34,7 @@ async def test_a_cancel_committed_by_another_node_interrupts_the_runner_here(
     listener (local=False), which the app wires to the service; a cancel
     (status cancelled with cancel_requested) of a task whose coroutine runs here stops it,
     a worker's own report of 'cancelled' (no cancel requested) does not."""
-    from server.model import Change, Outcome
+    from server.core.model import Change, Outcome
 
     tasks = client.app[keys.TASKS]
     started = {name: asyncio.Event() for name in ("a", "b")}

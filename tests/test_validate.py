@@ -1,5 +1,5 @@
-"""Plain unit tests of body validation (server/validate.py) and the task state rules
-(server/model.py): no server, no database."""
+"""Plain unit tests of body validation (server/core/validate.py) and the task state rules
+(server/core/model.py): no server, no database."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from server import model, validate
-from server.errors import BadRequest, TaskFinal, TooLarge
-from server.model import Change, Kind, Outcome, Register, new_task, next_state, public
+from server.core import model, validate
+from server.core.errors import BadRequest, TaskFinal, TooLarge
+from server.core.model import Change, Kind, Outcome, Register, new_task, next_state, public
 
 LIMIT = 1000
 

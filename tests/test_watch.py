@@ -1,6 +1,6 @@
-"""server/watch.py: the clocks of every socket kept without a timer per socket.
+"""server/push/watch.py: the clocks of every socket kept without a timer per socket.
 
-Unit tests with a stand-in socket: a real sans-I/O `protocol.Session` (which keeps the
+Unit tests with a stand-in socket: a real sans-I/O `session.Session` (which keeps the
 clocks and decides) and the few I/O methods of `watch.Watched`, recorded; the real
 sockets' expiry, ping and stuck-send behaviour is tested end to end in test_ws_delivery.
 """
@@ -12,9 +12,9 @@ import gc
 import time
 import weakref
 
-from server.auth import Identity as _Identity
-from server.protocol import Session, SessionLimits
-from server.watch import PING_FRAME, TokenDeadlines, check_sockets
+from server.core.auth import Identity as _Identity
+from server.push.session import Session, SessionLimits
+from server.push.watch import PING_FRAME, TokenDeadlines, check_sockets
 
 LIMITS = SessionLimits(send_queue=100, rate=20.0, burst=40, strikes=3, max_subscriptions=10)
 

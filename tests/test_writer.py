@@ -1,4 +1,4 @@
-"""server/writer.py's promises, on both engines: a caller is answered only after its
+"""server/storage/writer.py's promises, on both engines: a caller is answered only after its
 commit was published (pushed) in seq order, also when publishing has to wait; a storage
 failure that will not end by itself (a full disk, a read-only database) is answered 503 at
 once, not retried until --db-timeout, while /healthz keeps answering; between tries of a
@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from server import keys
-from server.errors import StorageUnavailable
-from server.model import Change, Operation, Outcome, Register
-from server.pg_store import FEED_PAGE, PgStore
-from server.writer import GroupWriter
+from server.core.errors import StorageUnavailable
+from server.core.model import Change, Operation, Outcome, Register
+from server.storage.postgres.store import FEED_PAGE, PgStore
+from server.storage.writer import GroupWriter
+from server.web import keys
 from tests.cluster_support import deafen
 from tests.conftest import PRODUCER, MakeClient, register
 

@@ -572,7 +572,7 @@ async def test_a_subscribe_the_storage_cannot_answer_is_an_error_and_the_socket_
     (a failing disk) answers an `error` the client can retry; no traceback, no close."""
     import sqlite3
 
-    from server import sqlite_store as store_module
+    from server.storage.sqlite import store as store_module
 
     def failing_read(*_args):
         exc = sqlite3.OperationalError("disk I/O error")

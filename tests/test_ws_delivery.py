@@ -17,8 +17,8 @@ from aiohttp import WSMsgType
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient
 
-from server.protocol import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
-from server.ws import wait_writable
+from server.push.session import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
+from server.web.connection import wait_writable
 from tests.conftest import (
     PRODUCER,
     auth,

@@ -1,0 +1,2 @@
+"""The PostgreSQL engine, cluster mode: any number of processes share one database
+(`store.PgStore`)."""

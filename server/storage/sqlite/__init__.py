@@ -1,0 +1,1 @@
+"""The SQLite engine: one process owns one file (`store.SqliteStore`)."""
