@@ -22,6 +22,7 @@ from .messages import (
     CLOSE_UNAUTHORIZED,
     TOO_SLOW,
     ClientMessage,
+    Message,
     ProtocolError,
     Update,
     error,
@@ -125,8 +126,8 @@ class Tick(enum.Enum):
 
 
 STOP = Stop.STOP
-# what `Session.receive` returns: a str is a message to send (`Session.send`)
-Action = str | Close | Pong | Subscribe | Unsubscribe | Refresh | Stop
+# what `Session.receive` returns: a Message is a message to send (`Session.send`)
+Action = Message | Close | Pong | Subscribe | Unsubscribe | Refresh | Stop
 _CLOSE_TOO_SLOW = Close(CLOSE_TOO_SLOW, TOO_SLOW)
 _CLOSE_FLOOD = Close(CLOSE_POLICY, "message rate limit exceeded")
 _CLOSE_EXPIRED = Close(CLOSE_UNAUTHORIZED, "token expired")
@@ -165,7 +166,7 @@ class Session:
         self.user_id = identity.user_id
         self.limits = limits
         self.outbox = Outbox(limits.send_queue)
-        self.control: deque[str] | None = None  # no empty deque kept per idle socket
+        self.control: deque[Message] | None = None  # no empty deque kept per idle socket
         self.limiter = RateLimiter(limits.rate, limits.burst, limits.strikes)
         self.subscriptions: dict[str, None] = {}  # a set; a dict is smaller empty
         self._reading: dict[str, int] | None = None  # task_id -> newest seq pushed meanwhile
@@ -218,7 +219,7 @@ class Session:
         outbox.raise_floor(update.task_id, update.seq)
         return ok
 
-    def send(self, text: str) -> Close | None:
+    def send(self, text: Message) -> Close | None:
         """Queue a control message (answers, notices; they go before queued updates); a
         `Close` when too many wait unsent."""
         if self.closing:
@@ -237,7 +238,7 @@ class Session:
         """Queued messages may be written now (not closing; the snapshot is out)."""
         return not self.closing and not self.snapshotting
 
-    def next_control(self) -> str | None:
+    def next_control(self) -> Message | None:
         control = self.control
         if not control:
             return None
@@ -246,7 +247,7 @@ class Session:
             self.control = None
         return text
 
-    def next_item(self) -> str | Update | None:
+    def next_item(self) -> Message | Update | None:
         """What goes out next: control messages first; live updates wait until the snapshot
         is written (no overtaking)."""
         if self.control:
@@ -333,7 +334,7 @@ class Session:
         """An admin sees every task; a user only their own."""
         return self.identity.is_admin or (task is not None and task.user_id == self.user_id)
 
-    def subscribe_read(self, task_id: str, task: Task | None) -> tuple[str, Update | None]:
+    def subscribe_read(self, task_id: str, task: Task | None) -> tuple[Message, Update | None]:
         """The task as read decides: the answer to send and its current state to deliver
         (`deliver_current`), or ProtocolError (another user's task and a missing one get
         the same answer)."""
@@ -355,7 +356,7 @@ class Session:
 
     # ---- the token -------------------------------------------------------------------
 
-    def refreshed(self, identity: Identity) -> str:
+    def refreshed(self, identity: Identity) -> Message:
         """A verified refresh token: the answer, or ProtocolError if it is another user's.
         Restart the token's clock after it (`restart_token_clock`)."""
         if identity.user_id != self.user_id:
@@ -385,7 +386,7 @@ class Session:
             return None
         return _CLOSE_EXPIRED if final else Tick.NOTICE
 
-    def expiry_notice(self, now: float) -> str | None:
+    def expiry_notice(self, now: float) -> Message | None:
         """`token_expiring` with the seconds left at wall-clock `now`."""
         exp = self.identity.expires_at
         if exp is None:

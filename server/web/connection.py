@@ -35,6 +35,7 @@ from ..push.messages import (
     CLOSE_TOO_SLOW,
     CLOSE_TRY_AGAIN,
     TOO_SLOW,
+    Message,
     ProtocolError,
     Update,
 )
@@ -98,14 +99,15 @@ class Connection:
 
     WHAT = "WebSocket connection"  # what `connected` says was established
 
-    __slots__ = ("__weakref__", "_close_task", "_sender", "services", "session", "transport",
-                 "user_id", "ws")
+    __slots__ = ("__weakref__", "_close_task", "_sender", "flow", "services", "session",
+                 "transport", "user_id", "ws")
 
-    def __init__(self, ws: Any, session: Session,
-                 transport: asyncio.Transport | None, services: Services) -> None:
+    def __init__(self, ws: Any, session: Session, transport: asyncio.Transport | None,
+                 services: Services, flow: BaseProtocol | None = None) -> None:
         self.ws = ws
         self.session = session
         self.transport = transport
+        self.flow = flow  # the transport's protocol: its flow control says when to wait
         self.services = services
         self.user_id = session.user_id
         self._sender: asyncio.Task[None] | None = None
@@ -145,7 +147,7 @@ class Connection:
 
     # ---- sending ---------------------------------------------------------------------
 
-    def send(self, text: str) -> None:
+    def send(self, text: Message) -> None:
         """Queue a control message (answers, notices); sent before queued updates."""
         close = self.session.send(text)
         if close is not None:
@@ -165,7 +167,7 @@ class Connection:
         """The next item as text and (for an update) its shared frame. The SSE stream
         (`sse.Stream`) frames the same items as events instead."""
         item = self.session.next_item()
-        if item is None or isinstance(item, str):
+        if item is None or isinstance(item, Message):
             return None if item is None else (item, None)
         return item.text, item.frame
 
@@ -416,8 +418,8 @@ class FrameWriter:
         if count:
             self.conn.services.metrics.messages_sent.inc()
 
-    def message(self, text: str, seq: int | None = None) -> None:
-        self._write(text_frame(text))
+    def message(self, message: Message) -> None:
+        self._write(text_frame(message))
 
     def part(self, data: bytes, *, first: bool, last: bool) -> None:
         self._write(data_frame(data, first=first, last=last), count=last)

@@ -35,22 +35,30 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 
-from ..core import contract, jsonutil
+from ..core import contract
 from ..core.auth import AuthError
 from ..core.errors import BadRequest, Unauthorized
 from ..push.messages import (
+    CHANGE_KINDS,
     CLOSE_TOO_SLOW,
+    Message,
     ProtocolError,
     Update,
     error,
-    message_type,
     simple,
     task_id_field,
 )
 from ..push.session import Session
 from ..push.snapshot import MessageWriter
 from . import keys
-from .connection import CLOSE_TIMEOUT, Connection, FrameWriter, Services, resume_query
+from .connection import (
+    CLOSE_TIMEOUT,
+    Connection,
+    FrameWriter,
+    Services,
+    resume_query,
+    wait_writable,
+)
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -75,10 +83,6 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _kind(update: Update) -> str:
-    return "task_deleted" if update.status == "deleted" else "task_status"
-
-
 class EventStreamResponse(web.StreamResponse):
     """The response, with the `closed` a `Connection` checks on its `ws` after its
     transport: a stream has no state of its own beyond that transport."""
@@ -96,8 +100,8 @@ class Stream(Connection):
 
     def __init__(self, resp: EventStreamResponse, session: Session,
                  transport: asyncio.Transport | None, services: Services, *, store_epoch: str,
-                 since: int | str | None) -> None:
-        super().__init__(resp, session, transport, services)
+                 since: int | str | None, flow: BaseProtocol | None = None) -> None:
+        super().__init__(resp, session, transport, services, flow)
         self._chunked = resp.chunked  # what the prepared response really does
         self._epoch = store_epoch
         self._since = since  # the resume point asked for (the first events' id)
@@ -124,31 +128,30 @@ class Stream(Connection):
         if self._unordered and (update.task_id, seq) in self._unordered:
             # read out of order: it proves nothing about the rest
             self._unordered.discard((update.task_id, seq))
-            return self._wrap(event_bytes(_kind(update), update.text, self._id_or_none()))
+            return self._wrap(event_bytes(update.kind, update.text, self._id_or_none()))
         point = self._point
         if point is not None and seq < point:
-            return self._wrap(event_bytes(_kind(update), update.text, self._id(point)))
+            return self._wrap(event_bytes(update.kind, update.text, self._id(point)))
         self._point = seq
         if not self._chunked:
-            return event_bytes(_kind(update), update.text, self._id(seq))
+            return event_bytes(update.kind, update.text, self._id(seq))
         framed = update.event_chunk  # framed once for every stream, as its WebSocket frame is
         if framed is None:
-            framed = chunk(event_bytes(_kind(update), update.text, self._id(seq)))
+            framed = chunk(event_bytes(update.kind, update.text, self._id(seq)))
             object.__setattr__(update, "event_chunk", framed)  # a cache on a frozen value
         return framed
 
     def _id_or_none(self) -> str | None:
         return None if self._point is None else self._id(self._point)
 
-    def _frame_text(self, text: str) -> bytes:
-        kind = message_type(text)
-        event_id = None
+    def _frame_text(self, message: Message) -> bytes:
+        kind = message.kind
         if kind == "connected":  # resumed: the point is `since` until the replay moves it
-            self._connected_seq = jsonutil.loads(text)["seq"]
+            self._connected_seq = message.seq or 0
             self._point = self._since if isinstance(self._since, int) else self._connected_seq
         elif kind == "resync":  # answered as a fresh stream: the snapshot's seq
             self._point = self._connected_seq
-        return self._wrap(event_bytes(kind, text, event_id))
+        return self._wrap(event_bytes(kind, message))
 
     def _wrap(self, data: bytes) -> bytes:
         return chunk(data) if self._chunked else data
@@ -157,14 +160,19 @@ class Stream(Connection):
         item = self.session.next_item()
         if item is None:
             return None
-        if isinstance(item, str):
+        if isinstance(item, Message):
             return item, self._frame_text(item)
         return item.text, self._frame_update(item)
 
     async def _send_item(self, text: str, frame: bytes | None) -> None:
-        """The slow path: through aiohttp's writer, which waits for the peer to drain."""
+        """The slow path: the event as framed (a chunk already), then wait for the peer."""
         assert frame is not None
-        await self.ws.write(frame[frame.index(b"\n") + 1:-2] if self._chunked else frame)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("stream closed")
+        transport.write(frame)
+        if self.flow is not None and self.flow.writing_paused:
+            await wait_writable(self.flow)
 
     # ---- what watch.py calls ---------------------------------------------------------
 
@@ -223,14 +231,14 @@ class _EventWriter(FrameWriter):
     __slots__ = ()
     conn: Stream
 
-    def message(self, text: str, seq: int | None = None) -> None:
+    def message(self, message: Message) -> None:
         stream = self.conn
-        if seq is None:
-            self._write(stream._frame_text(text))
+        seq = message.seq
+        if message.kind not in CHANGE_KINDS or seq is None:
+            self._write(stream._frame_text(message))
             return
         stream._point = seq
-        self._write(stream._wrap(event_bytes(message_type(text), text,
-                                             stream._id(seq))))
+        self._write(stream._wrap(event_bytes(message.kind, message, stream._id(seq))))
 
     def part(self, data: bytes, *, first: bool, last: bool) -> None:
         stream = self.conn
@@ -286,7 +294,8 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         await resp.write(b": taskpush\n\n")  # the headers go out now, not with the first event
         store = app[keys.STORE]
         stream = Stream(resp, Session(identity, services.limits), request.transport,
-                        services, store_epoch=store.epoch, since=since)
+                        services, store_epoch=store.epoch, since=since,
+                        flow=request.protocol)
         metrics = services.metrics
         stream.admit()  # before the snapshot is read: nothing committed from now on is missed
         metrics.sse_streams.inc()

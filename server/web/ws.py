@@ -60,7 +60,7 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
             return ws
 
         conn = Connection(ws, Session(identity, services.limits), request.transport,
-                          services)
+                          services, request.protocol)
         metrics = services.metrics
         conn.admit()  # before reading the snapshot: nothing committed from now on is missed
         metrics.connections.inc()
