@@ -165,6 +165,9 @@ class Update:
     status: str  # "deleted" for a task_deleted message
     text: str
     frame: bytes = b""  # text_frame(text), filled in on creation
+    # False for a task's state read out of the push order (a subscribe): it says nothing
+    # about the other tasks' changes (an SSE id must not claim them)
+    in_order: bool = True
     # its Server-Sent Events chunk, built by the first stream that writes it and shared by
     # the others; it lives and dies with the update (sse.py)
     event_chunk: bytes | None = field(default=None, compare=False, repr=False)

@@ -155,7 +155,7 @@ class Session:
     closing; a method that decides a close returns the `Close` and the driver closes.
     """
 
-    __slots__ = ("_reading", "backed_up_since", "closing", "control", "id", "identity",
+    __slots__ = ("backed_up_since", "closing", "control", "id", "identity",
                  "limiter", "limits", "outbox", "ping_sent_at", "send_started",
                  "snapshotting", "subscriptions", "token_generation", "user_id")
 
@@ -169,7 +169,6 @@ class Session:
         self.control: deque[Message] | None = None  # no empty deque kept per idle socket
         self.limiter = RateLimiter(limits.rate, limits.burst, limits.strikes)
         self.subscriptions: dict[str, None] = {}  # a set; a dict is smaller empty
-        self._reading: dict[str, int] | None = None  # task_id -> newest seq pushed meanwhile
         self.closing = False
         self.snapshotting = True  # nothing else is written until the snapshot is
         self.send_started = 0.0  # clock time the current send began; 0 when not sending
@@ -202,21 +201,17 @@ class Session:
             # ownership check, a task id re-registered for another user), a non-admin
             # socket never carries another user's task
             return True
-        if self._reading and update.task_id in self._reading:
-            self._reading[update.task_id] = max(self._reading[update.task_id], update.seq)
         return self.outbox.push(update)
 
     def deliver_current(self, update: Update) -> bool:
-        """A task's current state read outside the commit order (a subscribe): queued even
-        if it was sent before, and the commit's own pushes at or below it, which may still
-        be on their way, are dropped."""
-        newer = self._reading.pop(update.task_id, 0) if self._reading else 0
-        if update.seq < newer:
-            return True  # a newer state was pushed while the task was read: that one stands
+        """A task's current state read outside the commit order (a subscribe's read, which
+        ends here): queued even if it was sent before, unless a newer state was sent
+        meanwhile; the commit's own pushes at or below it, which may still be on their
+        way, are dropped (`Outbox.current`)."""
         outbox = self.outbox
-        outbox.clear_floor(update.task_id)
-        ok = self.deliver(update)
-        outbox.raise_floor(update.task_id, update.seq)
+        ok = (self.closing or (update.user_id != self.user_id and not self.identity.is_admin)
+              or outbox.current(update))
+        outbox.read_done()
         return ok
 
     def send(self, text: Message) -> Close | None:
@@ -323,11 +318,9 @@ class Session:
                 raise ProtocolError("too_many_subscriptions",
                                     f"at most {limit} subscriptions per connection")
             self.subscriptions[task_id] = None
-        # until its read returns, remember the newest push of the task: a read that
-        # returns an older state must not be sent after it (deliver_current)
-        if self._reading is None:
-            self._reading = {}
-        self._reading[task_id] = 0
+        # until its read returns, what is sent is marked: a read that returns an older
+        # state must not be sent after a newer one (deliver_current)
+        self.outbox.reading()
         return new
 
     def may_see(self, task: Task | None) -> bool:
@@ -340,15 +333,14 @@ class Session:
         the same answer)."""
         if not self.may_see(task):
             raise ProtocolError("forbidden", "no such task of yours to subscribe to")
-        if task is None and self._reading:
-            self._reading.pop(task_id, None)
+        if task is None:
+            self.outbox.read_done()
         return (simple("subscribed", task_id=task_id),
                 None if task is None else status_update(task))
 
     def subscribe_failed(self, task_id: str, new: bool) -> Unsubscribe | None:
         """A subscribe refused or not read: a new one is undone (tell the hub)."""
-        if self._reading:
-            self._reading.pop(task_id, None)
+        self.outbox.read_done()
         if not new:
             return None
         self.subscriptions.pop(task_id, None)

@@ -95,8 +95,8 @@ class Stream(Connection):
 
     WHAT = "Server-Sent Events stream"
 
-    __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "_unordered",
-                 "ended", "in_event")
+    __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "ended",
+                 "in_event")
 
     def __init__(self, resp: EventStreamResponse, session: Session,
                  transport: asyncio.Transport | None, services: Services, *, store_epoch: str,
@@ -107,16 +107,11 @@ class Stream(Connection):
         self._since = since  # the resume point asked for (the first events' id)
         self._point: int | None = None  # the resume point sent last (the id of events)
         self._connected_seq = 0
-        self._unordered: set[tuple[str, int]] = set()  # (task, seq) read out of order
         self.ended = asyncio.Event()
         self.in_event = False  # inside an event written in parts (the snapshot's active_tasks)
 
     def snapshot_writer(self, flow: BaseProtocol) -> MessageWriter:
         return _EventWriter(self, flow)
-
-    def deliver_current(self, update: Update) -> None:
-        self._unordered.add((update.task_id, update.seq))
-        super().deliver_current(update)
 
     # ---- framing ---------------------------------------------------------------------
 
@@ -125,9 +120,7 @@ class Stream(Connection):
 
     def _frame_update(self, update: Update) -> bytes:
         seq = update.seq
-        if self._unordered and (update.task_id, seq) in self._unordered:
-            # read out of order: it proves nothing about the rest
-            self._unordered.discard((update.task_id, seq))
+        if not update.in_order:  # read out of order: it proves nothing about the rest
             return self._wrap(event_bytes(update.kind, update.text, self._id_or_none()))
         point = self._point
         if point is not None and seq < point:
