@@ -5,9 +5,25 @@ never do) and the rule that a task's seq never goes back for the client."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections import OrderedDict
 
 from .messages import Update
+
+
+class Queued(enum.Enum):
+    """What became of an update handed to the outbox; false only for OVERFLOW."""
+
+    DROPPED = "dropped"  # nothing new for the client (it has, or will have, a newer state)
+    QUEUED = "queued"
+    MERGED = "merged"  # it replaced the queued update of its task (progress coalesced)
+    OVERFLOW = "overflow"  # queued, and the queue is over its bound: the peer is too slow
+
+    def __bool__(self) -> bool:
+        return self is not Queued.OVERFLOW
+
+
+DROPPED, QUEUED, MERGED, OVERFLOW = Queued
 
 
 class Outbox:
@@ -15,8 +31,9 @@ class Outbox:
 
     While an update waits unsent, a newer update of the same task with the same
     non-terminal status replaces it (the latest wins, so progress is coalesced); a change of
-    status, a terminal state and a deletion are always kept. `push()` returns False when the
-    queue is over its bound even after merging: the connection is too slow and must go.
+    status, a terminal state and a deletion are always kept. `push()` says what it did
+    (`Queued`), OVERFLOW (false) when the queue is over its bound even after merging: the
+    connection is too slow and must go.
 
     "A task's seq never goes back" rests on one fact and one record. The fact: pushes (the
     hub's) come in seq order, so `_live`, the highest seq pushed, is a point every later
@@ -98,25 +115,25 @@ class Outbox:
             if self.settled:
                 self._settle()
 
-    def current(self, update: Update) -> bool:
+    def current(self, update: Update) -> Queued:
         """A task's current state read out of the push order (a subscribe): queued even if
         it was sent before (a subscribe sends the state again), unless a newer state was
         sent or queued meanwhile; pushes of the task at or below it are then dropped. Its
         update is marked out of order (`in_order` False): it proves nothing about other
-        tasks. False when over the bound."""
+        tasks."""
         task_id, seq = update.task_id, update.seq
         mark = self._mark.get(task_id)
         if mark is not None and seq < mark:
-            return True  # a newer state was sent while the task was read: that one stands
+            return DROPPED  # a newer state was sent while the task was read: it stands
         latest = self._latest.get(task_id)
         if latest is not None and seq <= latest:
-            return True  # that state or a newer one is queued
+            return DROPPED  # that state or a newer one is queued
         self._mark[task_id] = seq
         return self._queue(dataclasses.replace(update, in_order=False), latest)
 
     # ---- pushes, in seq order ----------------------------------------------------------
 
-    def push(self, update: Update) -> bool:
+    def push(self, update: Update) -> Queued:
         task_id, seq = update.task_id, update.seq
         if seq > self._live:
             self._live = seq
@@ -124,25 +141,27 @@ class Outbox:
         mark = self._mark.get(task_id)
         if mark is not None:
             if seq < mark:
-                return True  # the client has (or will have) a newer state
+                return DROPPED  # the client has (or will have) a newer state
             if latest is None and self.settled:
                 del self._mark[task_id]  # reached: every later push is above it
             if seq == mark:
-                return True
+                return DROPPED
         if latest is not None and seq <= latest:
-            return True  # a newer state of this task is already queued
+            return DROPPED  # a newer state of this task is already queued
         return self._queue(update, latest)
 
-    def _queue(self, update: Update, latest: int | None) -> bool:
+    def _queue(self, update: Update, latest: int | None) -> Queued:
         items = self._items
+        done = QUEUED
         if latest is not None:
             prev = items.get(latest)
             if prev is not None and prev.mergeable and prev.status == update.status:
                 del items[latest]
                 self.merged += 1
+                done = MERGED
         items[update.seq] = update
         self._latest[update.task_id] = update.seq
-        return len(items) <= self.limit
+        return done if len(items) <= self.limit else OVERFLOW
 
     def pop(self) -> Update | None:
         items, latest, marks = self._items, self._latest, self._mark

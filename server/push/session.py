@@ -31,7 +31,7 @@ from .messages import (
     simple,
     status_update,
 )
-from .outbox import Outbox
+from .outbox import DROPPED, Outbox, Queued
 
 if TYPE_CHECKING:
     from ..core.auth import Identity
@@ -191,28 +191,31 @@ class Session:
 
     # ---- what goes out ---------------------------------------------------------------
 
-    def deliver(self, update: Update) -> bool:
-        """Queue a pushed update; False when the outbox is over its bound even after
-        merging: the socket is too slow (close it with `TOO_SLOW`)."""
+    def deliver(self, update: Update) -> Queued:
+        """Queue a pushed update; what became of it (`Queued`: MERGED is counted, OVERFLOW,
+        false, means the outbox is over its bound even after merging: the socket is too
+        slow, close it with `TOO_SLOW`)."""
         if self.closing:
-            return True
+            return DROPPED
         if update.user_id != self.user_id and not self.identity.is_admin:
             # the last line of isolation: whatever routed it here (a subscribe racing its
             # ownership check, a task id re-registered for another user), a non-admin
             # socket never carries another user's task
-            return True
+            return DROPPED
         return self.outbox.push(update)
 
-    def deliver_current(self, update: Update) -> bool:
+    def deliver_current(self, update: Update) -> Queued:
         """A task's current state read outside the commit order (a subscribe's read, which
         ends here): queued even if it was sent before, unless a newer state was sent
         meanwhile; the commit's own pushes at or below it, which may still be on their
         way, are dropped (`Outbox.current`)."""
         outbox = self.outbox
-        ok = (self.closing or (update.user_id != self.user_id and not self.identity.is_admin)
-              or outbox.current(update))
+        if self.closing or (update.user_id != self.user_id and not self.identity.is_admin):
+            done = DROPPED
+        else:
+            done = outbox.current(update)
         outbox.read_done()
-        return ok
+        return done
 
     def send(self, text: Message) -> Close | None:
         """Queue a control message (answers, notices; they go before queued updates); a

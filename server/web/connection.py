@@ -39,6 +39,7 @@ from ..push.messages import (
     ProtocolError,
     Update,
 )
+from ..push.outbox import MERGED, OVERFLOW, Queued
 from ..push.session import Session, SessionLimits
 from ..push.watch import TokenDeadlines, Watched
 from ..storage.api import Store
@@ -120,22 +121,17 @@ class Connection:
     # ---- what the hub calls ----------------------------------------------------------
 
     def deliver(self, update: Update) -> None:
-        session = self.session
-        outbox = session.outbox
-        merged = outbox.merged
-        if not session.deliver(update):
-            self._too_slow()
-        elif outbox.merged != merged:
-            self.services.metrics.updates_merged.inc(outbox.merged - merged)
+        self._delivered(self.session.deliver(update))
 
     def deliver_current(self, update: Update) -> None:
         """A task's current state read outside the commit order (a subscribe)."""
-        outbox = self.session.outbox
-        merged = outbox.merged
-        if not self.session.deliver_current(update):
+        self._delivered(self.session.deliver_current(update))
+
+    def _delivered(self, done: Queued) -> None:
+        if done is MERGED:
+            self.services.metrics.updates_merged.inc()
+        elif done is OVERFLOW:
             self._too_slow()
-        elif outbox.merged != merged:
-            self.services.metrics.updates_merged.inc(outbox.merged - merged)
 
     def _too_slow(self) -> None:
         self.services.metrics.slow_closed.inc()
