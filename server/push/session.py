@@ -125,6 +125,27 @@ class Tick(enum.Enum):
     NOTICE = "notice"  # the token expires soon: send `Session.expiry_notice`
 
 
+class State(enum.IntEnum):
+    """Where a socket is in its life (ordered: the closing states come last)."""
+
+    SNAPSHOT = 0  # the connect-time messages are being written; updates wait behind them
+    OPEN = 1  # live: whatever is queued goes out
+    CLOSING = 2  # a close decided after the snapshot: answers queued first, then the close
+    CUT = 3  # a close decided during the snapshot (a message written in parts may be
+    # unfinished): nothing but the close itself goes out
+    GONE = 4  # the peer is gone, or dropped: nothing more is sent or decided
+
+
+# the transitions a session makes; any other is refused (`Session._to` returns False)
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.SNAPSHOT: frozenset((State.OPEN, State.CUT, State.GONE)),
+    State.OPEN: frozenset((State.CLOSING, State.GONE)),
+    State.CLOSING: frozenset((State.GONE,)),
+    State.CUT: frozenset((State.GONE,)),
+    State.GONE: frozenset(),
+}
+
+_CLOSING = State.CLOSING
 STOP = Stop.STOP
 # what `Session.receive` returns: a Message is a message to send (`Session.send`)
 Action = Message | Close | Pong | Subscribe | Unsubscribe | Refresh | Stop
@@ -151,13 +172,15 @@ class Session:
     messages), the inbound rate limit, the subscriptions, the token and the clocks.
 
     Its methods change that state and say what the driver must do: send a message, close
-    with a code, answer a ping, read a task. `close` is the only thing that marks it
-    closing; a method that decides a close returns the `Close` and the driver closes.
+    with a code, answer a ping, read a task. Where the socket is in its life is one
+    `state` (`State`), moved only here and only along `TRANSITIONS`: `snapshot_written`,
+    `close` (the only thing that starts a close; a method that decides one returns the
+    `Close` and the driver closes) and `gone`.
     """
 
-    __slots__ = ("backed_up_since", "closing", "control", "id", "identity",
-                 "limiter", "limits", "outbox", "ping_sent_at", "send_started",
-                 "snapshotting", "subscriptions", "token_generation", "user_id")
+    __slots__ = ("backed_up_since", "control", "id", "identity", "limiter", "limits",
+                 "outbox", "ping_sent_at", "send_started", "state", "subscriptions",
+                 "token_generation", "user_id")
 
     def __init__(self, identity: Identity, limits: SessionLimits,
                  connection_id: str | None = None) -> None:
@@ -169,25 +192,33 @@ class Session:
         self.control: deque[Message] | None = None  # no empty deque kept per idle socket
         self.limiter = RateLimiter(limits.rate, limits.burst, limits.strikes)
         self.subscriptions: dict[str, None] = {}  # a set; a dict is smaller empty
-        self.closing = False
-        self.snapshotting = True  # nothing else is written until the snapshot is
+        self.state = State.SNAPSHOT  # nothing else is written until the snapshot is
         self.send_started = 0.0  # clock time the current send began; 0 when not sending
         self.ping_sent_at = 0.0  # clock time of an unanswered ping; 0 once the peer spoke
         self.backed_up_since = 0.0  # clock time the transport was first seen backed up
         self.token_generation = 0  # bumped when the token changes: older deadlines lapse
 
-    # ---- ending ----------------------------------------------------------------------
+    # ---- the state -------------------------------------------------------------------
+
+    def _to(self, state: State) -> bool:
+        if state in TRANSITIONS[self.state]:
+            self.state = state
+            return True
+        return False
+
+    @property
+    def closing(self) -> bool:
+        """A close has begun (or the peer is gone)."""
+        return self.state >= State.CLOSING
 
     def close(self, code: int, reason: str) -> bool:
-        """Mark it closing; False if it already was (a socket is closed once)."""
-        if self.closing:
-            return False
-        self.closing = True
-        return True
+        """Start the close (CUT during the snapshot, CLOSING after it); False if it has
+        begun already (a socket is closed once)."""
+        return self._to(State.CUT if self.state is State.SNAPSHOT else State.CLOSING)
 
     def gone(self) -> None:
         """The peer is gone (or dropped): nothing more is sent or decided."""
-        self.closing = True
+        self.state = State.GONE
 
     # ---- what goes out ---------------------------------------------------------------
 
@@ -195,7 +226,7 @@ class Session:
         """Queue a pushed update; what became of it (`Queued`: MERGED is counted, OVERFLOW,
         false, means the outbox is over its bound even after merging: the socket is too
         slow, close it with `TOO_SLOW`)."""
-        if self.closing:
+        if self.state >= _CLOSING:
             return DROPPED
         if update.user_id != self.user_id and not self.identity.is_admin:
             # the last line of isolation: whatever routed it here (a subscribe racing its
@@ -210,7 +241,8 @@ class Session:
         meanwhile; the commit's own pushes at or below it, which may still be on their
         way, are dropped (`Outbox.current`)."""
         outbox = self.outbox
-        if self.closing or (update.user_id != self.user_id and not self.identity.is_admin):
+        if self.state >= _CLOSING or (update.user_id != self.user_id
+                                      and not self.identity.is_admin):
             done = DROPPED
         else:
             done = outbox.current(update)
@@ -234,7 +266,7 @@ class Session:
     @property
     def writable(self) -> bool:
         """Queued messages may be written now (not closing; the snapshot is out)."""
-        return not self.closing and not self.snapshotting
+        return self.state is State.OPEN
 
     def next_control(self) -> Message | None:
         control = self.control
@@ -254,7 +286,7 @@ class Session:
 
     def snapshot_written(self) -> None:
         """The connect-time messages are out: live updates may follow."""
-        self.snapshotting = False
+        self._to(State.OPEN)
         self.outbox.end_replay()
 
     def send_began(self, now: float) -> None:
@@ -407,7 +439,7 @@ class Session:
         since = min(filter(None, (self.send_started, self.backed_up_since)), default=0.0)
         if since:
             return _CLOSE_TOO_SLOW if now - since > send_timeout else None
-        if self.snapshotting:
+        if self.state is State.SNAPSHOT:
             return None
         if self.ping_sent_at:
             if ping_timeout and now - self.ping_sent_at > ping_timeout:
