@@ -18,12 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
-from aiohttp.base_protocol import BaseProtocol
 
 from ..core import contract, validate
 from ..core.errors import BadRequest, StorageUnavailable
@@ -51,26 +51,73 @@ CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close (frame, or last ev
 DIRECT_WRITE_LIMIT = 65536  # bytes buffered in the transport above which sends wait
 
 
-async def wait_writable(flow: BaseProtocol) -> None:
-    """Return once aiohttp's transport takes writes again (its buffer back below the
-    low-water mark); raise ConnectionResetError if the connection is lost.
+DRAIN_TICK = 0.005  # seconds between looks at the buffers of the transports waited on
 
-    The one use of an aiohttp private here: aiohttp has no public way to wait for a paused
-    transport without writing (its writers await the protocol's `_drain_helper()`, the
-    future `resume_writing` resolves), and frames written straight to the transport (the
-    same bytes for every socket, no per-socket framing) leave nothing to await. If aiohttp
-    drops it, the public fallback polls `writing_paused`.
-    tests/test_ws_delivery.py::test_wait_writable_uses_aiohttp_drain_helper fails then."""
-    helper = getattr(flow, "_drain_helper", None)
-    if helper is not None:
-        # shielded: aiohttp shares one drain waiter among its writers
-        await asyncio.shield(helper())
+
+class _Drains:
+    """The transports that tasks of one loop wait on to drain, looked at together.
+
+    asyncio tells only a transport's protocol that writing may resume (`resume_writing`),
+    and that protocol is aiohttp's. So a waiter reads the transport's public buffer size
+    instead: one timer, running only while someone waits, wakes each waiter once its
+    transport's buffer is at or below the low-water mark, and fails it if the transport
+    closes first. No per-connection state, no task, nothing while no one waits."""
+
+    __slots__ = ("_loop", "_timer", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiters: list[tuple[asyncio.WriteTransport, int, asyncio.Future[None]]] = []
+
+    def wait(self, transport: asyncio.WriteTransport, low: int) -> asyncio.Future[None]:
+        future = self._loop.create_future()
+        self._waiters.append((transport, low, future))
+        if self._timer is None:
+            self._timer = self._loop.call_later(DRAIN_TICK, self._look)
+        return future
+
+    def _look(self) -> None:
+        self._timer = None
+        waiting = []
+        for entry in self._waiters:
+            transport, low, future = entry
+            if future.done():
+                continue  # its task was cancelled
+            if transport.is_closing():
+                future.set_exception(ConnectionResetError("connection lost"))
+            elif transport.get_write_buffer_size() <= low:
+                future.set_result(None)
+            else:
+                waiting.append(entry)
+        self._waiters = waiting
+        if waiting:
+            self._timer = self._loop.call_later(DRAIN_TICK, self._look)
+
+
+_DRAINS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Drains] = (
+    weakref.WeakKeyDictionary())
+
+
+def writing_paused(transport: asyncio.WriteTransport) -> bool:
+    """The transport's buffer is over its high-water mark (where asyncio pauses writers)."""
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+
+async def wait_writable(transport: asyncio.WriteTransport) -> None:
+    """Return once the transport takes writes again: its buffer at or below its low-water
+    mark, which is what asyncio's `resume_writing` means, read through public transport
+    methods only; raise ConnectionResetError if the connection is lost first."""
+    if transport.is_closing():
+        raise ConnectionResetError("connection lost")
+    low = transport.get_write_buffer_limits()[0]
+    if transport.get_write_buffer_size() <= low:
         return
-    while flow.transport is not None:
-        if not flow.writing_paused:
-            return
-        await asyncio.sleep(0.01)
-    raise ConnectionResetError("connection lost")
+    loop = asyncio.get_running_loop()
+    drains = _DRAINS.get(loop)
+    if drains is None:
+        drains = _DRAINS[loop] = _Drains(loop)
+    await drains.wait(transport, low)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,16 +173,14 @@ class Connection:
     send) are kept by `watch.py` for all connections at once.
     """
 
-    __slots__ = ("__weakref__", "_close_task", "_sender", "flow", "framing", "in_message",
+    __slots__ = ("__weakref__", "_close_task", "_sender", "framing", "in_message",
                  "services", "session", "transport", "user_id")
 
     def __init__(self, framing: Framing, session: Session,
-                 transport: asyncio.Transport | None, services: Services,
-                 flow: BaseProtocol | None = None) -> None:
+                 transport: asyncio.Transport | None, services: Services) -> None:
         self.framing = framing
         self.session = session
         self.transport = transport
-        self.flow = flow  # the transport's protocol: its flow control says when to wait
         self.services = services
         self.user_id = session.user_id
         self.in_message = False  # inside a message written in parts (the snapshot's)
@@ -220,12 +265,16 @@ class Connection:
         transport.write(data)
         await self.drain()
 
+    def must_wait(self) -> bool:
+        """Writes wait: the transport's buffer is over its high-water mark."""
+        transport = self.transport
+        return transport is not None and writing_paused(transport)
+
     async def drain(self) -> None:
-        """Return once the transport takes writes again (its buffer back below the
-        low-water mark)."""
-        flow = self.flow
-        if flow is not None and flow.writing_paused:
-            await wait_writable(flow)
+        """Return once the transport takes writes again, if it did not (`wait_writable`)."""
+        transport = self.transport
+        if transport is not None and writing_paused(transport):
+            await wait_writable(transport)
 
     async def _send_queued(self) -> None:
         loop = asyncio.get_running_loop()
@@ -402,8 +451,7 @@ class FrameWriter:
     async def drain(self) -> None:
         conn = self.conn
         session = conn.session
-        flow = conn.flow
-        if flow is not None and flow.writing_paused:
+        if conn.must_wait():
             session.send_began(asyncio.get_running_loop().time())  # watch.py: stuck send?
             try:
                 await conn.drain()

@@ -251,7 +251,7 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         store = app[keys.STORE]
         framing = EventFraming(resp, store_epoch=store.epoch, since=since)
         stream = Stream(framing, Session(identity, services.limits), request.transport,
-                        services, request.protocol)
+                        services)
         metrics = services.metrics
         stream.admit()  # before the snapshot is read: nothing committed from now on is missed
         metrics.sse_streams.inc()

@@ -145,7 +145,7 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
             return ws
 
         conn = Connection(WebSocketFraming(ws), Session(identity, services.limits),
-                          request.transport, services, request.protocol)
+                          request.transport, services)
         metrics = services.metrics
         conn.admit()  # before reading the snapshot: nothing committed from now on is missed
         metrics.connections.inc()
