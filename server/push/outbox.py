@@ -138,14 +138,16 @@ class Outbox:
         if seq > self._live:
             self._live = seq
         latest = self._latest.get(task_id)
-        mark = self._mark.get(task_id)
-        if mark is not None:
-            if seq < mark:
-                return DROPPED  # the client has (or will have) a newer state
-            if latest is None and self.settled:
-                del self._mark[task_id]  # reached: every later push is above it
-            if seq == mark:
-                return DROPPED
+        marks = self._mark
+        if marks:
+            mark = marks.get(task_id)
+            if mark is not None:
+                if seq < mark:
+                    return DROPPED  # the client has (or will have) a newer state
+                if latest is None and not (self.replaying or self._reads):
+                    del marks[task_id]  # reached: every later push is above it
+                if seq == mark:
+                    return DROPPED
         if latest is not None and seq <= latest:
             return DROPPED  # a newer state of this task is already queued
         return self._queue(update, latest)
@@ -170,13 +172,14 @@ class Outbox:
             task_id = update.task_id
             if latest.get(task_id) == seq:
                 del latest[task_id]
-            mark = marks.get(task_id)
-            if mark is not None and seq < mark:
-                # covered: the client has a newer state
-                if task_id not in latest and mark <= self._live and self.settled:
-                    del marks[task_id]
-                continue
-            if not self.settled:
+            if marks:
+                mark = marks.get(task_id)
+                if mark is not None and seq < mark:
+                    # covered: the client has a newer state
+                    if task_id not in latest and mark <= self._live and self.settled:
+                        del marks[task_id]
+                    continue
+            if self.replaying or self._reads:
                 marks[task_id] = seq
             return update
         return None

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close (frame, or last event)
 DIRECT_WRITE_LIMIT = 65536  # bytes buffered in the transport above which sends wait
+_OPEN = State.OPEN
 
 
 DRAIN_TICK = 0.005  # seconds between looks at the buffers of the transports waited on
@@ -194,7 +195,11 @@ class Connection:
     # ---- what the hub calls ----------------------------------------------------------
 
     def deliver(self, update: Update) -> None:
-        self._delivered(self.session.deliver(update))
+        done = self.session.deliver(update)
+        if done is MERGED:
+            self.services.metrics.updates_merged.inc()
+        elif done is OVERFLOW:
+            self._too_slow()
 
     def deliver_current(self, update: Update) -> None:
         """A task's current state read outside the commit order (a subscribe)."""
@@ -227,7 +232,7 @@ class Connection:
     def kick(self) -> None:
         """Write what is queued now, or start the sender if it must wait (it stops when the
         queues are empty)."""
-        if (self._sender is None and self.session.state is State.OPEN
+        if (self._sender is None and self.session.state is _OPEN
                 and not self._write_direct()):
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
 
@@ -240,8 +245,8 @@ class Connection:
     def _write_direct(self) -> bool:
         """Write queued messages to the transport while its buffer is below
         DIRECT_WRITE_LIMIT, in the sender's order. True when nothing is left to send."""
-        transport = self._writable()
-        if transport is None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self.framing.open():
             return False  # the sender finds out what is wrong and marks the socket closing
         session, frame = self.session, self.framing.message
         written = 0
