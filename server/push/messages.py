@@ -133,13 +133,21 @@ def active_tasks_part(tasks: list[Task], *, first: bool, count: int | None) -> b
     return head + body + tail
 
 
+def _task_status_text(task: Task) -> str:
+    return dumps({"type": "task_status", **public(task)})
+
+
+def _task_deleted_text(task_id: str) -> str:
+    return dumps({"type": "task_deleted", "task_id": task_id})
+
+
 def task_status(task: Task) -> Message:
-    return Message(dumps({"type": "task_status", **public(task)}), "task_status", task.seq)
+    return Message(_task_status_text(task), "task_status", task.seq)
 
 
 def task_deleted(task_id: str, seq: int | None = None) -> Message:
     """`seq`: the tombstone's (carried along, not written)."""
-    return Message(dumps({"type": "task_deleted", "task_id": task_id}), "task_deleted", seq)
+    return Message(_task_deleted_text(task_id), "task_deleted", seq)
 
 
 def error(code: str, message: str) -> Message:
@@ -187,11 +195,12 @@ class Update:
 
 
 def status_update(task: Task) -> Update:
-    """A task's current state as pushed (serialized once, shared by every socket)."""
-    return Update(task.task_id, task.user_id, task.seq, task.status, task_status(task))
+    """A task's current state as pushed (serialized once, shared by every socket; the
+    update carries its kind and seq itself, its text is a plain str)."""
+    return Update(task.task_id, task.user_id, task.seq, task.status, _task_status_text(task))
 
 
 def deleted_update(task_id: str, user_id: int, seq: int) -> Update:
     """A deletion as pushed (its seq is the tombstone's)."""
-    return Update(task_id, user_id, seq, "deleted", task_deleted(task_id, seq))
+    return Update(task_id, user_id, seq, "deleted", _task_deleted_text(task_id))
 
