@@ -16,7 +16,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from server.push.session import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
-from server.web.connection import DRAIN_TICK, wait_writable, writing_paused
+from server.web.drain import DRAIN_TICK, wait_writable, writing_paused
 from tests.conftest import (
     PRODUCER,
     auth,
@@ -573,7 +573,7 @@ def test_the_sessions_opcodes_are_aiohttps_message_types() -> None:
 
 
 async def test_wait_writable_waits_for_the_peer_to_read() -> None:
-    """`connection.wait_writable` returns once the peer has taken what the transport held
+    """`drain.wait_writable` returns once the peer has taken what the transport held
     (its buffer back at the low-water mark), and fails once the connection is lost. It
     reads public transport methods only, so it needs no aiohttp private: here the
     transport's protocol is a bare asyncio one."""
