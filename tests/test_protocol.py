@@ -302,7 +302,7 @@ def test_outbox_a_state_the_snapshot_sent_ahead_of_live_updates_is_not_sent_agai
     assert box.push(upd("b", 11))
     assert box.push(upd("a", 12))
     assert drain(box) == [("x", 10, "progress"), ("a", 12, "progress")]
-    assert box._sent == {} and box._ahead == 0
+    assert box._mark == {}
 
 
 def test_outbox_mark_sent_keeps_the_highest_seq_and_refuses_an_older_one():

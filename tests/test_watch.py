@@ -13,7 +13,7 @@ import time
 import weakref
 
 from server.core.auth import Identity as _Identity
-from server.push.session import Session, SessionLimits
+from server.push.session import Session, SessionLimits, State
 from server.push.watch import PING_FRAME, TokenDeadlines, check_sockets
 
 LIMITS = SessionLimits(send_queue=100, rate=20.0, burst=40, strikes=3, max_subscriptions=10)
@@ -171,21 +171,21 @@ def test_a_socket_waiting_for_its_snapshot_is_neither_pinged_nor_dropped_as_dead
     waiting its turn for the snapshot budget is not silence."""
     sock = Socket()
     check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
-    sock.session.snapshotting = True  # a ping went out just before; the snapshot began
+    sock.session.state = State.SNAPSHOT  # a ping went out just before; the snapshot began
     for now in (12.0, 16.0, 30.0, 100.0):
         assert check_sockets([sock], now, send_timeout=10, ping_timeout=5, ping=True) == (0, 0)
     assert sock.events == [] and sock.frames == [PING_FRAME]
-    sock.session.snapshotting = False
+    sock.session.state = State.OPEN
     assert check_sockets([sock], 101.0, send_timeout=10, ping_timeout=5, ping=True) == (0, 1)
 
 
 def test_a_socket_stuck_writing_a_snapshot_page_is_still_closed_4408() -> None:
     sock = Socket()
-    sock.session.snapshotting = True
+    sock.session.state = State.SNAPSHOT
     sock.session.send_began(1.0)  # the snapshot's drain: the peer does not take the page
     assert check_sockets([sock], 11.5, send_timeout=10, ping_timeout=5, ping=True) == (1, 0)
     sock = Socket()
-    sock.session.snapshotting = True
+    sock.session.state = State.SNAPSHOT
     sock.full = True  # or its pages sit unread in the transport
     check_sockets([sock], 10.0, send_timeout=10, ping_timeout=5, ping=True)
     assert check_sockets([sock], 20.5, send_timeout=10, ping_timeout=5, ping=True) == (1, 0)

@@ -5,7 +5,6 @@ protocol-level pings."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import random
 import socket
@@ -14,11 +13,10 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient
 
 from server.push.session import OP_BINARY, OP_BROKEN, OP_PING, OP_PONG, OP_TEXT
-from server.web.connection import wait_writable
+from server.web.drain import DRAIN_TICK, wait_writable, writing_paused
 from tests.conftest import (
     PRODUCER,
     auth,
@@ -574,29 +572,22 @@ def test_the_sessions_opcodes_are_aiohttps_message_types() -> None:
     assert OP_BROKEN not in {int(t) for t in WSMsgType}
 
 
-class _WithoutDrainHelper(BaseProtocol):
-    """aiohttp's protocol as it would be without its private `_drain_helper`."""
-
-    _drain_helper = None  # type: ignore[assignment]
-
-
-@pytest.mark.parametrize("kind", [BaseProtocol, _WithoutDrainHelper])
-async def test_wait_writable_uses_aiohttp_drain_helper(kind: type[BaseProtocol]) -> None:
-    """`ws.wait_writable` is the one use of an aiohttp private (`_drain_helper`, for want
-    of a public way to wait for a paused transport): this fails if aiohttp renames it or
-    changes what it does; the public fallback (polling `writing_paused`) is tested too."""
-    assert inspect.iscoroutinefunction(getattr(BaseProtocol, "_drain_helper", None))
+async def test_wait_writable_waits_for_the_peer_to_read() -> None:
+    """`drain.wait_writable` returns once the peer has taken what the transport held
+    (its buffer back at the low-water mark), and fails once the connection is lost. It
+    reads public transport methods only, so it needs no aiohttp private: here the
+    transport's protocol is a bare asyncio one."""
     loop = asyncio.get_running_loop()
     ours, peer = socket.socketpair()
-    transport, flow = await loop.connect_accepted_socket(lambda: kind(loop), ours)
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
     try:
-        await asyncio.wait_for(wait_writable(flow), 5)  # not paused: returns at once
+        await asyncio.wait_for(wait_writable(transport), 5)  # nothing held: returns at once
         transport.set_write_buffer_limits(high=1024)
         size = 8 * 1024 * 1024  # more than the kernel takes from a peer that does not read
         transport.write(b"x" * size)
-        assert flow.writing_paused  # the transport paused aiohttp's protocol
-        waiter = asyncio.ensure_future(wait_writable(flow))
-        await asyncio.sleep(0)
+        assert writing_paused(transport)
+        waiter = asyncio.ensure_future(wait_writable(transport))
+        await asyncio.wait({waiter}, timeout=20 * DRAIN_TICK)
         assert not waiter.done()  # nothing was read: it waits
 
         def read_all() -> None:
@@ -606,7 +597,14 @@ async def test_wait_writable_uses_aiohttp_drain_helper(kind: type[BaseProtocol])
 
         await loop.run_in_executor(None, read_all)
         await asyncio.wait_for(waiter, 10)  # the peer took it: writable again
-        assert not flow.writing_paused
+        assert not writing_paused(transport)
+        transport.write(b"x" * size)
+        lost = asyncio.ensure_future(wait_writable(transport))
+        await asyncio.wait({lost}, timeout=20 * DRAIN_TICK)
+        assert not lost.done()
+        transport.abort()  # the connection is lost while a writer waits
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(lost, 10)
     finally:
         transport.close()
         peer.close()

@@ -1,19 +1,17 @@
 """The WebSocket (and SSE) messages, sans I/O: the close codes and their reasons, what a
 client may send (`parse_client_message`), what the server sends (one builder per message
-type, each writing `type` first), and an `Update`: one committed change serialized and
-framed once, the same bytes for every socket."""
+type, each returning a `Message`: its JSON text carrying its type and seq, so no framing
+reads the JSON back), and an `Update`: one committed change serialized and framed once,
+the same bytes for every socket."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..core import contract, jsonutil
 from ..core.model import TERMINAL, Task, public, utc_now
 from .frames import text_frame
-
-if TYPE_CHECKING:
-    pass
 
 # Close codes (SPEC): the reason strings are what clients read.
 CLOSE_GOING_AWAY = 1001
@@ -82,12 +80,29 @@ def task_id_field(value: Any) -> str:
     return value
 
 
+class Message(str):
+    """A message's JSON text (a str: written as is), carrying its `type` and, for the
+    messages that state one (`connected`, `task_status`, `task_deleted`), its seq."""
+
+    kind: str
+    seq: int | None
+
+    def __new__(cls, text: str, kind: str, seq: int | None = None) -> Message:
+        message = super().__new__(cls, text)
+        message.kind = kind
+        message.seq = seq
+        return message
+
+
+CHANGE_KINDS = frozenset(("task_status", "task_deleted"))  # the messages a change is sent as
+
+
 def dumps(message: dict[str, Any]) -> str:
     return jsonutil.dumps(message)
 
 
 def connected(connection_id: str, epoch: str, seq: int, *, what: str = "WebSocket connection",
-              node: str | None = None) -> str:
+              node: str | None = None) -> Message:
     """The first message. `what` names the transport ("WebSocket connection", "event
     stream"); `node` (cluster mode only) is the name of the node that holds it."""
     message = {
@@ -100,12 +115,12 @@ def connected(connection_id: str, epoch: str, seq: int, *, what: str = "WebSocke
     }
     if node is not None:
         message["node"] = node
-    return dumps(message)
+    return Message(dumps(message), "connected", seq)
 
 
-def active_tasks(tasks: list[Task]) -> str:
-    return dumps({"type": "active_tasks", "tasks": [public(t) for t in tasks],
-                  "count": len(tasks)})
+def active_tasks(tasks: list[Task]) -> Message:
+    return Message(dumps({"type": "active_tasks", "tasks": [public(t) for t in tasks],
+                          "count": len(tasks)}), "active_tasks")
 
 
 def active_tasks_part(tasks: list[Task], *, first: bool, count: int | None) -> bytes:
@@ -118,25 +133,33 @@ def active_tasks_part(tasks: list[Task], *, first: bool, count: int | None) -> b
     return head + body + tail
 
 
-def task_status(task: Task) -> str:
+def _task_status_text(task: Task) -> str:
     return dumps({"type": "task_status", **public(task)})
 
 
-def task_deleted(task_id: str) -> str:
+def _task_deleted_text(task_id: str) -> str:
     return dumps({"type": "task_deleted", "task_id": task_id})
 
 
-def error(code: str, message: str) -> str:
-    return dumps({"type": "error", "code": code, "message": message})
+def task_status(task: Task) -> Message:
+    return Message(_task_status_text(task), "task_status", task.seq)
 
 
-def simple(kind: str, **fields: Any) -> str:
-    return dumps({"type": kind, **fields})
+def task_deleted(task_id: str, seq: int | None = None) -> Message:
+    """`seq`: the tombstone's (carried along, not written)."""
+    return Message(_task_deleted_text(task_id), "task_deleted", seq)
 
 
-def pong() -> str:
+def error(code: str, message: str) -> Message:
+    return simple("error", code=code, message=message)
+
+
+def simple(kind: str, **fields: Any) -> Message:
+    return Message(dumps({"type": kind, **fields}), kind)
+
+
+def pong() -> Message:
     return simple("pong", timestamp=utc_now())
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +173,9 @@ class Update:
     status: str  # "deleted" for a task_deleted message
     text: str
     frame: bytes = b""  # text_frame(text), filled in on creation
+    # False for a task's state read out of the push order (a subscribe): it says nothing
+    # about the other tasks' changes (an SSE id must not claim them)
+    in_order: bool = True
     # its Server-Sent Events chunk, built by the first stream that writes it and shared by
     # the others; it lives and dies with the update (sse.py)
     event_chunk: bytes | None = field(default=None, compare=False, repr=False)
@@ -162,22 +188,19 @@ class Update:
     def mergeable(self) -> bool:
         return self.status not in TERMINAL and self.status != "deleted"
 
+    @property
+    def kind(self) -> str:
+        """The message's `type`."""
+        return "task_deleted" if self.status == "deleted" else "task_status"
+
 
 def status_update(task: Task) -> Update:
-    """A task's current state as pushed (serialized once, shared by every socket)."""
-    return Update(task.task_id, task.user_id, task.seq, task.status, task_status(task))
+    """A task's current state as pushed (serialized once, shared by every socket; the
+    update carries its kind and seq itself, its text is a plain str)."""
+    return Update(task.task_id, task.user_id, task.seq, task.status, _task_status_text(task))
 
 
 def deleted_update(task_id: str, user_id: int, seq: int) -> Update:
     """A deletion as pushed (its seq is the tombstone's)."""
-    return Update(task_id, user_id, seq, "deleted", task_deleted(task_id))
+    return Update(task_id, user_id, seq, "deleted", _task_deleted_text(task_id))
 
-
-def message_type(text: str) -> str:
-    """The `type` of a message built here (each builder writes it first, so no parse)."""
-    if text.startswith('{"type":"'):
-        end = text.find('"', 9)
-        if end > 0:
-            return text[9:end]
-    kind = jsonutil.loads(text).get("type")
-    return kind if isinstance(kind, str) else "message"

@@ -4,127 +4,182 @@ never do) and the rule that a task's seq never goes back for the client."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from .messages import Update
 
-if TYPE_CHECKING:
-    pass
+
+class Queued(enum.Enum):
+    """What became of an update handed to the outbox; false only for OVERFLOW."""
+
+    DROPPED = "dropped"  # nothing new for the client (it has, or will have, a newer state)
+    QUEUED = "queued"
+    MERGED = "merged"  # it replaced the queued update of its task (progress coalesced)
+    OVERFLOW = "overflow"  # queued, and the queue is over its bound: the peer is too slow
+
+    def __bool__(self) -> bool:
+        return self is not Queued.OVERFLOW
+
+
+DROPPED, QUEUED, MERGED, OVERFLOW = Queued
+
 
 class Outbox:
     """A bounded per-connection queue of updates.
 
     While an update waits unsent, a newer update of the same task with the same
     non-terminal status replaces it (the latest wins, so progress is coalesced); a change of
-    status, a terminal state and a deletion are always kept. `push()` returns False when the
-    queue is over its bound even after merging: the connection is too slow and must go.
-    Updates at or below the seq a task was last sent with are dropped (no duplicates, no
-    going back), which is what lets a connection attach to live updates before it reads its
-    snapshot from the database.
+    status, a terminal state and a deletion are always kept. `push()` says what it did
+    (`Queued`), OVERFLOW (false) when the queue is over its bound even after merging: the
+    connection is too slow and must go.
+
+    "A task's seq never goes back" rests on one fact and one record. The fact: pushes (the
+    hub's) come in seq order, so `_live`, the highest seq pushed, is a point every later
+    push is above. The record: `_mark`, per task, the highest seq the client was sent or
+    will be sent outside that order: by the snapshot (`mark_sent`), by a subscribe's read
+    (`current`, `raise_floor`), and, while the snapshot or a read is in flight
+    (`settled` False), by the queue itself. A push or a queued update at or below its
+    task's mark is not sent. A mark is forgotten once pushes have reached it (nothing
+    later can be at or below it), so a settled connection keeps no per-task state beyond
+    its queue (`_latest` indexes the queue: its newest update per task, for coalescing).
     """
 
-    __slots__ = ("_ahead", "_floor", "_items", "_latest", "_live", "_sent", "limit", "merged",
+    __slots__ = ("_items", "_latest", "_live", "_mark", "_reads", "limit", "merged",
                  "replaying")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._items: OrderedDict[int, Update] = OrderedDict()  # keyed by seq: send order
         self._latest: dict[str, int] = {}  # task_id -> seq of its newest queued update
-        self._sent: dict[str, int] = {}  # task_id -> seq last sent (active tasks only)
-        self._floor: dict[str, int] | None = None  # task_id -> seq already sent out of band
-        self._live = 0  # the highest seq pushed (live updates come in seq order)
-        self._ahead = 0  # the highest seq the snapshot sent that live updates had not reached
+        self._mark: dict[str, int] = {}  # task_id -> highest seq sent out of push order
+        self._live = 0  # the highest seq pushed (pushes come in seq order)
+        self._reads = 0  # reads of a task's current state in flight (subscribes)
         self.merged = 0
-        self.replaying = True
+        self.replaying = True  # the snapshot is being written
 
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def settled(self) -> bool:
+        """No snapshot and no read in flight: marks that pushes reached may go."""
+        return not self.replaying and not self._reads
+
+    def _settle(self) -> None:
+        """Forget the marks pushes have reached, except those of queued tasks (whose
+        older queued updates the mark still skips)."""
+        live, latest = self._live, self._latest
+        if self._mark:
+            self._mark = {t: s for t, s in self._mark.items() if s > live or t in latest}
+
+    # ---- states sent out of the push order -------------------------------------------
+
     def mark_sent(self, task_id: str, seq: int) -> bool:
-        """Remember what was sent while the snapshot overlaps live updates; after that,
-        updates arrive once each in seq order and nothing needs remembering. The highest seq
-        is kept; False (nothing recorded) when the task was already sent at a LATER seq:
-        the caller skips that older state, so the client never sees the task go back (and
-        the live update of the later seq, covered, is not sent again). The same seq is
-        True: the `since` replay repeats what `active_tasks` carried (SPEC: one
-        `task_status` for every task changed after SEQ)."""
-        if self.replaying:
-            sent = self._sent.get(task_id)
-            if sent is not None and seq < sent:
-                return False
-            self._sent[task_id] = seq
-        elif self._sent:
-            self._sent.pop(task_id, None)
+        """The snapshot is about to send the task at `seq`. False (not recorded) when it
+        was sent at a LATER seq: the caller skips that older state, so the client never
+        sees the task go back. The same seq is True: the `since` replay repeats what
+        `active_tasks` carried (SPEC: one `task_status` for every task changed after
+        SEQ). A queued push of that very state is not sent again."""
+        mark = self._mark.get(task_id)
+        if mark is not None and seq < mark:
+            return False
+        self._mark[task_id] = seq
+        if self._latest.get(task_id) == seq:
+            del self._items[seq], self._latest[task_id]
         return True
 
     def end_replay(self) -> None:
-        """The snapshot is sent: forget what it sent, except for queued tasks and states
-        live updates have not reached yet (a node behind the database reads its pages
-        ahead of its feed: those updates are still to come, and must not go out again)."""
+        """The snapshot is sent. A node behind the database read its pages ahead of its
+        pushes: the marks above `_live` stay until those pushes come (and are dropped)."""
         self.replaying = False
-        live = self._live
-        self._sent = {t: s for t, s in self._sent.items() if t in self._latest or s > live}
-        self._ahead = max((s for s in self._sent.values() if s > live), default=0)
-
-    def _reached(self) -> None:
-        """Live updates have passed every state the snapshot sent ahead of them."""
-        self._ahead = 0
-        self._sent = {t: s for t, s in self._sent.items() if t in self._latest}
+        if not self._reads:
+            self._settle()
 
     def raise_floor(self, task_id: str, seq: int) -> None:
-        """A task's state at `seq` went out of the usual order (a subscribe reads the task
-        and may see a commit whose push is still on its way): later pushes of the task at
-        or below `seq` are dropped, so the client never sees it go back."""
-        if self._floor is None:
-            self._floor = {}
-        self._floor[task_id] = max(seq, self._floor.get(task_id, seq))
+        """A task's state at `seq` went out of the push order (a subscribe read a commit
+        whose push may still be on its way): its pushes at or below `seq` are dropped."""
+        mark = self._mark.get(task_id)
+        if mark is None or seq > mark:
+            self._mark[task_id] = seq
 
-    def clear_floor(self, task_id: str) -> None:
-        """The task's next push goes out even if its state was sent before (a subscribe
-        sends the current state again)."""
-        if self._floor:
-            self._floor.pop(task_id, None)
-        if self._sent and not self.replaying:
-            self._sent.pop(task_id, None)
+    def reading(self) -> None:
+        """A read of a task's current state begins (a subscribe): until it is done,
+        what is sent is marked, so an older state read is not sent after a newer one."""
+        self._reads += 1
 
-    def push(self, update: Update) -> bool:
-        if update.seq > self._live:
-            self._live = update.seq
-        if self._floor:
-            floor = self._floor.get(update.task_id)
-            if floor is not None:
-                if update.seq <= floor:
-                    return True
-                del self._floor[update.task_id]
-        sent = self._sent.get(update.task_id)
-        if sent is not None and update.seq <= sent:
-            if self._ahead and update.seq >= self._ahead and not self.replaying:
-                self._reached()
-            return True
-        prev_seq = self._latest.get(update.task_id)
-        if prev_seq is not None:
-            if update.seq <= prev_seq:  # a newer state of this task is already queued
-                return True
-            prev = self._items.get(prev_seq)
+    def read_done(self) -> None:
+        if self._reads:
+            self._reads -= 1
+            if self.settled:
+                self._settle()
+
+    def current(self, update: Update) -> Queued:
+        """A task's current state read out of the push order (a subscribe): queued even if
+        it was sent before (a subscribe sends the state again), unless a newer state was
+        sent or queued meanwhile; pushes of the task at or below it are then dropped. Its
+        update is marked out of order (`in_order` False): it proves nothing about other
+        tasks."""
+        task_id, seq = update.task_id, update.seq
+        mark = self._mark.get(task_id)
+        if mark is not None and seq < mark:
+            return DROPPED  # a newer state was sent while the task was read: it stands
+        latest = self._latest.get(task_id)
+        if latest is not None and seq <= latest:
+            return DROPPED  # that state or a newer one is queued
+        self._mark[task_id] = seq
+        return self._queue(dataclasses.replace(update, in_order=False), latest)
+
+    # ---- pushes, in seq order ----------------------------------------------------------
+
+    def push(self, update: Update) -> Queued:
+        task_id, seq = update.task_id, update.seq
+        if seq > self._live:
+            self._live = seq
+        latest = self._latest.get(task_id)
+        marks = self._mark
+        if marks:
+            mark = marks.get(task_id)
+            if mark is not None:
+                if seq < mark:
+                    return DROPPED  # the client has (or will have) a newer state
+                if latest is None and not (self.replaying or self._reads):
+                    del marks[task_id]  # reached: every later push is above it
+                if seq == mark:
+                    return DROPPED
+        if latest is not None and seq <= latest:
+            return DROPPED  # a newer state of this task is already queued
+        return self._queue(update, latest)
+
+    def _queue(self, update: Update, latest: int | None) -> Queued:
+        items = self._items
+        done = QUEUED
+        if latest is not None:
+            prev = items.get(latest)
             if prev is not None and prev.mergeable and prev.status == update.status:
-                del self._items[prev_seq]
+                del items[latest]
                 self.merged += 1
-        self._items[update.seq] = update
+                done = MERGED
+        items[update.seq] = update
         self._latest[update.task_id] = update.seq
-        if self._ahead and update.seq >= self._ahead and not self.replaying:
-            self._reached()
-        return len(self._items) <= self.limit
+        return done if len(items) <= self.limit else OVERFLOW
 
     def pop(self) -> Update | None:
-        while self._items:
-            _, update = self._items.popitem(last=False)
-            if self._latest.get(update.task_id) == update.seq:
-                del self._latest[update.task_id]
-            sent = self._sent.get(update.task_id)
-            if sent is None or update.seq > sent:
-                self.mark_sent(update.task_id, update.seq)
-                return update
-            if not self.replaying and update.task_id not in self._latest:
-                del self._sent[update.task_id]
+        items, latest, marks = self._items, self._latest, self._mark
+        while items:
+            seq, update = items.popitem(last=False)
+            task_id = update.task_id
+            if latest.get(task_id) == seq:
+                del latest[task_id]
+            if marks:
+                mark = marks.get(task_id)
+                if mark is not None and seq < mark:
+                    # covered: the client has a newer state
+                    if task_id not in latest and mark <= self._live and self.settled:
+                        del marks[task_id]
+                    continue
+            if self.replaying or self._reads:
+                marks[task_id] = seq
+            return update
         return None

@@ -22,6 +22,7 @@ from .messages import (
     CLOSE_UNAUTHORIZED,
     TOO_SLOW,
     ClientMessage,
+    Message,
     ProtocolError,
     Update,
     error,
@@ -30,7 +31,7 @@ from .messages import (
     simple,
     status_update,
 )
-from .outbox import Outbox
+from .outbox import DROPPED, Outbox, Queued
 
 if TYPE_CHECKING:
     from ..core.auth import Identity
@@ -124,9 +125,30 @@ class Tick(enum.Enum):
     NOTICE = "notice"  # the token expires soon: send `Session.expiry_notice`
 
 
+class State(enum.IntEnum):
+    """Where a socket is in its life (ordered: the closing states come last)."""
+
+    SNAPSHOT = 0  # the connect-time messages are being written; updates wait behind them
+    OPEN = 1  # live: whatever is queued goes out
+    CLOSING = 2  # a close decided after the snapshot: answers queued first, then the close
+    CUT = 3  # a close decided during the snapshot (a message written in parts may be
+    # unfinished): nothing but the close itself goes out
+    GONE = 4  # the peer is gone, or dropped: nothing more is sent or decided
+
+
+# the transitions a session makes; any other is refused (`Session._to` returns False)
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.SNAPSHOT: frozenset((State.OPEN, State.CUT, State.GONE)),
+    State.OPEN: frozenset((State.CLOSING, State.GONE)),
+    State.CLOSING: frozenset((State.GONE,)),
+    State.CUT: frozenset((State.GONE,)),
+    State.GONE: frozenset(),
+}
+
+_CLOSING = State.CLOSING
 STOP = Stop.STOP
-# what `Session.receive` returns: a str is a message to send (`Session.send`)
-Action = str | Close | Pong | Subscribe | Unsubscribe | Refresh | Stop
+# what `Session.receive` returns: a Message is a message to send (`Session.send`)
+Action = Message | Close | Pong | Subscribe | Unsubscribe | Refresh | Stop
 _CLOSE_TOO_SLOW = Close(CLOSE_TOO_SLOW, TOO_SLOW)
 _CLOSE_FLOOD = Close(CLOSE_POLICY, "message rate limit exceeded")
 _CLOSE_EXPIRED = Close(CLOSE_UNAUTHORIZED, "token expired")
@@ -150,13 +172,15 @@ class Session:
     messages), the inbound rate limit, the subscriptions, the token and the clocks.
 
     Its methods change that state and say what the driver must do: send a message, close
-    with a code, answer a ping, read a task. `close` is the only thing that marks it
-    closing; a method that decides a close returns the `Close` and the driver closes.
+    with a code, answer a ping, read a task. Where the socket is in its life is one
+    `state` (`State`), moved only here and only along `TRANSITIONS`: `snapshot_written`,
+    `close` (the only thing that starts a close; a method that decides one returns the
+    `Close` and the driver closes) and `gone`.
     """
 
-    __slots__ = ("_reading", "backed_up_since", "closing", "control", "id", "identity",
-                 "limiter", "limits", "outbox", "ping_sent_at", "send_started",
-                 "snapshotting", "subscriptions", "token_generation", "user_id")
+    __slots__ = ("backed_up_since", "control", "id", "identity", "limiter", "limits",
+                 "outbox", "ping_sent_at", "send_started", "state", "subscriptions",
+                 "token_generation", "user_id")
 
     def __init__(self, identity: Identity, limits: SessionLimits,
                  connection_id: str | None = None) -> None:
@@ -165,60 +189,67 @@ class Session:
         self.user_id = identity.user_id
         self.limits = limits
         self.outbox = Outbox(limits.send_queue)
-        self.control: deque[str] | None = None  # no empty deque kept per idle socket
+        self.control: deque[Message] | None = None  # no empty deque kept per idle socket
         self.limiter = RateLimiter(limits.rate, limits.burst, limits.strikes)
         self.subscriptions: dict[str, None] = {}  # a set; a dict is smaller empty
-        self._reading: dict[str, int] | None = None  # task_id -> newest seq pushed meanwhile
-        self.closing = False
-        self.snapshotting = True  # nothing else is written until the snapshot is
+        self.state = State.SNAPSHOT  # nothing else is written until the snapshot is
         self.send_started = 0.0  # clock time the current send began; 0 when not sending
         self.ping_sent_at = 0.0  # clock time of an unanswered ping; 0 once the peer spoke
         self.backed_up_since = 0.0  # clock time the transport was first seen backed up
         self.token_generation = 0  # bumped when the token changes: older deadlines lapse
 
-    # ---- ending ----------------------------------------------------------------------
+    # ---- the state -------------------------------------------------------------------
+
+    def _to(self, state: State) -> bool:
+        if state in TRANSITIONS[self.state]:
+            self.state = state
+            return True
+        return False
+
+    @property
+    def closing(self) -> bool:
+        """A close has begun (or the peer is gone)."""
+        return self.state >= State.CLOSING
 
     def close(self, code: int, reason: str) -> bool:
-        """Mark it closing; False if it already was (a socket is closed once)."""
-        if self.closing:
-            return False
-        self.closing = True
-        return True
+        """Start the close (CUT during the snapshot, CLOSING after it); False if it has
+        begun already (a socket is closed once)."""
+        return self._to(State.CUT if self.state is State.SNAPSHOT else State.CLOSING)
 
     def gone(self) -> None:
         """The peer is gone (or dropped): nothing more is sent or decided."""
-        self.closing = True
+        self.state = State.GONE
 
     # ---- what goes out ---------------------------------------------------------------
 
-    def deliver(self, update: Update) -> bool:
-        """Queue a pushed update; False when the outbox is over its bound even after
-        merging: the socket is too slow (close it with `TOO_SLOW`)."""
-        if self.closing:
-            return True
+    def deliver(self, update: Update) -> Queued:
+        """Queue a pushed update; what became of it (`Queued`: MERGED is counted, OVERFLOW,
+        false, means the outbox is over its bound even after merging: the socket is too
+        slow, close it with `TOO_SLOW`)."""
+        if self.state >= _CLOSING:
+            return DROPPED
         if update.user_id != self.user_id and not self.identity.is_admin:
             # the last line of isolation: whatever routed it here (a subscribe racing its
             # ownership check, a task id re-registered for another user), a non-admin
             # socket never carries another user's task
-            return True
-        if self._reading and update.task_id in self._reading:
-            self._reading[update.task_id] = max(self._reading[update.task_id], update.seq)
+            return DROPPED
         return self.outbox.push(update)
 
-    def deliver_current(self, update: Update) -> bool:
-        """A task's current state read outside the commit order (a subscribe): queued even
-        if it was sent before, and the commit's own pushes at or below it, which may still
-        be on their way, are dropped."""
-        newer = self._reading.pop(update.task_id, 0) if self._reading else 0
-        if update.seq < newer:
-            return True  # a newer state was pushed while the task was read: that one stands
+    def deliver_current(self, update: Update) -> Queued:
+        """A task's current state read outside the commit order (a subscribe's read, which
+        ends here): queued even if it was sent before, unless a newer state was sent
+        meanwhile; the commit's own pushes at or below it, which may still be on their
+        way, are dropped (`Outbox.current`)."""
         outbox = self.outbox
-        outbox.clear_floor(update.task_id)
-        ok = self.deliver(update)
-        outbox.raise_floor(update.task_id, update.seq)
-        return ok
+        if self.state >= _CLOSING or (update.user_id != self.user_id
+                                      and not self.identity.is_admin):
+            done = DROPPED
+        else:
+            done = outbox.current(update)
+        outbox.read_done()
+        return done
 
-    def send(self, text: str) -> Close | None:
+    def send(self, text: Message) -> Close | None:
         """Queue a control message (answers, notices; they go before queued updates); a
         `Close` when too many wait unsent."""
         if self.closing:
@@ -235,9 +266,9 @@ class Session:
     @property
     def writable(self) -> bool:
         """Queued messages may be written now (not closing; the snapshot is out)."""
-        return not self.closing and not self.snapshotting
+        return self.state is State.OPEN
 
-    def next_control(self) -> str | None:
+    def next_control(self) -> Message | None:
         control = self.control
         if not control:
             return None
@@ -246,7 +277,7 @@ class Session:
             self.control = None
         return text
 
-    def next_item(self) -> str | Update | None:
+    def next_item(self) -> Message | Update | None:
         """What goes out next: control messages first; live updates wait until the snapshot
         is written (no overtaking)."""
         if self.control:
@@ -255,7 +286,7 @@ class Session:
 
     def snapshot_written(self) -> None:
         """The connect-time messages are out: live updates may follow."""
-        self.snapshotting = False
+        self._to(State.OPEN)
         self.outbox.end_replay()
 
     def send_began(self, now: float) -> None:
@@ -322,32 +353,29 @@ class Session:
                 raise ProtocolError("too_many_subscriptions",
                                     f"at most {limit} subscriptions per connection")
             self.subscriptions[task_id] = None
-        # until its read returns, remember the newest push of the task: a read that
-        # returns an older state must not be sent after it (deliver_current)
-        if self._reading is None:
-            self._reading = {}
-        self._reading[task_id] = 0
+        # until its read returns, what is sent is marked: a read that returns an older
+        # state must not be sent after a newer one (deliver_current)
+        self.outbox.reading()
         return new
 
     def may_see(self, task: Task | None) -> bool:
         """An admin sees every task; a user only their own."""
         return self.identity.is_admin or (task is not None and task.user_id == self.user_id)
 
-    def subscribe_read(self, task_id: str, task: Task | None) -> tuple[str, Update | None]:
+    def subscribe_read(self, task_id: str, task: Task | None) -> tuple[Message, Update | None]:
         """The task as read decides: the answer to send and its current state to deliver
         (`deliver_current`), or ProtocolError (another user's task and a missing one get
         the same answer)."""
         if not self.may_see(task):
             raise ProtocolError("forbidden", "no such task of yours to subscribe to")
-        if task is None and self._reading:
-            self._reading.pop(task_id, None)
+        if task is None:
+            self.outbox.read_done()
         return (simple("subscribed", task_id=task_id),
                 None if task is None else status_update(task))
 
     def subscribe_failed(self, task_id: str, new: bool) -> Unsubscribe | None:
         """A subscribe refused or not read: a new one is undone (tell the hub)."""
-        if self._reading:
-            self._reading.pop(task_id, None)
+        self.outbox.read_done()
         if not new:
             return None
         self.subscriptions.pop(task_id, None)
@@ -355,7 +383,7 @@ class Session:
 
     # ---- the token -------------------------------------------------------------------
 
-    def refreshed(self, identity: Identity) -> str:
+    def refreshed(self, identity: Identity) -> Message:
         """A verified refresh token: the answer, or ProtocolError if it is another user's.
         Restart the token's clock after it (`restart_token_clock`)."""
         if identity.user_id != self.user_id:
@@ -385,7 +413,7 @@ class Session:
             return None
         return _CLOSE_EXPIRED if final else Tick.NOTICE
 
-    def expiry_notice(self, now: float) -> str | None:
+    def expiry_notice(self, now: float) -> Message | None:
         """`token_expiring` with the seconds left at wall-clock `now`."""
         exp = self.identity.expires_at
         if exp is None:
@@ -411,7 +439,7 @@ class Session:
         since = min(filter(None, (self.send_started, self.backed_up_since)), default=0.0)
         if since:
             return _CLOSE_TOO_SLOW if now - since > send_timeout else None
-        if self.snapshotting:
+        if self.state is State.SNAPSHOT:
             return None
         if self.ping_sent_at:
             if ping_timeout and now - self.ping_sent_at > ping_timeout:

@@ -28,15 +28,23 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..storage.api import PAGE_BYTES, Store
-from .messages import active_tasks_part, connected, error, simple, task_deleted, task_status
+from .messages import (
+    Message,
+    active_tasks_part,
+    connected,
+    error,
+    simple,
+    task_deleted,
+    task_status,
+)
 
 
 class MessageWriter(Protocol):
     """Where the connect-time messages go (a WebSocket; an event stream)."""
 
-    def message(self, text: str, seq: int | None = None) -> None:
-        """Write one whole message; `seq`: the change it carries (`task_status`,
-        `task_deleted`), for a framing that lets its client resume from it."""
+    def message(self, message: Message) -> None:
+        """Write one whole message; a replayed change (`task_status`, `task_deleted`)
+        carries its seq, for a framing that lets its client resume from it."""
 
     def part(self, data: bytes, *, first: bool, last: bool) -> None:
         """Write a piece of one message (pieces of two messages never interleave)."""
@@ -228,11 +236,11 @@ async def write_snapshot(out: MessageWriter, store: Store, budget: ByteBudget, *
             for item in items:
                 if not isinstance(item, tuple):  # a task (a tuple is a tombstone)
                     if mark_sent(item.task_id, item.seq):
-                        out.message(task_status(item), item.seq)
+                        out.message(task_status(item))
                 else:
                     task_id, deleted_seq = item
                     if mark_sent(task_id, deleted_seq):
-                        out.message(task_deleted(task_id), deleted_seq)
+                        out.message(task_deleted(task_id, deleted_seq))
             await out.drain()
     finally:
         if active is not None:

@@ -1,9 +1,11 @@
 """One connection to a browser, whatever its framing: the aiohttp side of a sans-I/O
-`Session` (`push.protocol`). A `Connection` is attached to the hub and delivers what it is
-handed, writes queued frames (straight to the transport, or a sender task while the peer is
-slow), sends the connect-time snapshot by pages (`push.snapshot`) through a `FrameWriter`,
-answers a subscribe, and closes. The WebSocket driver (`ws.py`) reads frames into it; the
-Server-Sent Events driver (`sse.py`) subclasses it to frame messages as events.
+`Session` (push/session.py). A `Connection` is attached to the hub and delivers what it is
+handed, writes queued messages (straight to the transport, or a sender task while the peer
+is slow), sends the connect-time snapshot by pages (`push.snapshot`) through a
+`FrameWriter`, answers a subscribe, and closes. How its messages look on the wire is its
+`Framing`, the one part that differs between a WebSocket (ws.py: frames) and an event
+stream (sse.py: events): a whole message, a message in parts, the close. The WebSocket
+driver (ws.py) reads frames into it; an event stream reads nothing.
 
 Order on connect matters for "no gap, no duplicate": the connection is attached to the hub
 BEFORE the snapshot is read, so a change committed meanwhile is queued; the outbox drops
@@ -18,57 +20,36 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from aiohttp import web
-from aiohttp.base_protocol import BaseProtocol
 
 from ..core import contract, validate
 from ..core.errors import BadRequest, StorageUnavailable
 from ..push import snapshot
-from ..push.frames import close_frame, data_frame, text_frame
 from ..push.hub import Hub
 from ..push.messages import (
     CLOSE_GOING_AWAY,
-    CLOSE_POLICY,
     CLOSE_REPLACED,
     CLOSE_TOO_SLOW,
     CLOSE_TRY_AGAIN,
     TOO_SLOW,
+    Message,
     ProtocolError,
     Update,
 )
-from ..push.session import Session, SessionLimits
+from ..push.outbox import MERGED, OVERFLOW, Queued
+from ..push.session import Session, SessionLimits, State
 from ..push.watch import TokenDeadlines, Watched
 from ..storage.api import Store
+from .drain import wait_writable, writing_paused
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close frame
+CLOSE_TIMEOUT = 2.0  # seconds a peer has to answer our close (frame, or last event)
 DIRECT_WRITE_LIMIT = 65536  # bytes buffered in the transport above which sends wait
-
-
-async def wait_writable(flow: BaseProtocol) -> None:
-    """Return once aiohttp's transport takes writes again (its buffer back below the
-    low-water mark); raise ConnectionResetError if the connection is lost.
-
-    The one use of an aiohttp private here: aiohttp has no public way to wait for a paused
-    transport without writing (its writers await the protocol's `_drain_helper()`, the
-    future `resume_writing` resolves), and frames written straight to the transport (the
-    same bytes for every socket, no per-socket framing) leave nothing to await. If aiohttp
-    drops it, the public fallback polls `writing_paused`.
-    tests/test_ws_delivery.py::test_wait_writable_uses_aiohttp_drain_helper fails then."""
-    helper = getattr(flow, "_drain_helper", None)
-    if helper is not None:
-        # shielded: aiohttp shares one drain waiter among its writers
-        await asyncio.shield(helper())
-        return
-    while flow.transport is not None:
-        if not flow.writing_paused:
-            return
-        await asyncio.sleep(0.01)
-    raise ConnectionResetError("connection lost")
+_OPEN = State.OPEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,29 +66,56 @@ class Services:
     node: str | None = None  # cluster mode: this node's name, told in `connected`
 
 
-class Connection:
-    """One authenticated socket, as the hub sees it (`user_id`, `deliver`, `flush`) and as
-    watch.py sees it (`Watched`): the I/O of its `session`.
+class Framing(Protocol):
+    """How one connection's messages look on the wire: the part of a connection that
+    differs between a WebSocket (ws.py) and an event stream (sse.py), after Centrifuge's
+    Transport. It builds bytes and closes; the writing, the waiting and the state are the
+    `Connection`'s."""
 
-    There is no task per idle socket. What is queued is written straight to the transport
-    while its buffer is small (`_write_direct`: no task, no await, the update's frame bytes
-    shared by every socket); only a peer that reads slowly gets a sender task, which waits
-    for the buffer to drain. Its clocks (token expiry, pings, a stuck send) are kept by
-    `watch.py` for all sockets at once.
+    what: str  # what `connected` says was established
+    pings: bool  # the peer answers pings (a WebSocket does; an EventSource never)
+
+    def open(self) -> bool:
+        """No close has begun beneath the connection (aiohttp answers a WebSocket's close
+        frame itself): frames may still be written."""
+
+    def message(self, item: Message | Update) -> bytes:
+        """One whole message, framed (an update's bytes may be shared by every socket)."""
+
+    def part(self, data: bytes, *, first: bool, last: bool) -> bytes:
+        """A piece of one message written in parts (b"": nothing to write)."""
+
+    async def close(self, conn: Connection, code: int, reason: str) -> None:
+        """The close, this framing's way (a close frame; a last `close` event); cut the
+        connection off if the peer does not take it."""
+
+    def dropped(self) -> None:
+        """The connection was dropped without a close."""
+
+
+class Connection:
+    """One authenticated socket or stream, as the hub sees it (`user_id`, `deliver`,
+    `flush`) and as watch.py sees it (`Watched`): the I/O of its `session`, framed by its
+    `framing`.
+
+    There is no task per idle connection. What is queued is written straight to the
+    transport while its buffer is small (`_write_direct`: no task, no await, an update's
+    frame bytes shared by every socket); only a peer that reads slowly gets a sender task,
+    which waits for the buffer to drain (`drain`). Its clocks (token expiry, pings, a stuck
+    send) are kept by `watch.py` for all connections at once.
     """
 
-    WHAT = "WebSocket connection"  # what `connected` says was established
+    __slots__ = ("__weakref__", "_close_task", "_sender", "framing", "in_message",
+                 "services", "session", "transport", "user_id")
 
-    __slots__ = ("__weakref__", "_close_task", "_sender", "services", "session", "transport",
-                 "user_id", "ws")
-
-    def __init__(self, ws: Any, session: Session,
+    def __init__(self, framing: Framing, session: Session,
                  transport: asyncio.Transport | None, services: Services) -> None:
-        self.ws = ws
+        self.framing = framing
         self.session = session
         self.transport = transport
         self.services = services
         self.user_id = session.user_id
+        self.in_message = False  # inside a message written in parts (the snapshot's)
         self._sender: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
 
@@ -118,22 +126,21 @@ class Connection:
     # ---- what the hub calls ----------------------------------------------------------
 
     def deliver(self, update: Update) -> None:
-        session = self.session
-        outbox = session.outbox
-        merged = outbox.merged
-        if not session.deliver(update):
+        done = self.session.deliver(update)
+        if done is MERGED:
+            self.services.metrics.updates_merged.inc()
+        elif done is OVERFLOW:
             self._too_slow()
-        elif outbox.merged != merged:
-            self.services.metrics.updates_merged.inc(outbox.merged - merged)
 
     def deliver_current(self, update: Update) -> None:
         """A task's current state read outside the commit order (a subscribe)."""
-        outbox = self.session.outbox
-        merged = outbox.merged
-        if not self.session.deliver_current(update):
+        self._delivered(self.session.deliver_current(update))
+
+    def _delivered(self, done: Queued) -> None:
+        if done is MERGED:
+            self.services.metrics.updates_merged.inc()
+        elif done is OVERFLOW:
             self._too_slow()
-        elif outbox.merged != merged:
-            self.services.metrics.updates_merged.inc(outbox.merged - merged)
 
     def _too_slow(self) -> None:
         self.services.metrics.slow_closed.inc()
@@ -145,7 +152,7 @@ class Connection:
 
     # ---- sending ---------------------------------------------------------------------
 
-    def send(self, text: str) -> None:
+    def send(self, text: Message) -> None:
         """Queue a control message (answers, notices); sent before queued updates."""
         close = self.session.send(text)
         if close is not None:
@@ -156,54 +163,66 @@ class Connection:
     def kick(self) -> None:
         """Write what is queued now, or start the sender if it must wait (it stops when the
         queues are empty)."""
-        session = self.session
-        if (self._sender is None and not session.closing and not session.snapshotting
+        if (self._sender is None and self.session.state is _OPEN
                 and not self._write_direct()):
             self._sender = asyncio.get_running_loop().create_task(self._send_queued())
 
-    def _next_message(self) -> tuple[str, bytes | None] | None:
-        """The next item as text and (for an update) its shared frame. The SSE stream
-        (`sse.Stream`) frames the same items as events instead."""
-        item = self.session.next_item()
-        if item is None or isinstance(item, str):
-            return None if item is None else (item, None)
-        return item.text, item.frame
-
-    async def _send_item(self, text: str, frame: bytes | None) -> None:
-        """The sender task's write, which waits while the peer is slow."""
-        await self.ws.send_str(text)
+    def _writable(self) -> asyncio.Transport | None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self.framing.open():
+            return None
+        return transport
 
     def _write_direct(self) -> bool:
         """Write queued messages to the transport while its buffer is below
         DIRECT_WRITE_LIMIT, in the sender's order. True when nothing is left to send."""
         transport = self.transport
-        if transport is None or transport.is_closing() or self.ws.closed:
+        if transport is None or transport.is_closing() or not self.framing.open():
             return False  # the sender finds out what is wrong and marks the socket closing
+        session, frame = self.session, self.framing.message
         written = 0
         try:
             while transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT:
-                item = self._next_message()
+                item = session.next_item()
                 if item is None:
                     return True
-                text, frame = item
-                transport.write(frame if frame is not None else text_frame(text))
+                transport.write(frame(item))
                 written += 1
             return False
         finally:
             if written:
                 self.services.metrics.messages_sent.inc(written)
 
+    async def write(self, data: bytes) -> None:
+        """Write, then wait while the peer is slow; ConnectionResetError once closed."""
+        transport = self._writable()
+        if transport is None:
+            raise ConnectionResetError("connection closed")
+        transport.write(data)
+        await self.drain()
+
+    def must_wait(self) -> bool:
+        """Writes wait: the transport's buffer is over its high-water mark."""
+        transport = self.transport
+        return transport is not None and writing_paused(transport)
+
+    async def drain(self) -> None:
+        """Return once the transport takes writes again, if it did not (`wait_writable`)."""
+        transport = self.transport
+        if transport is not None and writing_paused(transport):
+            await wait_writable(transport)
+
     async def _send_queued(self) -> None:
         loop = asyncio.get_running_loop()
-        session = self.session
+        session, frame = self.session, self.framing.message
         sent = 0
         try:
             while not session.closing:
-                item = self._next_message()
+                item = session.next_item()
                 if item is None:
                     break
                 session.send_began(loop.time())
-                await self._send_item(*item)
+                await self.write(frame(item))
                 sent += 1
         except (ConnectionError, RuntimeError):
             session.gone()
@@ -229,9 +248,10 @@ class Connection:
                 and transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT)
 
     def write_control(self, frame: bytes) -> bool:
-        """A protocol frame (a ping) written whole, now, unless the socket is backed up."""
-        transport = self.transport
-        if transport is None or transport.is_closing() or self.ws.closed or self.backed_up():
+        """A protocol frame (a ping) written whole, now, unless the socket is backed up
+        (or its peer answers no pings)."""
+        transport = self._writable()
+        if transport is None or not self.framing.pings or self.backed_up():
             return False
         transport.write(frame)
         return True
@@ -250,56 +270,12 @@ class Connection:
         self.session.gone()
         if self.transport is not None:
             self.transport.abort()
+        self.framing.dropped()
 
     def close(self, code: int, reason: str) -> None:
         """Close once, from any task; a peer that does not read is cut off after a timeout."""
         if self.session.close(code, reason):
-            self._close_task = asyncio.ensure_future(self._close(code, reason))
-
-    # ---- ending ----------------------------------------------------------------------
-
-    async def _close_unread(self, code: int, reason: str) -> None:
-        """Send the close frame, give the peer CLOSE_TIMEOUT to read it, then drop the
-        connection (aborted, not closed: a close with unread input resets it anyway)."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(close_frame(code, reason))
-        await asyncio.sleep(CLOSE_TIMEOUT)
-
-    async def _flush_control(self) -> None:
-        while self.session.control and not self.ws.closed:
-            text = self.session.next_control()
-            if text is not None:
-                await self.ws.send_str(text)
-
-    async def _close(self, code: int, reason: str) -> None:
-        flood = code == CLOSE_POLICY
-        if flood and self.transport is not None:
-            # what a flooder still sends is neither parsed nor answered: awaiting its close
-            # frame would mean reading (and paying for) everything queued before it
-            self.transport.pause_reading()
-        try:
-            # answers queued before the close go first (not inside a message written in
-            # parts: only a control frame such as the close may come between its frames)
-            if code != CLOSE_TOO_SLOW and not self.session.snapshotting:
-                await asyncio.wait_for(self._flush_control(), CLOSE_TIMEOUT)
-            if flood:
-                await self._close_unread(code, reason)
-            else:
-                await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()),
-                                       CLOSE_TIMEOUT)
-                return
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
-            # not our cancellation: aiohttp re-awaits the drain waiter that a timed-out
-            # send left cancelled, so a peer that stopped reading lands here
-        except (TimeoutError, ConnectionError, RuntimeError):
-            pass
-        if self.transport is not None:
-            self.transport.abort()  # a peer that does not read cannot be closed gracefully
+            self._close_task = asyncio.ensure_future(self.framing.close(self, code, reason))
 
     # ---- attach, snapshot, subscriptions ---------------------------------------------
 
@@ -325,31 +301,27 @@ class Connection:
             with contextlib.suppress(Exception):
                 await self._close_task
 
-    def snapshot_writer(self, flow: BaseProtocol) -> snapshot.MessageWriter:
-        """Where the connect-time messages are written (push/snapshot.py)."""
-        return FrameWriter(self, flow)
-
     async def send_snapshot(self, store: Store, budget: snapshot.ByteBudget,
-                            since: int | str | None, epoch: str | None,
-                            flow: BaseProtocol) -> None:
+                            since: int | str | None, epoch: str | None) -> None:
         """The connect-time messages, by pages with backpressure (push/snapshot.py),
-        framed by this connection's writer (a socket's frames; a stream's events); live
-        updates queued meanwhile wait in the outbox, under its bound, and go out after.
-        Raises ConnectionError if the peer went away (or was closed) meanwhile."""
+        framed by this connection's framing; live updates queued meanwhile wait in the
+        outbox, under its bound, and go out after. Raises ConnectionError if the peer went
+        away (or was closed) meanwhile."""
         session = self.session
         try:
             if isinstance(since, int) and since > store.last_seq:  # seen on another node
                 await store.catch_up(since)
             await snapshot.write_snapshot(
-                self.snapshot_writer(flow), store, budget, user_id=self.user_id,
+                FrameWriter(self), store, budget, user_id=self.user_id,
                 connection_id=session.id, resume=snapshot.judge_resume(store, since, epoch),
-                mark_sent=session.outbox.mark_sent, what=self.WHAT, node=self.services.node)
+                mark_sent=session.outbox.mark_sent, what=self.framing.what,
+                node=self.services.node)
         except snapshot.HistorySwept:
             session.snapshot_written()
             self.close(CLOSE_TOO_SLOW, TOO_SLOW)
             return
         except StorageUnavailable as exc:
-            # perhaps inside `active_tasks` (a message in parts): it stays `snapshotting`, so
+            # perhaps inside `active_tasks` (a message in parts): the state goes CUT, so
             # nothing but the close frame (a stream: nothing) is written after its last part
             log.warning("snapshot of a connection not read (%s): closed with %d",
                         exc, CLOSE_TRY_AGAIN)
@@ -384,6 +356,47 @@ class Connection:
             self.flush()
 
 
+class FrameWriter:
+    """`snapshot.MessageWriter` for a connection: its framing's bytes straight to its
+    transport; `drain` waits for the transport's flow control. A stuck peer is closed by
+    watch.py's stuck-send rule, which ends the wait."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def _write(self, data: bytes, count: bool = True) -> None:
+        conn = self.conn
+        transport = conn.transport
+        if conn.closing or transport is None or transport.is_closing():
+            raise ConnectionResetError("socket closed during its snapshot")
+        if data:  # (an empty chunk would end an event stream's body)
+            transport.write(data)
+        if count:
+            conn.services.metrics.messages_sent.inc()
+
+    def message(self, message: Message) -> None:
+        self._write(self.conn.framing.message(message))
+
+    def part(self, data: bytes, *, first: bool, last: bool) -> None:
+        conn = self.conn
+        self._write(conn.framing.part(data, first=first, last=last), count=last)
+        conn.in_message = not last
+
+    async def drain(self) -> None:
+        conn = self.conn
+        session = conn.session
+        if conn.must_wait():
+            session.send_began(asyncio.get_running_loop().time())  # watch.py: stuck send?
+            try:
+                await conn.drain()
+            finally:
+                session.send_ended()
+        if session.closing:
+            raise ConnectionResetError("socket closed during its snapshot")
+
+
 def _int_query(request: web.Request, name: str) -> int | str | None:
     """A seq cursor by validate.py's rule; "invalid" (snapshot.judge_resume's word) if bad."""
     try:
@@ -395,43 +408,6 @@ def _int_query(request: web.Request, name: str) -> int | str | None:
 def resume_query(request: web.Request) -> tuple[int | str | None, str | None]:
     """The query's `since` (an int, "invalid" or None) and `epoch`."""
     return _int_query(request, "since"), request.query.get("epoch")
-
-
-class FrameWriter:
-    """`snapshot.MessageWriter` for a socket: frames straight to its transport; `drain`
-    waits for aiohttp's flow control (the transport's buffer back below its low-water
-    mark). A stuck peer is closed by watch.py's stuck-send rule, which ends the wait."""
-
-    __slots__ = ("conn", "flow")
-
-    def __init__(self, conn: Connection, flow: BaseProtocol) -> None:
-        self.conn = conn
-        self.flow = flow
-
-    def _write(self, frame: bytes, count: bool = True) -> None:
-        transport = self.conn.transport
-        if self.conn.closing or transport is None or transport.is_closing():
-            raise ConnectionResetError("socket closed during its snapshot")
-        transport.write(frame)
-        if count:
-            self.conn.services.metrics.messages_sent.inc()
-
-    def message(self, text: str, seq: int | None = None) -> None:
-        self._write(text_frame(text))
-
-    def part(self, data: bytes, *, first: bool, last: bool) -> None:
-        self._write(data_frame(data, first=first, last=last), count=last)
-
-    async def drain(self) -> None:
-        session = self.conn.session
-        if self.flow.writing_paused:
-            session.send_began(asyncio.get_running_loop().time())  # watch.py: stuck send?
-            try:
-                await wait_writable(self.flow)
-            finally:
-                session.send_ended()
-        if session.closing:
-            raise ConnectionResetError("socket closed during its snapshot")
 
 
 async def close_all(sockets: Iterable[Watched]) -> None:

@@ -4,7 +4,8 @@ cannot use WebSockets or only listen (`EventSource`, `curl -N`).
 One delivery path, two framings: a `Stream` is a `connection.Connection` on the same
 `Session` (same hub attachment, Outbox with its coalescing and bound, connect-time
 snapshot, stuck-send and token clocks in watch.py, shutdown in `connection.close_all`, per-user
-limit) that frames each message as an event instead of a WebSocket frame. What differs:
+limit) whose `Framing` is `EventFraming`: each message an event instead of a WebSocket
+frame. What differs:
 
 - `event:` is the message's type, `data:` its JSON; `task_status` and `task_deleted` (and a
   fresh stream's `active_tasks`) carry `id: <epoch>:<seq>`, a point up to which this user's
@@ -14,7 +15,7 @@ limit) that frames each message as an event instead of a WebSocket frame. What d
 - Where the socket gets a close code, the stream sends a last `close` event with the same
   code and reason (`{"type":"close","code":4409,"reason":"..."}`), then ends.
 - The connect-time snapshot is the connection's (push/snapshot.py: by pages, under
-  `--snapshot-memory`, drained page by page), written by `_EventWriter`: `active_tasks` is
+  `--snapshot-memory`, drained page by page), framed by `EventFraming`: `active_tasks` is
   ONE event whose `data:` line is written page by page (orjson's JSON has no newline), each
   replayed change an event with its own `id:`. A close that comes inside that line cannot
   end with a `close` event: the stream is cut off (a client reconnects with its last id).
@@ -32,25 +33,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 
-from ..core import contract, jsonutil
+from ..core import contract
 from ..core.auth import AuthError
 from ..core.errors import BadRequest, Unauthorized
 from ..push.messages import (
+    CHANGE_KINDS,
     CLOSE_TOO_SLOW,
+    Message,
     ProtocolError,
     Update,
     error,
-    message_type,
     simple,
     task_id_field,
 )
 from ..push.session import Session
-from ..push.snapshot import MessageWriter
 from . import keys
-from .connection import CLOSE_TIMEOUT, Connection, FrameWriter, Services, resume_query
+from .connection import (
+    CLOSE_TIMEOUT,
+    Connection,
+    Services,
+    resume_query,
+)
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -75,176 +80,135 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _kind(update: Update) -> str:
-    return "task_deleted" if update.status == "deleted" else "task_status"
+class EventFraming:
+    """`connection.Framing` of an event stream: a message is an event (`event:` its type,
+    `data:` its JSON, `id:` a resume point for a change in order), a chunk of the body when
+    the response is chunked; a message in parts is ONE event whose `data:` line is written
+    part by part; the close is a last `close` event, then the end of the body (cut off at
+    once if the peer is too slow to take it, or inside an event)."""
 
+    what = "Server-Sent Events stream"
+    pings = False  # an EventSource never answers: `stream_watch` writes heartbeats
+    __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "ended", "resp")
 
-class EventStreamResponse(web.StreamResponse):
-    """The response, with the `closed` a `Connection` checks on its `ws` after its
-    transport: a stream has no state of its own beyond that transport."""
-
-    closed = False
-
-
-class Stream(Connection):
-    """One authenticated event stream, as the hub, watch.py and shutdown see a socket."""
-
-    WHAT = "Server-Sent Events stream"
-
-    __slots__ = ("_chunked", "_connected_seq", "_epoch", "_point", "_since", "_unordered",
-                 "ended", "in_event")
-
-    def __init__(self, resp: EventStreamResponse, session: Session,
-                 transport: asyncio.Transport | None, services: Services, *, store_epoch: str,
+    def __init__(self, resp: web.StreamResponse, *, store_epoch: str,
                  since: int | str | None) -> None:
-        super().__init__(resp, session, transport, services)
+        self.resp = resp
         self._chunked = resp.chunked  # what the prepared response really does
         self._epoch = store_epoch
         self._since = since  # the resume point asked for (the first events' id)
         self._point: int | None = None  # the resume point sent last (the id of events)
         self._connected_seq = 0
-        self._unordered: set[tuple[str, int]] = set()  # (task, seq) read out of order
-        self.ended = asyncio.Event()
-        self.in_event = False  # inside an event written in parts (the snapshot's active_tasks)
+        self.ended = asyncio.Event()  # the stream is over: its handler returns
 
-    def snapshot_writer(self, flow: BaseProtocol) -> MessageWriter:
-        return _EventWriter(self, flow)
-
-    def deliver_current(self, update: Update) -> None:
-        self._unordered.add((update.task_id, update.seq))
-        super().deliver_current(update)
-
-    # ---- framing ---------------------------------------------------------------------
+    def open(self) -> bool:
+        return True
 
     def _id(self, seq: int) -> str:
         return f"{self._epoch}:{seq}"
 
-    def _frame_update(self, update: Update) -> bytes:
-        seq = update.seq
-        if self._unordered and (update.task_id, seq) in self._unordered:
-            # read out of order: it proves nothing about the rest
-            self._unordered.discard((update.task_id, seq))
-            return self._wrap(event_bytes(_kind(update), update.text, self._id_or_none()))
-        point = self._point
-        if point is not None and seq < point:
-            return self._wrap(event_bytes(_kind(update), update.text, self._id(point)))
-        self._point = seq
-        if not self._chunked:
-            return event_bytes(_kind(update), update.text, self._id(seq))
-        framed = update.event_chunk  # framed once for every stream, as its WebSocket frame is
-        if framed is None:
-            framed = chunk(event_bytes(_kind(update), update.text, self._id(seq)))
-            object.__setattr__(update, "event_chunk", framed)  # a cache on a frozen value
-        return framed
-
     def _id_or_none(self) -> str | None:
         return None if self._point is None else self._id(self._point)
 
-    def _frame_text(self, text: str) -> bytes:
-        kind = message_type(text)
-        event_id = None
+    def wrap(self, data: bytes) -> bytes:
+        return chunk(data) if self._chunked else data
+
+    def message(self, item: Message | Update) -> bytes:
+        if isinstance(item, Update):
+            return self._update(item)
+        seq = item.seq
+        if item.kind in CHANGE_KINDS and seq is not None:
+            # a change the snapshot replays, in seq order: every change of the user up to
+            # it has been sent
+            self._point = seq
+            return self.wrap(event_bytes(item.kind, item, self._id(seq)))
+        kind = item.kind
         if kind == "connected":  # resumed: the point is `since` until the replay moves it
-            self._connected_seq = jsonutil.loads(text)["seq"]
+            self._connected_seq = seq or 0
             self._point = self._since if isinstance(self._since, int) else self._connected_seq
         elif kind == "resync":  # answered as a fresh stream: the snapshot's seq
             self._point = self._connected_seq
-        return self._wrap(event_bytes(kind, text, event_id))
+        return self.wrap(event_bytes(kind, item))
 
-    def _wrap(self, data: bytes) -> bytes:
-        return chunk(data) if self._chunked else data
+    def _update(self, update: Update) -> bytes:
+        seq = update.seq
+        if not update.in_order:  # read out of order: it proves nothing about the rest
+            return self.wrap(event_bytes(update.kind, update.text, self._id_or_none()))
+        point = self._point
+        if point is not None and seq < point:
+            return self.wrap(event_bytes(update.kind, update.text, self._id(point)))
+        self._point = seq
+        if not self._chunked:
+            return event_bytes(update.kind, update.text, self._id(seq))
+        framed = update.event_chunk  # framed once for every stream, as its WebSocket frame is
+        if framed is None:
+            framed = chunk(event_bytes(update.kind, update.text, self._id(seq)))
+            object.__setattr__(update, "event_chunk", framed)  # a cache on a frozen value
+        return framed
 
-    def _next_message(self) -> tuple[str, bytes | None] | None:
-        item = self.session.next_item()
-        if item is None:
-            return None
-        if isinstance(item, str):
-            return item, self._frame_text(item)
-        return item.text, self._frame_update(item)
-
-    async def _send_item(self, text: str, frame: bytes | None) -> None:
-        """The slow path: through aiohttp's writer, which waits for the peer to drain."""
-        assert frame is not None
-        await self.ws.write(frame[frame.index(b"\n") + 1:-2] if self._chunked else frame)
-
-    # ---- what watch.py calls ---------------------------------------------------------
-
-    def write_control(self, frame: bytes) -> bool:
-        """No pings: a stream's client never answers. `stream_watch` sends heartbeats."""
-        return False
-
-    def heartbeat(self) -> None:
-        """A comment line, written whole between events (never while the peer lags)."""
-        if not (self.closing or self.in_event or self.backed_up()) and self.transport is not None:
-            self.transport.write(self._wrap(HEARTBEAT))
-
-    # ---- ending ----------------------------------------------------------------------
-
-    async def _close(self, code: int, reason: str) -> None:
-        """The stream's form of a close: a `close` event with the socket's code, then the
-        end of the body (cut off at once if the peer is too slow to take it)."""
-        try:
-            await self.stop_sending()
-            transport = self.transport
-            if (code == CLOSE_TOO_SLOW or transport is None or self.in_event
-                    or self.backed_up()):
-                if transport is not None:
-                    transport.abort()
-                return
-            last = []
-            while (text := self.session.next_control()) is not None:
-                last.append(self._frame_text(text))
-            text = simple("close", code=code, reason=reason)
-            last.append(self._wrap(event_bytes("close", text)))
-            if not transport.is_closing():
-                transport.write(b"".join(last))
-                self.services.metrics.messages_sent.inc(len(last))
-            await asyncio.wait_for(self.ws.write_eof(), CLOSE_TIMEOUT)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
-        except (TimeoutError, ConnectionError, RuntimeError):
-            if self.transport is not None:
-                self.transport.abort()
-        finally:
-            self.ended.set()
-
-    def abort(self) -> None:
-        super().abort()
-        self.ended.set()
-
-
-class _EventWriter(FrameWriter):
-    """`snapshot.MessageWriter` for a stream (the socket's drain, these framings): a message
-    is an event; `active_tasks`, written in parts, is one event whose `data:` line is
-    written part by part; a replayed change carries `id: <epoch>:<seq>` (the replay is in
-    seq order: every change of the user up to it has been sent)."""
-
-    __slots__ = ()
-    conn: Stream
-
-    def message(self, text: str, seq: int | None = None) -> None:
-        stream = self.conn
-        if seq is None:
-            self._write(stream._frame_text(text))
-            return
-        stream._point = seq
-        self._write(stream._wrap(event_bytes(message_type(text), text,
-                                             stream._id(seq))))
-
-    def part(self, data: bytes, *, first: bool, last: bool) -> None:
-        stream = self.conn
+    def part(self, data: bytes, *, first: bool, last: bool) -> bytes:
         if first:
             head = b"event: active_tasks\n"
-            event_id = stream._id_or_none()  # fresh: the snapshot's seq; resumed: `since`
+            event_id = self._id_or_none()  # fresh: the snapshot's seq; resumed: `since`
             if event_id is not None:
                 head += b"id: %s\n" % event_id.encode()
             data = head + b"data: " + data
         if last:
             data += b"\n\n"
-        if data:  # an empty chunk would end the body
-            self._write(stream._wrap(data), count=last)
-        stream.in_event = not last
+        return self.wrap(data) if data else b""  # an empty chunk would end the body
+
+    def dropped(self) -> None:
+        self.ended.set()
+
+    async def close(self, conn: Connection, code: int, reason: str) -> None:
+        try:
+            await conn.stop_sending()
+            transport = conn.transport
+            if (code == CLOSE_TOO_SLOW or transport is None or conn.in_message
+                    or conn.backed_up()):
+                if transport is not None:
+                    transport.abort()
+                return
+            last = []
+            while (text := conn.session.next_control()) is not None:
+                last.append(self.message(text))
+            text = simple("close", code=code, reason=reason)
+            last.append(self.wrap(event_bytes("close", text)))
+            if not transport.is_closing():
+                transport.write(b"".join(last))
+                conn.services.metrics.messages_sent.inc(len(last))
+            await asyncio.wait_for(self.resp.write_eof(), CLOSE_TIMEOUT)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        except (TimeoutError, ConnectionError, RuntimeError):
+            if conn.transport is not None:
+                conn.transport.abort()
+        finally:
+            self.ended.set()
+
+
+class Stream(Connection):
+    """A connection framed as an event stream: what the hub, watch.py and shutdown see of
+    it is the socket's; only its `framing` differs."""
+
+    __slots__ = ()
+    framing: EventFraming
+
+    @property
+    def in_event(self) -> bool:
+        """Inside the one event written in parts (the snapshot's `active_tasks`)."""
+        return self.in_message
+
+    @property
+    def ended(self) -> asyncio.Event:
+        return self.framing.ended
+
+    def heartbeat(self) -> None:
+        """A comment line, written whole between events (never while the peer lags)."""
+        if not (self.closing or self.in_message or self.backed_up()) and self.transport:
+            self.transport.write(self.framing.wrap(HEARTBEAT))
 
 
 def _last_event_id(raw: str | None) -> tuple[int | str | None, str | None] | None:
@@ -278,23 +242,23 @@ def handler(services: Services) -> Callable[[web.Request], Awaitable[web.StreamR
         # the browser's own resume point wins over the URL it reconnects to
         since, epoch = resume_query(request) if resume is None else resume
 
-        resp = EventStreamResponse(headers=HEADERS)
+        resp = web.StreamResponse(headers=HEADERS)
         if request.version >= HttpVersion11:
             resp.enable_chunked_encoding()  # said on purpose: direct writes frame the chunks
         resp.force_close()  # the end of the stream is the end of the connection
         await resp.prepare(request)
         await resp.write(b": taskpush\n\n")  # the headers go out now, not with the first event
         store = app[keys.STORE]
-        stream = Stream(resp, Session(identity, services.limits), request.transport,
-                        services, store_epoch=store.epoch, since=since)
+        framing = EventFraming(resp, store_epoch=store.epoch, since=since)
+        stream = Stream(framing, Session(identity, services.limits), request.transport,
+                        services)
         metrics = services.metrics
         stream.admit()  # before the snapshot is read: nothing committed from now on is missed
         metrics.sse_streams.inc()
         metrics.sse_total.inc()
         try:
             try:
-                await stream.send_snapshot(store, app[keys.SNAPSHOT_BUDGET], since, epoch,
-                                           request.protocol)
+                await stream.send_snapshot(store, app[keys.SNAPSHOT_BUDGET], since, epoch)
             except ConnectionError:
                 return resp  # gone during its snapshot (or cut off: 4408; closed: 4409, 1001)
             for task_id in task_ids:
@@ -322,7 +286,7 @@ def check_streams(conns: Iterable[Any], beat: bool) -> None:
         transport = conn.transport
         if transport is None or transport.is_closing():
             conn.session.gone()
-            conn.ended.set()
+            conn.framing.ended.set()
         elif beat:
             conn.heartbeat()
 
