@@ -42,7 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-from msgspec.structs import asdict, astuple
+from msgspec.structs import asdict
 
 from ...core import jsonutil
 from ...core.errors import StorageUnavailable
@@ -50,7 +50,6 @@ from ...core.model import (
     ACTIVE,
     CHANGING_FIELDS,
     TASK_COLUMNS,
-    TASK_TYPES,
     Change,
     Delete,
     Kind,
@@ -62,6 +61,7 @@ from ...core.model import (
     utc_now,
 )
 from ..api import PAGE_ROWS, CommitListener, PublishListener, StoreRefused, WholeReads
+from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
 from ..writer import GroupWriter, WriterFront
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,6 @@ PAGE_LIMIT = 1000  # task rows one page read fetches at most
 PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
 MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
 _SCHEMA_LOCK = 0x7461736B70757368  # 'taskpush': the advisory lock around schema creation
-_ACTIVE_SQL = "('pending', 'running', 'progress')"
-_TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
-# the tasks table's columns are model.Task's fields, in order, then `node`
-_TASK_COLUMNS = ", ".join(TASK_COLUMNS)
 
 # The one write statement of a batch: rows passed as arrays of the tables' own row types.
 _WRITE_SQL = """
@@ -119,21 +115,20 @@ _WRITE_QUIET = _WRITE_SQL.format(changing=_CHANGING, notify="$6::bigint, $7::tex
 _ROW_BYTES = ("200 + coalesce(length(message), 0) + coalesce(length(step), 0)"
               " + coalesce(length(result), 0) + coalesce(length(error), 0)"
               " + coalesce(length(error_type), 0) + coalesce(length(metadata), 0)")
-_SEQ = TASK_COLUMNS.index("seq")
 
 
 def _page_sql(where: str, order: str, budget: str) -> str:
     return (
-        f"SELECT {_TASK_COLUMNS}, more FROM ("
-        f"SELECT {_TASK_COLUMNS}, sum(size) OVER w - size AS before,"
+        f"SELECT {COLUMNS}, more FROM ("
+        f"SELECT {COLUMNS}, sum(size) OVER w - size AS before,"
         f" lead(true, 1, false) OVER w AS more FROM ("
-        f"SELECT {_TASK_COLUMNS}, {_ROW_BYTES} AS size FROM tasks WHERE {where}"
+        f"SELECT {COLUMNS}, {_ROW_BYTES} AS size FROM tasks WHERE {where}"
         f" ORDER BY {order} LIMIT {PAGE_LIMIT + 1}) s"
         f" WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) t"
         f" WHERE before < {budget} ORDER BY {order}")
 
 
-_ACTIVE_PAGE_SQL = _page_sql(f"user_id = $1 AND status IN {_ACTIVE_SQL} AND created_seq > $2",
+_ACTIVE_PAGE_SQL = _page_sql(f"user_id = $1 AND status IN {ACTIVE_SQL} AND created_seq > $2",
                              "created_seq", "$3")
 _CHANGES_PAGE_SQL = _page_sql("user_id = $1 AND seq > $2 AND seq <= $3", "seq", "$4")
 
@@ -170,47 +165,14 @@ def _storable(text: str) -> bool:
     return "\x00" not in text
 
 
-def _dumps(value: Any) -> str | None:
-    return None if value is None else jsonutil.dumps(value)
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else jsonutil.loads(text)
-
-
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
-
-
-# column value -> field value, by the field's declared type (3.0 is the progress 3)
-_FROM_COLUMN = {Any: _loads, float: _number}
-_READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
-              if TASK_TYPES[name] in _FROM_COLUMN)
-_JSON = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
-# free text (optional strings; ids and types are printable): may hold a NUL, stored escaped
-_FREE = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] == str | None)
-_PROGRESS = TASK_COLUMNS.index("progress")
-
-
-def _row_to_task(row: Any) -> Task:
-    values = list(row[:len(TASK_COLUMNS)])
-    for i, convert in _READ:
-        values[i] = convert(values[i])
-    for i in _FREE:
-        values[i] = _get(values[i])
-    return Task(*values)
+# the tasks table's columns are model.Task's fields, in order, then `node`
+CODEC = RowCodec(text_in=_put, text_out=_get, float_progress=True)
+_row_to_task = CODEC.task
 
 
 def _task_row(task: Task, node: str | None) -> tuple[Any, ...]:
     """A `tasks` row (model.Task's fields in order, then the node) for a task."""
-    values = list(astuple(task))
-    for i in _JSON:
-        values[i] = _dumps(values[i])
-    for i in _FREE:
-        values[i] = _put(values[i])
-    values[_PROGRESS] = float(values[_PROGRESS])
-    values.append(node)
-    return tuple(values)
+    return (*CODEC.row(task), node)
 
 
 def _task_json(task: Task) -> str:
@@ -374,7 +336,7 @@ class _Txn:
         self.overlay[task_id] = task
         self.events.setdefault(task_id, []).append((
             seq, task_id, task.status, float(task.progress), _put(task.message),
-            _put(task.step), _dumps(task.result), _put(task.error), _put(task.error_type),
+            _put(task.step), dumps(task.result), _put(task.error), _put(task.error_type),
             now, key, digest))
         self.feed.append((seq, "changed", _task_json(task), None))
         if key is not None:
@@ -1088,7 +1050,7 @@ class PgStore(WholeReads, WriterFront):
                     stored: dict[str, Task | None]) -> None:
         ids = [i for i in ids if _storable(i)]  # others name no task (ids are printable)
         if ids:
-            for row in await conn.fetch(f"SELECT {_TASK_COLUMNS} FROM tasks"
+            for row in await conn.fetch(f"SELECT {COLUMNS} FROM tasks"
                                         " WHERE task_id = ANY($1::text[])", ids):
                 stored[row[0]] = _row_to_task(row)
 
@@ -1099,7 +1061,7 @@ class PgStore(WholeReads, WriterFront):
         counts.update(dict.fromkeys(wanted, 0))
         for user_id, count in await conn.fetch(
                 f"SELECT user_id, count(*) FROM tasks WHERE user_id = ANY($1::bigint[])"
-                f" AND status IN {_ACTIVE_SQL} GROUP BY user_id", wanted):
+                f" AND status IN {ACTIVE_SQL} GROUP BY user_id", wanted):
             counts[user_id] = count
 
     async def _write(self, conn: asyncpg.Connection, view: _Txn, last: int, after: int,
@@ -1139,11 +1101,11 @@ class PgStore(WholeReads, WriterFront):
                 "DELETE FROM nodes n WHERE n.name <> $1"
                 " AND n.seen_at < now() - make_interval(secs => $2)"
                 " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.node = n.name"
-                f" AND t.origin = 'inprocess' AND t.status IN {_ACTIVE_SQL})",
+                f" AND t.origin = 'inprocess' AND t.status IN {ACTIVE_SQL})",
                 self.node, self.node_timeout)
             rows = await conn.fetch(
-                f"SELECT {_TASK_COLUMNS} FROM tasks t WHERE t.origin = 'inprocess'"
-                f" AND t.status IN {_ACTIVE_SQL} AND t.node IS DISTINCT FROM $1"
+                f"SELECT {COLUMNS} FROM tasks t WHERE t.origin = 'inprocess'"
+                f" AND t.status IN {ACTIVE_SQL} AND t.node IS DISTINCT FROM $1"
                 " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.name = t.node"
                 " AND n.seen_at >= now() - make_interval(secs => $2))"
                 " LIMIT 1000", self.node, self.node_timeout)
@@ -1162,7 +1124,7 @@ class PgStore(WholeReads, WriterFront):
     async def get_task(self, task_id: str) -> Task | None:
         if not _storable(task_id):
             return None
-        rows = await self._rows(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = $1",
+        rows = await self._rows(f"SELECT {COLUMNS} FROM tasks WHERE task_id = $1",
                                 task_id)
         return rows[0] if rows else None
 
@@ -1172,7 +1134,7 @@ class PgStore(WholeReads, WriterFront):
         """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
         if status is not None and not _storable(status):
             return []
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1"
+        sql = f"SELECT {COLUMNS} FROM tasks WHERE user_id = $1"
         params: list[Any] = [user_id]
         if status is not None:
             params.append(status)
@@ -1187,7 +1149,7 @@ class PgStore(WholeReads, WriterFront):
     async def changed_since(self, user_id: int, since: int, limit: int) -> list[Task]:
         """A user's tasks whose latest change is after `since`, in seq order."""
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
+            f"SELECT {COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
             " ORDER BY seq LIMIT $3", user_id, since, limit)
 
     async def active_page(self, user_id: int, after: int, max_bytes: int
@@ -1217,25 +1179,17 @@ class PgStore(WholeReads, WriterFront):
                     return None
                 taken, more = _page(await conn.fetch(_CHANGES_PAGE_SQL, user_id, after, upto,
                                                      max_bytes))
-                top = taken[-1][_SEQ] if more else upto
                 deleted = await conn.fetch(
                     "SELECT task_id, seq FROM tombstones WHERE user_id = $1 AND seq > $2"
-                    " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after, top, PAGE_ROWS)
-                return taken, more, top, deleted
+                    " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after,
+                    page_top(taken, more, upto), PAGE_ROWS)
+                return taken, more, deleted
 
         got = await self._run(read)
         if got is None:
             return None
-        rows, more, top, deleted = got
-        if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
-            top = deleted[-1][1]
-            rows = [row for row in rows if row[_SEQ] <= top]
-            more = True
-        changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
-        if deleted:
-            changed.extend((row[0], row[1]) for row in deleted)
-            changed.sort(key=lambda item: item.seq if isinstance(item, Task) else item[1])
-        return changed, (top if more else None)
+        rows, more, deleted = got
+        return CODEC.merge_tombstones(rows, more, upto, deleted)
 
     async def history_page(self, task_id: str, after: int, limit: int
                            ) -> tuple[list[dict[str, Any]], int | None]:
@@ -1250,33 +1204,27 @@ class PgStore(WholeReads, WriterFront):
                 " FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 task_id, after, limit + 1)
 
-        rows = await self._run(read)
-        events = [{"seq": seq, "status": status, "progress": progress, "message": _get(message),
-                   "step": _get(step), "error": _get(error), "error_type": _get(error_type),
-                   "timestamp": timestamp}
-                  for seq, status, progress, message, step, error, error_type, timestamp
-                  in rows[:limit]]
-        return events, (events[-1]["seq"] if len(rows) > limit else None)
+        return CODEC.history(await self._run(read), limit)
 
     async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
         """Active tasks whose last change is older than the given time (stale candidates)."""
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
             " AND updated_at < $1 ORDER BY updated_at LIMIT $2", updated_before, limit)
 
     async def active_by_origin(self, origin: str) -> list[Task]:
         """Active tasks of this origin; "inprocess": only this node's."""
         if origin == "inprocess":
             return await self._rows(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+                f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
                 " AND origin = 'inprocess' AND node = $1", self.node)
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
             " AND origin = $1", origin)
 
     async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]:
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_TERMINAL_SQL}"
+            f"SELECT {COLUMNS} FROM tasks WHERE status IN {TERMINAL_SQL}"
             " AND updated_at < $1 ORDER BY updated_at LIMIT $2", updated_before, limit)
 
     async def purge_tombstones(self, deleted_before: str) -> int:

@@ -42,9 +42,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import aiosqlite
-from msgspec.structs import astuple
 
-from ...core import jsonutil
 from ...core.errors import StorageUnavailable
 from ...core.model import (
     CHANGING_FIELDS,
@@ -66,6 +64,7 @@ from ..api import (
     StoreRefused,
     WholeReads,
 )
+from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
 from ..writer import GroupWriter, WriterFront
 
 log = logging.getLogger(__name__)
@@ -84,12 +83,6 @@ DB_TIMEOUT = 5.0  # default seconds a write waits for another process's lock (--
 PROBE_INTERVAL = 0.5  # seconds between background write probes while storage is unavailable
 PROBE_BYTES = 8192  # a probe writes (then deletes) this much: it needs fresh pages, as writes do
 TASK_CACHE_SIZE = 20_000  # tasks as last committed by the writer, most recent kept
-_ACTIVE_SQL = "('pending', 'running', 'progress')"
-_TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
-# the tasks table's columns are model.Task's fields: rows are read and written in that order
-_TASK_COLUMNS = ", ".join(TASK_COLUMNS)
-_SEQ = TASK_COLUMNS.index("seq")
-_JSON_COLUMNS = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
 _TEXT = slice(TASK_COLUMNS.index("message"), TASK_COLUMNS.index("metadata") + 1)
 # What a change writes: the fields a change moves, the plain ones read in one C call, then
 # `result`, the one JSON field a change moves (status first: a change that keeps it leaves
@@ -103,7 +96,7 @@ _UPDATE_SQL = ("UPDATE tasks SET " + ", ".join(f"{name} = ?" for name in _CHANGI
 _UPDATE_SAME_STATUS_SQL = ("UPDATE tasks SET "
                            + ", ".join(f"{name} = ?" for name in _CHANGING_PLAIN[1:])
                            + ", result = ? WHERE task_id = ?")
-_INSERT_SQL = (f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
+_INSERT_SQL = (f"INSERT INTO tasks ({COLUMNS}) VALUES"
                f" ({', '.join('?' for _ in TASK_COLUMNS)})")
 
 
@@ -139,42 +132,14 @@ def storage_reason(exc: BaseException) -> str | None:
     return None if code is None else _REASONS.get(code & 0xFF)
 
 
-def _dumps(value: Any) -> str | None:
-    return None if value is None else jsonutil.dumps(value)
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else jsonutil.loads(text)
-
-
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
-
-
 def _row_bytes(row: tuple[Any, ...]) -> int:
     """About what a task row weighs once serialized (its free-text fields dominate)."""
     return 200 + sum(len(v) for v in row[_TEXT] if isinstance(v, str))
 
 
-# column value -> field value, by the field's declared type (REAL 3.0 is the integer 3)
-_FROM_COLUMN = {Any: _loads, bool: bool, float: _number}
-_READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
-              if TASK_TYPES[name] in _FROM_COLUMN)
-
-
-def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
-    values = list(row)
-    for i, convert in _READ:
-        values[i] = convert(values[i])
-    return Task(*values)
-
-
-def _task_row(task: Task) -> list[Any]:
-    """The task's column values (JSON fields as text; sqlite3 stores a bool as 0/1)."""
-    values = list(astuple(task))
-    for i in _JSON_COLUMNS:
-        values[i] = _dumps(values[i])
-    return values
+CODEC = RowCodec(bools=True)  # sqlite3 gives a boolean column as 0/1
+_row_to_task = CODEC.task
+_task_row = CODEC.row
 
 
 def _connect_sync(conn: sqlite3.Connection, busy_ms: int = int(DB_TIMEOUT * 1000)) -> None:
@@ -230,7 +195,7 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
 
 
 def _select_task(conn: sqlite3.Connection, task_id: str) -> Task | None:
-    row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",
+    row = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = ?",
                        (task_id,)).fetchone()
     return None if row is None else _row_to_task(row)
 
@@ -279,7 +244,7 @@ class _Txn:
 
     def changed(self, task: Task, now: str, key: str | None, digest: str | None = None
                 ) -> None:
-        task_id, seq, result = task.task_id, task.seq, _dumps(task.result)
+        task_id, seq, result = task.task_id, task.seq, dumps(task.result)
         self.overlay[task_id] = task
         self.events.append((seq, task_id, task.status, task.progress, task.message,
                             task.step, result, task.error, task.error_type, now, key,
@@ -291,7 +256,7 @@ class _Txn:
     def active_count(self, user_id: int) -> int:
         self.flush()  # the count must see the batch so far
         (count,) = self.conn.execute(
-            f"SELECT count(*) FROM tasks WHERE user_id = ? AND status IN {_ACTIVE_SQL}",
+            f"SELECT count(*) FROM tasks WHERE user_id = ? AND status IN {ACTIVE_SQL}",
             (user_id,),
         ).fetchone()
         return int(count)
@@ -768,7 +733,7 @@ class SqliteStore(WholeReads, WriterFront):
         self, user_id: int, *, status: str | None, limit: int, before: int | None
     ) -> list[Task]:
         """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
+        sql = f"SELECT {COLUMNS} FROM tasks WHERE user_id = ?"
         params: list[Any] = [user_id]
         if status is not None:
             sql += " AND status = ?"
@@ -789,7 +754,7 @@ class SqliteStore(WholeReads, WriterFront):
     async def changed_since(self, user_id: int, since: int, limit: int) -> list[Task]:
         """A user's tasks whose latest change is after `since`, in seq order."""
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
+            f"SELECT {COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
             " ORDER BY seq LIMIT ?",
             (user_id, since, limit),
         )
@@ -857,8 +822,8 @@ class SqliteStore(WholeReads, WriterFront):
     def _active_page(self, conn: sqlite3.Connection, user_id: int, after: int,
                      max_bytes: int) -> tuple[list[Task], int | None]:
         cursor = conn.execute(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
-            f" AND status IN {_ACTIVE_SQL} AND created_seq > ? ORDER BY created_seq",
+            f"SELECT {COLUMNS} FROM tasks WHERE user_id = ?"
+            f" AND status IN {ACTIVE_SQL} AND created_seq > ? ORDER BY created_seq",
             (user_id, after),
         )
         try:
@@ -874,7 +839,7 @@ class SqliteStore(WholeReads, WriterFront):
         if after < self.horizon:
             return None
         cursor = conn.execute(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ? AND seq <= ?"
+            f"SELECT {COLUMNS} FROM tasks WHERE user_id = ? AND seq > ? AND seq <= ?"
             " ORDER BY seq",
             (user_id, after, upto),
         )
@@ -883,22 +848,12 @@ class SqliteStore(WholeReads, WriterFront):
             more = cursor.fetchone() is not None
         finally:
             cursor.close()
-        # the tombstones up to the last task row read (all of them when that was the end)
-        top = rows[-1][_SEQ] if more else upto
         deleted = conn.execute(
             "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ? AND seq <= ?"
             " ORDER BY seq LIMIT ?",
-            (user_id, after, top, PAGE_ROWS),
+            (user_id, after, page_top(rows, more, upto), PAGE_ROWS),
         ).fetchall()
-        if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
-            top = deleted[-1][1]
-            rows = [row for row in rows if row[_SEQ] <= top]
-            more = True
-        changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
-        if deleted:
-            changed.extend(tuple(row) for row in deleted)
-            changed.sort(key=lambda item: item.seq if isinstance(item, Task) else item[1])
-        return changed, (top if more else None)
+        return CODEC.merge_tombstones(rows, more, upto, deleted)
 
     async def history_page(self, task_id: str, after: int, limit: int
                            ) -> tuple[list[dict[str, Any]], int | None]:
@@ -910,30 +865,27 @@ class SqliteStore(WholeReads, WriterFront):
                 " FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (task_id, after, limit + 1),
             ).fetchall()
-            names = ("seq", "status", "progress", "message", "step", "error", "error_type",
-                     "timestamp")
-            events = [dict(zip(names, row, strict=True)) for row in rows[:limit]]
-            return events, (events[-1]["seq"] if len(rows) > limit else None)
+            return CODEC.history(rows, limit)
 
         return await self._call(read)
 
     async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
         """Active tasks whose last change is older than the given time (stale candidates)."""
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
+            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
             " AND updated_at < ? ORDER BY updated_at LIMIT ?",
             (updated_before, limit),
         )
 
     async def active_by_origin(self, origin: str) -> list[Task]:
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL} AND origin = ?",
+            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL} AND origin = ?",
             (origin,),
         )
 
     async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]:
         return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_TERMINAL_SQL}"
+            f"SELECT {COLUMNS} FROM tasks WHERE status IN {TERMINAL_SQL}"
             " AND updated_at < ? ORDER BY updated_at LIMIT ?",
             (updated_before, limit),
         )
