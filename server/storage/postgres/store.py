@@ -34,7 +34,6 @@ import math
 import re
 import secrets
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -61,6 +60,7 @@ from ...core.model import (
     utc_now,
 )
 from ..api import PAGE_ROWS, CommitListener, PublishListener, StoreRefused, WholeReads
+from ..outage import PROBE_INTERVAL, Failure, Outage
 from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
 from ..writer import GroupWriter, WriterFront
 
@@ -75,7 +75,6 @@ POOL_SIZE = 10
 FEED_PAGE = 1000  # feed rows read (and handed to on_publish) at once
 CATCH_UP_EVERY = 1.0  # seconds: a node reads the feed this often even without a NOTIFY
 FEED_RETENTION_S = 3600  # feed rows older than this are purged by the sweep leader
-PROBE_INTERVAL = 0.5  # seconds between write probes while the database is unavailable
 RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0  # the listening connection's backoff
 PAGE_LIMIT = 1000  # task rows one page read fetches at most
 PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
@@ -231,6 +230,15 @@ def unavailable_reason(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         return _UNREACHABLE
     return None
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """A failure of the database as the outage sees it (None: a bug). A conflict is no
+    outage (one transaction lost a race, the database is fine)."""
+    reason = unavailable_reason(exc)
+    if reason is None:
+        return None
+    return Failure(reason, retry=reason in _RETRYABLE, outage=reason != _CONFLICT)
 
 
 def describe_url(url: str) -> str:
@@ -421,9 +429,7 @@ class PgStore(WholeReads, WriterFront):
         # the seq delivered when it was written and the seq before it (None: not all read)
         self._batch: tuple[int, int, int, list[Any] | None] = (0, 0, 0, [])
         self._background: list[asyncio.Task[None]] = []
-        self._outage: str | None = None
-        self._outage_since = 0.0
-        self._outage_refused = 0
+        self.outage = Outage(self.where, lambda: self.timeout, self._refused_so_far)
         self._closing = False
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -560,36 +566,19 @@ class PgStore(WholeReads, WriterFront):
         except StorageUnavailable:
             raise
         except Exception as exc:
-            reason = unavailable_reason(exc)
-            if reason is None:
-                raise
-            raise self._outage_began(reason) from exc
+            raise self._failed(exc) from exc
 
-    def _outage_began(self, reason: str) -> StorageUnavailable:
-        if reason == _CONFLICT:  # one transaction lost a race, the database is fine
-            exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
-            exc.retry_until_deadline = True
-            return exc
-        if self._outage is None:
-            log.warning("storage unavailable: %s (%s); writes answer 503 until it recovers",
-                        reason, self.where)
-            self._outage_since = time.monotonic()
-            self._outage_refused = self._refused_so_far()
-        self._outage = reason
-        exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
-        exc.retry_until_deadline = reason in _RETRYABLE
-        return exc
-
-    def _recovered(self) -> None:
-        if self._outage is not None:
-            log.warning("storage available again after %.1f s (%d write(s) refused meanwhile)",
-                        time.monotonic() - self._outage_since,
-                        self._refused_so_far() - self._outage_refused)
-            self._outage = None
+    def _failed(self, exc: Exception) -> StorageUnavailable:
+        """The 503 for a failure of the database (an outage begins, unless a transaction
+        only lost a race); anything else is a bug, raised as is."""
+        failure = classify(exc)
+        if failure is None:
+            raise exc
+        return self.outage.error(failure)
 
     def unavailable(self) -> str | None:
         """Why writes are refused now ("storage unavailable: ..."), or None; never waits."""
-        return None if self._outage is None else f"storage unavailable: {self._outage}"
+        return self.outage.unavailable()
 
     async def ping(self) -> bool:
         async def check(conn: asyncpg.Connection) -> bool:
@@ -617,11 +606,11 @@ class PgStore(WholeReads, WriterFront):
         next_beat = loop.time() + beat_every
         next_catch_up = loop.time() + CATCH_UP_EVERY
         while True:
-            await asyncio.sleep(PROBE_INTERVAL if self._outage is not None
+            await asyncio.sleep(PROBE_INTERVAL if self.outage.reason is not None
                                 else min(CATCH_UP_EVERY, beat_every))
             now = loop.time()
-            if self._outage is not None or now >= next_beat:
-                was_out = self._outage is not None
+            if self.outage.reason is not None or now >= next_beat:
+                was_out = self.outage.reason is not None
                 try:
                     await self._heartbeat()
                 except StorageUnavailable:
@@ -629,7 +618,7 @@ class PgStore(WholeReads, WriterFront):
                 except Exception:
                     log.exception("node heartbeat failed")
                 else:
-                    self._recovered()
+                    self.outage.recovered()
                     next_beat = now + beat_every
                     if was_out:
                         next_catch_up = now  # back: deliver what committed meanwhile
@@ -977,14 +966,11 @@ class PgStore(WholeReads, WriterFront):
         except StorageUnavailable:
             raise
         except Exception as exc:
-            reason = unavailable_reason(exc)
-            if reason is None:
-                raise
-            error = self._outage_began(reason)
+            error = self._failed(exc)
             if committing:  # it may have committed: never apply it twice
                 error.retry_until_deadline = False
             raise error from exc
-        self._recovered()
+        self.outage.recovered()
         self._batch = (prev, last, after, gap)
         return outcomes
 

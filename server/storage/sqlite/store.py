@@ -32,7 +32,6 @@ import os
 import re
 import secrets
 import sqlite3
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -64,6 +63,7 @@ from ..api import (
     StoreRefused,
     WholeReads,
 )
+from ..outage import Failure, Outage
 from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
 from ..writer import GroupWriter, WriterFront
 
@@ -80,7 +80,6 @@ CHECKPOINT_EVERY_OPS = 12_000
 CHECKPOINT_EVERY_S = 2.0
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 DB_TIMEOUT = 5.0  # default seconds a write waits for another process's lock (--db-timeout)
-PROBE_INTERVAL = 0.5  # seconds between background write probes while storage is unavailable
 PROBE_BYTES = 8192  # a probe writes (then deletes) this much: it needs fresh pages, as writes do
 TASK_CACHE_SIZE = 20_000  # tasks as last committed by the writer, most recent kept
 _TEXT = slice(TASK_COLUMNS.index("message"), TASK_COLUMNS.index("metadata") + 1)
@@ -130,6 +129,13 @@ def storage_reason(exc: BaseException) -> str | None:
     """Why the storage failed, if `exc` is a storage failure (not a bug); else None."""
     code = getattr(exc, "sqlite_errorcode", None)
     return None if code is None else _REASONS.get(code & 0xFF)
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """A storage failure as the outage sees it (None: a bug). The lock may free before a
+    caller's own --db-timeout is up: the writer retries those callers."""
+    reason = storage_reason(exc)
+    return None if reason is None else Failure(reason, retry=reason == _LOCKED)
 
 
 def _row_bytes(row: tuple[Any, ...]) -> int:
@@ -327,10 +333,8 @@ class SqliteStore(WholeReads, WriterFront):
         # write waiting on another process's lock never holds up a read
         self._wthread: ThreadPoolExecutor | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
-        self._outage: str | None = None  # why writes are refused now; None: they are not
-        self._outage_since = 0.0
-        self._outage_refused = 0  # the writer's refusal count when the outage began
-        self._prober: asyncio.Task[None] | None = None
+        self.outage = Outage(path, lambda: self.timeout, self._refused_so_far,
+                             probe=self._probe)
         self._write_lock = asyncio.Lock()
         self._ops_since_checkpoint = 0
         self._commits_since_checkpoint = 0
@@ -408,11 +412,7 @@ class SqliteStore(WholeReads, WriterFront):
         """Finish queued writes, then close the connection."""
         if self._writer is not None:
             await self._writer.close()  # a late submit() raises instead of waiting forever
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
-            self._prober = None
+        await self.outage.close()
         if self._checkpoint_due is not None:
             self._checkpoint_due.cancel()
             self._checkpoint_due = None
@@ -452,11 +452,12 @@ class SqliteStore(WholeReads, WriterFront):
         try:
             return await conn._execute(lambda: fn(conn._conn, *args))
         except sqlite3.Error as exc:
-            reason = storage_reason(exc)
-            if reason is None:
+            failure = classify(exc)
+            if failure is None:
                 raise
-            raise StorageUnavailable(f"storage unavailable: {reason}",
-                                     self._retry_after) from exc
+            # a read that fails begins no outage: writes say whether the storage is down
+            raise StorageUnavailable(f"storage unavailable: {failure.reason}",
+                                     self.outage.retry_after) from exc
 
     async def _call_writer(self, fn: Callable[..., Any], *args: Any,
                            lock_wait: float | None = None, proves_recovery: bool = True) -> Any:
@@ -483,7 +484,7 @@ class SqliteStore(WholeReads, WriterFront):
             except sqlite3.Error as exc:
                 self._raise_failed(exc)
         if proves_recovery:
-            self._recovered()
+            self.outage.recovered()
         return result
 
     # ---- storage outages -------------------------------------------------------------
@@ -501,57 +502,28 @@ class SqliteStore(WholeReads, WriterFront):
     def _check_file(self) -> None:
         """Before a commit: never acknowledge a write into a file nobody will open again."""
         if self._moved():
-            raise self._outage_began(MOVED)
+            raise self.outage.error(Failure(MOVED))
 
     def _raise_failed(self, exc: sqlite3.Error) -> NoReturn:
         """A failed write's callers get StorageUnavailable for a storage failure (which
         begins an outage), the error itself for anything else (a bug)."""
-        reason = storage_reason(exc)
-        if reason is None:
+        failure = classify(exc)
+        if failure is None:
             raise exc
-        raise self._outage_began(reason) from exc
-
-    def _outage_began(self, reason: str) -> StorageUnavailable:
-        if self._outage is None:
-            log.warning("storage unavailable: %s (%s); writes answer 503 until it recovers",
-                        reason, self.path)
-            self._outage_since = time.monotonic()
-            self._outage_refused = self._refused_so_far()
-            if self._prober is None and self._wthread is not None:
-                self._prober = asyncio.get_running_loop().create_task(
-                    self._probe_until_recovered(), name="taskpush-storage-probe")
-        self._outage = reason
-        exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
-        # the lock may free before a caller's own --db-timeout is up: the writer retries
-        exc.retry_until_deadline = reason == _LOCKED
-        return exc
-
-    def _recovered(self) -> None:
-        if self._outage is not None:
-            log.warning("storage available again after %.1f s (%d write(s) refused meanwhile)",
-                        time.monotonic() - self._outage_since,
-                        self._refused_so_far() - self._outage_refused)
-            self._outage = None
+        raise self.outage.error(failure) from exc
 
     def unavailable(self) -> str | None:
         """Why writes are refused now ("storage unavailable: ..."), or None. For /healthz:
         one stat, never waits on the writer."""
-        if self._outage is None and self._moved():
-            self._outage_began(MOVED)
-        return None if self._outage is None else f"storage unavailable: {self._outage}"
+        if self.outage.reason is None and self._moved():
+            self.outage.error(Failure(MOVED))
+        return self.outage.unavailable()
 
-    async def _probe_until_recovered(self) -> None:
-        """While an outage lasts, try a small write now and then, so health recovers by
-        itself when the lock or the disk frees, even if no producer writes meanwhile."""
-        try:
-            while self._outage is not None:
-                await asyncio.sleep(PROBE_INTERVAL)
-                if self._outage is None or self._wthread is None:
-                    break
-                with contextlib.suppress(StorageUnavailable):
-                    await self._call_writer(_probe, lock_wait=0)
-        finally:
-            self._prober = None
+    async def _probe(self) -> None:
+        """A small write while an outage lasts (`Outage`): health recovers by itself when
+        the lock or the disk frees, even if no producer writes meanwhile."""
+        if self._wthread is not None:
+            await self._call_writer(_probe, lock_wait=0)
 
     def _txn_open(self, conn: sqlite3.Connection, schema: str) -> None:
         _connect_sync(conn, self._busy_ms)
@@ -616,7 +588,7 @@ class SqliteStore(WholeReads, WriterFront):
             except sqlite3.Error as exc:
                 self._raise_failed(exc)
             if applied is not None:
-                self._recovered()
+                self.outage.recovered()
         if applied is None:  # large, a delete, or the file's write lock is held elsewhere
             wait = deadline - asyncio.get_running_loop().time()
             applied = await self._call_writer(
