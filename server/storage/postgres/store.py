@@ -50,19 +50,20 @@ from ...core.model import (
     CHANGING_FIELDS,
     TASK_COLUMNS,
     Change,
-    Delete,
     Kind,
     Operation,
     Outcome,
+    Publication,
     Register,
     Task,
     apply_op,
     utc_now,
 )
-from ..api import PAGE_ROWS, CommitListener, PublishListener, StoreRefused, WholeReads
+from ..api import PAGE_ROWS, Listeners, StoreRefused
 from ..outage import PROBE_INTERVAL, Failure, Outage
 from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
-from ..writer import GroupWriter, WriterFront
+from ..sql import SqlStore
+from ..writer import Committed, GroupWriter
 
 log = logging.getLogger(__name__)
 
@@ -394,9 +395,12 @@ class _Txn:
 # ---- the store ------------------------------------------------------------------------------
 
 
-class PgStore(WholeReads, WriterFront):
+class PgStore(SqlStore):
     """The `store.Store` over a PostgreSQL database shared by the nodes of a cluster; also
     the writer's `BatchCommitter`."""
+
+    last_seq = 0  # the highest seq handed to on_publish
+    horizon = 0
 
     def __init__(self, url: str, *, timeout: float = DB_TIMEOUT, node_name: str | None = None,
                  node_timeout: float = NODE_TIMEOUT, notify: bool = True,
@@ -411,9 +415,7 @@ class PgStore(WholeReads, WriterFront):
         self.epoch = ""
         self.last_seq = 0  # the highest seq handed to on_publish
         self.horizon = 0
-        self.on_publish: PublishListener | None = None
-        self.on_commit: CommitListener | None = None
-        self.on_feed_lost: Callable[[], None] | None = None
+        self.listeners = Listeners()
         self._pool: asyncpg.Pool | None = None
         self._listen: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()  # one statement at a time on that connection
@@ -425,9 +427,6 @@ class PgStore(WholeReads, WriterFront):
         self._catching_up: asyncio.Task[None] | None = None
         self._catch_up_again = False
         self._writer: GroupWriter | None = None
-        # the batch just committed: seq before it, its last seq, and the feed rows between
-        # the seq delivered when it was written and the seq before it (None: not all read)
-        self._batch: tuple[int, int, int, list[Any] | None] = (0, 0, 0, [])
         self._background: list[asyncio.Task[None]] = []
         self.outage = Outage(self.where, lambda: self.timeout, self._refused_so_far)
         self._closing = False
@@ -832,9 +831,8 @@ class PgStore(WholeReads, WriterFront):
             first = rows[0][0]
             if first != after + 1 or rows[-1][0] != first + len(rows) - 1:
                 self._feed_lost(after, first)
-            outcomes = [_feed_outcome(seq, kind, task) for seq, kind, task in rows]
             self.last_seq = rows[-1][0]
-            self._hand_over(outcomes, False)
+            self.listeners.publish([publication(*row) for row in rows], False)
 
     @staticmethod
     async def _read_feed(conn: asyncpg.Connection, after: int, upto: int | None
@@ -859,50 +857,37 @@ class PgStore(WholeReads, WriterFront):
         longer than the feed is kept): its sockets must resume from the database."""
         log.error("cluster feed: changes after seq %d are no longer kept (next kept: %d);"
                   " sockets are closed so that clients resume", after, kept)
-        if self.on_feed_lost is not None:
-            try:
-                self.on_feed_lost()
-            except Exception:
-                log.exception("feed-lost listener failed")
+        self.listeners.feed_lost()
 
-    def _hand_over(self, outcomes: list[Outcome], local: bool) -> None:
-        if self.on_publish is not None and outcomes:
-            try:
-                self.on_publish(outcomes, local)
-            except Exception:
-                log.exception("publish listener failed")
-
-    def published(self, outcomes: list[Outcome], seconds: float
-                  ) -> Awaitable[None] | None:
+    def published(self, committed: Committed, seconds: float) -> Awaitable[None] | None:
         """After this node's commit: its changes go to on_publish after every earlier seq
         (committed by another node, not yet delivered here), then on_commit."""
-        prev, last, after, gap = self._batch
-        if not self._feed_lock.locked() and self._fill_gap(prev, after, gap):
-            self._publish_local(outcomes, last)
-            self._committed(outcomes, seconds)
+        if not self._feed_lock.locked() and self._fill_gap(committed):
+            self._publish_local(committed)
+            self.listeners.committed(committed.outcomes, seconds)
             return None
-        return self._published_in_order(outcomes, seconds, prev, last, after, gap)
+        return self._published_in_order(committed, seconds)
 
-    def _fill_gap(self, prev: int, after: int, gap: list[Any] | None) -> bool:
+    def _fill_gap(self, committed: Committed) -> bool:
         """Deliver the changes committed before this batch (seq up to `prev`) from the rows
         the write statement returned; False if they do not cover them (read the feed)."""
-        delivered = self.last_seq
+        delivered, prev, gap = self.last_seq, committed.prev, committed.before
         if prev <= delivered:
             return True
-        if gap is None or delivered < after:
+        if gap is None or delivered < committed.seen:
             return False
         rows = [row for row in gap if row[0] > delivered]
         if not rows or rows[0][0] != delivered + 1 or rows[-1][0] != prev:
             return False
         self.last_seq = prev
-        self._hand_over([_feed_outcome(*row) for row in rows], False)
+        self.listeners.publish([publication(*row) for row in rows], False)
         return True
 
-    async def _published_in_order(self, outcomes: list[Outcome], seconds: float, prev: int,
-                                  last: int, after: int, gap: list[Any] | None) -> None:
+    async def _published_in_order(self, committed: Committed, seconds: float) -> None:
+        prev = committed.prev
         async with self._feed_lock:
             try:
-                if not self._fill_gap(prev, after, gap):
+                if not self._fill_gap(committed):
                     await self._catch_up_locked(upto=prev)
                     if self.last_seq < prev:  # committed before this batch, yet not kept
                         self._feed_lost(self.last_seq, prev + 1)
@@ -910,29 +895,22 @@ class PgStore(WholeReads, WriterFront):
             except StorageUnavailable:
                 pass  # this batch waits for the gap: a catch-up delivers both, in order
             else:
-                self._publish_local(outcomes, last)
-        self._committed(outcomes, seconds)
+                self._publish_local(committed)
+        self.listeners.committed(committed.outcomes, seconds)
 
-    def _publish_local(self, outcomes: list[Outcome], last: int) -> None:
-        delivered = self.last_seq
-        if last <= delivered:  # a catch-up got there first (or nothing was committed)
+    def _publish_local(self, committed: Committed) -> None:
+        delivered, outcomes = self.last_seq, committed.outcomes
+        if committed.last <= delivered:  # a catch-up got there first (or nothing committed)
             return
         if any(o.seq is not None and o.news and o.seq <= delivered for o in outcomes):
             outcomes = [o for o in outcomes if not (o.news and o.seq is not None
                                                     and o.seq <= delivered)]
-        self.last_seq = last
-        self._hand_over(outcomes, True)
-
-    def _committed(self, outcomes: list[Outcome], seconds: float) -> None:
-        if self.on_commit is not None:
-            try:
-                self.on_commit(outcomes, seconds)
-            except Exception:
-                log.exception("commit listener failed")
+        self.last_seq = committed.last
+        self.listeners.publish(outcomes, True)
 
     # ---- writes -----------------------------------------------------------------------------
 
-    async def commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
+    async def commit(self, ops: list[Operation], deadline: float) -> Committed:
         """Apply and commit one batch in one transaction (the writer's `BatchCommitter`)."""
         pool = self._pool
         if pool is None:
@@ -971,8 +949,7 @@ class PgStore(WholeReads, WriterFront):
                 error.retry_until_deadline = False
             raise error from exc
         self.outage.recovered()
-        self._batch = (prev, last, after, gap)
-        return outcomes
+        return Committed(outcomes, prev, last, after, gap)
 
     async def _apply(self, conn: asyncpg.Connection, ops: list[Operation], prev: int
                      ) -> tuple[list[Outcome], int, _Txn]:
@@ -1238,20 +1215,6 @@ class PgStore(WholeReads, WriterFront):
         return int(await self._run(purge))
 
 
-# ---- changes read from the feed -----------------------------------------------------------
-
-_KINDS = {"created": Kind.CREATED, "changed": Kind.CHANGED, "deleted": Kind.DELETED}
-
-
-def _feed_outcome(seq: int, kind: str, text: str) -> Outcome:
-    """A change another node committed, as the outcome its own node handed over."""
-    task = Task(**jsonutil.loads(text))
-    op: Operation
-    if kind == "deleted":
-        op = Delete(task.task_id)
-    elif kind == "created":
-        op = Register(task.task_id, task.user_id, task.task_type, task.metadata,
-                      origin=task.origin)
-    else:
-        op = Change(task.task_id, task.status)
-    return Outcome(op, task=task, kind=_KINDS[kind], seq=seq)
+def publication(seq: int, kind: str, text: str) -> Publication:
+    """A feed row: a change another node committed."""
+    return Publication(seq, Kind(kind), Task(**jsonutil.loads(text)))

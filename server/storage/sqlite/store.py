@@ -56,16 +56,16 @@ from ...core.model import (
 )
 from ..api import (
     PAGE_ROWS,
-    CommitListener,
-    PublishListener,
+    Listeners,
     StoreCorrupt,
     StoreLocked,
     StoreRefused,
-    WholeReads,
 )
+from ..local import LocalFeed, SingleNode
 from ..outage import Failure, Outage
 from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
-from ..writer import GroupWriter, WriterFront
+from ..sql import SqlStore
+from ..writer import Committed, GroupWriter
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class _Txn:
             cache.popitem(last=False)
 
 
-class SqliteStore(WholeReads, WriterFront):
+class SqliteStore(SqlStore):
     """The `store.Store` over one SQLite file; also the writer's `BatchCommitter`."""
 
     def __init__(self, path: str, *, timeout: float = DB_TIMEOUT) -> None:
@@ -345,10 +345,9 @@ class SqliteStore(WholeReads, WriterFront):
         self._checkpoint_due: asyncio.TimerHandle | None = None
         self._checkpointing: asyncio.Task[None] | None = None
         self.epoch = ""
-        self.last_seq = 0
-        self.horizon = 0  # `since` below this cannot be replayed (its tombstones purged)
-        self.on_publish: PublishListener | None = None  # every commit, local=True
-        self.on_commit: CommitListener | None = None
+        self.listeners = Listeners()
+        self.feed = LocalFeed(self.listeners)  # last_seq, horizon
+        self.nodes = SingleNode()
         self._writer: GroupWriter | None = None
         self._lock_handle: IO[str] | None = None
         # tasks as last committed; changed only by the writer, after COMMIT
@@ -573,7 +572,7 @@ class SqliteStore(WholeReads, WriterFront):
 
     # ---- writes ----------------------------------------------------------------------
 
-    async def commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
+    async def commit(self, ops: list[Operation], deadline: float) -> Committed:
         """Apply and commit one batch, or raise (rolled back). Small batches on the loop's
         thread, never waiting for a lock; large ones, deletes (a task's history may be long)
         and batches that met a lock held elsewhere on the writer's thread, waiting for the
@@ -596,30 +595,7 @@ class SqliteStore(WholeReads, WriterFront):
                 proves_recovery=not all(type(op) is Delete for op in ops))  # deletes free pages
         assert applied is not None
         self._committed(len(ops))
-        return applied
-
-    def published(self, outcomes: list[Outcome], seconds: float) -> None:
-        """Every change of this file is this node's: on_publish (local), then on_commit."""
-        if self.on_publish is not None:
-            try:
-                self.on_publish(outcomes, True)
-            except Exception:
-                log.exception("publish listener failed")
-        if self.on_commit is not None:
-            try:
-                self.on_commit(outcomes, seconds)
-            except Exception:
-                log.exception("commit listener failed")
-
-    async def lead(self, name: str) -> bool:
-        """One process serves a file: it runs every job."""
-        return True
-
-    async def gone_nodes_tasks(self) -> list[Task]:
-        return []
-
-    async def catch_up(self, seq: int) -> None:
-        """Every change of this file is this process's: nothing to catch up."""
+        return Committed(applied)
 
     def _committed(self, ops: int) -> None:
         """Schedule a WAL checkpoint: soon after a burst, at the latest CHECKPOINT_EVERY_S."""
