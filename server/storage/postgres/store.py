@@ -11,7 +11,7 @@ Writes go through the group-commit writer (`writer.GroupWriter`), for which this
 the `BatchCommitter`. A batch is one transaction that first locks the one row of
 `seq_counter`: writers of every node are serialized by that lock, held until COMMIT, so
 seq follows commit order and every statement after the lock sees every earlier commit
-(the rules' reads, `model.apply_op` over `_Txn`, are race-free). The batch's tasks are read
+(the rules' reads, `model.apply_op` over `PgTxn`, are race-free). The batch's tasks are read
 in one statement, its rows written in one more (arrays of table rows, unnested), together
 with one `feed` row per seq and a NOTIFY carrying the last seq and the node's name.
 
@@ -28,42 +28,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import math
-import re
 import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
-from msgspec.structs import asdict
 
-from ...core import jsonutil
 from ...core.errors import StorageUnavailable
 from ...core.model import (
-    ACTIVE,
     CHANGING_FIELDS,
     TASK_COLUMNS,
     Change,
-    Kind,
     Operation,
     Outcome,
-    Publication,
     Register,
     Task,
     apply_op,
     utc_now,
 )
 from ..api import PAGE_ROWS, Listeners, StoreRefused
-from ..outage import PROBE_INTERVAL, Failure, Outage
-from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
+from ..outage import PROBE_INTERVAL, Outage
+from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, page_top
 from ..sql import SqlStore
 from ..writer import Committed, GroupWriter
+from .errors import LOST, classify, describe_url, unavailable_reason
+from .feed import FEED_PAGE, ClusterFeed
+from .listen import CHANNEL, ListenConnection
+from .nodes import ClusterNodes
+from .txn import CODEC, PgTxn, storable
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +67,9 @@ SCHEMA_PATH = Path(__file__).resolve().parents[3] / "schema.postgres.sql"
 SCHEMA_VERSION = 2
 DB_TIMEOUT = 5.0
 NODE_TIMEOUT = 30.0
-CHANNEL = "taskpush"
 POOL_SIZE = 10
-FEED_PAGE = 1000  # feed rows read (and handed to on_publish) at once
 CATCH_UP_EVERY = 1.0  # seconds: a node reads the feed this often even without a NOTIFY
 FEED_RETENTION_S = 3600  # feed rows older than this are purged by the sweep leader
-RECONNECT_MIN, RECONNECT_MAX = 0.1, 2.0  # the listening connection's backoff
 PAGE_LIMIT = 1000  # task rows one page read fetches at most
 PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
 MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
@@ -140,125 +133,6 @@ def _page(rows: list[Any]) -> tuple[list[Any], bool]:
     return [row[:-1] for row in rows], bool(rows) and rows[-1][-1]
 
 
-# ---- text the database cannot hold -------------------------------------------------------
-# PostgreSQL text cannot hold U+0000, which a message may carry: stored escaped (U+FFFF as
-# the escape), restored on read. Other text is stored verbatim.
-_ESC = "\uffff"
-_UNESCAPE = re.compile("\uffff([01])")
-
-
-def _put(text: str | None) -> str | None:
-    if text is None or ("\x00" not in text and _ESC not in text):
-        return text
-    return text.replace(_ESC, _ESC + "1").replace("\x00", _ESC + "0")
-
-
-def _get(text: str | None) -> str | None:
-    if text is None or _ESC not in text:
-        return text
-    return _UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else _ESC, text)
-
-
-def _storable(text: str) -> bool:
-    """Whether PostgreSQL can compare with `text` as it is (ids and keys are printable:
-    one that is not names nothing stored)."""
-    return "\x00" not in text
-
-
-# the tasks table's columns are model.Task's fields, in order, then `node`
-CODEC = RowCodec(text_in=_put, text_out=_get, float_progress=True)
-_row_to_task = CODEC.task
-
-
-def _task_row(task: Task, node: str | None) -> tuple[Any, ...]:
-    """A `tasks` row (model.Task's fields in order, then the node) for a task."""
-    return (*CODEC.row(task), node)
-
-
-def _task_json(task: Task) -> str:
-    """The task as a feed row carries it (every field, internal ones too)."""
-    return jsonutil.dumps(asdict(task))
-
-
-# ---- failures -----------------------------------------------------------------------------
-
-_LOST = "connection to the database lost"
-_UNREACHABLE = "database server unreachable"
-_SLOW = "the database does not answer in time"
-_STARTING = "database server is starting up or shutting down"
-_FULL = "too many connections to the database"
-_RESOURCES = "database server out of resources (disk or memory)"
-_READ_ONLY = "database is read-only (a standby?)"
-_AUTH = "the database refuses our credentials"
-# a batch that failed for one of these before COMMIT was sent never reached the database:
-# a caller with time left is tried again (the server may be back within it)
-_CONFLICT = "a transaction conflict (deadlock or serialization failure)"
-_RETRYABLE = frozenset({_LOST, _UNREACHABLE, _STARTING, _FULL, _CONFLICT})
-
-
-def unavailable_reason(exc: BaseException) -> str | None:
-    """Why the database cannot serve us, if `exc` says it cannot (not a bug); else None."""
-    if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
-        return _SLOW
-    if isinstance(exc, asyncpg.TransactionRollbackError):  # SQLSTATE class 40
-        return _CONFLICT
-    if isinstance(exc, asyncpg.PostgresConnectionError):  # SQLSTATE class 08
-        return _LOST
-    if isinstance(exc, asyncpg.InterfaceError):
-        text = str(exc)
-        return _LOST if "closed" in text or "closing" in text else None
-    if isinstance(exc, asyncpg.InternalClientError):
-        # a pooled connection the server ended while idle, used before its end was read:
-        # the protocol meets the server's FATAL mid-statement (connections are never
-        # shared here, so nothing else confuses it)
-        return _LOST
-    if isinstance(exc, asyncpg.CannotConnectNowError | asyncpg.AdminShutdownError
-                  | asyncpg.CrashShutdownError):
-        return _STARTING
-    if isinstance(exc, asyncpg.TooManyConnectionsError):
-        return _FULL
-    if isinstance(exc, asyncpg.InsufficientResourcesError):
-        return _RESOURCES
-    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
-        return _READ_ONLY
-    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError
-                  | asyncpg.InvalidPasswordError):
-        return _AUTH
-    if isinstance(exc, ConnectionRefusedError):
-        return _UNREACHABLE
-    if isinstance(exc, ConnectionError | EOFError):
-        return _LOST
-    if isinstance(exc, OSError):
-        return _UNREACHABLE
-    return None
-
-
-def classify(exc: BaseException) -> Failure | None:
-    """A failure of the database as the outage sees it (None: a bug). A conflict is no
-    outage (one transaction lost a race, the database is fine)."""
-    reason = unavailable_reason(exc)
-    if reason is None:
-        return None
-    return Failure(reason, retry=reason in _RETRYABLE, outage=reason != _CONFLICT)
-
-
-def describe_url(url: str) -> str:
-    """`host:port/database` of a PostgreSQL URL: what a log line may show of it."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or "localhost"
-        port = parts.port or 5432
-    except ValueError:
-        return "(unparsable URL)"
-    return f"{host}:{port}{parts.path or '/'}"
-
-
-def lock_key(name: str) -> int:
-    """The advisory lock (a signed 64-bit key) of the cluster-wide job `name`."""
-    digest = hashlib.blake2b(f"taskpush:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Pooled connections never LISTEN, SET or hold session locks: nothing to reset (the
     default reset is one more round trip per use)."""
@@ -282,116 +156,6 @@ async def _pooled(pool: asyncpg.Pool, wait: float) -> AsyncIterator[asyncpg.Conn
         await pool.release(conn)
 
 
-# ---- the transaction's view -----------------------------------------------------------------
-
-
-class _Txn:
-    """One write transaction's state: the `model.TxnView` the rules run over.
-
-    Everything the rules may ask is read before they run (the batch's tasks in one
-    statement, its idempotency keys and its users' active counts in one each); a question
-    about something not read (a generated id that was not foreseen) is a miss: the batch's
-    rules run again once it has been read. Writes are kept as the rows of one statement.
-    """
-
-    __slots__ = ("counts", "events", "feed", "inserted", "keys", "known_keys", "misses",
-                 "node", "overlay", "purged", "stored", "tombstones", "user_delta")
-
-    def __init__(self, stored: dict[str, Task | None],
-                 keys: dict[tuple[str, str], tuple[int, str | None]],
-                 counts: dict[int, int], node: str) -> None:
-        self.stored = stored  # task_id -> as committed (None: no such task)
-        self.known_keys = keys
-        self.counts = counts
-        self.node = node
-        self.overlay: dict[str, Task | None] = {}
-        self.keys: dict[tuple[str, str], tuple[int, str | None]] = {}
-        self.events: dict[str, list[tuple[Any, ...]]] = {}
-        self.feed: list[tuple[Any, ...]] = []
-        self.tombstones: list[tuple[Any, ...]] = []
-        self.purged: set[str] = set()  # stored tasks deleted by this batch
-        self.inserted: set[str] = set()  # ids this batch inserts (not stored before)
-        self.user_delta: dict[int, int] = {}
-        self.misses: set[str] = set()
-
-    def load(self, task_id: str) -> Task | None:
-        if task_id in self.overlay:
-            return self.overlay[task_id]
-        if task_id in self.stored:
-            return self.stored[task_id]
-        self.misses.add(task_id)
-        return None
-
-    def applied_with_key(self, task_id: str, key: str) -> tuple[int, str | None] | None:
-        done = self.keys.get((task_id, key))
-        return done if done is not None else self.known_keys.get((task_id, key))
-
-    def active_count(self, user_id: int) -> int:
-        if user_id not in self.counts:
-            self.misses.add(f"\x00user:{user_id}")  # never a task id (they are printable)
-            return 0
-        return self.counts[user_id] + self.user_delta.get(user_id, 0)
-
-    def _moved(self, user_id: int, before: str | None, after: str | None) -> None:
-        delta = (after in ACTIVE) - (before in ACTIVE)
-        if delta:
-            self.user_delta[user_id] = self.user_delta.get(user_id, 0) + delta
-
-    def changed(self, task: Task, now: str, key: str | None, digest: str | None = None
-                ) -> None:
-        task_id, seq = task.task_id, task.seq
-        before = self.load(task_id)
-        self._moved(task.user_id, before.status if before else None, task.status)
-        self.overlay[task_id] = task
-        self.events.setdefault(task_id, []).append((
-            seq, task_id, task.status, float(task.progress), _put(task.message),
-            _put(task.step), dumps(task.result), _put(task.error), _put(task.error_type),
-            now, key, digest))
-        self.feed.append((seq, "changed", _task_json(task), None))
-        if key is not None:
-            self.keys[(task_id, key)] = (seq, digest)
-
-    def created(self, task: Task, now: str) -> None:
-        task_id, seq = task.task_id, task.seq
-        self._moved(task.user_id, None, task.status)
-        self.overlay[task_id] = task
-        self.inserted.add(task_id)
-        self.events.setdefault(task_id, []).append((
-            seq, task_id, "pending", 0.0, None, None, None, None, None, now, None, None))
-        self.feed.append((seq, "created", _task_json(task), None))
-
-    def deleted(self, task: Task, seq: int, now: str) -> None:
-        task_id = task.task_id
-        self._moved(task.user_id, task.status, None)
-        self.overlay[task_id] = None
-        self.events.pop(task_id, None)  # the history goes with the task, and its keys
-        if self.keys:
-            self.keys = {k: v for k, v in self.keys.items() if k[0] != task_id}
-        if self.known_keys:
-            self.known_keys = {k: v for k, v in self.known_keys.items() if k[0] != task_id}
-        if task_id in self.inserted:
-            self.inserted.discard(task_id)
-        if self.stored.get(task_id) is not None:
-            self.purged.add(task_id)
-        self.tombstones.append((seq, task_id, task.user_id, now))
-        self.feed.append((seq, "deleted", _task_json(task), None))
-
-    def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]],
-                            list[tuple[Any, ...]]]:
-        """(events, tasks to insert, tasks to update)."""
-        events = [row for rows in self.events.values() for row in rows]
-        inserts, updates = [], []
-        for task_id, task in self.overlay.items():
-            if task is None:
-                continue
-            node = self.node if task.origin == "inprocess" else None
-            if task_id in self.inserted or task_id in self.purged:
-                inserts.append(_task_row(task, node))
-            else:
-                updates.append(_task_row(task, node))
-        return events, inserts, updates
-
-
 # ---- the store ------------------------------------------------------------------------------
 
 
@@ -399,8 +163,6 @@ class PgStore(SqlStore):
     """The `store.Store` over a PostgreSQL database shared by the nodes of a cluster; also
     the writer's `BatchCommitter`."""
 
-    last_seq = 0  # the highest seq handed to on_publish
-    horizon = 0
 
     def __init__(self, url: str, *, timeout: float = DB_TIMEOUT, node_name: str | None = None,
                  node_timeout: float = NODE_TIMEOUT, notify: bool = True,
@@ -413,23 +175,21 @@ class PgStore(SqlStore):
         self.notify = notify  # False only to measure what NOTIFY costs (bench)
         self.pool_size = pool_size
         self.epoch = ""
-        self.last_seq = 0  # the highest seq handed to on_publish
-        self.horizon = 0
-        self.listeners = Listeners()
         self._pool: asyncpg.Pool | None = None
-        self._listen: asyncpg.Connection | None = None
-        self._listen_lock = asyncio.Lock()  # one statement at a time on that connection
-        self._listen_lost = asyncio.Event()
-        self._listen_pid: int | None = None  # its server process: ended on a reconnect
-        self._name_holder: asyncio.Task[None] | None = None  # see _hold_name
-        self._leads: set[str] = set()
-        self._feed_lock = asyncio.Lock()
-        self._catching_up: asyncio.Task[None] | None = None
-        self._catch_up_again = False
+        self._closing = False
+        self.listeners = Listeners()
+        self.feed = ClusterFeed(self.listeners, self._run, node=self.node, timeout=timeout,
+                                active=lambda: not self._closing and self._pool is not None)
+        self.listener = ListenConnection(url, self.node, timeout, self.feed.notified, [],
+                                         self.feed.request_catch_up)
+        self.nodes = ClusterNodes(self.listener, self._run, url=url, node=self.node,
+                                  node_timeout=node_timeout, timeout=timeout,
+                                  where=self.where)
+        # the name lock first (it may refuse the start), then the feed's horizon
+        self.listener.hooks += [self.nodes.on_connected, self.feed.on_connected]
         self._writer: GroupWriter | None = None
         self._background: list[asyncio.Task[None]] = []
         self.outage = Outage(self.where, lambda: self.timeout, self._refused_so_far)
-        self._closing = False
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -441,8 +201,8 @@ class PgStore(SqlStore):
             self._pool = await asyncio.wait_for(self._create_pool(), self.timeout)
             async with self._pool.acquire() as conn:
                 await asyncio.wait_for(self._apply_schema(conn), self.timeout * 4)
-            await self._connect_listener(starting=True)
-            await self._heartbeat()
+            await self.listener.connect(starting=True)
+            await self.nodes.heartbeat()
         except StoreRefused:
             await self.close()
             raise
@@ -465,7 +225,7 @@ class PgStore(SqlStore):
         self._writer.start()
         loop = asyncio.get_running_loop()
         self._background = [
-            loop.create_task(self._keep_listening(), name="taskpush-pg-listener"),
+            loop.create_task(self.listener.keep(), name="taskpush-pg-listener"),
             loop.create_task(self._tick(), name="taskpush-pg-feed"),
         ]
 
@@ -519,22 +279,15 @@ class PgStore(SqlStore):
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
-        tasks = [*self._background]
-        if self._name_holder is not None:
-            tasks.append(self._name_holder)
-        if self._catching_up is not None:
-            tasks.append(self._catching_up)
+        tasks, self._background = self._background, []
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._background = []
-        listen, self._listen = self._listen, None
-        if listen is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(listen.close(), 1.0)
-            listen.terminate()
+        await self.nodes.close()
+        await self.feed.close()
+        await self.listener.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -556,7 +309,7 @@ class PgStore(SqlStore):
                     async with _pooled(pool, self.timeout) as conn:
                         return await fn(conn, *args)
                 except Exception as exc:
-                    if unavailable_reason(exc) != _LOST:
+                    if unavailable_reason(exc) != LOST:
                         raise
                 # the connection was found dead (the server restarted, or ended it):
                 # once more on another, within the same time
@@ -587,15 +340,6 @@ class PgStore(SqlStore):
 
     # ---- background: heartbeat, probe, timer catch-up ------------------------------------
 
-    async def _heartbeat(self) -> None:
-        """This node's row in `nodes`, seen now (the database's clock: no skew)."""
-        async def beat(conn: asyncpg.Connection) -> None:
-            await conn.execute(
-                "INSERT INTO nodes (name) VALUES ($1) ON CONFLICT (name)"
-                " DO UPDATE SET seen_at = now()", self.node)
-
-        await self._run(beat)
-
     async def _tick(self) -> None:
         """Every second a catch-up (a lost NOTIFY only delays a change); a heartbeat every
         third of --node-timeout; while the database is unavailable, a write probe (the
@@ -611,7 +355,7 @@ class PgStore(SqlStore):
             if self.outage.reason is not None or now >= next_beat:
                 was_out = self.outage.reason is not None
                 try:
-                    await self._heartbeat()
+                    await self.nodes.heartbeat()
                 except StorageUnavailable:
                     pass
                 except Exception:
@@ -623,290 +367,7 @@ class PgStore(SqlStore):
                         next_catch_up = now  # back: deliver what committed meanwhile
             if now >= next_catch_up:
                 next_catch_up = now + CATCH_UP_EVERY
-                self._request_catch_up()
-
-    # ---- the listening connection --------------------------------------------------------
-
-    async def _connect_listener(self, *, starting: bool = False) -> None:
-        """The dedicated connection: LISTEN, and the lock on this node's name (held while it
-        lives: two live nodes with one name would end each other's in-process tasks)."""
-        # the server's keepalives end this session if this node's host goes silent (its
-        # locks with it); a stuck session this node gave up on is ended below
-        keepalive = str(max(1, math.ceil(self.timeout)))
-        application = f"taskpush {self.node} listen"[:63]
-        conn = await asyncpg.connect(
-            self.url, timeout=self.timeout, command_timeout=self.timeout,
-            server_settings={"application_name": application,
-                             "tcp_keepalives_idle": keepalive,
-                             "tcp_keepalives_interval": keepalive,
-                             "tcp_keepalives_count": "3"})
-        try:
-            await conn.add_listener(CHANNEL, self._notified)
-            if self._listen_pid is not None:
-                # the previous session may live on server-side (stuck, or its TCP
-                # connection half-open) and keep the name and job locks: end it
-                with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
-                    await conn.fetchval(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                        " WHERE pid = $1 AND application_name = $2"
-                        " AND pid <> pg_backend_pid()",
-                        self._listen_pid, application)
-            # (a name held by a connection of its own stays there)
-            named = self._name_holder is not None or await self._lock_name(
-                conn, wait=self.timeout)
-            if not starting:  # a purge announced while this node was not listening
-                self.horizon = max(self.horizon, int(await conn.fetchval(
-                    "SELECT coalesce((SELECT value FROM settings WHERE key = 'horizon'),"
-                    " '0')")))
-        except BaseException:
-            conn.terminate()
-            raise
-        if not named and starting:
-            conn.terminate()
-            raise StoreRefused(f"node name {self.node!r} is in use by a running node on"
-                               f" {self.where}: give each node its own --node-name")
-        if not named and self._name_holder is None:  # listening still works meanwhile
-            log.warning("node name %r is still locked by an ended session of this node;"
-                        " taking it again when it is released", self.node)
-            self._name_holder = asyncio.get_running_loop().create_task(
-                self._hold_name(), name="taskpush-pg-name")
-        conn.add_termination_listener(self._listener_closed)
-        self._leads.clear()  # session locks died with the previous connection
-        self._listen = conn
-        self._listen_pid = conn.get_server_pid()
-        self._listen_lost.clear()
-
-    async def _hold_name(self) -> None:
-        """Lock this node's name on a connection of its own, held while the node runs: it
-        waits in the lock's queue, so it is first to get the name when the ended session
-        that held it goes (a node started meanwhile with the same name is refused)."""
-        key = lock_key(f"node:{self.node}")
-        keepalive = str(max(1, math.ceil(self.timeout)))
-        while not self._closing:
-            try:
-                conn = await asyncpg.connect(
-                    self.url, timeout=self.timeout,
-                    server_settings={"application_name": f"taskpush {self.node} name"[:63],
-                                     "tcp_keepalives_idle": keepalive,
-                                     "tcp_keepalives_interval": keepalive,
-                                     "tcp_keepalives_count": "3"})
-            except Exception:
-                await asyncio.sleep(RECONNECT_MAX)
-                continue
-            try:
-                ended = asyncio.Event()
-                conn.add_termination_listener(lambda _conn, ended=ended: ended.set())
-                await conn.execute("SELECT pg_advisory_lock($1)", key, timeout=None)
-                log.info("node name %r is locked again", self.node)
-                await ended.wait()
-            except Exception:
-                await asyncio.sleep(RECONNECT_MAX)
-            finally:
-                conn.terminate()
-
-    async def _lock_name(self, conn: asyncpg.Connection, wait: float) -> bool:
-        """Take this node's name lock, waiting up to `wait` s (the previous run of this
-        node, killed a moment ago, may not have been noticed gone by the server yet)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        key = lock_key(f"node:{self.node}")
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.1)
-        return True
-
-    def _listener_closed(self, conn: asyncpg.Connection) -> None:
-        if conn is self._listen:
-            self._leads.clear()
-            self._listen_lost.set()
-
-    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        """A wake-up: another node committed up to that seq (or purged tombstones up to
-        the new horizon). Our own commits are ours to deliver (`published`): reading them
-        back here would cost a read per commit."""
-        seq, _, node = payload.partition(" ")
-        if seq == "horizon":  # another node's sweep forgot tombstones up to that seq
-            with contextlib.suppress(ValueError):
-                self.horizon = max(self.horizon, int(node))
-            return
-        if node == self.node:
-            return
-        try:
-            announced = int(seq)
-        except ValueError:
-            announced = self.last_seq + 1
-        if announced > self.last_seq:
-            self._request_catch_up()
-
-    async def _keep_listening(self) -> None:
-        """Re-establish the listening connection when it is lost (backoff), then catch up:
-        what committed meanwhile was not announced to us."""
-        delay = RECONNECT_MIN
-        while True:
-            await self._listen_lost.wait()
-            old, self._listen = self._listen, None
-            if old is not None:
-                old.terminate()
-            while True:
-                try:
-                    await self._connect_listener()
-                except Exception as exc:
-                    if unavailable_reason(exc) is None:
-                        log.exception("cannot re-establish the listening connection")
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RECONNECT_MAX)
-                    continue
-                delay = RECONNECT_MIN
-                break
-            self._request_catch_up()
-
-    def _drop_listener(self) -> None:
-        """The listening connection did not answer: replace it."""
-        if self._listen is not None:
-            self._leads.clear()
-            self._listen_lost.set()
-
-    async def lead(self, name: str) -> bool:
-        """Whether this node runs the cluster-wide job `name` now: it holds the job's
-        session advisory lock on the listening connection (held while that connection
-        lives; another node takes it over when this node dies)."""
-        conn = self._listen
-        if conn is None or conn.is_closed():
-            return False
-        try:
-            async with asyncio.timeout(self.timeout), self._listen_lock:
-                if name in self._leads:
-                    await conn.fetchval("SELECT 1")  # still alive, so still holding it
-                    return True
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(name)):
-                    self._leads.add(name)
-                    return True
-                return False
-        except Exception as exc:
-            # whatever it was (lost, killed mid-statement, confused by a FATAL it had not
-            # read yet), this connection cannot vouch for its locks: replace it
-            if unavailable_reason(exc) is None:
-                log.warning("the listening connection failed (%s): replacing it",
-                            type(exc).__name__)
-            self._drop_listener()
-            return False
-
-    # ---- the feed -------------------------------------------------------------------------
-
-    def _request_catch_up(self) -> None:
-        if self._closing or self._pool is None:
-            return
-        if self._catching_up is not None:
-            self._catch_up_again = True
-            return
-        self._catching_up = asyncio.get_running_loop().create_task(
-            self._catch_up_loop(), name="taskpush-pg-catch-up")
-
-    async def _catch_up_loop(self) -> None:
-        try:
-            again = True
-            while again:
-                self._catch_up_again = False
-                try:
-                    async with self._feed_lock:
-                        await self._catch_up_locked()
-                except StorageUnavailable:
-                    return  # the outage is logged; the timer tries again
-                except Exception:
-                    log.exception("reading the cluster feed failed")
-                    return
-                again = self._catch_up_again
-        finally:
-            self._catching_up = None
-
-    async def _catch_up_locked(self, upto: int | None = None) -> None:
-        """Hand every committed change after `last_seq` (up to `upto`) to on_publish, in
-        seq order, by pages. Called with the feed lock held."""
-        while upto is None or self.last_seq < upto:
-            after = self.last_seq
-            rows = await self._run(self._read_feed, after, upto)
-            if not rows:
-                return
-            first = rows[0][0]
-            if first != after + 1 or rows[-1][0] != first + len(rows) - 1:
-                self._feed_lost(after, first)
-            self.last_seq = rows[-1][0]
-            self.listeners.publish([publication(*row) for row in rows], False)
-
-    @staticmethod
-    async def _read_feed(conn: asyncpg.Connection, after: int, upto: int | None
-                         ) -> list[Any]:
-        if upto is None:
-            return await conn.fetch("SELECT seq, kind, task FROM feed WHERE seq > $1"
-                                    " ORDER BY seq LIMIT $2", after, FEED_PAGE)
-        return await conn.fetch("SELECT seq, kind, task FROM feed WHERE seq > $1"
-                                " AND seq <= $2 ORDER BY seq LIMIT $3", after, upto, FEED_PAGE)
-
-    async def catch_up(self, seq: int) -> None:
-        """Deliver every change up to `seq` now (a client resuming here from a seq another
-        node sent it); a database that cannot answer leaves it to the timer."""
-        if seq <= self.last_seq or self._pool is None:
-            return
-        with contextlib.suppress(StorageUnavailable, TimeoutError):
-            async with asyncio.timeout(self.timeout), self._feed_lock:
-                await self._catch_up_locked(upto=seq)
-
-    def _feed_lost(self, after: int, kept: int) -> None:
-        """The feed no longer holds changes this node has not delivered (it was away for
-        longer than the feed is kept): its sockets must resume from the database."""
-        log.error("cluster feed: changes after seq %d are no longer kept (next kept: %d);"
-                  " sockets are closed so that clients resume", after, kept)
-        self.listeners.feed_lost()
-
-    def published(self, committed: Committed, seconds: float) -> Awaitable[None] | None:
-        """After this node's commit: its changes go to on_publish after every earlier seq
-        (committed by another node, not yet delivered here), then on_commit."""
-        if not self._feed_lock.locked() and self._fill_gap(committed):
-            self._publish_local(committed)
-            self.listeners.committed(committed.outcomes, seconds)
-            return None
-        return self._published_in_order(committed, seconds)
-
-    def _fill_gap(self, committed: Committed) -> bool:
-        """Deliver the changes committed before this batch (seq up to `prev`) from the rows
-        the write statement returned; False if they do not cover them (read the feed)."""
-        delivered, prev, gap = self.last_seq, committed.prev, committed.before
-        if prev <= delivered:
-            return True
-        if gap is None or delivered < committed.seen:
-            return False
-        rows = [row for row in gap if row[0] > delivered]
-        if not rows or rows[0][0] != delivered + 1 or rows[-1][0] != prev:
-            return False
-        self.last_seq = prev
-        self.listeners.publish([publication(*row) for row in rows], False)
-        return True
-
-    async def _published_in_order(self, committed: Committed, seconds: float) -> None:
-        prev = committed.prev
-        async with self._feed_lock:
-            try:
-                if not self._fill_gap(committed):
-                    await self._catch_up_locked(upto=prev)
-                    if self.last_seq < prev:  # committed before this batch, yet not kept
-                        self._feed_lost(self.last_seq, prev + 1)
-                        self.last_seq = prev
-            except StorageUnavailable:
-                pass  # this batch waits for the gap: a catch-up delivers both, in order
-            else:
-                self._publish_local(committed)
-        self.listeners.committed(committed.outcomes, seconds)
-
-    def _publish_local(self, committed: Committed) -> None:
-        delivered, outcomes = self.last_seq, committed.outcomes
-        if committed.last <= delivered:  # a catch-up got there first (or nothing committed)
-            return
-        if any(o.seq is not None and o.news and o.seq <= delivered for o in outcomes):
-            outcomes = [o for o in outcomes if not (o.news and o.seq is not None
-                                                    and o.seq <= delivered)]
-        self.last_seq = committed.last
-        self.listeners.publish(outcomes, True)
+                self.feed.request_catch_up()
 
     # ---- writes -----------------------------------------------------------------------------
 
@@ -952,7 +413,7 @@ class PgStore(SqlStore):
         return Committed(outcomes, prev, last, after, gap)
 
     async def _apply(self, conn: asyncpg.Connection, ops: list[Operation], prev: int
-                     ) -> tuple[list[Outcome], int, _Txn]:
+                     ) -> tuple[list[Outcome], int, PgTxn]:
         """Read what the rules need, then run them (again, if they asked for more)."""
         ids: set[str] = set()
         keys: list[tuple[str, str]] = []
@@ -969,7 +430,7 @@ class PgStore(SqlStore):
             else:
                 ids.add(op.task_id)
                 if (isinstance(op, Change) and op.idem_key is not None
-                        and _storable(op.task_id) and _storable(op.idem_key)):
+                        and storable(op.task_id) and storable(op.idem_key)):
                     keys.append((op.task_id, op.idem_key))
         # the names generated ids may get (type_seq, seq at most one per op so far)
         predicted: set[str] = set()
@@ -991,7 +452,7 @@ class PgStore(SqlStore):
         if users:
             await self._count(conn, users, counts)
         for _ in range(MAX_PASSES):
-            view = _Txn(stored, known_keys, counts, self.node)
+            view = PgTxn(stored, known_keys, counts, self.node)
             now = utc_now()
             seq = prev
             outcomes: list[Outcome] = []
@@ -1011,11 +472,11 @@ class PgStore(SqlStore):
     @staticmethod
     async def _load(conn: asyncpg.Connection, ids: list[str],
                     stored: dict[str, Task | None]) -> None:
-        ids = [i for i in ids if _storable(i)]  # others name no task (ids are printable)
+        ids = [i for i in ids if storable(i)]  # others name no task (ids are printable)
         if ids:
             for row in await conn.fetch(f"SELECT {COLUMNS} FROM tasks"
                                         " WHERE task_id = ANY($1::text[])", ids):
-                stored[row[0]] = _row_to_task(row)
+                stored[row[0]] = CODEC.task(row)
 
     @staticmethod
     async def _count(conn: asyncpg.Connection, users: Iterable[int],
@@ -1027,7 +488,7 @@ class PgStore(SqlStore):
                 f" AND status IN {ACTIVE_SQL} GROUP BY user_id", wanted):
             counts[user_id] = count
 
-    async def _write(self, conn: asyncpg.Connection, view: _Txn, last: int, after: int,
+    async def _write(self, conn: asyncpg.Connection, view: PgTxn, last: int, after: int,
                      prev: int) -> list[Any] | None:
         """Write the batch; returns the feed rows in (after, prev] (None: more than a
         page of them, so not all)."""
@@ -1054,38 +515,16 @@ class PgStore(SqlStore):
 
         return str(await self._run(get_or_create))
 
-    # ---- nodes -------------------------------------------------------------------------------
-
-    async def gone_nodes_tasks(self) -> list[Task]:
-        """Active in-process tasks of nodes not seen for --node-timeout (or with no row at
-        all). Rows of gone nodes left with no such task are forgotten first."""
-        async def read(conn: asyncpg.Connection) -> list[Task]:
-            await conn.execute(
-                "DELETE FROM nodes n WHERE n.name <> $1"
-                " AND n.seen_at < now() - make_interval(secs => $2)"
-                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.node = n.name"
-                f" AND t.origin = 'inprocess' AND t.status IN {ACTIVE_SQL})",
-                self.node, self.node_timeout)
-            rows = await conn.fetch(
-                f"SELECT {COLUMNS} FROM tasks t WHERE t.origin = 'inprocess'"
-                f" AND t.status IN {ACTIVE_SQL} AND t.node IS DISTINCT FROM $1"
-                " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.name = t.node"
-                " AND n.seen_at >= now() - make_interval(secs => $2))"
-                " LIMIT 1000", self.node, self.node_timeout)
-            return [_row_to_task(row) for row in rows]
-
-        return list(await self._run(read))
-
     # ---- reads ------------------------------------------------------------------------------
 
     async def _rows(self, sql: str, *params: Any) -> list[Task]:
         async def read(conn: asyncpg.Connection) -> list[Task]:
-            return [_row_to_task(row) for row in await conn.fetch(sql, *params)]
+            return [CODEC.task(row) for row in await conn.fetch(sql, *params)]
 
         return list(await self._run(read))
 
     async def get_task(self, task_id: str) -> Task | None:
-        if not _storable(task_id):
+        if not storable(task_id):
             return None
         rows = await self._rows(f"SELECT {COLUMNS} FROM tasks WHERE task_id = $1",
                                 task_id)
@@ -1095,7 +534,7 @@ class PgStore(SqlStore):
         self, user_id: int, *, status: str | None, limit: int, before: int | None
     ) -> list[Task]:
         """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
-        if status is not None and not _storable(status):
+        if status is not None and not storable(status):
             return []
         sql = f"SELECT {COLUMNS} FROM tasks WHERE user_id = $1"
         params: list[Any] = [user_id]
@@ -1124,7 +563,7 @@ class PgStore(SqlStore):
             return await conn.fetch(_ACTIVE_PAGE_SQL, user_id, after, max_bytes)
 
         rows, more = _page(await self._run(read))
-        tasks = [_row_to_task(row) for row in rows]
+        tasks = [CODEC.task(row) for row in rows]
         return tasks, (tasks[-1].created_seq if more else None)
 
     async def changes_page(self, user_id: int, after: int, upto: int, max_bytes: int
@@ -1158,7 +597,7 @@ class PgStore(SqlStore):
                            ) -> tuple[list[dict[str, Any]], int | None]:
         """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
         and the seq to continue after, None when there are no more."""
-        if not _storable(task_id):
+        if not storable(task_id):
             return [], None
 
         async def read(conn: asyncpg.Connection) -> list[Any]:
@@ -1213,8 +652,3 @@ class PgStore(SqlStore):
             return int(status.split()[-1])
 
         return int(await self._run(purge))
-
-
-def publication(seq: int, kind: str, text: str) -> Publication:
-    """A feed row: a change another node committed."""
-    return Publication(seq, Kind(kind), Task(**jsonutil.loads(text)))
