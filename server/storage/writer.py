@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -165,31 +164,3 @@ class GroupWriter:
                     future.set_result(outcomes[start:end])
                 start = end
                 queue.task_done()
-
-
-class WriterFront:
-    """What an engine that drives a `GroupWriter` offers its callers, the same for every
-    engine: submitting, and the figures its outage state reports (refusals so far, the
-    Retry-After of a 503)."""
-
-    _writer: GroupWriter | None
-    timeout: float
-
-    async def submit(self, op: Operation) -> Outcome:
-        """Apply one operation durably; returns after its transaction has committed."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit(op)
-
-    async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]:
-        """Apply operations, each on its own, all committed before this returns."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit_many(ops)
-
-    def _refused_so_far(self) -> int:
-        return 0 if self._writer is None else self._writer.refused
-
-    @property
-    def _retry_after(self) -> int:
-        return max(1, math.ceil(self.timeout))

@@ -29,10 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +46,12 @@ from ...core.model import (
     Outcome,
     Register,
     Task,
-    apply_op,
-    utc_now,
 )
 from ..api import PAGE_ROWS, Listeners, StoreRefused
 from ..outage import PROBE_INTERVAL, Outage
-from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, page_top
-from ..sql import SqlStore
-from ..writer import Committed, GroupWriter
+from ..rows import ACTIVE_SQL, COLUMNS, page_top
+from ..sql import Queries, SqlStore, apply_all
+from ..writer import Committed
 from .errors import LOST, classify, describe_url, unavailable_reason
 from .feed import FEED_PAGE, ClusterFeed
 from .listen import CHANNEL, ListenConnection
@@ -126,6 +123,11 @@ _ACTIVE_PAGE_SQL = _page_sql(f"user_id = $1 AND status IN {ACTIVE_SQL} AND creat
 _CHANGES_PAGE_SQL = _page_sql("user_id = $1 AND seq > $2 AND seq <= $3", "seq", "$4")
 
 
+QUERIES = Queries(numbered=True)
+_INPROCESS_SQL = (f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
+                  " AND origin = 'inprocess' AND node = $1")
+
+
 def _page(rows: list[Any]) -> tuple[list[Any], bool]:
     """A page's task rows (without the flag), and whether more follow."""
     if len(rows) > PAGE_LIMIT:
@@ -177,6 +179,8 @@ class PgStore(SqlStore):
         self.epoch = ""
         self._pool: asyncpg.Pool | None = None
         self._closing = False
+        self.codec = CODEC
+        self.q = QUERIES
         self.listeners = Listeners()
         self.feed = ClusterFeed(self.listeners, self._run, node=self.node, timeout=timeout,
                                 active=lambda: not self._closing and self._pool is not None)
@@ -187,7 +191,6 @@ class PgStore(SqlStore):
                                   where=self.where)
         # the name lock first (it may refuse the start), then the feed's horizon
         self.listener.hooks += [self.nodes.on_connected, self.feed.on_connected]
-        self._writer: GroupWriter | None = None
         self._background: list[asyncio.Task[None]] = []
         self.outage = Outage(self.where, lambda: self.timeout, self._refused_so_far)
 
@@ -221,8 +224,7 @@ class PgStore(SqlStore):
                 raise
             raise StoreRefused(f"cannot open PostgreSQL database {self.where}: {reason}"
                                ) from None
-        self._writer = GroupWriter(self, self.timeout)
-        self._writer.start()
+        self._start_writer()
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(self.listener.keep(), name="taskpush-pg-listener"),
@@ -327,16 +329,6 @@ class PgStore(SqlStore):
         if failure is None:
             raise exc
         return self.outage.error(failure)
-
-    def unavailable(self) -> str | None:
-        """Why writes are refused now ("storage unavailable: ..."), or None; never waits."""
-        return self.outage.unavailable()
-
-    async def ping(self) -> bool:
-        async def check(conn: asyncpg.Connection) -> bool:
-            return await conn.fetchval("SELECT 1") == 1
-
-        return bool(await self._run(check))
 
     # ---- background: heartbeat, probe, timer catch-up ------------------------------------
 
@@ -453,12 +445,7 @@ class PgStore(SqlStore):
             await self._count(conn, users, counts)
         for _ in range(MAX_PASSES):
             view = PgTxn(stored, known_keys, counts, self.node)
-            now = utc_now()
-            seq = prev
-            outcomes: list[Outcome] = []
-            for op in ops:
-                outcome, seq = apply_op(view, op, seq, now)
-                outcomes.append(outcome)
+            outcomes, seq = apply_all(view, ops, prev)
             if not view.misses:
                 return outcomes, seq, view
             missed_users = {int(m[6:]) for m in view.misses if m.startswith("\x00user:")}
@@ -505,54 +492,23 @@ class PgStore(SqlStore):
 
     # ---- settings ---------------------------------------------------------------------------
 
-    async def demo_secret(self) -> str:
-        """The generated demo-mode secret, created once for the whole cluster."""
-        async def get_or_create(conn: asyncpg.Connection) -> str:
-            await conn.execute("INSERT INTO settings VALUES ('demo_secret', $1)"
-                               " ON CONFLICT (key) DO NOTHING", secrets.token_urlsafe(32))
-            return str(await conn.fetchval(
-                "SELECT value FROM settings WHERE key = 'demo_secret'"))
-
-        return str(await self._run(get_or_create))
-
     # ---- reads ------------------------------------------------------------------------------
 
-    async def _rows(self, sql: str, *params: Any) -> list[Task]:
-        async def read(conn: asyncpg.Connection) -> list[Task]:
-            return [CODEC.task(row) for row in await conn.fetch(sql, *params)]
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        async def read(conn: asyncpg.Connection) -> list[Any]:
+            return await conn.fetch(sql, *params)
 
         return list(await self._run(read))
 
-    async def get_task(self, task_id: str) -> Task | None:
-        if not storable(task_id):
-            return None
-        rows = await self._rows(f"SELECT {COLUMNS} FROM tasks WHERE task_id = $1",
-                                task_id)
-        return rows[0] if rows else None
+    async def _write_then_read(self, write: str, params: Sequence[Any], read: str) -> Any:
+        async def run(conn: asyncpg.Connection) -> Any:
+            await conn.execute(write, *params)
+            return await conn.fetchval(read)
 
-    async def list_tasks(
-        self, user_id: int, *, status: str | None, limit: int, before: int | None
-    ) -> list[Task]:
-        """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
-        if status is not None and not storable(status):
-            return []
-        sql = f"SELECT {COLUMNS} FROM tasks WHERE user_id = $1"
-        params: list[Any] = [user_id]
-        if status is not None:
-            params.append(status)
-            sql += f" AND status = ${len(params)}"
-        if before is not None:
-            params.append(before)
-            sql += f" AND created_seq < ${len(params)}"
-        params.append(limit)
-        sql += f" ORDER BY created_seq DESC LIMIT ${len(params)}"
-        return await self._rows(sql, *params)
+        return await self._run(run)
 
-    async def changed_since(self, user_id: int, since: int, limit: int) -> list[Task]:
-        """A user's tasks whose latest change is after `since`, in seq order."""
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE user_id = $1 AND seq > $2"
-            " ORDER BY seq LIMIT $3", user_id, since, limit)
+    def _storable(self, text: str) -> bool:
+        return storable(text)
 
     async def active_page(self, user_id: int, after: int, max_bytes: int
                           ) -> tuple[list[Task], int | None]:
@@ -581,10 +537,8 @@ class PgStore(SqlStore):
                     return None
                 taken, more = _page(await conn.fetch(_CHANGES_PAGE_SQL, user_id, after, upto,
                                                      max_bytes))
-                deleted = await conn.fetch(
-                    "SELECT task_id, seq FROM tombstones WHERE user_id = $1 AND seq > $2"
-                    " AND seq <= $3 ORDER BY seq LIMIT $4", user_id, after,
-                    page_top(taken, more, upto), PAGE_ROWS)
+                deleted = await conn.fetch(self.q.tombstones, user_id, after,
+                                           page_top(taken, more, upto), PAGE_ROWS)
                 return taken, more, deleted
 
         got = await self._run(read)
@@ -593,41 +547,11 @@ class PgStore(SqlStore):
         rows, more, deleted = got
         return CODEC.merge_tombstones(rows, more, upto, deleted)
 
-    async def history_page(self, task_id: str, after: int, limit: int
-                           ) -> tuple[list[dict[str, Any]], int | None]:
-        """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
-        and the seq to continue after, None when there are no more."""
-        if not storable(task_id):
-            return [], None
-
-        async def read(conn: asyncpg.Connection) -> list[Any]:
-            return await conn.fetch(
-                "SELECT seq, status, progress, message, step, error, error_type, timestamp"
-                " FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                task_id, after, limit + 1)
-
-        return CODEC.history(await self._run(read), limit)
-
-    async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
-        """Active tasks whose last change is older than the given time (stale candidates)."""
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
-            " AND updated_at < $1 ORDER BY updated_at LIMIT $2", updated_before, limit)
-
     async def active_by_origin(self, origin: str) -> list[Task]:
         """Active tasks of this origin; "inprocess": only this node's."""
         if origin == "inprocess":
-            return await self._rows(
-                f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
-                " AND origin = 'inprocess' AND node = $1", self.node)
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
-            " AND origin = $1", origin)
-
-    async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]:
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE status IN {TERMINAL_SQL}"
-            " AND updated_at < $1 ORDER BY updated_at LIMIT $2", updated_before, limit)
+            return await self._tasks(_INPROCESS_SQL, (self.node,))
+        return await super().active_by_origin(origin)
 
     async def purge_tombstones(self, deleted_before: str) -> int:
         """Forget old tombstones (a `since` older than the newest forgotten one must
@@ -637,11 +561,10 @@ class PgStore(SqlStore):
                 await conn.execute(
                     "DELETE FROM feed WHERE committed_at < now() - make_interval(secs => $1)",
                     float(FEED_RETENTION_S))
-                top = await conn.fetchval(
-                    "SELECT max(seq) FROM tombstones WHERE deleted_at < $1", deleted_before)
+                top = await conn.fetchval(self.q.purge_top, deleted_before)
                 if top is None:
                     return 0
-                status = await conn.execute("DELETE FROM tombstones WHERE seq <= $1", top)
+                status = await conn.execute(self.q.purge, top)
                 await conn.execute(
                     "INSERT INTO settings VALUES ('horizon', $1) ON CONFLICT (key) DO UPDATE"
                     " SET value = greatest(settings.value::bigint,"

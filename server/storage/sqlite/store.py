@@ -30,11 +30,10 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 import sqlite3
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 from pathlib import Path
@@ -51,8 +50,6 @@ from ...core.model import (
     Operation,
     Outcome,
     Task,
-    apply_op,
-    utc_now,
 )
 from ..api import (
     PAGE_ROWS,
@@ -63,9 +60,9 @@ from ..api import (
 )
 from ..local import LocalFeed, SingleNode
 from ..outage import Failure, Outage
-from ..rows import ACTIVE_SQL, COLUMNS, TERMINAL_SQL, RowCodec, dumps, page_top
-from ..sql import SqlStore
-from ..writer import Committed, GroupWriter
+from ..rows import ACTIVE_SQL, COLUMNS, RowCodec, dumps, page_top
+from ..sql import Queries, SqlStore, apply_all
+from ..writer import Committed
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +141,7 @@ def _row_bytes(row: tuple[Any, ...]) -> int:
 
 
 CODEC = RowCodec(bools=True)  # sqlite3 gives a boolean column as 0/1
+QUERIES = Queries()
 _row_to_task = CODEC.task
 _task_row = CODEC.row
 
@@ -348,7 +346,8 @@ class SqliteStore(SqlStore):
         self.listeners = Listeners()
         self.feed = LocalFeed(self.listeners)  # last_seq, horizon
         self.nodes = SingleNode()
-        self._writer: GroupWriter | None = None
+        self.codec = CODEC
+        self.q = QUERIES
         self._lock_handle: IO[str] | None = None
         # tasks as last committed; changed only by the writer, after COMMIT
         self._cache: OrderedDict[str, Task] = OrderedDict()
@@ -388,8 +387,7 @@ class SqliteStore(SqlStore):
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="taskpush-checkpoint")
         self._cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._cconn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-        self._writer = GroupWriter(self, self.timeout)
-        self._writer.start()
+        self._start_writer()
 
     def _lock(self) -> None:
         """An advisory lock on `<db>.lock`, held while the process lives: a second server
@@ -554,21 +552,12 @@ class SqliteStore(SqlStore):
         # events) or the horizon (the newest purged tombstone): no counter to keep
         self.last_seq = max(int(top), self.horizon)
 
-    # ---- settings --------------------------------------------------------------------
+    async def _write_then_read(self, write: str, params: Sequence[Any], read: str) -> Any:
+        def run(conn: sqlite3.Connection) -> Any:
+            conn.execute(write, tuple(params))
+            return conn.execute(read).fetchone()[0]
 
-    async def demo_secret(self) -> str:
-        """The generated demo-mode secret, created once and kept so tokens survive restarts."""
-
-        def get_or_create(conn: sqlite3.Connection) -> str:
-            conn.execute(
-                "INSERT OR IGNORE INTO settings VALUES ('demo_secret', ?)",
-                (secrets.token_urlsafe(32),),
-            )
-            return conn.execute(
-                "SELECT value FROM settings WHERE key = 'demo_secret'"
-            ).fetchone()[0]
-
-        return await self._call_writer(get_or_create)
+        return await self._call_writer(run)
 
     # ---- writes ----------------------------------------------------------------------
 
@@ -654,14 +643,8 @@ class SqliteStore(SqlStore):
                 return None
             raise
         txn = _Txn(conn, self._cache)
-        seq = self.last_seq
-        now = utc_now()
-        outcomes: list[Outcome] = []
-        append = outcomes.append
         try:
-            for op in ops:
-                outcome, seq = apply_op(txn, op, seq, now)
-                append(outcome)
+            outcomes, seq = apply_all(txn, ops, self.last_seq)
             txn.flush()
             conn.execute("COMMIT")
         except BaseException:
@@ -677,35 +660,17 @@ class SqliteStore(SqlStore):
         task = self._cache.get(task_id)  # committed state, like a read
         return task if task is not None else await self._call(_select_task, task_id)
 
-    async def list_tasks(
-        self, user_id: int, *, status: str | None, limit: int, before: int | None
-    ) -> list[Task]:
-        """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
-        sql = f"SELECT {COLUMNS} FROM tasks WHERE user_id = ?"
-        params: list[Any] = [user_id]
-        if status is not None:
-            sql += " AND status = ?"
-            params.append(status)
-        if before is not None:
-            sql += " AND created_seq < ?"
-            params.append(before)
-        sql += " ORDER BY created_seq DESC LIMIT ?"
-        params.append(limit)
-        return await self._rows(sql, params)
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        def read(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql, tuple(params)).fetchall()
 
-    async def _rows(self, sql: str, params: Iterable[Any]) -> list[Task]:
-        def read(conn: sqlite3.Connection) -> list[Task]:
+        return list(await self._call(read))
+
+    async def _tasks(self, sql: str, params: Sequence[Any]) -> list[Task]:
+        def read(conn: sqlite3.Connection) -> list[Task]:  # converted on the reads' thread
             return [_row_to_task(row) for row in conn.execute(sql, tuple(params))]
 
-        return await self._call(read)
-
-    async def changed_since(self, user_id: int, since: int, limit: int) -> list[Task]:
-        """A user's tasks whose latest change is after `since`, in seq order."""
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (user_id, since, limit),
-        )
+        return list(await self._call(read))
 
     async def active_page(self, user_id: int, after: int, max_bytes: int
                           ) -> tuple[list[Task], int | None]:
@@ -796,47 +761,10 @@ class SqliteStore(SqlStore):
             more = cursor.fetchone() is not None
         finally:
             cursor.close()
-        deleted = conn.execute(
-            "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ? AND seq <= ?"
-            " ORDER BY seq LIMIT ?",
-            (user_id, after, page_top(rows, more, upto), PAGE_ROWS),
-        ).fetchall()
+        deleted = conn.execute(QUERIES.tombstones,
+                               (user_id, after, page_top(rows, more, upto), PAGE_ROWS)
+                               ).fetchall()
         return CODEC.merge_tombstones(rows, more, upto, deleted)
-
-    async def history_page(self, task_id: str, after: int, limit: int
-                           ) -> tuple[list[dict[str, Any]], int | None]:
-        """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
-        and the seq to continue after, None when there are no more."""
-        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int | None]:
-            rows = conn.execute(
-                "SELECT seq, status, progress, message, step, error, error_type, timestamp"
-                " FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (task_id, after, limit + 1),
-            ).fetchall()
-            return CODEC.history(rows, limit)
-
-        return await self._call(read)
-
-    async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
-        """Active tasks whose last change is older than the given time (stale candidates)."""
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL}"
-            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
-            (updated_before, limit),
-        )
-
-    async def active_by_origin(self, origin: str) -> list[Task]:
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE status IN {ACTIVE_SQL} AND origin = ?",
-            (origin,),
-        )
-
-    async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]:
-        return await self._rows(
-            f"SELECT {COLUMNS} FROM tasks WHERE status IN {TERMINAL_SQL}"
-            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
-            (updated_before, limit),
-        )
 
     async def purge_tombstones(self, deleted_before: str) -> int:
         """Forget old tombstones; a `since` older than the newest forgotten one must resync."""
@@ -844,13 +772,11 @@ class SqliteStore(SqlStore):
         def purge(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                (top,) = conn.execute(
-                    "SELECT max(seq) FROM tombstones WHERE deleted_at < ?", (deleted_before,)
-                ).fetchone()
+                (top,) = conn.execute(QUERIES.purge_top, (deleted_before,)).fetchone()
                 if top is None:
                     conn.execute("COMMIT")
                     return 0
-                cursor = conn.execute("DELETE FROM tombstones WHERE seq <= ?", (top,))
+                cursor = conn.execute(QUERIES.purge, (top,))
                 conn.execute(
                     "INSERT INTO settings VALUES ('horizon', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -864,9 +790,3 @@ class SqliteStore(SqlStore):
             return cursor.rowcount
 
         return await self._call_writer(purge, proves_recovery=False)
-
-    async def ping(self) -> bool:
-        def check(conn: sqlite3.Connection) -> bool:
-            return conn.execute("SELECT 1").fetchone()[0] == 1
-
-        return await self._call(check)
