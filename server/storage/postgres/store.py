@@ -31,7 +31,7 @@ import contextlib
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +39,21 @@ import asyncpg
 
 from ...core.errors import StorageUnavailable
 from ...core.model import (
-    CHANGING_FIELDS,
     TASK_COLUMNS,
-    Change,
     Operation,
-    Outcome,
-    Register,
     Task,
 )
 from ..api import PAGE_ROWS, Listeners, StoreRefused
 from ..outage import PROBE_INTERVAL, Outage
 from ..rows import ACTIVE_SQL, COLUMNS, page_top
-from ..sql import Queries, SqlStore, apply_all
+from ..sql import Queries, SqlStore
 from ..writer import Committed
 from .errors import LOST, classify, describe_url, unavailable_reason
-from .feed import FEED_PAGE, ClusterFeed
+from .feed import FEED_PAGE as FEED_PAGE  # feed rows read at once (a test fills a page)
+from .feed import ClusterFeed
 from .listen import CHANNEL, ListenConnection
 from .nodes import ClusterNodes
-from .txn import CODEC, PgTxn, storable
+from .txn import CODEC, apply_batch, storable, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -68,36 +65,7 @@ POOL_SIZE = 10
 CATCH_UP_EVERY = 1.0  # seconds: a node reads the feed this often even without a NOTIFY
 FEED_RETENTION_S = 3600  # feed rows older than this are purged by the sweep leader
 PAGE_LIMIT = 1000  # task rows one page read fetches at most
-PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
-MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
 _SCHEMA_LOCK = 0x7461736B70757368  # 'taskpush': the advisory lock around schema creation
-
-# The one write statement of a batch: rows passed as arrays of the tables' own row types.
-_WRITE_SQL = """
-WITH ev AS (
-    INSERT INTO events SELECT * FROM unnest($1::events[])
-), ins AS (
-    INSERT INTO tasks SELECT * FROM unnest($2::tasks[])
-), upd AS (
-    UPDATE tasks t SET {changing} FROM unnest($3::tasks[]) u WHERE t.task_id = u.task_id
-), tomb AS (
-    INSERT INTO tombstones SELECT * FROM unnest($4::tombstones[])
-), fd AS (
-    INSERT INTO feed (seq, kind, task) SELECT f.seq, f.kind, f.task FROM unnest($5::feed[]) f
-), counter AS (
-    UPDATE seq_counter SET seq = $6::bigint WHERE id = 1
-)
-SELECT f.seq, f.kind, f.task FROM (SELECT {notify}) n LEFT JOIN LATERAL (
-    SELECT seq, kind, task FROM feed WHERE seq > $8 AND seq <= $9 ORDER BY seq LIMIT $10
-) f ON true
-"""
-# the wake-up's payload: "<last seq> <node>" (a node ignores its own). The statement also
-# returns the feed rows other nodes committed between what this node delivered ($8) and
-# this batch ($9): they go to on_publish first, and reading them here costs no round trip.
-_CHANGING = ", ".join(f"{name} = u.{name}" for name in CHANGING_FIELDS)  # what a change moves
-_WRITE_NOTIFY = _WRITE_SQL.format(
-    changing=_CHANGING, notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
-_WRITE_QUIET = _WRITE_SQL.format(changing=_CHANGING, notify="$6::bigint, $7::text")
 
 # A page of a snapshot: rows in order until about a byte budget is reached (at least one),
 # cut by the server, so a page of large tasks never crosses the wire, nor sits in memory,
@@ -161,6 +129,43 @@ async def _pooled(pool: asyncpg.Pool, wait: float) -> AsyncIterator[asyncpg.Conn
 # ---- the store ------------------------------------------------------------------------------
 
 
+async def _apply_schema(conn: asyncpg.Connection, where: str) -> tuple[str, int, int]:
+    """Create or check the schema, under an advisory lock (nodes may start together):
+    (epoch, horizon, the last seq committed)."""
+    schema = SCHEMA_PATH.read_text(encoding="utf-8")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        exists = await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL")
+        version = None
+        if exists:
+            version = await conn.fetchval(
+                "SELECT value FROM settings WHERE key = 'schema_version'")
+            if version is not None and not str(version).isdecimal():
+                raise StoreRefused(f"PostgreSQL database {where}: its schema_version"
+                                   " setting is not a number")
+            if version is not None and int(version) > SCHEMA_VERSION:
+                raise StoreRefused(
+                    f"PostgreSQL database {where} has schema version {version},"
+                    f" newer than this taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
+        if version is None or int(version) < SCHEMA_VERSION:
+            # DDL takes table locks: only when the schema is new or older, never while
+            # other nodes write to a current one
+            await conn.execute(schema)
+        columns = tuple(await conn.fetchval(
+            "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
+            " WHERE attrelid = 'tasks'::regclass AND attnum > 0 AND NOT attisdropped"))
+        if columns != (*TASK_COLUMNS, "node"):  # rows are written whole, in that order
+            raise StoreRefused(f"PostgreSQL database {where}: the tasks table's"
+                               f" columns are not this taskpush's: {', '.join(columns)}")
+        await conn.execute("INSERT INTO settings VALUES ('epoch', $1)"
+                           " ON CONFLICT (key) DO NOTHING", uuid.uuid4().hex)
+        settings = dict(await conn.fetch("SELECT key, value FROM settings"
+                                         " WHERE key IN ('epoch', 'horizon')"))
+        # a new node needs no history: it delivers what commits from now on
+        last = int(await conn.fetchval("SELECT seq FROM seq_counter WHERE id = 1"))
+    return settings["epoch"], int(settings.get("horizon", 0)), last
+
+
 class PgStore(SqlStore):
     """The `store.Store` over a PostgreSQL database shared by the nodes of a cluster; also
     the writer's `BatchCommitter`."""
@@ -203,7 +208,8 @@ class PgStore(SqlStore):
         try:
             self._pool = await asyncio.wait_for(self._create_pool(), self.timeout)
             async with self._pool.acquire() as conn:
-                await asyncio.wait_for(self._apply_schema(conn), self.timeout * 4)
+                self.epoch, self.horizon, self.last_seq = await asyncio.wait_for(
+                    _apply_schema(conn, self.where), self.timeout * 4)
             await self.listener.connect(starting=True)
             await self.nodes.heartbeat()
         except StoreRefused:
@@ -239,41 +245,6 @@ class PgStore(SqlStore):
             command_timeout=self.timeout, reset=_no_reset,
             server_settings={"application_name": f"taskpush {self.node}"[:63],
                              "jit": "off"})
-
-    async def _apply_schema(self, conn: asyncpg.Connection) -> None:
-        schema = SCHEMA_PATH.read_text(encoding="utf-8")
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-            exists = await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL")
-            version = None
-            if exists:
-                version = await conn.fetchval(
-                    "SELECT value FROM settings WHERE key = 'schema_version'")
-                if version is not None and not str(version).isdecimal():
-                    raise StoreRefused(f"PostgreSQL database {self.where}: its schema_version"
-                                       " setting is not a number")
-                if version is not None and int(version) > SCHEMA_VERSION:
-                    raise StoreRefused(
-                        f"PostgreSQL database {self.where} has schema version {version},"
-                        f" newer than this taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
-            if version is None or int(version) < SCHEMA_VERSION:
-                # DDL takes table locks: only when the schema is new or older, never while
-                # other nodes write to a current one
-                await conn.execute(schema)
-            columns = tuple(await conn.fetchval(
-                "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
-                " WHERE attrelid = 'tasks'::regclass AND attnum > 0 AND NOT attisdropped"))
-            if columns != (*TASK_COLUMNS, "node"):  # rows are written whole, in that order
-                raise StoreRefused(f"PostgreSQL database {self.where}: the tasks table's"
-                                   f" columns are not this taskpush's: {', '.join(columns)}")
-            await conn.execute("INSERT INTO settings VALUES ('epoch', $1)"
-                               " ON CONFLICT (key) DO NOTHING", uuid.uuid4().hex)
-            settings = dict(await conn.fetch("SELECT key, value FROM settings"
-                                             " WHERE key IN ('epoch', 'horizon')"))
-            self.epoch = settings["epoch"]
-            self.horizon = int(settings.get("horizon", 0))
-            # a new node needs no history: it delivers what commits from now on
-            self.last_seq = int(await conn.fetchval("SELECT seq FROM seq_counter WHERE id = 1"))
 
     async def close(self) -> None:
         """Finish queued writes, stop the feed, disconnect."""
@@ -378,11 +349,12 @@ class PgStore(SqlStore):
                         await txn.start()
                         prev = int(await conn.fetchval(
                             "SELECT seq FROM seq_counter WHERE id = 1 FOR UPDATE"))
-                        outcomes, last, view = await self._apply(conn, ops, prev)
+                        outcomes, last, view = await apply_batch(conn, ops, prev, self.node)
                         after, gap = prev, []
                         if last > prev:
                             after = self.last_seq
-                            gap = await self._write(conn, view, last, after, prev)
+                            gap = await write_batch(conn, view, last, after, prev, self.node,
+                                                    self.notify)
                             committing = True
                             await txn.commit()
                         else:  # nothing to write: let the counter go at once
@@ -403,94 +375,6 @@ class PgStore(SqlStore):
             raise error from exc
         self.outage.recovered()
         return Committed(outcomes, prev, last, after, gap)
-
-    async def _apply(self, conn: asyncpg.Connection, ops: list[Operation], prev: int
-                     ) -> tuple[list[Outcome], int, PgTxn]:
-        """Read what the rules need, then run them (again, if they asked for more)."""
-        ids: set[str] = set()
-        keys: list[tuple[str, str]] = []
-        users: set[int] = set()
-        generated: dict[str, int] = {}  # task type -> the last op that names one of it
-        for index, op in enumerate(ops):
-            if isinstance(op, Register):
-                if op.task_id is not None:
-                    ids.add(op.task_id)
-                else:
-                    generated[op.task_type] = index
-                if op.max_active is not None:
-                    users.add(op.user_id)
-            else:
-                ids.add(op.task_id)
-                if (isinstance(op, Change) and op.idem_key is not None
-                        and storable(op.task_id) and storable(op.idem_key)):
-                    keys.append((op.task_id, op.idem_key))
-        # the names generated ids may get (type_seq, seq at most one per op so far)
-        predicted: set[str] = set()
-        for task_type, index in generated.items():
-            if len(predicted) + index >= PREDICT_IDS:
-                break  # the rest is read if asked for (a miss)
-            predicted.update(f"{task_type}_{s}" for s in range(prev + 1, prev + index + 2))
-        stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
-        known_keys: dict[tuple[str, str], tuple[int, str | None]] = {}
-        counts: dict[int, int] = {}
-        await self._load(conn, list(ids | predicted), stored)
-        if keys:
-            for task_id, key, seq, digest in await conn.fetch(
-                    "SELECT e.task_id, e.idem_key, e.seq, e.idem_digest FROM events e JOIN"
-                    " unnest($1::text[], $2::text[]) k(task_id, idem_key)"
-                    " ON e.task_id = k.task_id AND e.idem_key = k.idem_key",
-                    [k[0] for k in keys], [k[1] for k in keys]):
-                known_keys[(task_id, key)] = (seq, digest)
-        if users:
-            await self._count(conn, users, counts)
-        for _ in range(MAX_PASSES):
-            view = PgTxn(stored, known_keys, counts, self.node)
-            outcomes, seq = apply_all(view, ops, prev)
-            if not view.misses:
-                return outcomes, seq, view
-            missed_users = {int(m[6:]) for m in view.misses if m.startswith("\x00user:")}
-            missed_ids = [m for m in view.misses if not m.startswith("\x00user:")]
-            stored.update(dict.fromkeys(missed_ids))
-            await self._load(conn, missed_ids, stored)
-            if missed_users:
-                await self._count(conn, missed_users, counts)
-        raise RuntimeError(f"the rules still asked for unread rows after {MAX_PASSES} passes")
-
-    @staticmethod
-    async def _load(conn: asyncpg.Connection, ids: list[str],
-                    stored: dict[str, Task | None]) -> None:
-        ids = [i for i in ids if storable(i)]  # others name no task (ids are printable)
-        if ids:
-            for row in await conn.fetch(f"SELECT {COLUMNS} FROM tasks"
-                                        " WHERE task_id = ANY($1::text[])", ids):
-                stored[row[0]] = CODEC.task(row)
-
-    @staticmethod
-    async def _count(conn: asyncpg.Connection, users: Iterable[int],
-                     counts: dict[int, int]) -> None:
-        wanted = list(users)
-        counts.update(dict.fromkeys(wanted, 0))
-        for user_id, count in await conn.fetch(
-                f"SELECT user_id, count(*) FROM tasks WHERE user_id = ANY($1::bigint[])"
-                f" AND status IN {ACTIVE_SQL} GROUP BY user_id", wanted):
-            counts[user_id] = count
-
-    async def _write(self, conn: asyncpg.Connection, view: PgTxn, last: int, after: int,
-                     prev: int) -> list[Any] | None:
-        """Write the batch; returns the feed rows in (after, prev] (None: more than a
-        page of them, so not all)."""
-        if view.purged:  # deleted tasks (and their history) go before any row is written
-            purged = list(view.purged)
-            await conn.execute("DELETE FROM events WHERE task_id = ANY($1::text[])", purged)
-            await conn.execute("DELETE FROM tasks WHERE task_id = ANY($1::text[])", purged)
-        events, inserts, updates = view.rows()
-        rows = await conn.fetch(_WRITE_NOTIFY if self.notify else _WRITE_QUIET, events,
-                                inserts, updates, view.tombstones, view.feed, last, self.node,
-                                after, prev, FEED_PAGE)
-        gap = [tuple(row) for row in rows if row[0] is not None]
-        return None if len(gap) == FEED_PAGE else gap
-
-    # ---- settings ---------------------------------------------------------------------------
 
     # ---- reads ------------------------------------------------------------------------------
 

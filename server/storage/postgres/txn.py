@@ -1,17 +1,23 @@
-"""A PostgreSQL write transaction's view (`PgTxn`, the `model.TxnView` the rules run
-over: everything they may ask read before they run) and the rows it writes, in the
-database's own text (PostgreSQL text cannot hold U+0000)."""
+"""A PostgreSQL write batch: its view (`PgTxn`, the `model.TxnView` the rules run over:
+everything they may ask is read before they run, `apply_batch`) and the one statement
+that writes it (`write_batch`: arrays of table rows, unnested, with the feed rows and the
+NOTIFY), in the database's own text (PostgreSQL text cannot hold U+0000)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
+import asyncpg
 from msgspec.structs import asdict
 
 from ...core import jsonutil
-from ...core.model import ACTIVE, Task
-from ..rows import RowCodec, dumps
+from ...core.model import ACTIVE, CHANGING_FIELDS, Change, Operation, Outcome, Register, Task
+from ..rows import ACTIVE_SQL, COLUMNS, RowCodec, dumps
+from ..sql import apply_all
+from .feed import FEED_PAGE
+from .listen import CHANNEL
 
 # ---- text the database cannot hold -------------------------------------------------------
 # PostgreSQL text cannot hold U+0000, which a message may carry: stored escaped (U+FFFF as
@@ -160,3 +166,124 @@ class PgTxn:
             else:
                 updates.append(task_row(task, node))
         return events, inserts, updates
+
+
+# ---- the batch: read what the rules need, run them, write it in one statement ---------------
+
+PREDICT_IDS = 4000  # generated task ids read ahead of a batch, at most
+MAX_PASSES = 5  # runs of a batch's rules (each after reading what the last one missed)
+
+# The one write statement of a batch: rows passed as arrays of the tables' own row types.
+_WRITE_SQL = """
+WITH ev AS (
+    INSERT INTO events SELECT * FROM unnest($1::events[])
+), ins AS (
+    INSERT INTO tasks SELECT * FROM unnest($2::tasks[])
+), upd AS (
+    UPDATE tasks t SET {changing} FROM unnest($3::tasks[]) u WHERE t.task_id = u.task_id
+), tomb AS (
+    INSERT INTO tombstones SELECT * FROM unnest($4::tombstones[])
+), fd AS (
+    INSERT INTO feed (seq, kind, task) SELECT f.seq, f.kind, f.task FROM unnest($5::feed[]) f
+), counter AS (
+    UPDATE seq_counter SET seq = $6::bigint WHERE id = 1
+)
+SELECT f.seq, f.kind, f.task FROM (SELECT {notify}) n LEFT JOIN LATERAL (
+    SELECT seq, kind, task FROM feed WHERE seq > $8 AND seq <= $9 ORDER BY seq LIMIT $10
+) f ON true
+"""
+# the wake-up's payload: "<last seq> <node>" (a node ignores its own). The statement also
+# returns the feed rows other nodes committed between what this node delivered ($8) and
+# this batch ($9): they go to on_publish first, and reading them here costs no round trip.
+_CHANGING = ", ".join(f"{name} = u.{name}" for name in CHANGING_FIELDS)  # what a change moves
+_WRITE_NOTIFY = _WRITE_SQL.format(
+    changing=_CHANGING, notify=f"pg_notify('{CHANNEL}', $6::bigint::text || ' ' || $7::text)")
+_WRITE_QUIET = _WRITE_SQL.format(changing=_CHANGING, notify="$6::bigint, $7::text")
+
+
+async def apply_batch(conn: asyncpg.Connection, ops: list[Operation], prev: int, node: str
+                      ) -> tuple[list[Outcome], int, PgTxn]:
+    """Read what the rules need, then run them (again, if they asked for more)."""
+    ids: set[str] = set()
+    keys: list[tuple[str, str]] = []
+    users: set[int] = set()
+    generated: dict[str, int] = {}  # task type -> the last op that names one of it
+    for index, op in enumerate(ops):
+        if isinstance(op, Register):
+            if op.task_id is not None:
+                ids.add(op.task_id)
+            else:
+                generated[op.task_type] = index
+            if op.max_active is not None:
+                users.add(op.user_id)
+        else:
+            ids.add(op.task_id)
+            if (isinstance(op, Change) and op.idem_key is not None
+                    and storable(op.task_id) and storable(op.idem_key)):
+                keys.append((op.task_id, op.idem_key))
+    # the names generated ids may get (type_seq, seq at most one per op so far)
+    predicted: set[str] = set()
+    for task_type, index in generated.items():
+        if len(predicted) + index >= PREDICT_IDS:
+            break  # the rest is read if asked for (a miss)
+        predicted.update(f"{task_type}_{s}" for s in range(prev + 1, prev + index + 2))
+    stored: dict[str, Task | None] = dict.fromkeys(ids | predicted)
+    known_keys: dict[tuple[str, str], tuple[int, str | None]] = {}
+    counts: dict[int, int] = {}
+    await _load(conn, list(ids | predicted), stored)
+    if keys:
+        for task_id, key, seq, digest in await conn.fetch(
+                "SELECT e.task_id, e.idem_key, e.seq, e.idem_digest FROM events e JOIN"
+                " unnest($1::text[], $2::text[]) k(task_id, idem_key)"
+                " ON e.task_id = k.task_id AND e.idem_key = k.idem_key",
+                [k[0] for k in keys], [k[1] for k in keys]):
+            known_keys[(task_id, key)] = (seq, digest)
+    if users:
+        await _count(conn, users, counts)
+    for _ in range(MAX_PASSES):
+        view = PgTxn(stored, known_keys, counts, node)
+        outcomes, seq = apply_all(view, ops, prev)
+        if not view.misses:
+            return outcomes, seq, view
+        missed_users = {int(m[6:]) for m in view.misses if m.startswith("\x00user:")}
+        missed_ids = [m for m in view.misses if not m.startswith("\x00user:")]
+        stored.update(dict.fromkeys(missed_ids))
+        await _load(conn, missed_ids, stored)
+        if missed_users:
+            await _count(conn, missed_users, counts)
+    raise RuntimeError(f"the rules still asked for unread rows after {MAX_PASSES} passes")
+
+
+async def _load(conn: asyncpg.Connection, ids: list[str],
+                stored: dict[str, Task | None]) -> None:
+    ids = [i for i in ids if storable(i)]  # others name no task (ids are printable)
+    if ids:
+        for row in await conn.fetch(f"SELECT {COLUMNS} FROM tasks"
+                                    " WHERE task_id = ANY($1::text[])", ids):
+            stored[row[0]] = CODEC.task(row)
+
+
+async def _count(conn: asyncpg.Connection, users: Iterable[int],
+                 counts: dict[int, int]) -> None:
+    wanted = list(users)
+    counts.update(dict.fromkeys(wanted, 0))
+    for user_id, count in await conn.fetch(
+            f"SELECT user_id, count(*) FROM tasks WHERE user_id = ANY($1::bigint[])"
+            f" AND status IN {ACTIVE_SQL} GROUP BY user_id", wanted):
+        counts[user_id] = count
+
+
+async def write_batch(conn: asyncpg.Connection, view: PgTxn, last: int, after: int, prev: int,
+                      node: str, notify: bool) -> list[Any] | None:
+    """Write the batch; returns the feed rows in (after, prev] (None: more than a
+    page of them, so not all)."""
+    if view.purged:  # deleted tasks (and their history) go before any row is written
+        purged = list(view.purged)
+        await conn.execute("DELETE FROM events WHERE task_id = ANY($1::text[])", purged)
+        await conn.execute("DELETE FROM tasks WHERE task_id = ANY($1::text[])", purged)
+    events, inserts, updates = view.rows()
+    rows = await conn.fetch(_WRITE_NOTIFY if notify else _WRITE_QUIET, events,
+                            inserts, updates, view.tombstones, view.feed, last, node,
+                            after, prev, FEED_PAGE)
+    gap = [tuple(row) for row in rows if row[0] is not None]
+    return None if len(gap) == FEED_PAGE else gap
