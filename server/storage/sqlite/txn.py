@@ -279,6 +279,15 @@ def fill(rows: Iterable[Any], max_bytes: int, size: Callable[[Any], int]) -> lis
     return taken
 
 
+def _taken(cursor: sqlite3.Cursor, max_bytes: int) -> tuple[list[Any], bool]:
+    """A page's rows from `cursor` (about `max_bytes`), and whether more follow."""
+    try:
+        rows = fill(cursor, max_bytes, _row_bytes)
+        return rows, cursor.fetchone() is not None
+    finally:
+        cursor.close()
+
+
 def active_page(conn: sqlite3.Connection, user_id: int, after: int, max_bytes: int
                 ) -> tuple[list[Task], int | None]:
     cursor = conn.execute(
@@ -286,11 +295,7 @@ def active_page(conn: sqlite3.Connection, user_id: int, after: int, max_bytes: i
         f" AND status IN {ACTIVE_SQL} AND created_seq > ? ORDER BY created_seq",
         (user_id, after),
     )
-    try:
-        rows = fill(cursor, max_bytes, _row_bytes)
-        more = cursor.fetchone() is not None
-    finally:
-        cursor.close()
+    rows, more = _taken(cursor, max_bytes)
     tasks = [CODEC.task(row) for row in rows]
     return tasks, (tasks[-1].created_seq if more else None)
 
@@ -305,11 +310,7 @@ def changes_page(conn: sqlite3.Connection, horizon: int, user_id: int, after: in
         " ORDER BY seq",
         (user_id, after, upto),
     )
-    try:
-        rows = fill(cursor, max_bytes, _row_bytes)
-        more = cursor.fetchone() is not None
-    finally:
-        cursor.close()
+    rows, more = _taken(cursor, max_bytes)
     deleted = conn.execute(QUERIES.tombstones,
                            (user_id, after, page_top(rows, more, upto), PAGE_ROWS)
                            ).fetchall()
