@@ -2,26 +2,24 @@
 
 Connections: an asyncpg pool for reads and writes, and one dedicated connection that
 LISTENs for the cluster's wake-ups and holds the session advisory locks of the jobs this
-node leads (`lead`). Every call is bounded by `timeout` (--db-timeout); a failure of the
-database (unreachable, restarting, out of connections, too slow) is `StorageUnavailable`
-(503) and begins an outage (`unavailable()`, one log line at its start and one at its end,
-a background write probe); anything else is a bug and raised as is.
+node leads (`listen.py`). Every call is bounded by `timeout` (--db-timeout); a failure of
+the database (unreachable, restarting, out of connections, too slow) is
+`StorageUnavailable` (503) and begins an outage (`outage.Outage`: `unavailable()`, one
+log line at its start and one at its end; the timer's heartbeat is the write probe);
+anything else is a bug and raised as is.
 
 Writes go through the group-commit writer (`writer.GroupWriter`), for which this store is
 the `BatchCommitter`. A batch is one transaction that first locks the one row of
 `seq_counter`: writers of every node are serialized by that lock, held until COMMIT, so
 seq follows commit order and every statement after the lock sees every earlier commit
-(the rules' reads, `model.apply_op` over `PgTxn`, are race-free). The batch's tasks are read
-in one statement, its rows written in one more (arrays of table rows, unnested), together
+(the rules' reads, `model.apply_op` over `txn.PgTxn`, are race-free). The batch's tasks
+are read in one statement, its rows written in one more (arrays of table rows, unnested), together
 with one `feed` row per seq and a NOTIFY carrying the last seq and the node's name.
 
-The feed is how changes reach every node's sockets: after a commit, or on a NOTIFY (only a
-wake-up, never the data), on start, after the listening connection comes back and every
-second, a node reads the feed after the last seq it delivered (`last_seq`) and hands the
-changes to `on_publish` in seq order. seqs are contiguous, and rows of a later seq are
-never visible before those of an earlier one, so a node never skips a change; a lost
-notification only delays it. The sweep leader's purge of tombstones notifies
-`horizon <seq>`: every node then answers a `since` below it with resync.
+How changes reach every node's sockets, in seq order, is the cluster feed (`feed.py`);
+which node runs a cluster job, and whose in-process tasks are gone, the node registry
+(`nodes.py`); both use the one listening connection (`listen.py`). The SQL both engines
+share is `storage/sql.py`'s; this module keeps what PostgreSQL does its own way.
 """
 
 from __future__ import annotations
@@ -167,7 +165,7 @@ async def _apply_schema(conn: asyncpg.Connection, where: str) -> tuple[str, int,
 
 
 class PgStore(SqlStore):
-    """The `store.Store` over a PostgreSQL database shared by the nodes of a cluster; also
+    """The `api.Store` over a PostgreSQL database shared by the nodes of a cluster; also
     the writer's `BatchCommitter`."""
 
 

@@ -142,7 +142,7 @@ class PageReads:
 
 
 class SqliteStore(SqlStore):
-    """The `store.Store` over one SQLite file; also the writer's `BatchCommitter`."""
+    """The `api.Store` over one SQLite file; also the writer's `BatchCommitter`."""
 
     def __init__(self, path: str, *, timeout: float = DB_TIMEOUT) -> None:
         self.path = path
