@@ -58,12 +58,34 @@ def number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+def _reader(read: tuple[tuple[int, Convert], ...]) -> Callable[[Sequence[Any]], Task]:
+    def task(row: Sequence[Any]) -> Task:
+        """A row (the columns in order) as a Task."""
+        values = list(row)
+        for i, convert in read:
+            values[i] = convert(values[i])
+        return Task(*values)
+
+    return task
+
+
+def _writer(write: tuple[tuple[int, Convert], ...]) -> Callable[[Task], list[Any]]:
+    def row(task: Task) -> list[Any]:
+        """The task's column values, as the driver takes them."""
+        values = list(astuple(task))
+        for i, convert in write:
+            values[i] = convert(values[i])
+        return values
+
+    return row
+
+
 class RowCodec:
     """`tasks` row <-> `Task` for one dialect. `bools`: the driver gives 0/1 for a
     boolean column (SQLite); `text_in`/`text_out`: what free text needs on its way in and
     out (PostgreSQL cannot hold U+0000); `float_progress`: the driver wants a float."""
 
-    __slots__ = ("_read", "_text_in", "_write")
+    __slots__ = ("_text_out", "row", "task")
 
     def __init__(self, *, bools: bool = False, text_in: Convert | None = None,
                  text_out: Convert | None = None, float_progress: bool = False) -> None:
@@ -79,27 +101,14 @@ class RowCodec:
             write += [(i, text_in) for i in FREE_COLUMNS]
         if float_progress:
             write.append((PROGRESS, float))
-        self._read = tuple(read)
-        self._write = tuple(write)
-        self._text_in = text_out
-
-    def task(self, row: Sequence[Any]) -> Task:
-        """A row (the columns in order) as a Task."""
-        values = list(row)
-        for i, convert in self._read:
-            values[i] = convert(values[i])
-        return Task(*values)
+        self._text_out = text_out
+        # plain functions over the fixed pairs (no attribute lookups per row)
+        self.task: Callable[[Sequence[Any]], Task] = _reader(tuple(read))
+        self.row: Callable[[Task], list[Any]] = _writer(tuple(write))
 
     def tasks(self, rows: Iterable[Sequence[Any]]) -> list[Task]:
         task = self.task
         return [task(row) for row in rows]
-
-    def row(self, task: Task) -> list[Any]:
-        """The task's column values, as the driver takes them."""
-        values = list(astuple(task))
-        for i, convert in self._write:
-            values[i] = convert(values[i])
-        return values
 
     def history(self, rows: Sequence[Sequence[Any]], limit: int
                 ) -> tuple[list[dict[str, Any]], int | None]:
@@ -108,9 +117,9 @@ class RowCodec:
         events = []
         for row in rows[:limit]:
             values = list(row)
-            if self._text_in is not None:
+            if self._text_out is not None:
                 for i in _HISTORY_TEXT:
-                    values[i] = self._text_in(values[i])
+                    values[i] = self._text_out(values[i])
             events.append(dict(zip(HISTORY_COLUMNS, values, strict=True)))
         return events, (events[-1]["seq"] if len(rows) > limit else None)
 

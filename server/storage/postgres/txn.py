@@ -50,7 +50,9 @@ CODEC = RowCodec(text_in=put, text_out=get, float_progress=True)
 
 def task_row(task: Task, node: str | None) -> tuple[Any, ...]:
     """A `tasks` row (model.Task's fields in order, then the node) for a task."""
-    return (*CODEC.row(task), node)
+    values = CODEC.row(task)
+    values.append(node)
+    return tuple(values)
 
 
 def task_json(task: Task) -> str:
