@@ -168,7 +168,6 @@ class PgStore(SqlStore):
     """The `api.Store` over a PostgreSQL database shared by the nodes of a cluster; also
     the writer's `BatchCommitter`."""
 
-
     def __init__(self, url: str, *, timeout: float = DB_TIMEOUT, node_name: str | None = None,
                  node_timeout: float = NODE_TIMEOUT, notify: bool = True,
                  pool_size: int = POOL_SIZE) -> None:
