@@ -6,7 +6,7 @@ Every write transaction of the PostgreSQL engine ends with `pg_notify('taskpush'
 the wake-up the other nodes listen for. NOTIFY takes a global lock on the notification
 queue at commit, so commits that notify are serialized there (ours are serialized by the
 counter row already). This starts a private PostgreSQL server (tests/pg.py), and measures
-commits per second of `server.pg_store.PgStore` with and without the NOTIFY (the
+commits per second of `server.storage.postgres.store.PgStore` with and without the NOTIFY (the
 `notify=False` switch exists for this measure only), in two shapes:
 
 - `serial 1 node`: one writer waiting for each commit (one operation per transaction),

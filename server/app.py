@@ -53,8 +53,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
     store.on_publish = on_publish
     store.on_commit = metrics_.observe_commit
-    if hasattr(store, "on_feed_lost"):
-        store.on_feed_lost = on_feed_lost
+    store.on_feed_lost = on_feed_lost
     await store.open()
     if config.jwt_public_key is not None:
         pem = Path(config.jwt_public_key).read_bytes()  # noqa: ASYNC240 (once, at start)

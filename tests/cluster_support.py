@@ -359,8 +359,8 @@ async def deafen(store: Any) -> None:
     test asks for (`catch_up`) reaches its sockets."""
     for task in store._background:
         task.cancel()
-    async with store._listen_lock:
-        await store._listen.remove_listener("taskpush", store._notified)
+    async with store.listener.lock:
+        await store.listener.conn.remove_listener("taskpush", store.feed.notified)
 
 
 def postgres_processes(pg_server: Any) -> list[int]:

@@ -663,10 +663,10 @@ async def stick(store: Any, pg_url: str) -> tuple[asyncpg.Connection, asyncio.Ta
     advisory lock a test session holds. Returns that session and the stuck statement."""
     holder = await asyncpg.connect(pg_url)
     await holder.execute("SELECT pg_advisory_lock(4242)")
-    conn = store._listen
+    conn = store.listener.conn
 
     async def stuck() -> Any:
-        async with store._listen_lock:
+        async with store.listener.lock:
             return await conn.execute("SELECT pg_advisory_lock(4242)", timeout=60)
 
     task = asyncio.create_task(stuck())
@@ -703,11 +703,11 @@ async def test_after_a_stuck_listener_the_node_name_stays_locked(make_node, pg_s
     node-a starts, and each ends the other's in-process tasks)."""
     a = await make_node("node-a", db_timeout=1.0)
     store_a = a.app[keys.STORE]
-    first = store_a._listen
+    first = store_a.listener.conn
     holder, task = await stick(store_a, pg_url)
     try:
         assert await store_a.lead("sweep") is False
-        await until(lambda: store_a._listen not in (None, first))  # A listens again
+        await until(lambda: store_a.listener.conn not in (None, first))  # A listens again
         await until(lambda: listening(pg_server, pg_url, "node-a"))  # the stuck one ended
     finally:
         await unstick(holder, task)
@@ -731,13 +731,13 @@ async def test_a_node_name_held_by_a_stopped_backend_goes_back_to_its_node_first
 
     a = await make_node("node-a", db_timeout=1.0)
     store_a = a.app[keys.STORE]
-    first = store_a._listen
+    first = store_a.listener.conn
     pid = await backends(pg_server, pg_url, "taskpush node-a listen", "max(pid)")
     watch = await asyncpg.connect(pg_url)
     os.kill(pid, signal.SIGSTOP)
     try:
         assert await store_a.lead("sweep") is False
-        await until(lambda: store_a._listen not in (None, first))  # A listens again
+        await until(lambda: store_a.listener.conn not in (None, first))  # A listens again
         await until(lambda: _waiting(watch, "taskpush node-a name"))  # queued for its name
     finally:
         os.kill(pid, signal.SIGCONT)

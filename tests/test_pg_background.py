@@ -23,9 +23,9 @@ async def test_a_node_that_hears_no_wake_up_still_delivers_within_the_timer(
     await a.open()
     await b.open()
     try:
-        async with a._listen_lock:  # A's listening connection hears nothing from now on
-            assert a._listen is not None
-            await a._listen.remove_listener("taskpush", a._notified)
+        async with a.listener.lock:  # A's listening connection hears nothing from now on
+            assert a.listener.conn is not None
+            await a.listener.conn.remove_listener("taskpush", a.feed.notified)
         delivered = asyncio.Event()
         seqs: list[int] = []
 

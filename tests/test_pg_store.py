@@ -20,6 +20,7 @@ from server.core.errors import NotFound, StorageUnavailable
 from server.core.model import Change, Delete, Kind, Outcome, Register
 from server.storage.api import Store, StoreRefused
 from server.storage.postgres.store import SCHEMA_VERSION, PgStore
+from tests.cluster_support import deafen
 from tests.support import until
 
 
@@ -165,10 +166,7 @@ async def test_a_commit_is_handed_over_after_every_earlier_seq_of_other_nodes(
     await a.open()
     await b.open()
     try:
-        for task in b._background:
-            task.cancel()
-        async with b._listen_lock:
-            await b._listen.remove_listener("taskpush", b._notified)
+        await deafen(b)
         seen: list[tuple[int | None, bool]] = []
         b.on_publish = lambda outcomes, local: seen.extend((o.seq, local) for o in outcomes)
         for n in range(3):

@@ -208,11 +208,11 @@ async def test_commits_do_not_checkpoint_but_a_background_checkpoint_follows(
         store: Store, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from server.storage.sqlite import store as store_module
+    from server.storage.sqlite import wal as wal_module
 
     assert store._wconn is not None
     assert store._wconn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(wal_module, "CHECKPOINT_EVERY_S", 0.05)
     await ok(store, Register("in-main-file", 1, "job"))
 
     def main_file_has_task() -> bool:
@@ -293,11 +293,11 @@ async def test_the_checkpoint_timer_survives_firing_during_a_checkpoint(
     so no later commit armed another one."""
     import threading
 
-    from server.storage.sqlite import store as store_module
+    from server.storage.sqlite import wal as wal_module
 
     calls: list[int] = []
     first_running, first_may_end = threading.Event(), threading.Event()
-    real = store_module._checkpoint
+    real = wal_module._checkpoint
 
     def slow_first(conn: sqlite3.Connection) -> None:
         calls.append(1)
@@ -306,14 +306,14 @@ async def test_the_checkpoint_timer_survives_firing_during_a_checkpoint(
             first_may_end.wait(5)
         real(conn)
 
-    monkeypatch.setattr(store_module, "_checkpoint", slow_first)
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY_S", 0.01)
+    monkeypatch.setattr(wal_module, "_checkpoint", slow_first)
+    monkeypatch.setattr(wal_module, "CHECKPOINT_EVERY_S", 0.01)
     loop = asyncio.get_running_loop()
     await ok(store, Register("t", 1, "job"))  # arms the timer; it starts checkpoint 1
     assert await loop.run_in_executor(None, first_running.wait, 5)
     await ok(store, Change("t", "progress", progress=2))  # arms a timer that fires meanwhile
     deadline = loop.time() + 5
-    while store._checkpoint_due is not None:  # fired (and found a checkpoint running)
+    while store.wal.due is not None:  # fired (and found a checkpoint running)
         assert loop.time() < deadline
         await asyncio.sleep(0.01)
     first_may_end.set()

@@ -197,6 +197,37 @@ class Outcome:
         return self.kind in NEWS
 
 
+class Published(Protocol):
+    """A committed change as the push side reads it, whoever committed it: this node's
+    `Outcome` (refused ones included, `news` False) or another node's `Publication`."""
+
+    @property
+    def seq(self) -> int | None: ...
+
+    @property
+    def kind(self) -> Kind: ...
+
+    @property
+    def task(self) -> Task | None: ...
+
+    @property
+    def news(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A change another node committed (the cluster feed): its seq, what it did and the
+    task after it (before it, for a delete). Always news."""
+
+    seq: int
+    kind: Kind
+    task: Task
+
+    @property
+    def news(self) -> bool:
+        return True
+
+
 def same_registration(task: Task, op: Register) -> bool:
     return (
         task.user_id == op.user_id

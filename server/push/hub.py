@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from ..core.model import Kind, Outcome
+from ..core.model import Kind, Published
 from .messages import Update, deleted_update, status_update
 
 
@@ -27,8 +27,8 @@ class Subscriber(Protocol):
     def flush(self) -> None: ...
 
 
-def update_for(outcome: Outcome) -> Update | None:
-    """The pushed form of a committed outcome, or None if nothing changed."""
+def update_for(outcome: Published) -> Update | None:
+    """The pushed form of a committed change, or None if nothing changed."""
     task = outcome.task
     if not outcome.news or task is None or outcome.seq is None:
         return None  # refused, or an idempotent retry: nothing new
@@ -78,7 +78,7 @@ class Hub:
 
     # ---- updates ---------------------------------------------------------------------
 
-    def publish(self, outcomes: Iterable[Outcome]) -> None:
+    def publish(self, outcomes: Iterable[Published]) -> None:
         """Called by the store right after a commit, in seq order."""
         touched: dict[Subscriber, None] = {}
         for outcome in outcomes:

@@ -13,7 +13,16 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from ..core.model import TERMINAL, Change, Delete, Operation, Outcome, Register, Task
+from ..core.model import (
+    TERMINAL,
+    Change,
+    Delete,
+    Operation,
+    Outcome,
+    Published,
+    Register,
+    Task,
+)
 from ..storage.api import Store
 
 log = logging.getLogger(__name__)
@@ -76,7 +85,7 @@ class TaskService:
         runner.add_done_callback(lambda _: self._runners.pop(task_id, None)
                                  if self._runners.get(task_id) is runner else None)
 
-    def changes_committed_elsewhere(self, outcomes: list[Outcome]) -> None:
+    def changes_committed_elsewhere(self, outcomes: Sequence[Published]) -> None:
         """Changes another node committed (cluster mode): a cancel of a task whose
         in-process coroutine runs here interrupts it, as a cancel through this node does."""
         for outcome in outcomes:

@@ -10,17 +10,23 @@ a write, and `unavailable()` says so for /healthz without waiting on anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..core.model import Operation, Outcome, Task
+from ..core.model import Operation, Outcome, Published, Task
+
+if TYPE_CHECKING:
+    from .writer import Committed
+
+log = logging.getLogger(__name__)
 
 PAGE_BYTES = 256 * 1024  # a page of a snapshot read: about this much task text
 PAGE_ROWS = 2000  # tombstones in one page of a replay
 
-# (outcomes, local): local=False for changes another node committed
-PublishListener = Callable[[list[Outcome], bool], None]
+# (changes, local): this node's outcomes (local=True), or changes another node committed
+PublishListener = Callable[[Sequence[Published], bool], None]
 # (outcomes, seconds the commit took): this node's own commits only
 CommitListener = Callable[[list[Outcome], float], None]
 
@@ -59,6 +65,8 @@ class Store(Protocol):
     timeout: float  # seconds a write (or a read, for /healthz) may take before a 503
     on_publish: PublishListener | None
     on_commit: CommitListener | None
+    # the feed lost changes this node had not delivered yet (cluster): sockets must resume
+    on_feed_lost: Callable[[], None] | None
 
     async def open(self, *, exclusive: bool = True) -> None:
         """Connect, apply the schema, start the writer. `exclusive`: refuse a database
@@ -124,6 +132,63 @@ class Store(Protocol):
     async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]: ...
 
     async def purge_tombstones(self, deleted_before: str) -> int: ...
+
+
+class Listeners:
+    """A store's listeners, each called guarded (a listener that raises is logged, never
+    stops the store): `on_publish` sees every change this node must push, in seq order,
+    `on_commit` this node's own commits, `on_feed_lost` a gap the feed cannot fill."""
+
+    __slots__ = ("on_commit", "on_feed_lost", "on_publish")
+
+    def __init__(self) -> None:
+        self.on_publish: PublishListener | None = None
+        self.on_commit: CommitListener | None = None
+        self.on_feed_lost: Callable[[], None] | None = None
+
+    def publish(self, changes: Sequence[Published], local: bool) -> None:
+        if self.on_publish is not None and changes:
+            try:
+                self.on_publish(changes, local)
+            except Exception:
+                log.exception("publish listener failed")
+
+    def committed(self, outcomes: list[Outcome], seconds: float) -> None:
+        if self.on_commit is not None:
+            try:
+                self.on_commit(outcomes, seconds)
+            except Exception:
+                log.exception("commit listener failed")
+
+    def feed_lost(self) -> None:
+        if self.on_feed_lost is not None:
+            try:
+                self.on_feed_lost()
+            except Exception:
+                log.exception("feed-lost listener failed")
+
+
+class Feed(Protocol):
+    """How committed changes reach `Listeners.publish`, one path for this node's and other
+    nodes' changes: `local.LocalFeed` (one process owns the database) or
+    `postgres.feed.ClusterFeed`."""
+
+    last_seq: int  # the highest seq handed to on_publish
+    horizon: int  # a `since` below this cannot be replayed
+
+    def published(self, committed: Committed, seconds: float) -> Awaitable[None] | None:
+        """After this node's commit, before its callers are answered (`BatchCommitter`)."""
+        ...
+
+    async def catch_up(self, seq: int) -> None: ...
+
+
+class Nodes(Protocol):
+    """Who runs the cluster-wide jobs: `local.SingleNode`, `postgres.nodes.ClusterNodes`."""
+
+    async def lead(self, name: str) -> bool: ...
+
+    async def gone_nodes_tasks(self) -> list[Task]: ...
 
 
 class WholeReads:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..core.errors import StorageUnavailable
@@ -40,17 +40,33 @@ RETRY_PAUSE = 0.1  # seconds between tries of callers the engine said to retry, 
 _Submission = tuple[Sequence[Operation], "asyncio.Future[list[Outcome]]", float]
 
 
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What one batch's commit did, as `published` needs it: the outcomes, in the order
+    of the operations; `prev`, the last seq before the batch; `last`, the batch's last seq
+    (`prev` when it wrote nothing); `seen`, the seq this node had delivered when it wrote;
+    `before`, the changes other nodes committed in (seen, prev] as the write read them
+    (feed rows `(seq, kind, task JSON)`; None: more than it read). One node alone has no
+    others: `seen` is `prev` and `before` empty."""
+
+    outcomes: list[Outcome]
+    prev: int = 0
+    last: int = 0
+    seen: int = 0
+    before: Sequence[tuple[int, str, str]] | None = ()
+
+
 class BatchCommitter(Protocol):
     """What the writer drives: one engine's transaction and its listeners."""
 
-    async def commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
+    async def commit(self, ops: list[Operation], deadline: float) -> Committed:
         """Apply `ops` in one transaction (each through `model.apply_op`) and commit, or
         raise (rolled back). `deadline` is the loop time the oldest caller is answered by.
         A `StorageUnavailable` with `retry_until_deadline = True` lets callers with time
         left be tried again instead of answered 503 at once."""
         ...
 
-    def published(self, outcomes: list[Outcome], seconds: float) -> Awaitable[None] | None:
+    def published(self, committed: Committed, seconds: float) -> Awaitable[None] | None:
         """Right after the commit, before any caller is answered: hand the changes to the
         listeners in seq order. May return an awaitable the writer waits for."""
         ...
@@ -110,7 +126,7 @@ class GroupWriter:
                 ops.extend(item[0])
             started = time.perf_counter()
             try:
-                outcomes = await committer.commit(ops, min(item[2] for item in batch))
+                committed = await committer.commit(ops, min(item[2] for item in batch))
             except StorageUnavailable as exc:  # rolled back; the engine logs the outage
                 now = loop.time()
                 retry = exc.retry_until_deadline
@@ -135,43 +151,16 @@ class GroupWriter:
                 continue
             elapsed = time.perf_counter() - started
             try:
-                pending = committer.published(outcomes, elapsed)
+                pending = committer.published(committed, elapsed)
                 if pending is not None:
                     await pending
             except Exception:
                 log.exception("commit listener failed")
             start = 0
+            outcomes = committed.outcomes
             for item_ops, future, _ in batch:
                 end = start + len(item_ops)
                 if not future.done():
                     future.set_result(outcomes[start:end])
                 start = end
                 queue.task_done()
-
-
-class WriterFront:
-    """What an engine that drives a `GroupWriter` offers its callers, the same for every
-    engine: submitting, and the figures its outage state reports (refusals so far, the
-    Retry-After of a 503)."""
-
-    _writer: GroupWriter | None
-    timeout: float
-
-    async def submit(self, op: Operation) -> Outcome:
-        """Apply one operation durably; returns after its transaction has committed."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit(op)
-
-    async def submit_many(self, ops: Sequence[Operation]) -> list[Outcome]:
-        """Apply operations, each on its own, all committed before this returns."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return await self._writer.submit_many(ops)
-
-    def _refused_so_far(self) -> int:
-        return 0 if self._writer is None else self._writer.refused
-
-    @property
-    def _retry_after(self) -> int:
-        return max(1, math.ceil(self.timeout))

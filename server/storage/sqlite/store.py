@@ -1,25 +1,26 @@
-"""The SQLite engine: the one module that owns SQLite's SQL and connections.
+"""The SQLite engine: one process owns the file (an advisory lock on `<db>.lock`), so its
+feed is local and it leads every job (`local`); the SQL both engines share is `sql.py`'s.
 
 Two connections to one WAL database. Writes use a writer connection, reads aiosqlite's,
-so a reader never sees a write half-done.
-A whole transaction is one plain function (`_txn_*`) run in one go, so no other coroutine's
-statements can interleave with it. A third connection, on a thread of its own, only runs
-WAL checkpoints.
+so a reader never sees a write half-done. A whole transaction is one plain function
+(`txn.py`) run in one go, so no other coroutine's statements can interleave with it. A
+third connection, on a thread of its own, only runs WAL checkpoints (`wal.py`).
 
 Writes go through the group-commit writer (`writer.GroupWriter`), for which this store is
-the `BatchCommitter`: each batch is applied (`model.apply_op` over `_Txn`) and committed
-in ONE transaction, and the listeners see it (`published`) before any caller is answered.
-A small batch is written on the event loop's thread: it costs less than the two thread
-wake-ups of a hop (docs/performance.md); a large one, any delete (a task's history may be
-long), and the sweeps, go to the writer's own thread so the loop keeps serving meanwhile.
-That thread is not aiosqlite's: a write waiting for another process's lock never holds up
-a read. No connection checkpoints on commit; the checkpoint thread does, in the background
-(`_committed`).
+the `BatchCommitter`: each batch is applied (`model.apply_op` over `txn.SqliteTxn`) and
+committed in ONE transaction, and the listeners see it (`published`) before any caller is
+answered. A small batch is written on the event loop's thread: it costs less than the two
+thread wake-ups of a hop (docs/performance.md); a large one, any delete (a task's history
+may be long), and the sweeps, go to the writer's own thread so the loop keeps serving
+meanwhile. That thread is not aiosqlite's: a write waiting for another process's lock
+never holds up a read. No connection checkpoints on commit; the checkpoint thread does, in
+the background (`wal.Checkpointer`).
 
 A write that cannot commit (the lock held past `timeout`, disk full, I/O error, the file
 deleted or replaced under us) is rolled back and its callers get `StorageUnavailable`; the
-store keeps that state (`unavailable()`, for /healthz), logs one line when it begins and
-one when it ends, and probes in the background until a write commits again.
+store's `outage.Outage` keeps that state (`unavailable()`, for /healthz), logs one line
+when it begins and one when it ends, and probes in the background until a write commits
+again.
 """
 
 from __future__ import annotations
@@ -29,94 +30,40 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
-import secrets
 import sqlite3
-import time
-import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from operator import attrgetter
-from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import aiosqlite
-from msgspec.structs import astuple
 
-from ...core import jsonutil
 from ...core.errors import StorageUnavailable
-from ...core.model import (
-    CHANGING_FIELDS,
-    TASK_COLUMNS,
-    TASK_TYPES,
-    Delete,
-    Operation,
-    Outcome,
-    Task,
-    apply_op,
-    utc_now,
+from ...core.model import Delete, Operation, Outcome, Task
+from ..api import Listeners, StoreCorrupt, StoreLocked, StoreRefused
+from ..local import LocalFeed, SingleNode
+from ..outage import Failure, Outage
+from ..sql import SqlStore
+from ..writer import Committed
+from .txn import (
+    CODEC,
+    QUERIES,
+    SCHEMA_PATH,
+    active_page,
+    apply_batch,
+    changes_page,
+    open_schema,
+    probe,
+    rollback,
 )
-from ..api import (
-    PAGE_ROWS,
-    CommitListener,
-    PublishListener,
-    StoreCorrupt,
-    StoreLocked,
-    StoreRefused,
-    WholeReads,
-)
-from ..writer import GroupWriter, WriterFront
+from .txn import SCHEMA_VERSION as SCHEMA_VERSION  # what the file's user_version may be
+from .txn import select_task as _select_task  # a module global: tests make it fail
+from .wal import Checkpointer, connect_sync
 
 log = logging.getLogger(__name__)
 
-SCHEMA_PATH = Path(__file__).resolve().parents[3] / "schema.sql"
 INLINE_MAX_OPS = 64  # batches up to this size are written on the loop's thread
-# A WAL checkpoint after CHECKPOINT_EVERY_COMMITS commits or CHECKPOINT_EVERY_OPS operations
-# (each about 30 MB of WAL, from the WAL bytes per commit and per batched event measured in
-# docs/performance.md, "Figures behind the store's constants"), or CHECKPOINT_EVERY_S after
-# a commit, whichever is first
-CHECKPOINT_EVERY_COMMITS = 2_000
-CHECKPOINT_EVERY_OPS = 12_000
-CHECKPOINT_EVERY_S = 2.0
-WAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 DB_TIMEOUT = 5.0  # default seconds a write waits for another process's lock (--db-timeout)
-PROBE_INTERVAL = 0.5  # seconds between background write probes while storage is unavailable
-PROBE_BYTES = 8192  # a probe writes (then deletes) this much: it needs fresh pages, as writes do
-TASK_CACHE_SIZE = 20_000  # tasks as last committed by the writer, most recent kept
-_ACTIVE_SQL = "('pending', 'running', 'progress')"
-_TERMINAL_SQL = "('completed', 'failed', 'cancelled')"
-# the tasks table's columns are model.Task's fields: rows are read and written in that order
-_TASK_COLUMNS = ", ".join(TASK_COLUMNS)
-_SEQ = TASK_COLUMNS.index("seq")
-_JSON_COLUMNS = tuple(i for i, name in enumerate(TASK_COLUMNS) if TASK_TYPES[name] is Any)
-_TEXT = slice(TASK_COLUMNS.index("message"), TASK_COLUMNS.index("metadata") + 1)
-# What a change writes: the fields a change moves, the plain ones read in one C call, then
-# `result`, the one JSON field a change moves (status first: a change that keeps it leaves
-# it out of the UPDATE, sparing the status indexes).
-_CHANGING_PLAIN = tuple(name for name in CHANGING_FIELDS if TASK_TYPES[name] is not Any)
-assert _CHANGING_PLAIN[0] == "status"
-assert tuple(name for name in CHANGING_FIELDS if TASK_TYPES[name] is Any) == ("result",)
-_changing_plain = attrgetter(*_CHANGING_PLAIN)
-_UPDATE_SQL = ("UPDATE tasks SET " + ", ".join(f"{name} = ?" for name in _CHANGING_PLAIN)
-               + ", result = ? WHERE task_id = ?")
-_UPDATE_SAME_STATUS_SQL = ("UPDATE tasks SET "
-                           + ", ".join(f"{name} = ?" for name in _CHANGING_PLAIN[1:])
-                           + ", result = ? WHERE task_id = ?")
-_INSERT_SQL = (f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
-               f" ({', '.join('?' for _ in TASK_COLUMNS)})")
-
-
-def _schema_version(schema: str) -> int:
-    """The version schema.sql declares (`PRAGMA user_version = N`): a database with a
-    higher one was written by a newer taskpush, whose changes this one would not keep."""
-    found = re.search(r"^PRAGMA user_version\s*=\s*(\d+)", schema, re.MULTILINE)
-    if found is None:
-        raise RuntimeError(f"{SCHEMA_PATH} declares no PRAGMA user_version")
-    return int(found.group(1))
-
-
-SCHEMA_VERSION = _schema_version(SCHEMA_PATH.read_text(encoding="utf-8"))
 MOVED = "database file was deleted or replaced"
 _LOCKED = "database is locked by another process"
 _REASONS = {  # primary SQLite result code -> why a write cannot be stored
@@ -139,55 +86,11 @@ def storage_reason(exc: BaseException) -> str | None:
     return None if code is None else _REASONS.get(code & 0xFF)
 
 
-def _dumps(value: Any) -> str | None:
-    return None if value is None else jsonutil.dumps(value)
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else jsonutil.loads(text)
-
-
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
-
-
-def _row_bytes(row: tuple[Any, ...]) -> int:
-    """About what a task row weighs once serialized (its free-text fields dominate)."""
-    return 200 + sum(len(v) for v in row[_TEXT] if isinstance(v, str))
-
-
-# column value -> field value, by the field's declared type (REAL 3.0 is the integer 3)
-_FROM_COLUMN = {Any: _loads, bool: bool, float: _number}
-_READ = tuple((i, _FROM_COLUMN[TASK_TYPES[name]]) for i, name in enumerate(TASK_COLUMNS)
-              if TASK_TYPES[name] in _FROM_COLUMN)
-
-
-def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
-    values = list(row)
-    for i, convert in _READ:
-        values[i] = convert(values[i])
-    return Task(*values)
-
-
-def _task_row(task: Task) -> list[Any]:
-    """The task's column values (JSON fields as text; sqlite3 stores a bool as 0/1)."""
-    values = list(astuple(task))
-    for i in _JSON_COLUMNS:
-        values[i] = _dumps(values[i])
-    return values
-
-
-def _connect_sync(conn: sqlite3.Connection, busy_ms: int = int(DB_TIMEOUT * 1000)) -> None:
-    """Connection setup: WAL, a busy timeout, and durability that survives a process crash.
-
-    No automatic checkpoint: it would run inside a COMMIT, on the loop's thread, with an
-    fsync; `SqliteStore._committed` has the checkpoint thread run it instead."""
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable across process crashes
-    conn.execute(f"PRAGMA busy_timeout={busy_ms}")
-    conn.execute("PRAGMA wal_autocheckpoint=0")
-    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-    conn.execute("PRAGMA foreign_keys=ON")
+def classify(exc: BaseException) -> Failure | None:
+    """A storage failure as the outage sees it (None: a bug). The lock may free before a
+    caller's own --db-timeout is up: the writer retries those callers."""
+    reason = storage_reason(exc)
+    return None if reason is None else Failure(reason, retry=reason == _LOCKED)
 
 
 def _waiting(conn: sqlite3.Connection, busy_ms: int, fn: Callable[..., Any], *args: Any
@@ -202,156 +105,44 @@ def _waiting(conn: sqlite3.Connection, busy_ms: int, fn: Callable[..., Any], *ar
         conn.execute("PRAGMA busy_timeout=0")
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
-    """End a failed transaction. SQLite may already have rolled it back (SQLITE_FULL, an I/O
-    error): a ROLLBACK then fails, and must not hide the error that caused it."""
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+class PageReads:
+    """Page reads asked for meanwhile run together, in one read transaction, in one hop
+    to the reads' thread (`run(requests)`: `SqliteStore._txn_pages`)."""
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        self._run = run
+        self._requests: list[tuple[Callable[..., Any], tuple[Any, ...],
+                                   asyncio.Future[Any]]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(connection, *args)`'s page."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests.append((fn, args, future))
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+        return await future
+
+    async def _read(self) -> None:
+        try:
+            while self._requests:
+                batch, self._requests = self._requests, []
+                try:
+                    pages = await self._run([(fn, args) for fn, args, _ in batch])
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), page in zip(batch, pages, strict=True):
+                    if not future.done():
+                        future.set_result(page)
+        finally:
+            self._reader = None
 
 
-def _probe(conn: sqlite3.Connection) -> None:
-    """A write shaped like the real ones (fresh pages, a commit), leaving nothing behind."""
-    _rollback(conn)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute("INSERT INTO settings VALUES ('probe', zeroblob(?)) ON CONFLICT(key)"
-                     " DO UPDATE SET value = excluded.value", (PROBE_BYTES,))
-        conn.execute("DELETE FROM settings WHERE key = 'probe'")
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _checkpoint(conn: sqlite3.Connection) -> None:
-    """Copy the WAL into the database file without waiting on readers or the writer."""
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-
-def _select_task(conn: sqlite3.Connection, task_id: str) -> Task | None:
-    row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",
-                       (task_id,)).fetchone()
-    return None if row is None else _row_to_task(row)
-
-
-class _Txn:
-    """One write transaction in progress, on the writer connection: the `model.TxnView`
-    the rules run over.
-
-    Tasks it reads or changes live in an overlay of the store's task cache (merged into the
-    cache only after COMMIT, so a rollback leaves the cache true); event rows and the final
-    row of each changed task are written in bulk (`executemany`) when the batch ends, or
-    before a statement that must see them.
-    """
-
-    __slots__ = ("cache", "conn", "events", "keys", "overlay", "stored_status", "updates")
-
-    def __init__(self, conn: sqlite3.Connection, cache: OrderedDict[str, Task]) -> None:
-        self.conn = conn
-        self.cache = cache
-        self.overlay: dict[str, Task | None] = {}
-        self.events: list[tuple[Any, ...]] = []
-        self.updates: dict[str, tuple[Any, ...]] = {}
-        self.keys: dict[tuple[str, str], tuple[int, str | None]] = {}
-        self.stored_status: dict[str, str] = {}  # status in the file, for the UPDATE's form
-
-    def load(self, task_id: str) -> Task | None:
-        if task_id in self.overlay:
-            return self.overlay[task_id]
-        task = self.cache.get(task_id)
-        if task is None:
-            task = _select_task(self.conn, task_id)
-        self.overlay[task_id] = task
-        if task is not None:
-            self.stored_status.setdefault(task_id, task.status)
-        return task
-
-    def applied_with_key(self, task_id: str, key: str) -> tuple[int, str | None] | None:
-        """The seq and event digest of the change this idempotency key already made."""
-        done = self.keys.get((task_id, key))
-        if done is not None:
-            return done
-        row = self.conn.execute(
-            "SELECT seq, idem_digest FROM events WHERE task_id = ? AND idem_key = ?",
-            (task_id, key)).fetchone()
-        return None if row is None else (int(row[0]), row[1])
-
-    def changed(self, task: Task, now: str, key: str | None, digest: str | None = None
-                ) -> None:
-        task_id, seq, result = task.task_id, task.seq, _dumps(task.result)
-        self.overlay[task_id] = task
-        self.events.append((seq, task_id, task.status, task.progress, task.message,
-                            task.step, result, task.error, task.error_type, now, key,
-                            digest))
-        self.updates[task_id] = (*_changing_plain(task), result, task_id)
-        if key is not None:
-            self.keys[(task_id, key)] = (seq, digest)
-
-    def active_count(self, user_id: int) -> int:
-        self.flush()  # the count must see the batch so far
-        (count,) = self.conn.execute(
-            f"SELECT count(*) FROM tasks WHERE user_id = ? AND status IN {_ACTIVE_SQL}",
-            (user_id,),
-        ).fetchone()
-        return int(count)
-
-    def created(self, task: Task, now: str) -> None:
-        task_id, seq = task.task_id, task.seq
-        self.flush()  # the INSERT lands after every row of the batch so far
-        self.conn.execute(_INSERT_SQL, _task_row(task))
-        self.overlay[task_id] = task
-        self.stored_status[task_id] = "pending"
-        self.events.append((seq, task_id, "pending", 0, None, None, None, None, None, now,
-                            None, None))
-
-    def deleted(self, task: Task, seq: int, now: str) -> None:
-        task_id = task.task_id
-        if self.keys:  # its keys go with its history: a task registered again starts afresh
-            self.keys = {k: v for k, v in self.keys.items() if k[0] != task_id}
-        self.flush()  # no pending row of this task may land after its deletion
-        conn = self.conn
-        conn.execute("DELETE FROM events WHERE task_id = ?", (task_id,))
-        conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
-        conn.execute(
-            "INSERT INTO tombstones (seq, task_id, user_id, deleted_at) VALUES (?, ?, ?, ?)",
-            (seq, task_id, task.user_id, now),
-        )
-        self.overlay[task_id] = None
-
-    def flush(self) -> None:
-        if self.events:
-            self.conn.executemany(
-                "INSERT INTO events (seq, task_id, status, progress, message, step, result,"
-                " error, error_type, timestamp, idem_key, idem_digest)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                self.events)
-            self.events = []
-        if self.updates:
-            same, other = [], []
-            for task_id, row in self.updates.items():
-                (same if row[0] == self.stored_status.get(task_id) else other).append(row)
-                self.stored_status[task_id] = row[0]
-            if other:
-                self.conn.executemany(_UPDATE_SQL, other)
-            if same:  # status unchanged: leaving it out of SET spares the status indexes
-                self.conn.executemany(_UPDATE_SAME_STATUS_SQL, [row[1:] for row in same])
-            self.updates = {}
-
-    def publish_to_cache(self) -> None:
-        cache = self.cache
-        for task_id, task in self.overlay.items():
-            if task is None:
-                cache.pop(task_id, None)
-            else:
-                cache[task_id] = task
-                cache.move_to_end(task_id)
-        while len(cache) > TASK_CACHE_SIZE:
-            cache.popitem(last=False)
-
-
-class SqliteStore(WholeReads, WriterFront):
-    """The `store.Store` over one SQLite file; also the writer's `BatchCommitter`."""
+class SqliteStore(SqlStore):
+    """The `api.Store` over one SQLite file; also the writer's `BatchCommitter`."""
 
     def __init__(self, path: str, *, timeout: float = DB_TIMEOUT) -> None:
         self.path = path
@@ -362,31 +153,21 @@ class SqliteStore(WholeReads, WriterFront):
         # write waiting on another process's lock never holds up a read
         self._wthread: ThreadPoolExecutor | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
-        self._outage: str | None = None  # why writes are refused now; None: they are not
-        self._outage_since = 0.0
-        self._outage_refused = 0  # the writer's refusal count when the outage began
-        self._prober: asyncio.Task[None] | None = None
+        self.outage = Outage(path, lambda: self.timeout, self._refused_so_far,
+                             probe=self._probe)
         self._write_lock = asyncio.Lock()
-        self._ops_since_checkpoint = 0
-        self._commits_since_checkpoint = 0
-        # checkpoints on a thread and connection of their own: a large write batch or a
-        # snapshot read on aiosqlite's thread never waits behind one
-        self._checkpointer: ThreadPoolExecutor | None = None
-        self._cconn: sqlite3.Connection | None = None
-        self._checkpoint_due: asyncio.TimerHandle | None = None
-        self._checkpointing: asyncio.Task[None] | None = None
+        self.wal = Checkpointer()  # in the background, on a thread of its own
         self.epoch = ""
-        self.last_seq = 0
-        self.horizon = 0  # `since` below this cannot be replayed (its tombstones purged)
-        self.on_publish: PublishListener | None = None  # every commit, local=True
-        self.on_commit: CommitListener | None = None
-        self._writer: GroupWriter | None = None
+        self.listeners = Listeners()
+        self.feed = LocalFeed(self.listeners)  # last_seq, horizon
+        self.nodes = SingleNode()
+        self.codec = CODEC
+        self.q = QUERIES
         self._lock_handle: IO[str] | None = None
         # tasks as last committed; changed only by the writer, after COMMIT
         self._cache: OrderedDict[str, Task] = OrderedDict()
-        self._page_requests: list[
-            tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._page_reader: asyncio.Task[None] | None = None
+        # concurrent page reads (a reconnect storm) share one thread hop
+        self._pages = PageReads(lambda requests: self._call(self._txn_pages, requests))
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -416,12 +197,9 @@ class SqliteStore(WholeReads, WriterFront):
         except StoreRefused:
             await self.close()
             raise
-        await self._call(_connect_sync, self._busy_ms)
-        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="taskpush-checkpoint")
-        self._cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._cconn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-        self._writer = GroupWriter(self, self.timeout)
-        self._writer.start()
+        await self._call(connect_sync, self._busy_ms)
+        self.wal.open(self.path, self._busy_ms)
+        self._start_writer()
 
     def _lock(self) -> None:
         """An advisory lock on `<db>.lock`, held while the process lives: a second server
@@ -443,25 +221,8 @@ class SqliteStore(WholeReads, WriterFront):
         """Finish queued writes, then close the connection."""
         if self._writer is not None:
             await self._writer.close()  # a late submit() raises instead of waiting forever
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
-            self._prober = None
-        if self._checkpoint_due is not None:
-            self._checkpoint_due.cancel()
-            self._checkpoint_due = None
-        if self._checkpointing is not None:
-            await self._checkpointing
-        if self._checkpoint_due is not None:  # set again by the checkpoint that just ended
-            self._checkpoint_due.cancel()
-            self._checkpoint_due = None
-        if self._checkpointer is not None and self._cconn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                await self._run_checkpoint()
-            self._checkpointer.shutdown()
-            self._cconn.close()
-            self._checkpointer = self._cconn = None
+        await self.outage.close()
+        await self.wal.close()
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -487,11 +248,12 @@ class SqliteStore(WholeReads, WriterFront):
         try:
             return await conn._execute(lambda: fn(conn._conn, *args))
         except sqlite3.Error as exc:
-            reason = storage_reason(exc)
-            if reason is None:
+            failure = classify(exc)
+            if failure is None:
                 raise
-            raise StorageUnavailable(f"storage unavailable: {reason}",
-                                     self._retry_after) from exc
+            # a read that fails begins no outage: writes say whether the storage is down
+            raise StorageUnavailable(f"storage unavailable: {failure.reason}",
+                                     self.outage.retry_after) from exc
 
     async def _call_writer(self, fn: Callable[..., Any], *args: Any,
                            lock_wait: float | None = None, proves_recovery: bool = True) -> Any:
@@ -518,7 +280,7 @@ class SqliteStore(WholeReads, WriterFront):
             except sqlite3.Error as exc:
                 self._raise_failed(exc)
         if proves_recovery:
-            self._recovered()
+            self.outage.recovered()
         return result
 
     # ---- storage outages -------------------------------------------------------------
@@ -536,107 +298,53 @@ class SqliteStore(WholeReads, WriterFront):
     def _check_file(self) -> None:
         """Before a commit: never acknowledge a write into a file nobody will open again."""
         if self._moved():
-            raise self._outage_began(MOVED)
+            raise self.outage.error(Failure(MOVED))
 
     def _raise_failed(self, exc: sqlite3.Error) -> NoReturn:
         """A failed write's callers get StorageUnavailable for a storage failure (which
         begins an outage), the error itself for anything else (a bug)."""
-        reason = storage_reason(exc)
-        if reason is None:
+        failure = classify(exc)
+        if failure is None:
             raise exc
-        raise self._outage_began(reason) from exc
-
-    def _outage_began(self, reason: str) -> StorageUnavailable:
-        if self._outage is None:
-            log.warning("storage unavailable: %s (%s); writes answer 503 until it recovers",
-                        reason, self.path)
-            self._outage_since = time.monotonic()
-            self._outage_refused = self._refused_so_far()
-            if self._prober is None and self._wthread is not None:
-                self._prober = asyncio.get_running_loop().create_task(
-                    self._probe_until_recovered(), name="taskpush-storage-probe")
-        self._outage = reason
-        exc = StorageUnavailable(f"storage unavailable: {reason}", self._retry_after)
-        # the lock may free before a caller's own --db-timeout is up: the writer retries
-        exc.retry_until_deadline = reason == _LOCKED
-        return exc
-
-    def _recovered(self) -> None:
-        if self._outage is not None:
-            log.warning("storage available again after %.1f s (%d write(s) refused meanwhile)",
-                        time.monotonic() - self._outage_since,
-                        self._refused_so_far() - self._outage_refused)
-            self._outage = None
+        raise self.outage.error(failure) from exc
 
     def unavailable(self) -> str | None:
         """Why writes are refused now ("storage unavailable: ..."), or None. For /healthz:
         one stat, never waits on the writer."""
-        if self._outage is None and self._moved():
-            self._outage_began(MOVED)
-        return None if self._outage is None else f"storage unavailable: {self._outage}"
+        if self.outage.reason is None and self._moved():
+            self.outage.error(Failure(MOVED))
+        return self.outage.unavailable()
 
-    async def _probe_until_recovered(self) -> None:
-        """While an outage lasts, try a small write now and then, so health recovers by
-        itself when the lock or the disk frees, even if no producer writes meanwhile."""
-        try:
-            while self._outage is not None:
-                await asyncio.sleep(PROBE_INTERVAL)
-                if self._outage is None or self._wthread is None:
-                    break
-                with contextlib.suppress(StorageUnavailable):
-                    await self._call_writer(_probe, lock_wait=0)
-        finally:
-            self._prober = None
+    async def _probe(self) -> None:
+        """A small write while an outage lasts (`Outage`): health recovers by itself when
+        the lock or the disk frees, even if no producer writes meanwhile."""
+        if self._wthread is not None:
+            await self._call_writer(probe, lock_wait=0)
 
     def _txn_open(self, conn: sqlite3.Connection, schema: str) -> None:
-        _connect_sync(conn, self._busy_ms)
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
-        if problems != ["ok"]:
-            detail = "; ".join(line for row in problems for line in str(row).splitlines()
-                               if not line.startswith("***"))
-            raise StoreCorrupt(f"{self.path} is corrupt (PRAGMA quick_check: {detail[:300]});"
-                               " restore it from a backup (docs/operations.md)")
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise StoreRefused(f"{self.path} has schema version {version}, newer than this"
-                               f" taskpush knows ({SCHEMA_VERSION}): upgrade taskpush")
-        conn.executescript(schema)
-        if "idem_digest" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
-            # a file written before digests were kept: its keys replay as they did
-            conn.execute("ALTER TABLE events ADD COLUMN idem_digest TEXT")
-        settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
-        if "epoch" not in settings:
-            settings["epoch"] = uuid.uuid4().hex
-            conn.execute("INSERT INTO settings VALUES ('epoch', ?)", (settings["epoch"],))
-        self.epoch = settings["epoch"]
-        self.horizon = int(settings.get("horizon", 0))
-        top = conn.execute(
-            "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
-            " coalesce((SELECT max(seq) FROM tombstones), 0))"
-        ).fetchone()[0]
-        # every seq ever issued is at most an event's, a tombstone's (above its task's
-        # events) or the horizon (the newest purged tombstone): no counter to keep
-        self.last_seq = max(int(top), self.horizon)
+        self.epoch, self.horizon, self.last_seq = open_schema(conn, self.path, schema,
+                                                              self._busy_ms)
 
-    # ---- settings --------------------------------------------------------------------
+    def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation], wait: bool = True
+                   ) -> list[Outcome] | None:
+        """One transaction for the whole batch (`txn.apply_batch`); None at once if
+        `wait` is False and another process holds the write lock."""
+        done = apply_batch(conn, ops, self._cache, self.last_seq, wait)
+        if done is None:
+            return None
+        outcomes, self.last_seq = done
+        return outcomes
 
-    async def demo_secret(self) -> str:
-        """The generated demo-mode secret, created once and kept so tokens survive restarts."""
+    async def _write_then_read(self, write: str, params: Sequence[Any], read: str) -> Any:
+        def run(conn: sqlite3.Connection) -> Any:
+            conn.execute(write, tuple(params))
+            return conn.execute(read).fetchone()[0]
 
-        def get_or_create(conn: sqlite3.Connection) -> str:
-            conn.execute(
-                "INSERT OR IGNORE INTO settings VALUES ('demo_secret', ?)",
-                (secrets.token_urlsafe(32),),
-            )
-            return conn.execute(
-                "SELECT value FROM settings WHERE key = 'demo_secret'"
-            ).fetchone()[0]
-
-        return await self._call_writer(get_or_create)
+        return await self._call_writer(run)
 
     # ---- writes ----------------------------------------------------------------------
 
-    async def commit(self, ops: list[Operation], deadline: float) -> list[Outcome]:
+    async def commit(self, ops: list[Operation], deadline: float) -> Committed:
         """Apply and commit one batch, or raise (rolled back). Small batches on the loop's
         thread, never waiting for a lock; large ones, deletes (a task's history may be long)
         and batches that met a lock held elsewhere on the writer's thread, waiting for the
@@ -651,112 +359,15 @@ class SqliteStore(WholeReads, WriterFront):
             except sqlite3.Error as exc:
                 self._raise_failed(exc)
             if applied is not None:
-                self._recovered()
+                self.outage.recovered()
         if applied is None:  # large, a delete, or the file's write lock is held elsewhere
             wait = deadline - asyncio.get_running_loop().time()
             applied = await self._call_writer(
                 self._txn_apply, ops, lock_wait=max(0.0, wait),
                 proves_recovery=not all(type(op) is Delete for op in ops))  # deletes free pages
         assert applied is not None
-        self._committed(len(ops))
-        return applied
-
-    def published(self, outcomes: list[Outcome], seconds: float) -> None:
-        """Every change of this file is this node's: on_publish (local), then on_commit."""
-        if self.on_publish is not None:
-            try:
-                self.on_publish(outcomes, True)
-            except Exception:
-                log.exception("publish listener failed")
-        if self.on_commit is not None:
-            try:
-                self.on_commit(outcomes, seconds)
-            except Exception:
-                log.exception("commit listener failed")
-
-    async def lead(self, name: str) -> bool:
-        """One process serves a file: it runs every job."""
-        return True
-
-    async def gone_nodes_tasks(self) -> list[Task]:
-        return []
-
-    async def catch_up(self, seq: int) -> None:
-        """Every change of this file is this process's: nothing to catch up."""
-
-    def _committed(self, ops: int) -> None:
-        """Schedule a WAL checkpoint: soon after a burst, at the latest CHECKPOINT_EVERY_S."""
-        self._ops_since_checkpoint += ops
-        self._commits_since_checkpoint += 1
-        if (self._ops_since_checkpoint >= CHECKPOINT_EVERY_OPS
-                or self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS):
-            self._start_checkpoint()
-        elif self._checkpoint_due is None:
-            self._checkpoint_due = asyncio.get_running_loop().call_later(
-                CHECKPOINT_EVERY_S, self._on_checkpoint_timer)
-
-    def _on_checkpoint_timer(self) -> None:
-        self._checkpoint_due = None  # fired: a commit from now on may arm the next one
-        self._start_checkpoint()
-
-    def _start_checkpoint(self) -> None:
-        if self._checkpointing is not None or self._checkpointer is None:
-            return  # the running one will be followed by a timer if more was written
-        if self._checkpoint_due is not None:
-            self._checkpoint_due.cancel()
-            self._checkpoint_due = None
-        self._ops_since_checkpoint = self._commits_since_checkpoint = 0
-        self._checkpointing = asyncio.create_task(self._checkpoint())
-
-    async def _checkpoint(self) -> None:
-        try:
-            await self._run_checkpoint()
-        except Exception:
-            log.exception("WAL checkpoint failed")
-        finally:
-            self._checkpointing = None
-        if (self._ops_since_checkpoint and self._checkpoint_due is None
-                and self._checkpointer is not None):
-            self._checkpoint_due = asyncio.get_running_loop().call_later(
-                CHECKPOINT_EVERY_S, self._on_checkpoint_timer)
-
-    async def _run_checkpoint(self) -> None:
-        assert self._checkpointer is not None and self._cconn is not None
-        await asyncio.get_running_loop().run_in_executor(self._checkpointer, _checkpoint,
-                                                         self._cconn)
-
-    def _txn_apply(self, conn: sqlite3.Connection, ops: list[Operation], wait: bool = True
-                   ) -> list[Outcome] | None:
-        """One transaction for the whole batch; each operation applied or refused alone.
-
-        `wait=False` (on the loop's thread, where the writer connection's busy timeout is
-        0): None at once if another process holds the write lock (a sqlite3 shell,
-        `run.py token`); the caller retries on the writer's thread, where `_call_writer`
-        lets it wait out the rest of --db-timeout without stalling any socket."""
-        _rollback(conn)  # a transaction a failed COMMIT may have left open
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if not wait and exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                return None
-            raise
-        txn = _Txn(conn, self._cache)
-        seq = self.last_seq
-        now = utc_now()
-        outcomes: list[Outcome] = []
-        append = outcomes.append
-        try:
-            for op in ops:
-                outcome, seq = apply_op(txn, op, seq, now)
-                append(outcome)
-            txn.flush()
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        txn.publish_to_cache()
-        self.last_seq = seq
-        return outcomes
+        self.wal.committed(len(ops))
+        return Committed(applied)
 
     # ---- reads -----------------------------------------------------------------------
 
@@ -764,74 +375,34 @@ class SqliteStore(WholeReads, WriterFront):
         task = self._cache.get(task_id)  # committed state, like a read
         return task if task is not None else await self._call(_select_task, task_id)
 
-    async def list_tasks(
-        self, user_id: int, *, status: str | None, limit: int, before: int | None
-    ) -> list[Task]:
-        """A user's tasks, newest (by creation) first; `before` is a created_seq cursor."""
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
-        params: list[Any] = [user_id]
-        if status is not None:
-            sql += " AND status = ?"
-            params.append(status)
-        if before is not None:
-            sql += " AND created_seq < ?"
-            params.append(before)
-        sql += " ORDER BY created_seq DESC LIMIT ?"
-        params.append(limit)
-        return await self._rows(sql, params)
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        def read(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql, tuple(params)).fetchall()
 
-    async def _rows(self, sql: str, params: Iterable[Any]) -> list[Task]:
-        def read(conn: sqlite3.Connection) -> list[Task]:
-            return [_row_to_task(row) for row in conn.execute(sql, tuple(params))]
+        return list(await self._call(read))
 
-        return await self._call(read)
+    async def _tasks(self, sql: str, params: Sequence[Any]) -> list[Task]:
+        def read(conn: sqlite3.Connection) -> list[Task]:  # converted on the reads' thread
+            return CODEC.tasks(conn.execute(sql, tuple(params)))
 
-    async def changed_since(self, user_id: int, since: int, limit: int) -> list[Task]:
-        """A user's tasks whose latest change is after `since`, in seq order."""
-        return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (user_id, since, limit),
-        )
+        return list(await self._call(read))
+
+    def _changes_page(self, conn: sqlite3.Connection, *args: Any) -> Any:
+        return changes_page(conn, self.horizon, *args)  # the horizon when the read runs
 
     async def active_page(self, user_id: int, after: int, max_bytes: int
                           ) -> tuple[list[Task], int | None]:
         """The user's active tasks with created_seq above `after`, in created_seq order
         (a cursor no change moves, so no task is read twice), as many as fit in about
         `max_bytes` (at least one); and the cursor for the next page, None at the end."""
-        return await self._read_page(self._active_page, user_id, after, max_bytes)
+        return await self._pages.read(active_page, user_id, after, max_bytes)
 
     async def changes_page(self, user_id: int, after: int, upto: int, max_bytes: int
                            ) -> tuple[list[Task | tuple[str, int]], int | None] | None:
         """The user's tasks and tombstones with seq in (after, upto], in seq order, about
         `max_bytes` of them; and the cursor for the next page (None at the end). None if
         the history after `after` is no longer kept (resync)."""
-        return await self._read_page(self._changes_page, user_id, after, upto, max_bytes)
-
-    async def _read_page(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Concurrent page reads (a reconnect storm) share one thread hop."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._page_requests.append((fn, args, future))
-        if self._page_reader is None:
-            self._page_reader = asyncio.create_task(self._read_pages())
-        return await future
-
-    async def _read_pages(self) -> None:
-        try:
-            while self._page_requests:
-                batch, self._page_requests = self._page_requests, []
-                try:
-                    pages = await self._call(self._txn_pages, [(fn, args) for fn, args, _ in batch])
-                except Exception as exc:
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, _, future), page in zip(batch, pages, strict=True):
-                    if not future.done():
-                        future.set_result(page)
-        finally:
-            self._page_reader = None
+        return await self._pages.read(self._changes_page, user_id, after, upto, max_bytes)
 
     @staticmethod
     def _txn_pages(conn: sqlite3.Connection,
@@ -842,115 +413,17 @@ class SqliteStore(WholeReads, WriterFront):
         finally:
             conn.execute("COMMIT")
 
-    @staticmethod
-    def _fill(rows: Iterable[Any], max_bytes: int, size: Callable[[Any], int]) -> list[Any]:
-        """Rows from a cursor until about `max_bytes` are taken (at least one row)."""
-        taken: list[Any] = []
-        total = 0
-        for row in rows:
-            taken.append(row)
-            total += size(row)
-            if total >= max_bytes:
-                break
-        return taken
-
-    def _active_page(self, conn: sqlite3.Connection, user_id: int, after: int,
-                     max_bytes: int) -> tuple[list[Task], int | None]:
-        cursor = conn.execute(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ?"
-            f" AND status IN {_ACTIVE_SQL} AND created_seq > ? ORDER BY created_seq",
-            (user_id, after),
-        )
-        try:
-            rows = self._fill(cursor, max_bytes, _row_bytes)
-            more = cursor.fetchone() is not None
-        finally:
-            cursor.close()
-        tasks = [_row_to_task(row) for row in rows]
-        return tasks, (tasks[-1].created_seq if more else None)
-
-    def _changes_page(self, conn: sqlite3.Connection, user_id: int, after: int, upto: int,
-                      max_bytes: int) -> tuple[list[Task | tuple[str, int]], int | None] | None:
-        if after < self.horizon:
-            return None
-        cursor = conn.execute(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE user_id = ? AND seq > ? AND seq <= ?"
-            " ORDER BY seq",
-            (user_id, after, upto),
-        )
-        try:
-            rows = self._fill(cursor, max_bytes, _row_bytes)
-            more = cursor.fetchone() is not None
-        finally:
-            cursor.close()
-        # the tombstones up to the last task row read (all of them when that was the end)
-        top = rows[-1][_SEQ] if more else upto
-        deleted = conn.execute(
-            "SELECT task_id, seq FROM tombstones WHERE user_id = ? AND seq > ? AND seq <= ?"
-            " ORDER BY seq LIMIT ?",
-            (user_id, after, top, PAGE_ROWS),
-        ).fetchall()
-        if len(deleted) == PAGE_ROWS:  # many deletions: the page ends at the last one read
-            top = deleted[-1][1]
-            rows = [row for row in rows if row[_SEQ] <= top]
-            more = True
-        changed: list[Task | tuple[str, int]] = [_row_to_task(row) for row in rows]
-        if deleted:
-            changed.extend(tuple(row) for row in deleted)
-            changed.sort(key=lambda item: item.seq if isinstance(item, Task) else item[1])
-        return changed, (top if more else None)
-
-    async def history_page(self, task_id: str, after: int, limit: int
-                           ) -> tuple[list[dict[str, Any]], int | None]:
-        """Up to `limit` recorded changes of a task with seq above `after`, oldest first;
-        and the seq to continue after, None when there are no more."""
-        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int | None]:
-            rows = conn.execute(
-                "SELECT seq, status, progress, message, step, error, error_type, timestamp"
-                " FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (task_id, after, limit + 1),
-            ).fetchall()
-            names = ("seq", "status", "progress", "message", "step", "error", "error_type",
-                     "timestamp")
-            events = [dict(zip(names, row, strict=True)) for row in rows[:limit]]
-            return events, (events[-1]["seq"] if len(rows) > limit else None)
-
-        return await self._call(read)
-
-    async def active_before(self, updated_before: str, limit: int = 500) -> list[Task]:
-        """Active tasks whose last change is older than the given time (stale candidates)."""
-        return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL}"
-            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
-            (updated_before, limit),
-        )
-
-    async def active_by_origin(self, origin: str) -> list[Task]:
-        return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_ACTIVE_SQL} AND origin = ?",
-            (origin,),
-        )
-
-    async def finished_before(self, updated_before: str, limit: int = 500) -> list[Task]:
-        return await self._rows(
-            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status IN {_TERMINAL_SQL}"
-            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
-            (updated_before, limit),
-        )
-
     async def purge_tombstones(self, deleted_before: str) -> int:
         """Forget old tombstones; a `since` older than the newest forgotten one must resync."""
 
         def purge(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                (top,) = conn.execute(
-                    "SELECT max(seq) FROM tombstones WHERE deleted_at < ?", (deleted_before,)
-                ).fetchone()
+                (top,) = conn.execute(QUERIES.purge_top, (deleted_before,)).fetchone()
                 if top is None:
                     conn.execute("COMMIT")
                     return 0
-                cursor = conn.execute("DELETE FROM tombstones WHERE seq <= ?", (top,))
+                cursor = conn.execute(QUERIES.purge, (top,))
                 conn.execute(
                     "INSERT INTO settings VALUES ('horizon', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -958,15 +431,9 @@ class SqliteStore(WholeReads, WriterFront):
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
             self.horizon = max(self.horizon, int(top))
             return cursor.rowcount
 
         return await self._call_writer(purge, proves_recovery=False)
-
-    async def ping(self) -> bool:
-        def check(conn: sqlite3.Connection) -> bool:
-            return conn.execute("SELECT 1").fetchone()[0] == 1
-
-        return await self._call(check)
