@@ -4,7 +4,9 @@ aiohttp's test server. No mocks of the store or the network.
 Declared once here for every module: `servers` (server processes, tests/procs.py), `engine`
 (each test that takes it runs on SQLite and on PostgreSQL, tests/engines.py; the PostgreSQL
 run is marked `slow`), `browser` (a headless Chromium, tests/jsenv.py), `pg_server` and
-`pg_url` (tests/pg.py)."""
+`pg_url` (tests/pg.py); and, one per test module, `workdir` (a directory of its own), `server`
+(a `python run.py` process on it, tests/workers_support.py) and `redis` (a private Redis
+server) for the client and worker tests."""
 
 from __future__ import annotations
 
@@ -192,6 +194,27 @@ async def browser() -> AsyncIterator[Any]:
 # Chromium): it is `slow` wherever it is. Modules that start other processes on their own
 # (workers, Redis, venv installs, Node) say `pytestmark = pytest.mark.slow`.
 SLOW_FIXTURES = frozenset({"servers", "pg_server", "pg_url", "browser"})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def server(workdir: Path) -> Iterator[Any]:
+    from tests.workers_support import taskpush_server  # it imports this module
+
+    proc = taskpush_server(workdir)
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def redis(workdir: Path) -> Iterator[Any]:
+    from tests.workers_support import redis_server  # it imports this module
+
+    yield from redis_server(workdir)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

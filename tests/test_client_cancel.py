@@ -17,14 +17,7 @@ import taskpush_client as tp
 from tests.conftest import API_KEY
 from tests.fake_front import Front
 from tests.procs import ServerProcess
-from tests.workers_support import history, rest, taskpush_server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = taskpush_server(tmp_path_factory.mktemp("cancel"))
-    yield proc
-    proc.cleanup()
+from tests.workers_support import history, rest
 
 
 @pytest.fixture

@@ -12,14 +12,13 @@ import os
 import shutil
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import API_KEY
 from tests.procs import ServerProcess
-from tests.workers_support import CLIENT_DIR, history, rest, taskpush_server
+from tests.workers_support import CLIENT_DIR, history, rest
 
 PYENV = Path(os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))) / "versions"
 VERSIONS = ["3.9", "3.10"]
@@ -72,13 +71,6 @@ SCRIPT = textwrap.dedent('''
     sys.stdout.flush()
     import os; os._exit(0)  # the stuck client's sender is still waiting on the hung socket
 ''')
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = taskpush_server(tmp_path_factory.mktemp("interpreters"))
-    yield proc
-    proc.cleanup()
 
 
 def interpreter(version: str) -> Path:

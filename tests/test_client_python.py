@@ -24,13 +24,6 @@ from tests.workers_support import Browser, assert_browser_order, history, rest, 
 pytestmark = pytest.mark.slow  # a real server process
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = taskpush_server(tmp_path_factory.mktemp("client"))
-    yield proc
-    proc.cleanup()
-
-
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[tp.Client]:
     made = tp.Client(server.url, API_KEY, max_delay=0.05, backoff=0.02)

@@ -21,13 +21,6 @@ from tests.procs import ServerProcess
 from tests.workers_support import history, taskpush_server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = taskpush_server(tmp_path_factory.mktemp("sender"))
-    yield proc
-    proc.cleanup()
-
-
 @contextlib.contextmanager
 def queued_together(client: tp.Client) -> Iterator[None]:
     """Hold the sender's lock while queueing, so what is queued inside is taken as one

@@ -28,32 +28,13 @@ from tests.workers_support import (
     Worker,
     assert_browser_order,
     history,
-    redis_server,
     rest,
-    taskpush_server,
     worker_env,
 )
 
 pytestmark = pytest.mark.slow  # Redis and Celery worker processes
 
 FINAL = ("completed", "failed", "cancelled")
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("celery")
-
-
-@pytest.fixture(scope="module")
-def redis(workdir: Path) -> Iterator[Redis]:
-    yield from redis_server(workdir)
-
-
-@pytest.fixture(scope="module")
-def server(workdir: Path) -> Iterator[ServerProcess]:
-    proc = taskpush_server(workdir)
-    yield proc
-    proc.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,6 @@ from tests.workers_support import (
     Redis,
     Worker,
     assert_browser_order,
-    redis_server,
-    taskpush_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -119,23 +116,6 @@ def documented_installs() -> dict[str, list[str]]:
         if match:
             found[match.group(1)] = shlex.split(line.split("#", 1)[0])
     return found
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("install")
-
-
-@pytest.fixture(scope="module")
-def redis(workdir: Path) -> Iterator[Redis]:
-    yield from redis_server(workdir)
-
-
-@pytest.fixture(scope="module")
-def server(workdir: Path) -> Iterator[ServerProcess]:
-    proc = taskpush_server(workdir)
-    yield proc
-    proc.cleanup()
 
 
 def install(where: Path, argv: list[str]) -> Path:
