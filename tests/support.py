@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 from aiohttp import ClientResponse
 
-from server.core.model import Change, Delete, Register
+from server.core.model import Change, Delete, Outcome, Register
+from server.storage.api import Store
 from server.web import keys
 from tests.cluster_support import eventually
 from tests.conftest import Client, make_token
@@ -31,6 +32,22 @@ async def until(condition: Callable[[], Any], what: str = "condition never becam
     """Wait for `condition()` (sync or async) to be true; fail after `timeout` seconds (a
     bound that only catches a hang; nothing asserts a speed)."""
     await eventually(condition, timeout, what, interval=0.02)
+
+
+# ---- a store, directly -------------------------------------------------------------------
+
+
+async def ok(store: Store, op: Any) -> Outcome:
+    """Submit `op`; it must be applied (not refused)."""
+    outcome = await store.submit(op)
+    assert outcome.error is None, outcome.error
+    return outcome
+
+
+async def finished(store: Store, task_id: str, user_id: int = 1) -> Outcome:
+    """A task registered and completed."""
+    await ok(store, Register(task_id, user_id, "job"))
+    return await ok(store, Change(task_id, "completed", result={"n": 1}))
 
 
 # ---- REST answers ----------------------------------------------------------------------

@@ -17,11 +17,11 @@ import asyncpg
 import pytest
 
 from server.core.errors import NotFound, StorageUnavailable
-from server.core.model import Change, Delete, Kind, Outcome, Register
+from server.core.model import Change, Delete, Kind, Register
 from server.storage.api import Store, StoreRefused
 from server.storage.postgres.store import SCHEMA_VERSION, PgStore
 from tests.cluster_support import deafen
-from tests.support import until
+from tests.support import finished, ok, until
 
 
 @pytest.fixture
@@ -46,17 +46,6 @@ async def rows(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in await conn.fetch(sql, *params)]
     finally:
         await conn.close()
-
-
-async def ok(store: PgStore, op: Any) -> Outcome:
-    outcome = await store.submit(op)
-    assert outcome.error is None, outcome.error
-    return outcome
-
-
-async def finished(store: PgStore, task_id: str, user_id: int = 1) -> Outcome:
-    await ok(store, Register(task_id, user_id, "job"))
-    return await ok(store, Change(task_id, "completed", result={"n": 1}))
 
 
 def test_the_engine_implements_the_store_interface(pg_url: str) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from server.core.model import Change, Delete, Outcome, Register
+from server.core.model import Change, Delete, Register
 from server.storage.sqlite.store import SCHEMA_PATH
 from server.storage.sqlite.store import SqliteStore as Store
+from tests.support import finished, ok
 
 
 @pytest.fixture
@@ -50,17 +51,6 @@ def rows(path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
-
-
-async def ok(store: Store, op: Any) -> Outcome:
-    outcome = await store.submit(op)
-    assert outcome.error is None, outcome.error
-    return outcome
-
-
-async def finished(store: Store, task_id: str, user_id: int = 1) -> Outcome:
-    await ok(store, Register(task_id, user_id, "job"))
-    return await ok(store, Change(task_id, "completed", result={"n": 1}))
 
 
 # ---- schema, WAL, epoch ----------------------------------------------------------------

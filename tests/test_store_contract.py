@@ -28,6 +28,7 @@ from server.storage.api import Store
 from server.storage.postgres.store import PgStore
 from server.storage.sqlite.store import SqliteStore
 from tests.engines import Engine
+from tests.support import finished, ok
 
 
 class Kit:
@@ -87,17 +88,6 @@ async def store(kit: Kit) -> AsyncIterator[Any]:
     s = await kit.open()
     yield s
     await s.close()
-
-
-async def ok(store: Store, op: Any) -> Outcome:
-    outcome = await store.submit(op)
-    assert outcome.error is None, outcome.error
-    return outcome
-
-
-async def finished(store: Store, task_id: str, user_id: int = 1) -> Outcome:
-    await ok(store, Register(task_id, user_id, "job"))
-    return await ok(store, Change(task_id, "completed", result={"n": 1}))
 
 
 # ---- epoch, seq ------------------------------------------------------------------------
