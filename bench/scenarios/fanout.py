@@ -19,13 +19,14 @@ from bench.common import make_token
 from bench.launcher import Server, log
 from bench.scenarios.base import Ctx, GenLoad, Noise
 from bench.scenarios.stream import (
+    Lane,
     Latency,
     Meter,
     register_tasks,
     run_publishers,
     wait_delivered,
 )
-from bench.wsclient import Stats, WsClient, close_all, connect_many
+from bench.wsclient import close_all, connect_many
 
 mono = time.monotonic_ns
 TASKPUSH_SOCKETS_PER_USER = 20  # run.py's --max-connections-per-user default
@@ -77,13 +78,11 @@ class FanoutResult:
                 if self.deliveries_expected else None)
 
 
-class FanLane:
+class FanLane(Lane):
+    """A stream lane that also counts the sockets it opened (users' and admins')."""
+
     def __init__(self, name: str, srv: Server) -> None:
-        self.name = name
-        self.srv = srv
-        self.stats = Stats()
-        self.clients: list[WsClient] = []
-        self.tasks: list[str] = []
+        super().__init__(name, srv)
         self.open = 0
 
 
