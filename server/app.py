@@ -71,8 +71,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def on_shutdown(app: web.Application) -> None:
-    """Stop serving sockets (1001) and end our in-process jobs as interrupted."""
+    """Stop serving sockets (1001), answer the long polls now, and end our in-process jobs
+    as interrupted."""
     await connection.close_all(app[keys.SOCKETS])
+    app[keys.HUB].release_watchers()
     try:
         await app[keys.TASKS].interrupt_inprocess("the server shut down while this task ran")
     except StorageUnavailable as exc:  # the next start marks them (store_ctx)

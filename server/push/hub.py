@@ -105,6 +105,14 @@ class Hub:
         for conn in touched:
             conn.flush()
 
+    def release_watchers(self) -> None:
+        """Wake every long poll now, as if its task had changed: at shutdown a poll answers
+        with the task as it is instead of holding the server up to its `wait`."""
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
+
     @contextlib.contextmanager
     def watching(self, task_id: str) -> Iterator[asyncio.Future[None]]:
         """A future resolved at the task's next change. Enter it BEFORE reading the task,
